@@ -1,0 +1,129 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ClientInfo(_message.Message):
+    __slots__ = ("client_id", "credits", "address", "expiry_unix", "slots", "tasks_completed", "tasks_failed", "runtime", "busy_slots")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRY_UNIX_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    TASKS_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    BUSY_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    credits: int
+    address: str
+    expiry_unix: int
+    slots: int
+    tasks_completed: int
+    tasks_failed: int
+    runtime: str
+    busy_slots: int
+    def __init__(self, client_id: _Optional[str] = ..., credits: _Optional[int] = ..., address: _Optional[str] = ..., expiry_unix: _Optional[int] = ..., slots: _Optional[int] = ..., tasks_completed: _Optional[int] = ..., tasks_failed: _Optional[int] = ..., runtime: _Optional[str] = ..., busy_slots: _Optional[int] = ...) -> None: ...
+
+class CreateClientRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CreateClientResponse(_message.Message):
+    __slots__ = ("client_id", "secret", "info")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    secret: str
+    info: ClientInfo
+    def __init__(self, client_id: _Optional[str] = ..., secret: _Optional[str] = ..., info: _Optional[_Union[ClientInfo, _Mapping]] = ...) -> None: ...
+
+class RegisterWorkerRequest(_message.Message):
+    __slots__ = ("address", "ttl_seconds", "slots", "runtime")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    ttl_seconds: int
+    slots: int
+    runtime: str
+    def __init__(self, address: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., slots: _Optional[int] = ..., runtime: _Optional[str] = ...) -> None: ...
+
+class GetClientRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class RequestTasksRequest(_message.Message):
+    __slots__ = ("n", "exclude_workers", "runtime")
+    N_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    n: int
+    exclude_workers: _containers.RepeatedScalarFieldContainer[str]
+    runtime: str
+    def __init__(self, n: _Optional[int] = ..., exclude_workers: _Optional[_Iterable[str]] = ..., runtime: _Optional[str] = ...) -> None: ...
+
+class WorkerRef(_message.Message):
+    __slots__ = ("client_id", "address")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    address: str
+    def __init__(self, client_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+
+class TaskAssignment(_message.Message):
+    __slots__ = ("task_id", "workers", "expiry_unix")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRY_UNIX_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerRef]
+    expiry_unix: int
+    def __init__(self, task_id: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerRef, _Mapping]]] = ..., expiry_unix: _Optional[int] = ...) -> None: ...
+
+class RequestTasksResponse(_message.Message):
+    __slots__ = ("tasks", "credits", "replication")
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_FIELD_NUMBER: _ClassVar[int]
+    REPLICATION_FIELD_NUMBER: _ClassVar[int]
+    tasks: _containers.RepeatedCompositeFieldContainer[TaskAssignment]
+    credits: int
+    replication: int
+    def __init__(self, tasks: _Optional[_Iterable[_Union[TaskAssignment, _Mapping]]] = ..., credits: _Optional[int] = ..., replication: _Optional[int] = ...) -> None: ...
+
+class FetchKeyRequest(_message.Message):
+    __slots__ = ("task_id",)
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+
+class FetchKeyResponse(_message.Message):
+    __slots__ = ("key", "foreman_id")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    FOREMAN_ID_FIELD_NUMBER: _ClassVar[int]
+    key: bytes
+    foreman_id: str
+    def __init__(self, key: _Optional[bytes] = ..., foreman_id: _Optional[str] = ...) -> None: ...
+
+class SettleTaskRequest(_message.Message):
+    __slots__ = ("task_id", "valid", "missing")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    VALID_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    valid: bool
+    missing: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, task_id: _Optional[str] = ..., valid: _Optional[bool] = ..., missing: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SettleTaskResponse(_message.Message):
+    __slots__ = ("key", "credits")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_FIELD_NUMBER: _ClassVar[int]
+    key: bytes
+    credits: int
+    def __init__(self, key: _Optional[bytes] = ..., credits: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,50 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class SubmitResultRequest(_message.Message):
+    __slots__ = ("task_id", "worker_id", "submit_token", "ciphertext")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SUBMIT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXT_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    worker_id: str
+    submit_token: str
+    ciphertext: str
+    def __init__(self, task_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., submit_token: _Optional[str] = ..., ciphertext: _Optional[str] = ...) -> None: ...
+
+class SubmitResultResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class JobStatus(_message.Message):
+    __slots__ = ("job_id", "phase", "tasks_by_state", "retries", "cheaters_seen", "credits_spent")
+    class TasksByStateEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    TASKS_BY_STATE_FIELD_NUMBER: _ClassVar[int]
+    RETRIES_FIELD_NUMBER: _ClassVar[int]
+    CHEATERS_SEEN_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_SPENT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    phase: str
+    tasks_by_state: _containers.ScalarMap[str, int]
+    retries: int
+    cheaters_seen: int
+    credits_spent: int
+    def __init__(self, job_id: _Optional[str] = ..., phase: _Optional[str] = ..., tasks_by_state: _Optional[_Mapping[str, int]] = ..., retries: _Optional[int] = ..., cheaters_seen: _Optional[int] = ..., credits_spent: _Optional[int] = ...) -> None: ...

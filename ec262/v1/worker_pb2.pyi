@@ -1,0 +1,69 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Phase(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PHASE_UNSPECIFIED: _ClassVar[Phase]
+    MAP: _ClassVar[Phase]
+    REDUCE: _ClassVar[Phase]
+PHASE_UNSPECIFIED: Phase
+MAP: Phase
+REDUCE: Phase
+
+class AssignTaskRequest(_message.Message):
+    __slots__ = ("task_id", "job_id", "phase", "function", "function_sha256", "rows", "result_address", "foreman_id", "submit_token")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_SHA256_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    FOREMAN_ID_FIELD_NUMBER: _ClassVar[int]
+    SUBMIT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    job_id: str
+    phase: Phase
+    function: bytes
+    function_sha256: str
+    rows: bytes
+    result_address: str
+    foreman_id: str
+    submit_token: str
+    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., function: _Optional[bytes] = ..., function_sha256: _Optional[str] = ..., rows: _Optional[bytes] = ..., result_address: _Optional[str] = ..., foreman_id: _Optional[str] = ..., submit_token: _Optional[str] = ...) -> None: ...
+
+class AssignTaskResponse(_message.Message):
+    __slots__ = ("accepted",)
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    def __init__(self, accepted: _Optional[bool] = ...) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerStatus(_message.Message):
+    __slots__ = ("client_id", "slots", "busy_slots", "tasks_done", "tasks_failed", "cached_functions", "address", "runtime")
+    CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    BUSY_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    TASKS_DONE_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    client_id: str
+    slots: int
+    busy_slots: int
+    tasks_done: int
+    tasks_failed: int
+    cached_functions: _containers.RepeatedScalarFieldContainer[str]
+    address: str
+    runtime: str
+    def __init__(self, client_id: _Optional[str] = ..., slots: _Optional[int] = ..., busy_slots: _Optional[int] = ..., tasks_done: _Optional[int] = ..., tasks_failed: _Optional[int] = ..., cached_functions: _Optional[_Iterable[str]] = ..., address: _Optional[str] = ..., runtime: _Optional[str] = ...) -> None: ...
