@@ -1,0 +1,1 @@
+"""The discovery service: worker pool, task keys and the credit ledger."""

@@ -1,0 +1,278 @@
+"""The rules of the discovery service, in plain Python (no gRPC here).
+
+`Ledger` checks every input, authenticates callers, makes ids and keys and
+chooses workers; the store it is given does each credit change atomically.
+The servicer turns protos into calls on this class and its exceptions into
+status codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import secrets
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from discovery_service.store import (
+    Assignment,
+    Candidate,
+    ClientRecord,
+    LedgerStore,
+    Settlement,
+    TaskRequest,
+)
+from ec262 import auth
+from ec262.addresses import split_address
+from ec262.errors import AuthenticationError, InvalidRequest, UnknownTask
+
+logger = logging.getLogger(__name__)
+
+KEY_BYTES = 16  # AES-128
+MAX_TASKS_PER_REQUEST = 1000
+MAX_LIST_LENGTH = 10_000
+MAX_SLOTS = 1024
+MAX_RUNTIME_LENGTH = 64
+_TASK_ID = re.compile(r"[0-9a-f]{32}")
+_RUNTIME = re.compile(r"[a-z][a-z0-9_]*-[0-9]{1,4}\.[0-9]{1,4}")
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerConfig:
+    """The service's policy; the CLI flags of `ec262 discovery` fill it."""
+
+    starting_credits: int = 12
+    replication: int = 3
+    worker_ttl: int = 60
+    task_ttl: int = 86_400
+    max_worker_ttl: int = 86_400
+
+    def __post_init__(self) -> None:
+        if self.starting_credits < 0:
+            raise ValueError("starting credits cannot be negative")
+        if not 1 <= self.replication <= 99:
+            raise ValueError("replication must be between 1 and 99")
+        if not 1 <= self.worker_ttl <= self.max_worker_ttl:
+            raise ValueError(f"worker TTL must be between 1 and {self.max_worker_ttl} seconds")
+        if self.task_ttl < 1:
+            raise ValueError("task TTL must be at least 1 second")
+
+
+def new_task_id() -> str:
+    """128 random bits as hex: opaque, unguessable, not a counter."""
+    return secrets.token_hex(16)
+
+
+def check_task_id(task_id: str, *, field: str = "task_id") -> str:
+    if not isinstance(task_id, str) or not _TASK_ID.fullmatch(task_id):
+        shown = task_id if len(task_id) <= 40 else task_id[:40] + "..."
+        raise InvalidRequest(f"{field} {shown!r} is not a task id (32 lowercase hex digits)")
+    return task_id
+
+
+def check_client_ids(ids: Iterable[str], *, field: str) -> frozenset[str]:
+    ids = list(ids)
+    if len(ids) > MAX_LIST_LENGTH:
+        raise InvalidRequest(f"{field} has {len(ids)} entries; at most {MAX_LIST_LENGTH} allowed")
+    for client_id in ids:
+        try:
+            if str(uuid.UUID(client_id)) == client_id:
+                continue
+        except ValueError:
+            pass
+        shown = client_id if len(client_id) <= 40 else client_id[:40] + "..."
+        raise InvalidRequest(f"{field} entry {shown!r} is not a client id (a lowercase UUID)")
+    return frozenset(ids)
+
+
+def check_runtime(runtime: str) -> str:
+    if runtime and (len(runtime) > MAX_RUNTIME_LENGTH or not _RUNTIME.fullmatch(runtime)):
+        shown = runtime[:MAX_RUNTIME_LENGTH]
+        raise InvalidRequest(
+            f"runtime {shown!r} is not of the form IMPLEMENTATION-MAJOR.MINOR, e.g. cpython-3.11"
+        )
+    return runtime
+
+
+def choose_workers(
+    candidates: Sequence[Candidate],
+    n: int,
+    replication: int,
+    rng: random.Random | None = None,
+) -> list[list[Candidate]]:
+    """Up to `n` groups of `replication` distinct workers, drawn at random.
+
+    A worker with several free slots may serve several tasks of one request,
+    but never twice in one task. Each draw is uniform over the workers that
+    still have a free slot, so no worker is favoured by its lease or its
+    place in the table. Stops when fewer than `replication` remain: a task is
+    never made short-handed.
+    """
+    rng = rng or _system_random
+    free = {c.client_id: c.free_slots for c in candidates}
+    by_id = {c.client_id: c for c in candidates}
+    groups: list[list[Candidate]] = []
+    for _ in range(n):
+        available = [client_id for client_id, slots in free.items() if slots > 0]
+        if len(available) < replication:
+            break
+        chosen = rng.sample(available, replication)
+        for client_id in chosen:
+            free[client_id] -= 1
+        groups.append([by_id[client_id] for client_id in chosen])
+    return groups
+
+
+_system_random = random.SystemRandom()
+
+
+class Ledger:
+    """Identities, the worker pool, tasks and credits."""
+
+    def __init__(
+        self,
+        store: LedgerStore,
+        config: LedgerConfig | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.config = config or LedgerConfig()
+        self._clock = clock
+        # Identities are never deleted and secrets never change, so a hash
+        # once read stays right: cache it and spare the store a read per call.
+        self._secret_hashes: dict[str, bytes] = {}
+
+    # -- identities ---------------------------------------------------------
+
+    def create_client(self) -> tuple[ClientRecord, str]:
+        client_id = str(uuid.uuid4())
+        secret = auth.new_secret()
+        record = self.store.create_client(
+            client_id, auth.hash_secret(secret), self.config.starting_credits, self._clock()
+        )
+        logger.info("new client %s with %d credits", client_id, record.credits)
+        return record, secret
+
+    def authenticate(self, authorization: str | None) -> str:
+        """The caller's client id, from the `authorization` metadata value."""
+        client_id, secret = auth.parse_bearer(authorization)
+        stored = self._secret_hashes.get(client_id)
+        if stored is None:
+            stored = self.store.secret_hash(client_id)
+            if stored is None:
+                raise AuthenticationError("unknown client id or wrong secret")
+            self._secret_hashes[client_id] = stored
+        if not auth.secret_matches(secret, stored):
+            raise AuthenticationError("unknown client id or wrong secret")
+        return client_id
+
+    def get_client(self, client_id: str) -> ClientRecord:
+        record = self.store.get_client(client_id, self._clock())
+        if record is None:
+            raise AuthenticationError("unknown client id or wrong secret")
+        return record
+
+    # -- the worker pool ----------------------------------------------------
+
+    def register_worker(
+        self, client_id: str, *, address: str, ttl_seconds: int, slots: int, runtime: str
+    ) -> ClientRecord:
+        now = self._clock()
+        if ttl_seconds < 0:
+            record = self.store.leave_pool(client_id, now)
+            logger.info("worker %s left the pool", client_id)
+            return record
+        split_address(address)
+        if ttl_seconds > self.config.max_worker_ttl:
+            raise InvalidRequest(
+                f"ttl_seconds {ttl_seconds} is too long; at most {self.config.max_worker_ttl}"
+                " (heartbeat more often instead)"
+            )
+        if slots < 0 or slots > MAX_SLOTS:
+            raise InvalidRequest(
+                f"slots must be between 1 and {MAX_SLOTS} (0 means 1), not {slots}"
+            )
+        check_runtime(runtime)
+        record = self.store.register_worker(
+            client_id,
+            address=address,
+            slots=slots or 1,
+            runtime=runtime,
+            expiry_unix=now + (ttl_seconds or self.config.worker_ttl),
+            now=now,
+        )
+        logger.debug(
+            "worker %s at %s, %d slot(s), lease to %.0f",
+            client_id,
+            address,
+            record.slots,
+            record.expiry_unix,
+        )
+        return record
+
+    # -- tasks --------------------------------------------------------------
+
+    def request_tasks(
+        self, foreman_id: str, *, n: int, exclude_workers: Sequence[str], runtime: str
+    ) -> tuple[list[Assignment], int]:
+        if n < 0 or n > MAX_TASKS_PER_REQUEST:
+            raise InvalidRequest(
+                f"n must be between 1 and {MAX_TASKS_PER_REQUEST} (0 means 1), not {n}"
+            )
+        now = self._clock()
+        request = TaskRequest(
+            foreman_id=foreman_id,
+            n=n or 1,
+            replication=self.config.replication,
+            exclude_workers=check_client_ids(exclude_workers, field="exclude_workers"),
+            runtime=check_runtime(runtime),
+            now=now,
+            task_expiry_unix=now + self.config.task_ttl,
+        )
+        tasks, credits = self.store.assign_tasks(request, choose_workers, _new_task)
+        logger.debug(
+            "foreman %s asked %d task(s), got %d; %d credits left",
+            foreman_id,
+            request.n,
+            len(tasks),
+            credits,
+        )
+        return tasks, credits
+
+    def fetch_key(self, worker_id: str, task_id: str) -> tuple[bytes, str]:
+        check_task_id(task_id)
+        found = self.store.fetch_key(worker_id, task_id, self._clock())
+        if found is None:
+            raise UnknownTask(f"no open task {task_id} is assigned to you")
+        return found
+
+    def settle_task(
+        self, foreman_id: str, task_id: str, *, valid: bool, missing: Sequence[str]
+    ) -> Settlement:
+        check_task_id(task_id)
+        missing_ids = check_client_ids(missing, field="missing")
+        settlement = self.store.settle_task(
+            foreman_id, task_id, valid=valid, missing=missing_ids, now=self._clock()
+        )
+        if settlement is None:
+            raise UnknownTask(f"you have no open task {task_id} to settle")
+        logger.debug(
+            "task %s settled %s by %s (missing: %s)",
+            task_id,
+            "valid" if valid else "invalid",
+            foreman_id,
+            sorted(missing_ids) or "none",
+        )
+        return settlement
+
+    def expire_tasks(self) -> int:
+        return self.store.expire_tasks(self._clock())
+
+
+def _new_task() -> tuple[str, bytes]:
+    return new_task_id(), os.urandom(KEY_BYTES)

@@ -1,0 +1,101 @@
+"""The `Discovery` gRPC servicer: proto in, one Ledger call, proto out."""
+
+from __future__ import annotations
+
+import grpc
+
+from discovery_service.ledger import Ledger
+from discovery_service.store import Assignment, ClientRecord
+from ec262.auth import AUTHORIZATION_KEY
+from ec262.grpc_errors import translate_errors
+from ec262.v1 import discovery_pb2 as pb
+from ec262.v1 import discovery_pb2_grpc
+
+
+def client_info(record: ClientRecord) -> pb.ClientInfo:
+    return pb.ClientInfo(
+        client_id=record.client_id,
+        credits=record.credits,
+        address=record.address,
+        expiry_unix=int(record.expiry_unix),
+        slots=record.slots,
+        busy_slots=record.busy_slots,
+        tasks_completed=record.tasks_completed,
+        tasks_failed=record.tasks_failed,
+        runtime=record.runtime,
+    )
+
+
+def task_assignment(task: Assignment) -> pb.TaskAssignment:
+    return pb.TaskAssignment(
+        task_id=task.task_id,
+        workers=[pb.WorkerRef(client_id=w.client_id, address=w.address) for w in task.workers],
+        expiry_unix=int(task.expiry_unix),
+    )
+
+
+def authorization(context: grpc.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata():
+        if key == AUTHORIZATION_KEY:
+            return value
+    return None
+
+
+class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+
+    def _caller(self, context: grpc.ServicerContext) -> str:
+        return self._ledger.authenticate(authorization(context))
+
+    @translate_errors
+    def CreateClient(self, request, context):
+        record, secret = self._ledger.create_client()
+        return pb.CreateClientResponse(
+            client_id=record.client_id, secret=secret, info=client_info(record)
+        )
+
+    @translate_errors
+    def RegisterWorker(self, request, context):
+        record = self._ledger.register_worker(
+            self._caller(context),
+            address=request.address,
+            ttl_seconds=request.ttl_seconds,
+            slots=request.slots,
+            runtime=request.runtime,
+        )
+        return client_info(record)
+
+    @translate_errors
+    def GetClient(self, request, context):
+        caller = self._caller(context)
+        return client_info(self._ledger.get_client(caller))
+
+    @translate_errors
+    def RequestTasks(self, request, context):
+        tasks, credits = self._ledger.request_tasks(
+            self._caller(context),
+            n=request.n,
+            exclude_workers=request.exclude_workers,
+            runtime=request.runtime,
+        )
+        return pb.RequestTasksResponse(
+            tasks=[task_assignment(t) for t in tasks],
+            credits=credits,
+            replication=self._ledger.config.replication,
+        )
+
+    @translate_errors
+    def FetchKey(self, request, context):
+        key, foreman_id = self._ledger.fetch_key(self._caller(context), request.task_id)
+        return pb.FetchKeyResponse(key=key, foreman_id=foreman_id)
+
+    @translate_errors
+    def SettleTask(self, request, context):
+        settlement = self._ledger.settle_task(
+            self._caller(context),
+            request.task_id,
+            valid=request.valid,
+            missing=request.missing,
+        )
+        return pb.SettleTaskResponse(key=settlement.key or b"", credits=settlement.credits)

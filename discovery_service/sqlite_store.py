@@ -1,0 +1,369 @@
+"""The ledger in an embedded SQLite database (stdlib `sqlite3`).
+
+One connection, serialised by a lock: the GIL would serialise the work
+anyway, and one connection keeps SQLite's statement cache warm. Every
+credit change is one `BEGIN IMMEDIATE` transaction, which also makes it
+safe should two processes ever open the same file. The database runs in WAL
+mode; `synchronous=NORMAL` by default (a commit survives a crash of the
+process, and the last commits before a power cut may be lost), `FULL` on
+request for a commit that survives power loss too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+from discovery_service.store import (
+    Assignment,
+    Candidate,
+    ChooseWorkers,
+    ClientRecord,
+    LedgerStore,
+    LedgerTotals,
+    NewTask,
+    Settlement,
+    TaskRequest,
+    WorkerRef,
+)
+from ec262.errors import InsufficientCredits, InvalidRequest
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS clients (
+    client_id        TEXT PRIMARY KEY,
+    secret_hash      BLOB NOT NULL,
+    credits          INTEGER NOT NULL CHECK (credits >= 0),
+    starting_credits INTEGER NOT NULL,
+    address          TEXT NOT NULL DEFAULT '',
+    runtime          TEXT NOT NULL DEFAULT '',
+    expiry_unix      REAL NOT NULL DEFAULT 0,
+    slots            INTEGER NOT NULL DEFAULT 0,
+    busy_slots       INTEGER NOT NULL DEFAULT 0 CHECK (busy_slots >= 0),
+    tasks_completed  INTEGER NOT NULL DEFAULT 0,
+    tasks_failed     INTEGER NOT NULL DEFAULT 0,
+    created_unix     REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS clients_by_lease ON clients (expiry_unix);
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id     TEXT PRIMARY KEY,
+    foreman_id  TEXT NOT NULL,
+    key         BLOB NOT NULL,
+    escrow      INTEGER NOT NULL CHECK (escrow >= 0),
+    expiry_unix REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tasks_by_expiry ON tasks (expiry_unix);
+CREATE TABLE IF NOT EXISTS task_workers (
+    task_id   TEXT NOT NULL,
+    worker_id TEXT NOT NULL,
+    PRIMARY KEY (task_id, worker_id)
+) WITHOUT ROWID;
+"""
+
+_CLIENT_COLUMNS = (
+    "client_id, credits, address, expiry_unix, slots, busy_slots,"
+    " tasks_completed, tasks_failed, runtime"
+)
+
+
+def _client(row: tuple) -> ClientRecord:
+    return ClientRecord(*row)
+
+
+class SqliteStore(LedgerStore):
+    """A LedgerStore in one SQLite file (or in memory with `:memory:`)."""
+
+    def __init__(self, path: str | Path, *, synchronous: str = "NORMAL") -> None:
+        synchronous = synchronous.upper()
+        if synchronous not in SYNCHRONOUS_MODES:
+            raise ValueError(f"synchronous must be one of {SYNCHRONOUS_MODES}, not {synchronous!r}")
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, cached_statements=64
+        )
+        self._db.execute("PRAGMA busy_timeout = 10000")
+        if self.path != ":memory:":
+            self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute(f"PRAGMA synchronous = {synchronous}")
+        with self._transaction() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self.path} has ledger schema {version}, newer than this "
+                    f"ec262 understands ({SCHEMA_VERSION}); upgrade ec262"
+                )
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        logger.info("ledger in SQLite %s (synchronous=%s)", self.path, synchronous)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- identities ---------------------------------------------------------
+
+    def create_client(
+        self, client_id: str, secret_hash: bytes, credits: int, now: float
+    ) -> ClientRecord:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO clients (client_id, secret_hash, credits, starting_credits,"
+                " created_unix) VALUES (?, ?, ?, ?, ?)",
+                (client_id, secret_hash, credits, credits, now),
+            )
+        return ClientRecord(client_id=client_id, credits=credits)
+
+    def secret_hash(self, client_id: str) -> bytes | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT secret_hash FROM clients WHERE client_id = ?", (client_id,)
+            ).fetchone()
+        return row[0] if row else None
+
+    def get_client(self, client_id: str, now: float) -> ClientRecord | None:
+        with self._transaction() as db:
+            self._expire(db, now)
+            return self._read_client(db, client_id)
+
+    @staticmethod
+    def _read_client(db: sqlite3.Connection, client_id: str) -> ClientRecord | None:
+        row = db.execute(
+            f"SELECT {_CLIENT_COLUMNS} FROM clients WHERE client_id = ?", (client_id,)
+        ).fetchone()
+        return _client(row) if row else None
+
+    # -- the worker pool ----------------------------------------------------
+
+    def register_worker(
+        self,
+        client_id: str,
+        *,
+        address: str,
+        slots: int,
+        runtime: str,
+        expiry_unix: float,
+        now: float,
+    ) -> ClientRecord:
+        with self._transaction() as db:
+            self._expire(db, now)
+            db.execute(
+                "UPDATE clients SET address = ?, slots = ?, runtime = ?, expiry_unix = ?"
+                " WHERE client_id = ?",
+                (address, slots, runtime, expiry_unix, client_id),
+            )
+            return self._require_client(db, client_id)
+
+    def leave_pool(self, client_id: str, now: float) -> ClientRecord:
+        with self._transaction() as db:
+            self._expire(db, now)
+            db.execute("UPDATE clients SET expiry_unix = 0 WHERE client_id = ?", (client_id,))
+            return self._require_client(db, client_id)
+
+    def _require_client(self, db: sqlite3.Connection, client_id: str) -> ClientRecord:
+        record = self._read_client(db, client_id)
+        if record is None:  # authenticated callers exist: this is a broken invariant
+            raise RuntimeError(f"client {client_id} vanished from the ledger")
+        return record
+
+    # -- tasks --------------------------------------------------------------
+
+    def assign_tasks(
+        self, request: TaskRequest, choose: ChooseWorkers, new_task: NewTask
+    ) -> tuple[list[Assignment], int]:
+        needed = request.n * request.replication
+        with self._transaction() as db:
+            self._expire(db, request.now)
+            (balance,) = db.execute(
+                "SELECT credits FROM clients WHERE client_id = ?", (request.foreman_id,)
+            ).fetchone()
+            if balance < needed:
+                raise InsufficientCredits(
+                    needed,
+                    balance,
+                    f"not enough credits: {request.n} task(s) x {request.replication} workers"
+                    f" need {needed} credits, the account has {balance}",
+                )
+            query = (
+                "SELECT client_id, address, slots - busy_slots FROM clients"
+                " WHERE expiry_unix > ? AND busy_slots < slots AND client_id != ?"
+            )
+            args: tuple = (request.now, request.foreman_id)
+            if request.runtime:
+                query += " AND runtime = ?"
+                args += (request.runtime,)
+            candidates = [
+                Candidate(*row)
+                for row in db.execute(query, args)
+                if row[0] not in request.exclude_workers
+            ]
+            groups = choose(candidates, request.n, request.replication)
+            assignments: list[Assignment] = []
+            members: list[tuple[str, str]] = []
+            for group in groups:
+                task_id, key = new_task()
+                db.execute(
+                    "INSERT INTO tasks (task_id, foreman_id, key, escrow, expiry_unix)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (task_id, request.foreman_id, key, len(group), request.task_expiry_unix),
+                )
+                members.extend((task_id, worker.client_id) for worker in group)
+                assignments.append(
+                    Assignment(
+                        task_id=task_id,
+                        workers=tuple(WorkerRef(w.client_id, w.address) for w in group),
+                        expiry_unix=request.task_expiry_unix,
+                    )
+                )
+            if members:
+                db.executemany(
+                    "INSERT INTO task_workers (task_id, worker_id) VALUES (?, ?)", members
+                )
+                db.executemany(
+                    "UPDATE clients SET busy_slots = busy_slots + 1 WHERE client_id = ?",
+                    [(worker_id,) for _, worker_id in members],
+                )
+                db.execute(
+                    "UPDATE clients SET credits = credits - ? WHERE client_id = ?",
+                    (len(members), request.foreman_id),
+                )
+            return assignments, balance - len(members)
+
+    def fetch_key(self, worker_id: str, task_id: str, now: float) -> tuple[bytes, str] | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT t.key, t.foreman_id FROM task_workers AS w"
+                " JOIN tasks AS t ON t.task_id = w.task_id"
+                " WHERE w.task_id = ? AND w.worker_id = ? AND t.expiry_unix > ?",
+                (task_id, worker_id, now),
+            ).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def settle_task(
+        self,
+        foreman_id: str,
+        task_id: str,
+        *,
+        valid: bool,
+        missing: frozenset[str],
+        now: float,
+    ) -> Settlement | None:
+        with self._transaction() as db:
+            self._expire(db, now)
+            row = db.execute(
+                "SELECT key, escrow FROM tasks WHERE task_id = ? AND foreman_id = ?",
+                (task_id, foreman_id),
+            ).fetchone()
+            if row is None:
+                return None
+            key, escrow = row
+            workers = {
+                worker_id
+                for (worker_id,) in db.execute(
+                    "SELECT worker_id FROM task_workers WHERE task_id = ?", (task_id,)
+                )
+            }
+            strangers = missing - workers
+            if strangers:
+                raise InvalidRequest(
+                    "missing names workers that are not assigned to task "
+                    f"{task_id}: {', '.join(sorted(strangers))}"
+                )
+            refund = escrow
+            if valid:
+                paid = [(w,) for w in workers - missing]
+                db.executemany(
+                    "UPDATE clients SET credits = credits + 1,"
+                    " tasks_completed = tasks_completed + 1, busy_slots = busy_slots - 1"
+                    " WHERE client_id = ?",
+                    paid,
+                )
+                db.executemany(
+                    "UPDATE clients SET tasks_failed = tasks_failed + 1,"
+                    " busy_slots = busy_slots - 1 WHERE client_id = ?",
+                    [(w,) for w in missing],
+                )
+                refund = escrow - len(paid)
+            else:
+                db.executemany(
+                    "UPDATE clients SET busy_slots = busy_slots - 1 WHERE client_id = ?",
+                    [(w,) for w in workers],
+                )
+            db.execute("DELETE FROM task_workers WHERE task_id = ?", (task_id,))
+            db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
+            (credits,) = db.execute(
+                "UPDATE clients SET credits = credits + ? WHERE client_id = ? RETURNING credits",
+                (refund, foreman_id),
+            ).fetchone()
+            return Settlement(key=key if valid else None, credits=credits)
+
+    def expire_tasks(self, now: float) -> int:
+        with self._transaction() as db:
+            return self._expire(db, now)
+
+    @staticmethod
+    def _expire(db: sqlite3.Connection, now: float) -> int:
+        """Refund the foremen of open tasks past their expiry and free the
+        workers' slots. Called inside every transaction that reads balances
+        or slots, so an expired task is never visible as open."""
+        expired = db.execute(
+            "SELECT task_id, foreman_id, escrow FROM tasks WHERE expiry_unix <= ?", (now,)
+        ).fetchall()
+        if not expired:
+            return 0
+        for task_id, foreman_id, escrow in expired:
+            db.execute(
+                "UPDATE clients SET busy_slots = busy_slots - 1 WHERE client_id IN"
+                " (SELECT worker_id FROM task_workers WHERE task_id = ?)",
+                (task_id,),
+            )
+            db.execute(
+                "UPDATE clients SET credits = credits + ? WHERE client_id = ?",
+                (escrow, foreman_id),
+            )
+            db.execute("DELETE FROM task_workers WHERE task_id = ?", (task_id,))
+            db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
+        logger.info("expired %d unsettled task(s); their credits went back", len(expired))
+        return len(expired)
+
+    # -- audit --------------------------------------------------------------
+
+    def totals(self) -> LedgerTotals:
+        with self._lock:
+            clients, credits, issued = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(credits), 0), COALESCE(SUM(starting_credits), 0)"
+                " FROM clients"
+            ).fetchone()
+            open_tasks, escrow = self._db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(escrow), 0) FROM tasks"
+            ).fetchone()
+        return LedgerTotals(
+            clients=clients,
+            client_credits=credits,
+            escrowed_credits=escrow,
+            open_tasks=open_tasks,
+            starting_credits_issued=issued,
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

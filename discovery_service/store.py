@@ -1,0 +1,160 @@
+"""The storage interface of the ledger, and the records it deals in.
+
+A store does the credit-changing operations atomically: each method is one
+transaction, so concurrent calls (threads, processes, or front-ends sharing
+one Redis) can never overdraw an account, pay a task twice, or both refund
+and pay it. Validation, id and key generation and the choice of workers stay
+in `ledger.py`, so every store shares them.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRecord:
+    client_id: str
+    credits: int
+    address: str = ""
+    expiry_unix: float = 0.0
+    slots: int = 0
+    busy_slots: int = 0
+    tasks_completed: int = 0
+    tasks_failed: int = 0
+    runtime: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A live worker with at least one free slot."""
+
+    client_id: str
+    address: str
+    free_slots: int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRef:
+    client_id: str
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    task_id: str
+    workers: tuple[WorkerRef, ...]
+    expiry_unix: float
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRequest:
+    """What RequestTasks asks of a store, already validated."""
+
+    foreman_id: str
+    n: int
+    replication: int
+    exclude_workers: frozenset[str]
+    runtime: str
+    now: float
+    task_expiry_unix: float
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    key: bytes | None
+    credits: int
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerTotals:
+    """For audits: credits held by clients plus those held by open tasks
+    must always equal what CreateClient handed out."""
+
+    clients: int
+    client_credits: int
+    escrowed_credits: int
+    open_tasks: int
+    starting_credits_issued: int
+
+
+# Chooses, from the candidates, up to n groups of `replication` distinct workers.
+ChooseWorkers = Callable[[Sequence[Candidate], int, int], list[list[Candidate]]]
+# Makes a new (task_id, key) pair.
+NewTask = Callable[[], tuple[str, bytes]]
+
+
+class LedgerStore(abc.ABC):
+    """Durable state of the discovery service. Every method is atomic."""
+
+    @abc.abstractmethod
+    def create_client(
+        self, client_id: str, secret_hash: bytes, credits: int, now: float
+    ) -> ClientRecord: ...
+
+    @abc.abstractmethod
+    def secret_hash(self, client_id: str) -> bytes | None:
+        """The stored hash, or None for an unknown client."""
+
+    @abc.abstractmethod
+    def get_client(self, client_id: str, now: float) -> ClientRecord | None: ...
+
+    @abc.abstractmethod
+    def register_worker(
+        self,
+        client_id: str,
+        *,
+        address: str,
+        slots: int,
+        runtime: str,
+        expiry_unix: float,
+        now: float,
+    ) -> ClientRecord:
+        """Join or refresh the pool; busy slots and credits are kept."""
+
+    @abc.abstractmethod
+    def leave_pool(self, client_id: str, now: float) -> ClientRecord:
+        """End the lease now; tasks already assigned keep their slots."""
+
+    @abc.abstractmethod
+    def assign_tasks(
+        self, request: TaskRequest, choose: ChooseWorkers, new_task: NewTask
+    ) -> tuple[list[Assignment], int]:
+        """Make up to `n` tasks and charge `replication` credits for each one
+        made (partial fill when workers run short). Returns the tasks and the
+        foreman's balance after.
+
+        The whole request must be affordable: with a balance below
+        `n * replication` it raises InsufficientCredits and charges nothing,
+        so a foreman never gets a surprise partial batch for lack of credits.
+        """
+
+    @abc.abstractmethod
+    def fetch_key(self, worker_id: str, task_id: str, now: float) -> tuple[bytes, str] | None:
+        """(key, foreman_id) for an open task this worker is assigned to, else None."""
+
+    @abc.abstractmethod
+    def settle_task(
+        self,
+        foreman_id: str,
+        task_id: str,
+        *,
+        valid: bool,
+        missing: frozenset[str],
+        now: float,
+    ) -> Settlement | None:
+        """Pay or refund an open task of this foreman exactly once; None when
+        there is no such task. Raises InvalidRequest, changing nothing, when
+        `missing` names a worker not assigned to the task."""
+
+    @abc.abstractmethod
+    def expire_tasks(self, now: float) -> int:
+        """Refund and close every open task past its expiry; returns how many."""
+
+    @abc.abstractmethod
+    def totals(self) -> LedgerTotals: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""

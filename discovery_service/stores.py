@@ -1,0 +1,36 @@
+"""Opening a ledger store from the `--store` URL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+from discovery_service.store import LedgerStore
+
+DEFAULT_STORE = "sqlite:///" + str(Path.home() / ".local/share/ec262/ledger.sqlite3")
+
+
+def open_store(url: str) -> LedgerStore:
+    """A store for `sqlite:///PATH`, `sqlite://:memory:` (or `redis://...`
+    once a Redis store exists).
+
+    `sqlite:///ledger.db` is relative to the working directory and
+    `sqlite:////var/lib/ec262/ledger.db` absolute, as in SQLAlchemy.
+    `?synchronous=FULL` makes every commit survive a power cut, at the cost
+    of an fsync per credit change.
+    """
+    parts = urlsplit(url)
+    options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    if parts.scheme == "sqlite":
+        from discovery_service.sqlite_store import SqliteStore
+
+        if parts.netloc == ":memory:" or parts.path in ("/:memory:", ""):
+            path = ":memory:"
+        elif parts.netloc:
+            raise ValueError(
+                f"store URL {url!r}: write sqlite:///RELATIVE/PATH or sqlite:////ABSOLUTE/PATH"
+            )
+        else:
+            path = parts.path[1:]
+        return SqliteStore(path, synchronous=options.get("synchronous", "NORMAL"))
+    raise ValueError(f"unknown store URL {url!r}: expected sqlite:///PATH or sqlite://:memory:")

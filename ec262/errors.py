@@ -1,0 +1,42 @@
+"""Exceptions that users and the services share.
+
+The services raise these from plain-Python logic; each gRPC servicer maps
+them to a status code in one place, and the client side maps status codes
+back, so the same class means the same thing on both sides of the wire.
+"""
+
+from __future__ import annotations
+
+
+class Ec262Error(Exception):
+    """Base of every error ec262 raises on purpose."""
+
+
+class InvalidRequest(Ec262Error, ValueError):
+    """A request that can never succeed as sent (gRPC INVALID_ARGUMENT)."""
+
+
+class AuthenticationError(Ec262Error):
+    """Missing, malformed or wrong credentials (gRPC UNAUTHENTICATED)."""
+
+
+class UnknownTask(Ec262Error, LookupError):
+    """No such task for this caller: unknown, settled, expired or not yours
+    (gRPC NOT_FOUND). One answer for all four, so a caller learns nothing
+    about tasks that are not its own."""
+
+
+class InsufficientCredits(Ec262Error):
+    """The caller's balance cannot pay for what it asked (gRPC RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, needed: int, available: int, message: str | None = None) -> None:
+        self.needed = needed
+        self.available = available
+        super().__init__(message or f"not enough credits: {needed} needed, {available} available")
+
+    def __reduce__(self):  # keep needed/available through pickling
+        return (type(self), (self.needed, self.available, str(self)))
+
+
+class ServiceUnavailable(Ec262Error):
+    """The backing store cannot be reached; nothing was written (gRPC UNAVAILABLE)."""

@@ -1,0 +1,89 @@
+"""What every ec262 server does the same way: reflection and health, the
+`listening on HOST:PORT` line, and a clean stop on SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Iterable
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ec262.addresses import join_address
+
+logger = logging.getLogger(__name__)
+
+# Large enough for a chunk of a MapReduce job; the default 4 MB is not.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+def new_server(*, max_workers: int = 8, options: Iterable[tuple[str, int]] = ()) -> grpc.Server:
+    return grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+            *options,
+        ],
+    )
+
+
+def add_standard_services(
+    server: grpc.Server, service_names: Iterable[str]
+) -> health.HealthServicer:
+    """Turn on reflection (so `grpcurl list/describe` work without protos)
+    and the health service, reporting SERVING for each named service."""
+    names = list(service_names)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    for name in names:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        [
+            *names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    return health_servicer
+
+
+def bind(server: grpc.Server, host: str, port: int) -> int:
+    """Bind an insecure port and return the port actually bound (port 0
+    asks the kernel for an ephemeral one)."""
+    address = join_address(host, port)
+    bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"cannot listen on {address}: address in use or not available")
+    return bound
+
+
+def announce(host: str, port: int) -> None:
+    """The one line scripts and tests wait for."""
+    print(f"listening on {join_address(host, port)}", file=sys.stderr, flush=True)
+
+
+def wait_for_signal(server: grpc.Server, *, grace: float = 2.0) -> None:
+    """Block until SIGINT or SIGTERM, then stop the server within `grace`
+    seconds (running calls get that long to finish)."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        logger.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stop.wait()
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+        server.stop(grace).wait()

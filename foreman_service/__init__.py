@@ -1,0 +1,1 @@
+"""The foreman service a job serves while it runs (arrives with the foreman issue)."""

@@ -1,0 +1,1 @@
+"""The worker service volunteers run (arrives with the worker issue)."""
