@@ -1,0 +1,123 @@
+"""Helpers for tests that talk to a real discovery server through the
+generated stubs: identities, workers, and a clock the test moves."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import grpc
+
+from discovery_service.ledger import Ledger, LedgerConfig
+from discovery_service.server import DiscoveryServer, build_server
+from discovery_service.sqlite_store import SqliteStore
+from ec262.auth import bearer_metadata
+from ec262.v1 import discovery_pb2 as pb
+from ec262.v1 import discovery_pb2_grpc
+
+RUNTIME = "cpython-3.11"
+
+
+class ManualClock:
+    """Time that moves only when the test says so: leases and task expiry
+    are tested by moving it, never by sleeping."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self._now = start
+        self._lock = threading.Lock()
+
+    def __call__(self) -> float:
+        with self._lock:
+            return self._now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._now += seconds
+
+
+@dataclass(frozen=True)
+class Identity:
+    client_id: str
+    secret: str
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return bearer_metadata(self.client_id, self.secret)
+
+
+class DiscoveryHarness:
+    """A running discovery server and a stub connected to it."""
+
+    def __init__(self, server: DiscoveryServer, clock: ManualClock) -> None:
+        self.server = server
+        self.clock = clock
+        self.address = f"127.0.0.1:{server.port}"
+        self.channel = grpc.insecure_channel(self.address)
+        self.stub = discovery_pb2_grpc.DiscoveryStub(self.channel)
+        self.identities: list[Identity] = []
+        self._next_port = 20000
+
+    @classmethod
+    def start(cls, path: str, config: LedgerConfig | None = None) -> DiscoveryHarness:
+        clock = ManualClock()
+        ledger = Ledger(SqliteStore(path), config or LedgerConfig(), clock=clock)
+        return cls(build_server(ledger), clock)
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.server.stop(0)
+
+    @property
+    def config(self) -> LedgerConfig:
+        return self.server.ledger.config
+
+    def client(self) -> Identity:
+        response = self.stub.CreateClient(pb.CreateClientRequest())
+        identity = Identity(response.client_id, response.secret)
+        self.identities.append(identity)
+        return identity
+
+    def worker(self, *, slots: int = 1, ttl: int = 0, runtime: str = RUNTIME) -> Identity:
+        identity = self.client()
+        self._next_port += 1
+        self.stub.RegisterWorker(
+            pb.RegisterWorkerRequest(
+                address=f"127.0.0.1:{self._next_port}",
+                ttl_seconds=ttl,
+                slots=slots,
+                runtime=runtime,
+            ),
+            metadata=identity.metadata,
+        )
+        return identity
+
+    def info(self, identity: Identity) -> pb.ClientInfo:
+        return self.stub.GetClient(pb.GetClientRequest(), metadata=identity.metadata)
+
+    def credits(self, identity: Identity) -> int:
+        return self.info(identity).credits
+
+    def request(self, foreman: Identity, n: int = 1, **fields) -> pb.RequestTasksResponse:
+        return self.stub.RequestTasks(
+            pb.RequestTasksRequest(n=n, **fields), metadata=foreman.metadata
+        )
+
+    def fetch_key(self, worker: Identity, task_id: str) -> pb.FetchKeyResponse:
+        return self.stub.FetchKey(pb.FetchKeyRequest(task_id=task_id), metadata=worker.metadata)
+
+    def settle(
+        self, foreman: Identity, task_id: str, *, valid: bool, missing=()
+    ) -> pb.SettleTaskResponse:
+        return self.stub.SettleTask(
+            pb.SettleTaskRequest(task_id=task_id, valid=valid, missing=list(missing)),
+            metadata=foreman.metadata,
+        )
+
+    def total_credits(self) -> int:
+        """Every identity's balance through GetClient, plus what open tasks
+        hold in escrow (the store's audit)."""
+        balances = sum(self.credits(identity) for identity in self.identities)
+        return balances + self.server.ledger.store.totals().escrowed_credits
+
+    def issued_credits(self) -> int:
+        return len(self.identities) * self.config.starting_credits
