@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m ec262 demo
+	$(PY) examples/discovery_tour.py
 
 # Regenerate ec262/v1 from protos/ (the folders match the proto package, so
 # the generated imports are absolute: `from ec262.v1 import ...`).
