@@ -5,9 +5,12 @@ encrypted until the job's foreman pays, and it pays only when a majority
 agree. See PROTOCOL.md for the contract.
 """
 
+from ec262.envelope import decrypt_data, encrypt_data
 from ec262.errors import (
     AuthenticationError,
+    DecryptionError,
     Ec262Error,
+    EncodingError,
     InsufficientCredits,
     InvalidRequest,
     ServiceUnavailable,
@@ -18,10 +21,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AuthenticationError",
+    "DecryptionError",
     "Ec262Error",
+    "EncodingError",
     "InsufficientCredits",
     "InvalidRequest",
     "ServiceUnavailable",
     "UnknownTask",
     "__version__",
+    "decrypt_data",
+    "encrypt_data",
 ]

@@ -40,3 +40,12 @@ class InsufficientCredits(Ec262Error):
 
 class ServiceUnavailable(Ec262Error):
     """The backing store cannot be reached; nothing was written (gRPC UNAVAILABLE)."""
+
+
+class EncodingError(Ec262Error, ValueError):
+    """A key or value that canonical JSON cannot carry (PROTOCOL.md section 3)."""
+
+
+class DecryptionError(Ec262Error):
+    """A ciphertext that does not open with this key: wrong key, tampered or
+    truncated envelope. Never garbage instead."""

@@ -1,0 +1,109 @@
+"""Canonical encoding of results (PROTOCOL.md section 3).
+
+Replicas compare results while they are still encrypted, so two workers
+that compute the same dictionary must produce the same bytes, whatever the
+insertion order: a JSON list of `[key, value]` pairs sorted by key, with no
+insignificant whitespace. String keys sort as strings and numeric keys as
+numbers; any other mix sorts by the keys' canonical JSON text.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ec262.errors import EncodingError
+
+_encoder = json.JSONEncoder(
+    ensure_ascii=False, allow_nan=False, sort_keys=True, separators=(",", ":")
+)
+
+
+def canonical_json(value: Any) -> str:
+    """Deterministic JSON text: sorted object keys, no spaces, no NaN."""
+    return _encoder.encode(value)
+
+
+def _is_number(key: object) -> bool:
+    return isinstance(key, int | float) and not isinstance(key, bool)
+
+
+def _sorted_items(data: Mapping) -> list[tuple[Any, Any]]:
+    items = list(data.items())
+    keys = [key for key, _ in items]
+    all_strings = all(type(key) is str for key in keys)
+    all_numbers = all(_is_number(key) and key == key for key in keys)  # NaN != NaN
+    if all_strings or all_numbers:
+        items.sort(key=lambda item: item[0])
+    else:
+        items.sort(key=lambda item: _key_text(item[0]))
+    return items
+
+
+def _key_text(key: object) -> str:
+    try:
+        return canonical_json(key)
+    except (TypeError, ValueError) as error:
+        raise EncodingError(f"key {key!r} cannot be carried as JSON: {error}") from None
+
+
+def encode_pairs(pairs: Iterable[tuple[Any, Any]]) -> bytes:
+    """Canonical bytes of a list of pairs, in the order given (used for a
+    chunk's rows, whose order the foreman has already fixed)."""
+    rows = []
+    for key, value in pairs:
+        rows.append([key, value])
+    try:
+        return canonical_json(rows).encode()
+    except (TypeError, ValueError):
+        for key, value in rows:
+            _key_text(key)
+            _check_value(key, value)
+        raise
+
+
+def encode_result(data: Mapping) -> bytes:
+    """The canonical bytes of a result dictionary.
+
+    Raises EncodingError naming the first key whose key or value JSON
+    cannot carry (a set, an object, NaN, a dict with mixed key types, ...).
+    """
+    if not isinstance(data, Mapping):
+        raise EncodingError(f"a result must be a dict, not {type(data).__name__}")
+    return encode_pairs(_sorted_items(data))
+
+
+def _check_value(key: object, value: object) -> None:
+    try:
+        canonical_json(value)
+    except (TypeError, ValueError) as error:
+        raise EncodingError(f"value for key {key!r} cannot be carried as JSON: {error}") from None
+
+
+def _tupled(key: Any) -> Any:
+    """A list key becomes a tuple again, recursively, so it is hashable."""
+    if isinstance(key, list):
+        return tuple(_tupled(part) for part in key)
+    return key
+
+
+def decode_pairs(text: bytes | str) -> list[tuple[Any, Any]]:
+    """The `[key, value]` pairs of canonical JSON, keys made hashable."""
+    try:
+        rows = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise EncodingError(f"not canonical JSON: {error}") from None
+    if not isinstance(rows, list):
+        raise EncodingError("canonical JSON must be a list of [key, value] pairs")
+    pairs = []
+    for row in rows:
+        if not isinstance(row, list) or len(row) != 2:
+            raise EncodingError(f"expected a [key, value] pair, got {str(row)[:80]}")
+        pairs.append((_tupled(row[0]), row[1]))
+    return pairs
+
+
+def decode_result(text: bytes | str) -> dict:
+    """The dictionary that `encode_result` encoded."""
+    return dict(decode_pairs(text))
