@@ -1,0 +1,97 @@
+"""What a task computes, given the user's functions and the chunk's rows.
+
+MAP: every `(k2, v2)` the mapper yields is appended to `out[k2]`; an
+optional combiner then runs on each `(k2, values)`: the pairs it yields are
+appended to a fresh output, or the value it returns becomes `[value]`. REDUCE: every `(k2, v2)` the
+reducer yields sets `out[k2]`; a reducer that returns a value instead of
+yielding sets `out[key]` (the mincemeat style the seed used).
+Plain functions, run inside the sandbox.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from ec262.errors import Ec262Error
+
+MAP = 1
+REDUCE = 2
+
+
+class BadUserOutput(Ec262Error, TypeError):
+    """A user function produced something that is not (key, value) pairs."""
+
+
+def _pairs(produced: Any, what: str) -> Iterable[tuple[Any, Any]]:
+    if produced is None:
+        return ()
+    try:
+        iterator = iter(produced)
+    except TypeError:
+        raise BadUserOutput(
+            f"{what} must yield (key, value) pairs, but returned {type(produced).__name__}"
+        ) from None
+    return _checked(iterator, what)
+
+
+def _checked(iterator, what: str):
+    for item in iterator:
+        if not isinstance(item, tuple | list) or len(item) != 2:
+            raise BadUserOutput(f"{what} yielded {str(item)[:60]!r}, not a (key, value) pair")
+        key = item[0]
+        if isinstance(key, list):
+            key = _tupled(key)
+        yield key, item[1]
+
+
+def _tupled(key: Any) -> Any:
+    return tuple(_tupled(k) for k in key) if isinstance(key, list) else key
+
+
+def run_map(mapper: Callable, rows: Iterable[tuple[Any, Any]]) -> dict[Any, list]:
+    out: dict[Any, list] = {}
+    for key, value in rows:
+        for k2, v2 in _pairs(mapper(key, value), "the mapper"):
+            bucket = out.get(k2)
+            if bucket is None:
+                out[k2] = [v2]
+            else:
+                bucket.append(v2)
+    return out
+
+
+def run_combiner(combiner: Callable, grouped: dict[Any, list]) -> dict[Any, list]:
+    out: dict[Any, list] = {}
+    for key, values in grouped.items():
+        produced = combiner(key, values)
+        if inspect.isgenerator(produced):
+            for k2, v2 in _pairs(produced, "the combiner"):
+                out.setdefault(k2, []).append(v2)
+        else:
+            out.setdefault(key, []).append(produced)
+    return out
+
+
+def run_reduce(reducer: Callable, rows: Iterable[tuple[Any, Any]]) -> dict[Any, Any]:
+    out: dict[Any, Any] = {}
+    for key, values in rows:
+        produced = reducer(key, values)
+        if inspect.isgenerator(produced):
+            for k2, v2 in _pairs(produced, "the reducer"):
+                out[k2] = v2
+        else:
+            out[key] = produced
+    return out
+
+
+def run_task(phase: int, functions: dict, rows: Iterable[tuple[Any, Any]]) -> dict:
+    """The result dictionary of one task."""
+    if phase == MAP:
+        out = run_map(functions["function"], rows)
+        combiner = functions.get("combiner")
+        return run_combiner(combiner, out) if combiner is not None else out
+    if phase == REDUCE:
+        return run_reduce(functions["function"], rows)
+    raise ValueError(f"unknown phase {phase}")

@@ -1,0 +1,185 @@
+"""The sandbox process: lock down, then load one function payload and run
+its tasks, one message at a time, until the worker closes the pipe.
+
+Wire format on the pipe (parent -> child): `L` + dill payload, or `R` +
+phase byte + canonical rows. Child -> parent: `+` + JSON once locked down;
+then for each message `0` + canonical result bytes or `1` + canonical error
+document. The parent never unpickles anything from here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import json
+import os
+import signal
+import sys
+from multiprocessing.connection import Connection
+
+import dill
+import dill._dill as dill_internals
+
+from ec262.encoding import EncodingError, decode_pairs, encode_result
+from ec262.remote_errors import document_for, error_document
+from worker_service import lockdown
+from worker_service.mapreduce import run_task
+from worker_service.sandbox_policy import SandboxLimits
+
+OK = b"0"
+FAILED = b"1"
+READY = b"+"
+LOAD = b"L"
+RUN = b"R"
+
+# What a payload may ask of dill while loading: constructors, nothing that
+# opens files, evaluates text or wraps raw pointers.
+_DILL_LOADERS = frozenset({
+    "_create_function", "_create_code", "_create_cell", "_create_type", "_load_type",
+    "_create_namedtuple", "_get_attr", "_getattr", "_import_module", "_create_weakref",
+    "_create_weakproxy", "_create_typing_tuple", "_create_lock", "_create_rlock",
+    "_create_ftype", "_setitems", "_getattribute",
+})  # fmt: skip
+_PICKLE_HELPERS = frozenset({"copyreg", "_codecs", "collections"})
+
+
+class PayloadLoader:
+    """Unpickles a payload with the sandbox's rules: only allowed modules,
+    and every function it defines gets the restricted builtins."""
+
+    def __init__(self, allowed: frozenset[str], safe_builtins: dict) -> None:
+        self.allowed = allowed
+        self.safe_builtins = safe_builtins
+        self.user_files: set[str] = set()
+
+    def _check_module(self, name: str) -> None:
+        if name.partition(".")[0] not in self.allowed:
+            raise lockdown.SandboxViolation(
+                f"sandbox: the function payload needs module {name}, which is not allowed"
+            )
+
+    def _create_function(self, fcode, fglobals, *args):
+        fglobals = fglobals if fglobals is not None else {}
+        fglobals["__builtins__"] = self.safe_builtins
+        return dill_internals._create_function(fcode, fglobals, *args)
+
+    def _create_code(self, *args):
+        code = dill_internals._create_code(*args)
+        self.user_files.add(code.co_filename)
+        return code
+
+    def _import_module(self, name: str, safe: bool = False):
+        self._check_module(name)
+        return dill_internals._import_module(name, safe)
+
+    def find_class(self, module: str, name: str):
+        if module == "dill._dill" or (module == "dill" and name == "_dill"):
+            if module == "dill":
+                return dill_internals
+            if name not in _DILL_LOADERS:
+                raise lockdown.SandboxViolation(f"sandbox: dill loader {name} is not allowed")
+            return getattr(self, name, None) or getattr(dill_internals, name)
+        if module in ("builtins", "__builtin__"):
+            if name not in self.safe_builtins or name == "__import__":
+                raise lockdown.SandboxViolation(f"sandbox: builtin {name} is not allowed")
+            return self.safe_builtins[name]
+        if module not in _PICKLE_HELPERS:
+            self._check_module(module)
+        return None  # the default lookup
+
+    def load(self, payload: bytes) -> dict:
+        loader = self
+
+        class Unpickler(dill.Unpickler):
+            def find_class(self, module, name):
+                found = loader.find_class(module, name)
+                return found if found is not None else super().find_class(module, name)
+
+        functions = Unpickler(io.BytesIO(payload)).load()
+        if not isinstance(functions, dict) or not callable(functions.get("function")):
+            raise TypeError("the payload is not an ec262 function payload")
+        combiner = functions.get("combiner")
+        if combiner is not None and not callable(combiner):
+            raise TypeError("the payload's combiner is not callable")
+        return functions
+
+
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG: if the forkserver (and so the worker) dies, so do we."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+    except OSError:
+        pass
+
+
+def lock_down(conn: Connection, limits: SandboxLimits) -> dict:
+    fd = conn.fileno()
+    _die_with_parent()
+    os.chdir("/")
+    lockdown.close_other_fds(keep=fd)
+    lockdown.apply_rlimits(limits)
+    seccomp = lockdown.apply_seccomp(fd)
+    safe_builtins = lockdown.restricted_builtins(limits.allowed_modules)
+    sys.addaudithook(lockdown.make_audit_hook(limits.read_dirs))
+    return {"seccomp": seccomp, "builtins": safe_builtins}
+
+
+def _reply(conn: Connection, status: bytes, body: bytes) -> None:
+    conn.send_bytes(status + body)
+
+
+def _error_reply(conn: Connection, error: BaseException, user_files: set[str]) -> None:
+    _reply(conn, FAILED, encode_result(document_for(error, user_files)))
+
+
+def main(conn: Connection, limits: SandboxLimits) -> None:
+    """Entry point of the sandbox process (a forkserver child)."""
+    state = lock_down(conn, limits)
+    conn.send_bytes(READY + json.dumps({"seccomp": state["seccomp"]}).encode())
+    loader = PayloadLoader(limits.allowed_modules, state["builtins"])
+    functions: dict | None = None
+    while True:
+        try:
+            message = conn.recv_bytes()
+        except (EOFError, OSError):
+            os._exit(0)
+        kind, body = message[:1], message[1:]
+        try:
+            if kind == LOAD:
+                functions = loader.load(body)
+                _reply(conn, OK, b"")
+            elif kind == RUN and functions is not None:
+                rows = decode_pairs(body[1:])
+                result = encode_result(run_task(body[0], functions, rows))
+                if len(result) > limits.output_limit_bytes:
+                    document = error_document(
+                        "OutputTooLarge",
+                        f"the task's result is {len(result)} bytes, over the sandbox's"
+                        f" limit of {limits.output_limit_bytes} bytes",
+                    )
+                    _reply(conn, FAILED, encode_result(document))
+                else:
+                    _reply(conn, OK, result)
+            else:
+                _reply(
+                    conn,
+                    FAILED,
+                    encode_result(
+                        error_document(
+                            "SandboxError", "sandbox received a task before a function payload"
+                        )
+                    ),
+                )
+        except EncodingError as error:
+            _error_reply(conn, error, loader.user_files)
+        except BaseException as error:  # user code: anything, SystemExit included
+            try:
+                _error_reply(conn, error, loader.user_files)
+            except MemoryError:
+                del error
+                _reply(
+                    conn,
+                    FAILED,
+                    encode_result(error_document("MemoryError", "the task ran out of memory")),
+                )

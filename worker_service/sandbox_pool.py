@@ -1,0 +1,219 @@
+"""The worker's side of the sandbox: a small pool of locked-down processes,
+each bound to one function digest and reused for that function's tasks.
+
+Processes come from a zygote (`zygote.py`), so they are forked from a
+clean, single-threaded process (never from the worker with its gRPC
+threads and identity), and start in a few milliseconds with the sandbox
+code and the allow-listed modules already imported. Whatever user code does
+(raise, loop, exhaust memory, crash, flood), `run` returns a result or an
+error document; a sandbox that misbehaved is killed, never reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+from ec262.encoding import encode_result
+from ec262.remote_errors import error_document
+from worker_service import sandbox_child
+from worker_service.sandbox_policy import SandboxLimits
+from worker_service.zygote import Zygote
+
+logger = logging.getLogger(__name__)
+
+START_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxResult:
+    ok: bool
+    plaintext: bytes  # canonical result, or a canonical error document
+
+
+class _Sandbox:
+    def __init__(self, pid: int, conn: Connection) -> None:
+        self.pid = pid
+        self.conn = conn
+        self.digest: str | None = None
+        self.seccomp = False
+        self.failure: SandboxResult | None = None
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        self.conn.close()
+
+
+def _failure(type_name: str, message: str) -> SandboxResult:
+    return SandboxResult(False, encode_result(error_document(type_name, message)))
+
+
+_CRASHED = _failure(
+    "SandboxCrashed",
+    "the sandbox process died while running the task (it may have hit the memory limit)",
+)
+
+
+class SandboxPool:
+    """At most `size` sandbox processes; idle ones kept per digest."""
+
+    def __init__(self, limits: SandboxLimits, *, size: int = 2) -> None:
+        self.limits = limits
+        self.size = max(1, size)
+        self._zygote: Zygote | None = None
+        self._lock = threading.Lock()
+        self._idle: OrderedDict[int, _Sandbox] = OrderedDict()  # LRU, oldest first
+        self._live = 0
+        self._capacity = threading.Semaphore(self.size)
+        self.seccomp_active: bool | None = None
+        self._closed = False
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def _start(self) -> _Sandbox:
+        with self._lock:
+            if self._zygote is None:
+                self._zygote = Zygote(self.limits)
+            zygote = self._zygote
+        try:
+            pid, parent_end = zygote.fork()
+        except OSError as error:
+            raise RuntimeError(str(error)) from None
+        sandbox = _Sandbox(pid, parent_end)
+        try:
+            if not parent_end.poll(START_TIMEOUT):
+                raise RuntimeError("sandbox did not start in time")
+            hello = parent_end.recv_bytes(4096)
+        except (EOFError, OSError, RuntimeError) as error:
+            sandbox.kill()
+            raise RuntimeError(f"sandbox failed to start: {error}") from None
+        if hello[:1] != sandbox_child.READY:
+            sandbox.kill()
+            raise RuntimeError("sandbox sent a malformed greeting")
+        sandbox.seccomp = bool(json.loads(hello[1:]).get("seccomp"))
+        if self.seccomp_active is None:
+            self.seccomp_active = sandbox.seccomp
+            if not sandbox.seccomp:
+                logger.warning("sandboxes run without seccomp on this machine")
+        return sandbox
+
+    def _take(self, digest: str) -> _Sandbox | None:
+        """An idle sandbox already holding `digest`, evicting the least
+        recently used other idle sandbox if the pool is full."""
+        with self._lock:
+            for key, sandbox in self._idle.items():
+                if sandbox.digest == digest:
+                    del self._idle[key]
+                    return sandbox
+            if self._live >= self.size and self._idle:
+                _, victim = self._idle.popitem(last=False)
+                self._live -= 1
+                victim.kill()
+            self._live += 1
+            return None
+
+    def _give_back(self, sandbox: _Sandbox) -> None:
+        with self._lock:
+            if self._closed:
+                self._live -= 1
+                sandbox.kill()
+            else:
+                self._idle[id(sandbox)] = sandbox
+
+    def _discard(self, sandbox: _Sandbox | None) -> None:
+        with self._lock:
+            self._live -= 1
+        if sandbox is not None:
+            sandbox.kill()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = list(self._idle.values()), OrderedDict()
+            self._live -= len(idle)
+        for sandbox in idle:
+            sandbox.kill()
+        if self._zygote is not None:
+            self._zygote.close()
+
+    def cached_digests(self) -> list[str]:
+        with self._lock:
+            return sorted({s.digest for s in self._idle.values() if s.digest})
+
+    # -- running ----------------------------------------------------------------
+
+    def _exchange(self, sandbox: _Sandbox, message: bytes, timeout: float) -> SandboxResult | None:
+        """Send one message and read one reply; None means the sandbox
+        misbehaved and the failure result is in `sandbox.failure`."""
+        try:
+            sandbox.conn.send_bytes(message)
+            deadline = time.monotonic() + timeout
+            if not sandbox.conn.poll(max(0.0, deadline - time.monotonic())):
+                sandbox.failure = _failure(
+                    "TimeoutError",
+                    f"the task ran longer than the worker's limit of {timeout:g} s",
+                )
+                return None
+            reply = sandbox.conn.recv_bytes(self.limits.output_limit_bytes + 1024)
+        except OSError as error:
+            if "too long" in str(error) or "bad message length" in str(error):
+                sandbox.failure = _failure(
+                    "OutputTooLarge",
+                    f"the task's result is over the sandbox's limit of "
+                    f"{self.limits.output_limit_bytes} bytes",
+                )
+            else:
+                sandbox.failure = _CRASHED
+            return None
+        except EOFError:
+            sandbox.failure = _CRASHED
+            return None
+        status, body = reply[:1], reply[1:]
+        if status == sandbox_child.OK:
+            return SandboxResult(True, body)
+        if status == sandbox_child.FAILED:
+            return SandboxResult(False, body)
+        sandbox.failure = _failure("SandboxError", "the sandbox sent a malformed reply")
+        return None
+
+    def run(self, digest: str, payload: bytes | None, phase: int, rows: bytes) -> SandboxResult:
+        """Run one task in a sandbox holding `digest` (loading `payload`
+        into a fresh one when none is idle)."""
+        with self._capacity:
+            sandbox = self._take(digest)
+            if sandbox is None:
+                if payload is None:
+                    self._discard(None)
+                    raise LookupError(f"no sandbox holds function {digest}")
+                try:
+                    sandbox = self._start()
+                except RuntimeError as error:
+                    self._discard(None)
+                    logger.error("%s", error)
+                    return _failure("SandboxError", "the worker could not start a sandbox")
+                loaded = self._exchange(
+                    sandbox, sandbox_child.LOAD + payload, self.limits.task_timeout
+                )
+                if loaded is None or not loaded.ok:
+                    self._discard(sandbox)
+                    return loaded if loaded is not None else sandbox.failure
+                sandbox.digest = digest
+            result = self._exchange(
+                sandbox, sandbox_child.RUN + bytes((phase,)) + rows, self.limits.task_timeout
+            )
+            if result is None or not result.ok:
+                # A sandbox that failed may hold anything (a half-done escape,
+                # a broken interpreter): it is not reused.
+                self._discard(sandbox)
+                return result if result is not None else sandbox.failure
+            self._give_back(sandbox)
+            return result
