@@ -55,8 +55,5 @@ def run(*, host: str, port: int, store_url: str, config: LedgerConfig) -> None:
         config.replication,
     )
     serving.announce(host, running.port)
-    try:
-        serving.wait_for_signal(running.server)
-    finally:
-        ledger.store.close()
-        logger.info("discovery stopped")
+    serving.wait_for_signal(lambda: running.stop(grace=2.0))
+    logger.info("discovery stopped")

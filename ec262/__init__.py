@@ -5,6 +5,8 @@ encrypted until the job's foreman pays, and it pays only when a majority
 agree. See PROTOCOL.md for the contract.
 """
 
+import logging
+
 from ec262.envelope import decrypt_data, encrypt_data
 from ec262.errors import (
     AuthenticationError,
@@ -19,6 +21,19 @@ from ec262.errors import (
 
 __version__ = "0.1.0"
 
+
+def run_worker(port: int = 11235, **options) -> None:
+    """Run a worker in the foreground until SIGINT/SIGTERM, as `ec262 worker`
+    does; `options` are the fields of `worker_service.server.WorkerConfig`
+    (discovery="HOST:PORT", slots=2, allow_modules=("numpy",), ...)."""
+    from worker_service.server import WorkerConfig, run
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    run(WorkerConfig(port=port, **options))
+
+
 __all__ = [
     "AuthenticationError",
     "DecryptionError",
@@ -31,4 +46,5 @@ __all__ = [
     "__version__",
     "decrypt_data",
     "encrypt_data",
+    "run_worker",
 ]

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ec262 import __version__
+
+DEFAULT_DISCOVERY = "127.0.0.1:26262"
 
 
 def _configure_logging(args: argparse.Namespace) -> None:
@@ -87,7 +91,58 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_logging_flags(discovery)
     discovery.set_defaults(handler=_run_discovery)
+
+    worker = commands.add_parser(
+        "worker", help="volunteer this machine: compute other people's tasks for credits"
+    )
+    add_worker_arguments(worker)
+    worker.set_defaults(handler=_run_worker)
     return parser
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `ec262 worker` (also used by `python worker.py`)."""
+    parser.add_argument("-P", "--port", type=_port, default=11235, help="0 picks a free port")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    parser.add_argument(
+        "--advertise",
+        default=None,
+        help="host name foremen should use to reach this worker"
+        " (default: --host, or this machine's name when --host is 0.0.0.0)",
+    )
+    parser.add_argument(
+        "--discovery",
+        default=os.environ.get("EC262_DISCOVERY", DEFAULT_DISCOVERY),
+        help="HOST:PORT of the discovery service (default: $EC262_DISCOVERY or %(default)s)",
+    )
+    parser.add_argument("--slots", type=_positive, default=1, help="tasks run at once")
+    parser.add_argument(
+        "--identity",
+        default=None,
+        help="identity file (default: $EC262_IDENTITY or ~/.config/ec262/identity.json)",
+    )
+    parser.add_argument(
+        "--allow-module",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="let user code import NAME too (repeatable)",
+    )
+    parser.add_argument(
+        "--task-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="wall-clock limit per task; the sandbox is killed after it",
+    )
+    parser.add_argument(
+        "--memory-limit",
+        type=_positive,
+        default=1024,
+        metavar="MB",
+        help="address-space limit of each sandbox process",
+    )
+    _add_logging_flags(parser)
 
 
 def _run_discovery(args: argparse.Namespace) -> int:
@@ -109,13 +164,33 @@ def _run_discovery(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_worker(args: argparse.Namespace) -> int:
+    from ec262.addresses import split_address
+    from worker_service.server import WorkerConfig, run
+
+    split_address(args.discovery)
+    config = WorkerConfig(
+        host=args.host,
+        port=args.port,
+        advertise=args.advertise,
+        discovery=args.discovery,
+        slots=args.slots,
+        identity=Path(args.identity) if args.identity else None,
+        allow_modules=tuple(args.allow_module),
+        task_timeout=args.task_timeout,
+        memory_limit_mb=args.memory_limit,
+    )
+    run(config)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args)
     try:
         return args.handler(args)
-    except (ValueError, OSError) as error:  # bad store URL, port in use, unreadable file
+    except (ValueError, OSError) as error:  # bad URL or address, port in use, unreadable file
         logging.getLogger("ec262").debug("startup failed", exc_info=True)
         print(f"ec262 {args.command}: {error}", file=sys.stderr)
         return 1

@@ -49,3 +49,12 @@ class EncodingError(Ec262Error, ValueError):
 class DecryptionError(Ec262Error):
     """A ciphertext that does not open with this key: wrong key, tampered or
     truncated envelope. Never garbage instead."""
+
+
+class NoFreeSlot(Ec262Error):
+    """A worker has no free slot for another task (gRPC RESOURCE_EXHAUSTED)."""
+
+
+class FunctionNotCached(Ec262Error):
+    """A worker was sent only a function digest it does not hold; resend the
+    payload (gRPC FAILED_PRECONDITION)."""

@@ -22,8 +22,10 @@ from grpc_status import rpc_status
 from ec262.errors import (
     AuthenticationError,
     Ec262Error,
+    FunctionNotCached,
     InsufficientCredits,
     InvalidRequest,
+    NoFreeSlot,
     ServiceUnavailable,
     UnknownTask,
 )
@@ -40,6 +42,8 @@ _TABLE: tuple[tuple[type[Ec262Error], grpc.StatusCode, str], ...] = (
     (UnknownTask, grpc.StatusCode.NOT_FOUND, "UNKNOWN_TASK"),
     (InsufficientCredits, grpc.StatusCode.RESOURCE_EXHAUSTED, "INSUFFICIENT_CREDITS"),
     (ServiceUnavailable, grpc.StatusCode.UNAVAILABLE, "SERVICE_UNAVAILABLE"),
+    (NoFreeSlot, grpc.StatusCode.RESOURCE_EXHAUSTED, "NO_FREE_SLOT"),
+    (FunctionNotCached, grpc.StatusCode.FAILED_PRECONDITION, "FUNCTION_NOT_CACHED"),
 )
 _BY_REASON = {reason: cls for cls, _, reason in _TABLE}
 

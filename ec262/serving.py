@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent import futures
 
 import grpc
@@ -71,9 +71,9 @@ def announce(host: str, port: int) -> None:
     print(f"listening on {join_address(host, port)}", file=sys.stderr, flush=True)
 
 
-def wait_for_signal(server: grpc.Server, *, grace: float = 2.0) -> None:
-    """Block until SIGINT or SIGTERM, then stop the server within `grace`
-    seconds (running calls get that long to finish)."""
+def wait_for_signal(shutdown: Callable[[], None]) -> None:
+    """Block until SIGINT or SIGTERM, then call `shutdown` (which stops the
+    server and whatever else the program runs)."""
     stop = threading.Event()
 
     def handler(signum: int, _frame: object) -> None:
@@ -86,4 +86,4 @@ def wait_for_signal(server: grpc.Server, *, grace: float = 2.0) -> None:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-        server.stop(grace).wait()
+        shutdown()

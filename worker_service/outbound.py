@@ -1,0 +1,92 @@
+"""The worker's calls out: the task key from discovery, the result to the
+foreman. Both retry transient failures with backoff."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+
+import grpc
+
+from ec262.discovery_client import DiscoveryClient
+from ec262.retry import call_with_retry
+from ec262.v1 import foreman_pb2, foreman_pb2_grpc
+from worker_service.tasks import Task
+
+logger = logging.getLogger(__name__)
+
+KEY_DEADLINE = 60.0
+SUBMIT_DEADLINE = 120.0
+MAX_FOREMAN_CHANNELS = 16
+
+
+class KeyFetcher:
+    def __init__(self, discovery: DiscoveryClient, stop: threading.Event) -> None:
+        self._discovery = discovery
+        self._stop = stop
+
+    def __call__(self, task_id: str) -> bytes:
+        response = call_with_retry(
+            lambda: self._discovery.fetch_key(task_id),
+            what=f"FetchKey({task_id})",
+            deadline=time.monotonic() + KEY_DEADLINE,
+            stop=self._stop,
+        )
+        return response.key
+
+
+class ResultSubmitter:
+    """SubmitResult to each task's foreman, over one cached channel per
+    foreman address (a job sends many tasks to the same foreman)."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self._stop = stop
+        self._lock = threading.Lock()
+        self._channels: OrderedDict[str, grpc.Channel] = OrderedDict()
+
+    def _stub(self, address: str) -> foreman_pb2_grpc.ForemanStub:
+        with self._lock:
+            channel = self._channels.get(address)
+            if channel is None:
+                channel = grpc.insecure_channel(
+                    address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
+                )
+                self._channels[address] = channel
+                while len(self._channels) > MAX_FOREMAN_CHANNELS:
+                    _, old = self._channels.popitem(last=False)
+                    old.close()
+            self._channels.move_to_end(address)
+            return foreman_pb2_grpc.ForemanStub(channel)
+
+    def __call__(self, task: Task, worker_id: str, ciphertext: str) -> None:
+        request = foreman_pb2.SubmitResultRequest(
+            task_id=task.task_id,
+            worker_id=worker_id,
+            submit_token=task.submit_token,
+            ciphertext=ciphertext,
+        )
+        stub = self._stub(task.result_address)
+        try:
+            call_with_retry(
+                lambda: stub.SubmitResult(request, timeout=30),
+                what=f"SubmitResult({task.task_id}) to {task.result_address}",
+                deadline=time.monotonic() + SUBMIT_DEADLINE,
+                stop=self._stop,
+            )
+        except grpc.RpcError as error:
+            logger.warning(
+                "foreman %s refused task %s's result: %s %s",
+                task.result_address,
+                task.task_id,
+                error.code().name,
+                error.details(),
+            )
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            for channel in self._channels.values():
+                channel.close()
+            self._channels.clear()

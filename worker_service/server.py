@@ -1,0 +1,144 @@
+"""Assembling and running a worker: gRPC server, sandbox pool, task logic,
+registration with discovery."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ec262 import serving
+from ec262.addresses import join_address
+from ec262.discovery_client import DiscoveryClient, this_runtime
+from ec262.identity import identity_path
+from ec262.v1 import worker_pb2, worker_pb2_grpc
+from worker_service.outbound import KeyFetcher, ResultSubmitter
+from worker_service.registration import Registrar
+from worker_service.sandbox_policy import SandboxLimits
+from worker_service.sandbox_pool import SandboxPool
+from worker_service.servicer import WorkerServicer
+from worker_service.worker import Worker
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
+DEFAULT_DISCOVERY = "127.0.0.1:26262"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything `ec262 worker` takes on its command line."""
+
+    host: str = "127.0.0.1"
+    port: int = 11235
+    advertise: str | None = None
+    discovery: str = DEFAULT_DISCOVERY
+    slots: int = 1
+    identity: Path | None = None
+    allow_modules: tuple[str, ...] = ()
+    task_timeout: float = 60.0
+    memory_limit_mb: int = 1024
+    lease_seconds: int = 30
+    extra_sandboxes: int = 2
+    limits: SandboxLimits = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.slots < 1:
+            raise ValueError("--slots must be at least 1")
+        object.__setattr__(
+            self,
+            "limits",
+            SandboxLimits.with_extra_modules(
+                self.allow_modules,
+                task_timeout=self.task_timeout,
+                memory_limit_mb=self.memory_limit_mb,
+            ),
+        )
+
+
+@dataclass
+class RunningWorker:
+    config: WorkerConfig
+    server: object
+    port: int
+    address: str
+    worker: Worker
+    registrar: Registrar
+    pool: SandboxPool
+    discovery: DiscoveryClient
+    submitter: ResultSubmitter
+    stop_event: threading.Event
+
+    def stop(self, grace: float = 2.0) -> None:
+        """Leave the pool, stop taking calls, let running tasks finish for
+        `grace` seconds, then kill the sandboxes."""
+        self.registrar.leave()
+        self.stop_event.set()
+        self.server.stop(grace).wait()
+        self.worker.wait_idle(grace)
+        self.worker.close()
+        self.pool.close()
+        self.submitter.close()
+        self.discovery.close()
+
+
+def _advertised_host(config: WorkerConfig) -> str:
+    if config.advertise:
+        return config.advertise
+    if config.host in ("0.0.0.0", "::", ""):
+        import socket
+
+        return socket.getfqdn()
+    return config.host
+
+
+def start_worker(config: WorkerConfig) -> RunningWorker:
+    """A started worker; registration proceeds in the background."""
+    stop = threading.Event()
+    pool = SandboxPool(config.limits, size=config.slots + config.extra_sandboxes)
+    discovery = DiscoveryClient(config.discovery)
+    submitter = ResultSubmitter(stop)
+    server = serving.new_server(max_workers=max(4, config.slots + 2))
+    port = serving.bind(server, config.host, config.port)
+    address = join_address(_advertised_host(config), port)
+    registrar = Registrar(
+        discovery,
+        identity_path(config.identity),
+        advertise=address,
+        slots=config.slots,
+        lease_seconds=config.lease_seconds,
+        stop=stop,
+    )
+    worker = Worker(
+        slots=config.slots,
+        sandbox=pool,
+        fetch_key=KeyFetcher(discovery, stop),
+        submit=submitter,
+        client_id=registrar.client_id,
+    )
+    worker_pb2_grpc.add_WorkerServicer_to_server(
+        WorkerServicer(worker, address=address, runtime=this_runtime()), server
+    )
+    serving.add_standard_services(server, [SERVICE_NAME])
+    server.start()
+    registrar.start()
+    logger.info(
+        "worker on %s:%d (advertised %s), %d slot(s), discovery %s",
+        config.host,
+        port,
+        address,
+        config.slots,
+        config.discovery,
+    )
+    return RunningWorker(
+        config, server, port, address, worker, registrar, pool, discovery, submitter, stop
+    )
+
+
+def run(config: WorkerConfig) -> None:
+    """`ec262 worker`: serve until SIGINT/SIGTERM."""
+    running = start_worker(config)
+    serving.announce(config.host, running.port)
+    serving.wait_for_signal(lambda: running.stop(grace=2.0))
+    logger.info("worker stopped")

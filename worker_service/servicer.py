@@ -1,0 +1,46 @@
+"""The `Worker` gRPC servicer: proto in, one Worker call, proto out."""
+
+from __future__ import annotations
+
+from ec262.grpc_errors import translate_errors
+from ec262.v1 import worker_pb2 as pb
+from ec262.v1 import worker_pb2_grpc
+from worker_service.tasks import checked_task
+from worker_service.worker import Worker
+
+
+class WorkerServicer(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, worker: Worker, *, address: str, runtime: str) -> None:
+        self._worker = worker
+        self._address = address
+        self._runtime = runtime
+
+    @translate_errors
+    def AssignTask(self, request, context):
+        task = checked_task(
+            task_id=request.task_id,
+            job_id=request.job_id,
+            phase=request.phase,
+            function=request.function,
+            function_sha256=request.function_sha256,
+            rows=request.rows,
+            result_address=request.result_address,
+            foreman_id=request.foreman_id,
+            submit_token=request.submit_token,
+        )
+        self._worker.assign(task)
+        return pb.AssignTaskResponse(accepted=True)
+
+    @translate_errors
+    def GetStatus(self, request, context):
+        snapshot = self._worker.snapshot()
+        return pb.WorkerStatus(
+            client_id=snapshot.client_id,
+            slots=snapshot.slots,
+            busy_slots=snapshot.busy_slots,
+            tasks_done=snapshot.tasks_done,
+            tasks_failed=snapshot.tasks_failed,
+            cached_functions=snapshot.cached_functions,
+            address=self._address,
+            runtime=self._runtime,
+        )

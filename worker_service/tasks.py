@@ -1,0 +1,79 @@
+"""A task as the worker receives it, checked before any work starts."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from dataclasses import dataclass
+
+from ec262.addresses import split_address
+from ec262.errors import InvalidRequest
+from worker_service.mapreduce import MAP, REDUCE
+
+MAX_ROWS_BYTES = 64 * 1024 * 1024
+MAX_TOKEN_LENGTH = 512
+MAX_JOB_ID_LENGTH = 128
+_TASK_ID = re.compile(r"[0-9a-f]{32}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    task_id: str
+    job_id: str
+    phase: int
+    function: bytes | None  # None: use the cached payload of function_sha256
+    function_sha256: str
+    rows: bytes
+    result_address: str
+    foreman_id: str
+    submit_token: str
+
+
+def checked_task(
+    *,
+    task_id: str,
+    job_id: str,
+    phase: int,
+    function: bytes,
+    function_sha256: str,
+    rows: bytes,
+    result_address: str,
+    foreman_id: str,
+    submit_token: str,
+) -> Task:
+    """A Task, or InvalidRequest saying which field is wrong."""
+    if not _TASK_ID.fullmatch(task_id):
+        raise InvalidRequest(f"task_id {task_id[:40]!r} is not a task id (32 lowercase hex digits)")
+    if len(job_id) > MAX_JOB_ID_LENGTH:
+        raise InvalidRequest(f"job_id is longer than {MAX_JOB_ID_LENGTH} characters")
+    if phase not in (MAP, REDUCE):
+        raise InvalidRequest(f"phase must be MAP (1) or REDUCE (2), not {phase}")
+    if not _SHA256.fullmatch(function_sha256):
+        raise InvalidRequest("function_sha256 must be 64 lowercase hex digits")
+    if function and hashlib.sha256(function).hexdigest() != function_sha256:
+        raise InvalidRequest("function_sha256 does not match the function payload")
+    if not rows:
+        raise InvalidRequest("rows is empty; a chunk has at least one row")
+    if len(rows) > MAX_ROWS_BYTES:
+        raise InvalidRequest(f"rows is {len(rows)} bytes; at most {MAX_ROWS_BYTES} allowed")
+    split_address(result_address)
+    try:
+        if str(uuid.UUID(foreman_id)) != foreman_id:
+            raise ValueError
+    except ValueError:
+        raise InvalidRequest("foreman_id is not a client id (a lowercase UUID)") from None
+    if not submit_token or len(submit_token) > MAX_TOKEN_LENGTH:
+        raise InvalidRequest(f"submit_token must be 1 to {MAX_TOKEN_LENGTH} characters")
+    return Task(
+        task_id=task_id,
+        job_id=job_id,
+        phase=phase,
+        function=function or None,
+        function_sha256=function_sha256,
+        rows=rows,
+        result_address=result_address,
+        foreman_id=foreman_id,
+        submit_token=submit_token,
+    )
