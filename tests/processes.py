@@ -24,6 +24,23 @@ class ServerProcess:
     process: subprocess.Popen
     address: str
     lines: list[str] = field(default_factory=list)
+    changed: threading.Condition = field(default_factory=threading.Condition)
+
+    def wait_for(self, text: str, timeout: float = START_TIMEOUT, *, count: int = 1) -> str:
+        """Block until `text` has appeared in `count` lines of the server's
+        stderr (an event the server reports), failing the test on timeout."""
+        with self.changed:
+            found = self.changed.wait_for(
+                lambda: (
+                    sum(text in line for line in self.lines) >= count
+                    or self.process.poll() is not None
+                ),
+                timeout,
+            )
+            matches = [line for line in self.lines if text in line]
+        if not found or len(matches) < count:
+            raise AssertionError(f"server never logged {text!r}:\n{self.output}")
+        return matches[count - 1]
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         """Send `sig` and wait for the exit code (fails the test on a hang)."""
@@ -51,13 +68,18 @@ def start_server(
         env={**os.environ, **(env or {})},
     )
     lines: list[str] = []
+    changed = threading.Condition()
     announced: queue.Queue[str | None] = queue.Queue()
 
     def pump() -> None:
         for line in process.stderr:
-            lines.append(line)
+            with changed:
+                lines.append(line)
+                changed.notify_all()
             if line.startswith("listening on "):
                 announced.put(line.split()[-1])
+        with changed:
+            changed.notify_all()
         announced.put(None)
 
     threading.Thread(target=pump, daemon=True).start()
@@ -68,7 +90,7 @@ def start_server(
             address = None
         if address is None:
             raise AssertionError(f"server did not start: {''.join(lines)}")
-        yield ServerProcess(process, address, lines)
+        yield ServerProcess(process, address, lines, changed)
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)

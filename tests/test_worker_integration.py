@@ -1,0 +1,388 @@
+"""Workers as real processes with a real discovery service on loopback and a
+recording foreman: the task cycle of PROTOCOL.md sections 2-4 end to end."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from discovery_service.ledger import Ledger
+from discovery_service.server import build_server
+from discovery_service.sqlite_store import SqliteStore
+from ec262.encoding import encode_pairs
+from ec262.envelope import decrypt_data
+from ec262.identity import load_identity
+from ec262.payload import digest, pack_functions
+from ec262.remote_errors import is_error_document
+from ec262.v1 import discovery_pb2, discovery_pb2_grpc, worker_pb2, worker_pb2_grpc
+from tests.conftest import rpc_error
+from tests.discovery_harness import DiscoveryHarness, Identity
+from tests.processes import ROOT, start_server
+from tests.worker_cluster import running_cluster, worker_process
+
+pytestmark = pytest.mark.slow
+
+TEXT = [("doc1", "the cat sat on the mat"), ("doc2", "The cat ate")]
+
+
+def word_count_mapper(key, text):
+    for word in text.split():
+        yield word.lower(), 1
+
+
+def failing_mapper(key, text):
+    if "cat" in text:
+        raise ValueError(f"no cats allowed in {key}")
+    yield key, 1
+
+
+def slow_mapper(key, seconds):
+    import time
+
+    time.sleep(seconds)
+    yield key, seconds
+
+
+def sequential_map(mapper, rows) -> dict:
+    out: dict = {}
+    for key, value in rows:
+        for k2, v2 in mapper(key, value):
+            out.setdefault(k2, []).append(v2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with running_cluster(tmp_path_factory.mktemp("cluster"), 3) as running:
+        yield running
+
+
+def new_task(cluster):
+    """A real task from discovery, assigned to all three workers."""
+    response = cluster.discovery.request(cluster.foreman, n=1)
+    (task,) = response.tasks
+    return task, [cluster.by_id(w.client_id) for w in task.workers]
+
+
+def test_three_workers_give_byte_identical_ciphertexts_that_decrypt_with_the_key(cluster):
+    task, workers = new_task(cluster)
+    for worker in workers:
+        assert cluster.assign(worker, task.task_id, word_count_mapper, rows=TEXT).accepted
+    results = cluster.recorder.wait_for(task.task_id, 3)
+    assert set(results) == {w.client_id for w in workers}
+    assert len(set(results.values())) == 1
+    key = cluster.discovery.settle(cluster.foreman, task.task_id, valid=True).key
+    decrypted = decrypt_data(next(iter(results.values())), key)
+    assert decrypted == sequential_map(word_count_mapper, TEXT)
+    assert decrypted["the"] == [1, 1, 1]
+
+
+def test_reduce_tasks_set_one_value_per_key(cluster):
+    task, workers = new_task(cluster)
+
+    def total(key, values):
+        return sum(values)
+
+    rows = [("cat", [1, 1]), ("mat", [1])]
+    for worker in workers:
+        cluster.assign(worker, task.task_id, total, rows=rows, phase=worker_pb2.REDUCE)
+    results = cluster.recorder.wait_for(task.task_id, 3)
+    assert len(set(results.values())) == 1
+    key = cluster.discovery.settle(cluster.foreman, task.task_id, valid=True).key
+    assert decrypt_data(next(iter(results.values())), key) == {"cat": 2, "mat": 1}
+
+
+def test_a_combiner_in_the_payload_runs_after_map(cluster):
+    task, workers = new_task(cluster)
+
+    def add_up(word, counts):
+        yield word, sum(counts)
+
+    for worker in workers:
+        cluster.assign(worker, task.task_id, word_count_mapper, rows=TEXT, combiner=add_up)
+    results = cluster.recorder.wait_for(task.task_id, 3)
+    key = cluster.discovery.settle(cluster.foreman, task.task_id, valid=True).key
+    assert decrypt_data(next(iter(results.values())), key)["the"] == [3]
+
+
+def test_a_raising_function_gives_identical_error_envelopes(cluster):
+    task, workers = new_task(cluster)
+    for worker in workers:
+        cluster.assign(worker, task.task_id, failing_mapper, rows=TEXT)
+    results = cluster.recorder.wait_for(task.task_id, 3)
+    assert len(set(results.values())) == 1
+    key = cluster.discovery.settle(cluster.foreman, task.task_id, valid=True).key
+    document = decrypt_data(next(iter(results.values())), key)
+    assert is_error_document(document)
+    error = document["error"]
+    assert error["type"] == "ValueError"
+    assert error["message"] == "no cats allowed in doc1"
+    assert len(error["traceback"]) == 1
+    assert re.fullmatch(
+        r'File ".*test_worker_integration.py", line \d+, in failing_mapper', error["traceback"][0]
+    )
+
+
+MAIN_SCRIPT = textwrap.dedent("""
+    import sys
+    from collections import Counter
+    from ec262.payload import pack_functions
+
+    STOP = {"the", "a"}
+
+    def normalise(word):
+        return word.strip(".,").lower()
+
+    def make_mapper(weight):
+        seen = Counter()
+        def mapper(key, text):
+            for word in map(normalise, text.split()):
+                if word not in STOP:
+                    seen[word] += 1
+                    yield word, weight * seen[word]
+        return mapper
+
+    sys.stdout.buffer.write(pack_functions(make_mapper(10)))
+""")
+
+
+def test_a_main_function_with_closures_and_helpers_travels_through_dill(cluster, tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(MAIN_SCRIPT)
+    payload = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, check=True, timeout=60
+    ).stdout
+    assert b"make_mapper" in payload
+    task, workers = new_task(cluster)
+    for worker in workers:
+        cluster.assign(worker, task.task_id, None, payload=payload, rows=TEXT)
+    results = cluster.recorder.wait_for(task.task_id, 3)
+    assert len(set(results.values())) == 1
+    key = cluster.discovery.settle(cluster.foreman, task.task_id, valid=True).key
+    assert decrypt_data(next(iter(results.values())), key) == {
+        "cat": [10, 20],
+        "sat": [10],
+        "on": [10],
+        "mat": [10],
+        "ate": [10],
+    }
+
+
+def test_an_unassigned_task_is_dropped_and_sends_nothing(cluster):
+    task, workers = new_task(cluster)
+    cluster.discovery.settle(cluster.foreman, task.task_id, valid=False)  # no longer anyone's
+    worker = workers[0]
+    assert cluster.assign(worker, task.task_id, word_count_mapper, rows=TEXT).accepted
+    worker.server.wait_for(f"dropping task {task.task_id}")
+    unknown = "ab" * 16
+    cluster.assign(worker, unknown, word_count_mapper, rows=TEXT)
+    worker.server.wait_for(f"dropping task {unknown}")
+    assert not [k for k in cluster.recorder.results if k[0] in (task.task_id, unknown)]
+
+
+def test_a_second_assign_works_from_the_digest_cache(cluster):
+    first, workers = new_task(cluster)
+    for worker in workers:
+        cluster.assign(worker, first.task_id, word_count_mapper, rows=TEXT)
+    cluster.recorder.wait_for(first.task_id, 3)
+    cluster.discovery.settle(cluster.foreman, first.task_id, valid=True)
+    second, workers = new_task(cluster)
+    for worker in workers:
+        response = cluster.assign(
+            worker, second.task_id, word_count_mapper, rows=[("x", "dog dog")], send_payload=False
+        )
+        assert response.accepted
+    results = cluster.recorder.wait_for(second.task_id, 3)
+    key = cluster.discovery.settle(cluster.foreman, second.task_id, valid=True).key
+    assert decrypt_data(next(iter(results.values())), key) == {"dog": [1, 1]}
+
+
+def test_without_the_payload_an_unknown_digest_is_failed_precondition(cluster):
+    task, workers = new_task(cluster)
+
+    def never_sent(key, value):
+        yield "never", "sent"
+
+    error = rpc_error(
+        cluster.assign, workers[0], task.task_id, never_sent, rows=TEXT, send_payload=False
+    )
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "send the payload" in error.details()
+    cluster.discovery.settle(cluster.foreman, task.task_id, valid=False)
+
+
+def test_a_busy_worker_answers_resource_exhausted(cluster):
+    task, workers = new_task(cluster)
+    worker = workers[0]
+    cluster.assign(worker, task.task_id, slow_mapper, rows=[("nap", 1.5)])
+    other = "cd" * 16
+    error = rpc_error(cluster.assign, worker, other, word_count_mapper, rows=TEXT)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert cluster.recorder.wait_for(task.task_id, 1)
+    cluster.discovery.settle(cluster.foreman, task.task_id, valid=False)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fragment"),
+    [
+        ("task_id", "nope", "task_id"),
+        ("phase", 0, "phase"),
+        ("phase", 7, "phase"),
+        ("function_sha256", "xyz", "function_sha256"),
+        ("function_sha256", "0" * 64, "does not match"),
+        ("rows", b"", "rows"),
+        ("result_address", "nowhere", "address"),
+        ("result_address", "h:99999", "port"),
+        ("foreman_id", "bob", "foreman_id"),
+        ("submit_token", "", "submit_token"),
+    ],
+)
+def test_malformed_assignments_are_invalid_argument(cluster, field, value, fragment):
+    payload = pack_functions(word_count_mapper)
+    request = worker_pb2.AssignTaskRequest(
+        task_id="ef" * 16,
+        job_id="j",
+        phase=1,
+        function=payload,
+        function_sha256=digest(payload),
+        rows=encode_pairs(TEXT),
+        result_address=cluster.foreman_address,
+        foreman_id=cluster.foreman.client_id,
+        submit_token="t",
+    )
+    setattr(request, field, value)
+    with grpc.insecure_channel(cluster.workers[0].address) as channel:
+        stub = worker_pb2_grpc.WorkerStub(channel)
+        error = rpc_error(stub.AssignTask, request, timeout=10)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert fragment in error.details()
+        status = stub.GetStatus(worker_pb2.GetStatusRequest(), timeout=10)
+        assert status.busy_slots == 0
+
+
+def test_get_status_reports_the_worker(cluster):
+    worker = cluster.workers[0]
+    with grpc.insecure_channel(worker.address) as channel:
+        status = worker_pb2_grpc.WorkerStub(channel).GetStatus(worker_pb2.GetStatusRequest())
+    assert status.client_id == worker.client_id
+    assert status.slots == 1
+    assert status.address == worker.address
+    assert status.runtime == f"cpython-{sys.version_info.major}.{sys.version_info.minor}"
+
+
+# -- the worker process: registration, identity, signals -------------------
+
+
+def test_identity_file_is_private_and_reused(tmp_path):
+    discovery = DiscoveryHarness.start(str(tmp_path / "ledger.sqlite3"))
+    try:
+        path = tmp_path / "id" / "worker.json"
+        with worker_process(discovery.address, path) as worker:
+            first = worker.client_id
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+        with worker_process(discovery.address, path) as worker:
+            assert worker.client_id == first
+    finally:
+        discovery.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_worker_deregisters_and_exits_cleanly_on_a_signal(tmp_path, sig):
+    from ec262.identity import load_identity
+
+    discovery = DiscoveryHarness.start(str(tmp_path / "ledger.sqlite3"))
+    try:
+        path = tmp_path / "worker.json"
+        with worker_process(discovery.address, path) as worker:
+            with grpc.insecure_channel(worker.address) as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                reply = health.Check(health_pb2.HealthCheckRequest(service="ec262.v1.Worker"))
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            identity = load_identity(path)
+            me = Identity(identity.client_id, identity.secret)
+            assert discovery.info(me).expiry_unix > 0
+            started = time.monotonic()
+            assert worker.server.stop(sig) == 0
+            assert time.monotonic() - started < 5
+            assert discovery.info(me).expiry_unix == 0
+            assert "left the pool" in worker.server.output
+    finally:
+        discovery.stop()
+
+
+def test_worker_keeps_serving_while_discovery_is_down_and_registers_later(tmp_path):
+    first = DiscoveryHarness.start(str(tmp_path / "ledger.sqlite3"))
+    address = first.address
+    first.stop()  # the port is now free; the worker will find nothing there
+    path = tmp_path / "worker.json"
+    args = ["worker", "-P", "0", "--discovery", address, "--identity", str(path), "-v"]
+    with start_server(args) as worker:
+        worker.wait_for("unreachable; retrying")
+        with grpc.insecure_channel(worker.address) as channel:
+            stub = worker_pb2_grpc.WorkerStub(channel)
+            assert stub.GetStatus(worker_pb2.GetStatusRequest()).slots == 1
+        port = address.rsplit(":", 1)[1]
+        ledger = Ledger(SqliteStore(str(tmp_path / "ledger.sqlite3")))
+        second = build_server(ledger, port=int(port))
+        try:
+            worker.wait_for("registered with discovery")
+            identity = load_identity(path)
+            with grpc.insecure_channel(address) as channel:
+                info = discovery_pb2_grpc.DiscoveryStub(channel).GetClient(
+                    discovery_pb2.GetClientRequest(),
+                    metadata=Identity(identity.client_id, identity.secret).metadata,
+                )
+                assert info.address == worker.address
+                assert info.expiry_unix > time.time()
+            assert worker.stop() == 0
+        finally:
+            second.stop(0)
+
+
+def test_run_worker_and_worker_py_start_a_worker(tmp_path):
+    discovery = DiscoveryHarness.start(str(tmp_path / "ledger.sqlite3"))
+    try:
+        for command in (
+            [
+                sys.executable,
+                str(ROOT / "worker.py"),
+                "-v",
+                "-P",
+                "0",
+                "--discovery",
+                discovery.address,
+                "--identity",
+                str(tmp_path / "a.json"),
+            ],
+            [
+                sys.executable,
+                "-c",
+                "import ec262; ec262.run_worker(port=0, discovery="
+                f"{discovery.address!r}, identity={str(tmp_path / 'b.json')!r})",
+            ],
+        ):
+            process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+            try:
+                lines = []
+                for line in process.stderr:
+                    lines.append(line)
+                    if "registered with discovery" in line:
+                        break
+                assert any(line.startswith("listening on 127.0.0.1:") for line in lines), lines
+                process.send_signal(signal.SIGTERM)
+                assert process.wait(timeout=10) == 0
+            finally:
+                if process.poll() is None:
+                    process.kill()
+    finally:
+        discovery.stop()
