@@ -102,9 +102,11 @@ def worker_process(discovery_address: str, identity: Path, *extra: str) -> Itera
 
 
 @contextlib.contextmanager
-def running_cluster(tmp_path: Path, workers: int = 3, *extra: str) -> Iterator[Cluster]:
+def running_cluster(
+    tmp_path: Path, workers: int = 3, *extra: str, config: LedgerConfig | None = None
+) -> Iterator[Cluster]:
     discovery = DiscoveryHarness.start(
-        str(tmp_path / "ledger.sqlite3"), LedgerConfig(starting_credits=1000)
+        str(tmp_path / "ledger.sqlite3"), config or LedgerConfig(starting_credits=1000)
     )
     server, address, recorder = start_foreman()
     try:

@@ -1,0 +1,227 @@
+"""Worker benchmark (not a test): what the worker adds to a task.
+
+Measures, in one run:
+  1. the envelope: seal and open MB/s on a large plaintext;
+  2. a warm sandbox: one trivial map task through SandboxPool.run (pipe
+     round trip, decode, run, encode), per task;
+  3. a cold sandbox: a task for a function no sandbox holds yet (fork from
+     the zygote, lock down, load the payload, run);
+  4. the warm per-task overhead inside the worker: Worker.assign -> key ->
+     sandbox -> seal -> submit, with the key source and submitter in process
+     (no RPC), so only the worker's own work is timed;
+  5. end to end on loopback: AssignTask to a real worker process until its
+     SubmitResult arrives at a foreman, beside the no-op floor (health Check
+     to the same worker) and that floor times the 3 RPCs a task costs.
+
+Run: .venv/bin/python bench/worker_bench.py [--tasks 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ec262.encoding import encode_pairs
+from ec262.envelope import open_sealed, seal
+from ec262.payload import digest, pack_functions
+from worker_service.sandbox_policy import SandboxLimits
+from worker_service.sandbox_pool import SandboxPool
+from worker_service.tasks import checked_task
+from worker_service.worker import Worker
+
+ROWS = encode_pairs([("doc", "the quick brown fox")])
+KEY = bytes(range(16))
+
+
+def trivial_map(key, text):
+    yield key, len(text)
+
+
+def bench_envelope(megabytes: int = 32, repeats: int = 5) -> tuple[float, float]:
+    plaintext = os.urandom(megabytes * 1024 * 1024)
+    seal_times, open_times = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        text = seal(plaintext, KEY)
+        middle = time.perf_counter()
+        assert open_sealed(text, KEY) == plaintext
+        seal_times.append(middle - started)
+        open_times.append(time.perf_counter() - middle)
+    size = len(plaintext) / 1e6
+    return size / min(seal_times), size / min(open_times)
+
+
+def bench_warm(pool: SandboxPool, tasks: int) -> list[float]:
+    payload = pack_functions(trivial_map)
+    name = digest(payload)
+    pool.run(name, payload, 1, ROWS)  # warm it
+    times = []
+    for _ in range(tasks):
+        started = time.perf_counter()
+        result = pool.run(name, None, 1, ROWS)
+        times.append(time.perf_counter() - started)
+        assert result.ok
+    return times
+
+
+def bench_cold(pool: SandboxPool, count: int) -> list[float]:
+    times = []
+    for number in range(count):
+        namespace: dict = {}
+        exec(
+            f"def cold_{number}(key, text):\n    yield key, {number}", namespace
+        )  # distinct digests
+        payload = pack_functions(namespace[f"cold_{number}"])
+        started = time.perf_counter()
+        result = pool.run(digest(payload), payload, 1, ROWS)
+        times.append(time.perf_counter() - started)
+        assert result.ok, result
+    return times
+
+
+def bench_worker_core(pool: SandboxPool, tasks: int) -> list[float]:
+    done = threading.Semaphore(0)
+    finished: dict[str, float] = {}
+
+    def submit(task, worker_id, ciphertext):
+        finished[task.task_id] = time.perf_counter()
+        done.release()
+
+    worker = Worker(
+        slots=1,
+        sandbox=pool,
+        fetch_key=lambda task_id: KEY,
+        submit=submit,
+        client_id=lambda: "bench",
+    )
+    payload = pack_functions(trivial_map)
+    times = []
+    for number in range(tasks + 20):
+        task = checked_task(
+            task_id=f"{number:032x}",
+            job_id="bench",
+            phase=1,
+            function=payload if number == 0 else b"",
+            function_sha256=digest(payload),
+            rows=ROWS,
+            result_address="127.0.0.1:1",
+            foreman_id="00000000-0000-4000-8000-000000000000",
+            submit_token="t",
+        )
+        started = time.perf_counter()
+        worker.assign(task)
+        done.acquire()
+        if number >= 20:
+            times.append(finished[task.task_id] - started)
+    worker.close()
+    return times
+
+
+def bench_end_to_end(tasks: int) -> tuple[list[float], list[float]]:
+    from discovery_service.ledger import LedgerConfig
+    from tests.worker_cluster import running_cluster
+
+    # One worker, so tasks are made with replication 1.
+    config = LedgerConfig(replication=1, starting_credits=10**6)
+    with (
+        tempfile.TemporaryDirectory() as folder,
+        running_cluster(Path(folder), 1, config=config) as cluster,
+    ):
+        discovery = cluster.discovery
+        worker = cluster.workers[0]
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(worker.address))
+        floor = []
+        for _ in range(tasks):
+            started = time.perf_counter()
+            health.Check(health_pb2.HealthCheckRequest())
+            floor.append(time.perf_counter() - started)
+        ledger = discovery.server.ledger
+        object.__setattr__(
+            ledger, "config", type(ledger.config)(replication=1, starting_credits=10**6)
+        )
+        times = []
+        payload = pack_functions(trivial_map)
+        for number in range(tasks):
+            task = discovery.request(cluster.foreman, n=1).tasks[0]
+            started = time.perf_counter()
+            cluster.assign(
+                worker,
+                task.task_id,
+                None,
+                payload=payload,
+                rows=[("doc", "x")],
+                send_payload=number == 0,
+            )
+            cluster.recorder.wait_for(task.task_id, 1)
+            times.append(time.perf_counter() - started)
+            discovery.settle(cluster.foreman, task.task_id, valid=True)
+        return times, floor
+
+
+def ms(values: list[float], q: float = 0.5) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", type=int, default=2000)
+    parser.add_argument("--cold", type=int, default=20)
+    args = parser.parse_args()
+    seal_rate, open_rate = bench_envelope()
+    pool = SandboxPool(SandboxLimits(), size=args.cold + 4)
+    try:
+        pool.run("warmup", pack_functions(trivial_map), 1, ROWS)  # start the zygote
+        warm = bench_warm(pool, args.tasks)
+        cold = bench_cold(pool, args.cold)
+        core = bench_worker_core(pool, args.tasks)
+    finally:
+        pool.close()
+    e2e, floor = bench_end_to_end(min(args.tasks, 500))
+    rows = [
+        ("envelope seal", f"{seal_rate:8.0f} MB/s", "target >= 100 MB/s"),
+        ("envelope open", f"{open_rate:8.0f} MB/s", "target >= 100 MB/s"),
+        ("warm sandbox run, p50", f"{ms(warm):8.3f} ms", f"p99 {ms(warm, 0.99):.3f} ms"),
+        (
+            "cold sandbox start+run, p50",
+            f"{ms(cold):8.1f} ms",
+            f"max {max(cold) * 1000:.1f} ms; target <= 300 ms",
+        ),
+        (
+            "worker overhead per task, p50",
+            f"{ms(core):8.3f} ms",
+            f"p99 {ms(core, 0.99):.3f} ms; mean {statistics.mean(core) * 1000:.3f} ms;"
+            " target <= 2 ms",
+        ),
+        (
+            "end to end on loopback, p50",
+            f"{ms(e2e):8.3f} ms",
+            f"p99 {ms(e2e, 0.99):.3f} ms ({1 / statistics.mean(e2e):.0f} tasks/s, 1 slot)",
+        ),
+        (
+            "no-op RPC floor (health Check), p50",
+            f"{ms(floor):8.3f} ms",
+            f"x3 RPCs per task = {3 * ms(floor):.3f} ms;"
+            f" e2e / that = {ms(e2e) / (3 * ms(floor)):.2f}",
+        ),
+    ]
+    print(f"\nworker benchmark ({args.tasks} tasks, {args.cold} cold starts)")
+    for name, value, note in rows:
+        print(f"  {name:38} {value}   {note}")
+    print(f"\ncommand: {' '.join([sys.executable, *sys.argv])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
