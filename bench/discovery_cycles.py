@@ -1,0 +1,698 @@
+"""Discovery task cycles per second, measured against gRPC's own floor.
+
+Why: a cycle (RequestTasks(n=1), three FetchKey, SettleTask) is what each
+task of a MapReduce job costs the discovery service, so cycles/s bounds how
+fast jobs are handed out. On a small machine the Python gRPC stack, not the
+ledger, is the physical limit, so a bare cycles/s says little. This script
+measures in the same run, with the same client processes, the floor (the
+health service's no-op Check through the same server) and reports
+ratio = cycles/s / (no-op calls/s / 5): 1.0 would mean the ledger's work is
+free and a cycle costs just its five RPCs. Target: ratio >= 0.8 and p99
+cycle latency <= 10 ms at 1 client process.
+
+It starts the real server (`python -m ec262 discovery`, SQLite file ledger)
+on loopback and drives it from 1, 2 and 4 spawned client *processes* (one
+channel each, sync stubs), so a client's GIL is never what gets measured.
+Per client count it runs a floor phase, then a cycle phase (interleaved, so
+noise hits both alike), prints one table and writes
+bench/results/discovery_cycles.json.
+
+`--profile` instead runs one 1-process phase against a server whose every
+thread runs under its own cProfile (`python -m cProfile` would see only the
+main thread, which just waits for SIGTERM) and prints where the server's
+time goes.
+
+    .venv/bin/python bench/discovery_cycles.py [--duration 5] [--repeat 3]
+    .venv/bin/python bench/discovery_cycles.py --synchronous FULL
+    .venv/bin/python bench/discovery_cycles.py --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import json
+import multiprocessing
+import os
+import platform
+import pstats
+import queue
+import re
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.synchronize import Barrier
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ec262.auth import bearer_metadata
+from ec262.v1 import discovery_pb2 as pb
+from ec262.v1 import discovery_pb2_grpc
+
+RESULTS = Path(__file__).resolve().parent / "results"
+STARTING_CREDITS = 10**9  # a cycle nets the foreman nothing, but never run out
+RUNTIME = "cpython-3.11"
+WORKER_SLOTS = 1000
+WORKER_TTL = 3600
+RPCS_PER_CYCLE = 5
+SERVE_PROFILED = "--serve-profiled"  # internal: this script as the profiled server
+_LISTENING = re.compile(r"listening on (\S+):(\d+)\s*$")
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+# -- the server ---------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[str]
+    address: str
+    log: list[str]
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+def server_command(store_url: str, profile_to: Path | None) -> list[str]:
+    args = [
+        "discovery",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--store",
+        store_url,
+        "--starting-credits",
+        str(STARTING_CREDITS),
+    ]
+    if profile_to is None:
+        return [sys.executable, "-m", "ec262", *args]
+    return [sys.executable, str(Path(__file__).resolve()), SERVE_PROFILED, str(profile_to), *args]
+
+
+def start_server(command: list[str], timeout: float = 30.0) -> Server:
+    """Start the server and wait for its `listening on HOST:PORT` line; a
+    thread keeps draining stderr so a chatty server can never block."""
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str | None] = queue.Queue()
+    log: list[str] = []
+
+    def drain() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            log.append(line)
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=drain, daemon=True, name="server-stderr").start()
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        if match := _LISTENING.search(line):
+            return Server(process, f"{match[1]}:{match[2]}", log)
+    process.kill()
+    process.wait()
+    raise RuntimeError("discovery server did not announce its port:\n" + "".join(log))
+
+
+def stop_server(server: Server) -> None:
+    """SIGTERM, and insist on a clean exit (status 0)."""
+    server.process.send_signal(signal.SIGTERM)
+    try:
+        code = server.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()
+        raise RuntimeError("discovery server ignored SIGTERM for 30 s") from None
+    if code != 0:
+        raise RuntimeError(f"discovery server exited {code}:\n" + "".join(server.log))
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    # After "pid (comm)": state is field 3, utime 14 and stime 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- one client process ---------------------------------------------------------
+
+
+def create_identity(stub: discovery_pb2_grpc.DiscoveryStub) -> tuple[str, str]:
+    response = stub.CreateClient(pb.CreateClientRequest())
+    return response.client_id, response.secret
+
+
+def register_worker(stub: discovery_pb2_grpc.DiscoveryStub, port: int) -> tuple[str, str]:
+    client_id, secret = create_identity(stub)
+    stub.RegisterWorker(
+        pb.RegisterWorkerRequest(
+            address=f"127.0.0.1:{port}", ttl_seconds=WORKER_TTL, slots=WORKER_SLOTS, runtime=RUNTIME
+        ),
+        metadata=bearer_metadata(client_id, secret),
+    )
+    return client_id, secret
+
+
+def floor_step(health: health_pb2_grpc.HealthStub) -> Callable[[], None]:
+    request = health_pb2.HealthCheckRequest()
+
+    def step() -> None:
+        health.Check(request)
+
+    return step
+
+
+def cycle_step(
+    stub: discovery_pb2_grpc.DiscoveryStub, foreman: Metadata, workers: dict[str, Metadata]
+) -> Callable[[], None]:
+    """One full task cycle, each FetchKey with the credentials of a worker
+    the service actually assigned."""
+    request = pb.RequestTasksRequest(n=1, runtime=RUNTIME)
+
+    def step() -> None:
+        tasks = stub.RequestTasks(request, metadata=foreman).tasks
+        if len(tasks) != 1:
+            raise RuntimeError(f"RequestTasks(n=1) gave {len(tasks)} tasks; add workers")
+        task_id = tasks[0].task_id
+        fetch = pb.FetchKeyRequest(task_id=task_id)
+        for worker in tasks[0].workers:
+            stub.FetchKey(fetch, metadata=workers[worker.client_id])
+        stub.SettleTask(pb.SettleTaskRequest(task_id=task_id, valid=True), metadata=foreman)
+
+    return step
+
+
+def run_phase(
+    step: Callable[[], None], duration: float, warmup: float, server_pid: int | None
+) -> dict:
+    """Call `step` back to back for warmup + duration seconds. Counted (and
+    timed) are the steps that start and end inside the window; the server's
+    CPU is read at the window's edges when `server_pid` is given."""
+    perf_counter = time.perf_counter
+    window_start = perf_counter() + warmup
+    window_end = window_start + duration
+    latencies: list[float] = []
+    total = 0
+    cpu_start = client_start = None
+    while (started := perf_counter()) < window_end:
+        if client_start is None and started >= window_start:
+            client_start = time.process_time()
+            cpu_start = process_cpu_seconds(server_pid) if server_pid else None
+            started = perf_counter()
+        step()
+        total += 1
+        ended = perf_counter()
+        if started >= window_start and ended <= window_end:
+            latencies.append(ended - started)
+    server_cpu = process_cpu_seconds(server_pid) - cpu_start if cpu_start is not None else None
+    return {
+        "count": len(latencies),
+        "total": total,
+        "latencies": latencies,
+        "client_cpu": time.process_time() - (client_start or time.process_time()),
+        "server_cpu": server_cpu,
+    }
+
+
+def client_process(
+    index: int,
+    address: str,
+    server_pid: int,
+    workers_per_client: int,
+    barriers: dict[int, Barrier],
+    conn: Connection,
+) -> None:
+    """Entry point of a spawned client: make identities, then run phases on
+    command. Client 0 also reads the server's CPU time."""
+    try:
+        with grpc.insecure_channel(address) as channel:
+            grpc.channel_ready_future(channel).result(timeout=30)
+            _serve_phases(index, channel, server_pid, workers_per_client, barriers, conn)
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        raise
+
+
+def _serve_phases(
+    index: int,
+    channel: grpc.Channel,
+    server_pid: int,
+    workers_per_client: int,
+    barriers: dict[int, Barrier],
+    conn: Connection,
+) -> None:
+    stub = discovery_pb2_grpc.DiscoveryStub(channel)
+    foreman = bearer_metadata(*create_identity(stub))
+    base_port = 30000 + 100 * index
+    own = [register_worker(stub, base_port + i) for i in range(workers_per_client)]
+    conn.send(("ready", own))
+    kind, everyone = conn.recv()
+    assert kind == "workers"
+    workers = {client_id: bearer_metadata(client_id, secret) for client_id, secret in everyone}
+    steps = {
+        "floor": floor_step(health_pb2_grpc.HealthStub(channel)),
+        "cycles": cycle_step(stub, foreman, workers),
+    }
+    while (message := conn.recv())[0] == "run":
+        _, phase, clients, duration, warmup = message
+        barriers[clients].wait(timeout=120)
+        pid = server_pid if index == 0 else None
+        conn.send(("result", run_phase(steps[phase], duration, warmup, pid)))
+
+
+# -- the client pool ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PhaseResult:
+    phase: str
+    clients: int
+    rate: float  # steps per second, all clients together
+    p50_ms: float
+    p99_ms: float
+    server_cpu_us: float  # per step
+    client_cpu_us: float  # per step, all client processes together
+    count: int
+    total: int  # including warm-up
+
+
+def percentile(ordered: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of sorted data."""
+    rank = max(1, -(-len(ordered) * q // 100))
+    return ordered[int(rank) - 1]
+
+
+def summarize(phase: str, duration: float, results: list[dict]) -> PhaseResult:
+    latencies = sorted(x for r in results for x in r["latencies"])
+    count = len(latencies)
+    if not count:
+        raise RuntimeError(f"{phase}: nothing completed inside the window")
+    return PhaseResult(
+        phase=phase,
+        clients=len(results),
+        rate=count / duration,
+        p50_ms=percentile(latencies, 50) * 1e3,
+        p99_ms=percentile(latencies, 99) * 1e3,
+        server_cpu_us=results[0]["server_cpu"] / count * 1e6,
+        client_cpu_us=sum(r["client_cpu"] for r in results) / count * 1e6,
+        count=count,
+        total=sum(r["total"] for r in results),
+    )
+
+
+class ClientPool:
+    """`size` spawned client processes; `run` drives the first k of them."""
+
+    def __init__(
+        self, server: Server, size: int, workers_per_client: int, counts: Sequence[int]
+    ) -> None:
+        self._conns: list[Connection] = []
+        self._processes: list[multiprocessing.process.BaseProcess] = []
+        try:
+            self._start(server, size, workers_per_client, counts)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(
+        self, server: Server, size: int, workers_per_client: int, counts: Sequence[int]
+    ) -> None:
+        context = multiprocessing.get_context("spawn")
+        barriers = {k: context.Barrier(k) for k in set(counts)}
+        for index in range(size):
+            parent_end, child_end = context.Pipe()
+            process = context.Process(
+                target=client_process,
+                args=(index, server.address, server.pid, workers_per_client, barriers, child_end),
+                name=f"bench-client-{index}",
+            )
+            process.start()
+            child_end.close()
+            self._conns.append(parent_end)
+            self._processes.append(process)
+        everyone = [cred for conn in self._conns for cred in self._receive(conn, "ready")]
+        for conn in self._conns:
+            conn.send(("workers", everyone))
+
+    def _receive(self, conn: Connection, expected: str, timeout: float = 120.0) -> object:
+        if not conn.poll(timeout):
+            raise RuntimeError(f"a client process sent no {expected!r} within {timeout} s")
+        kind, payload = conn.recv()
+        if kind == "error":
+            raise RuntimeError(f"a client process failed:\n{payload}")
+        return payload
+
+    def run(self, phase: str, clients: int, duration: float, warmup: float) -> PhaseResult:
+        active = self._conns[:clients]
+        for conn in active:
+            conn.send(("run", phase, clients, duration, warmup))
+        timeout = duration + warmup + 120
+        results = [self._receive(conn, "result", timeout) for conn in active]
+        return summarize(phase, duration, results)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        for conn in self._conns:
+            with contextlib.suppress(OSError):
+                conn.send(("stop",))
+        for process in self._processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+                process.join()
+
+
+@contextlib.contextmanager
+def running(
+    command: list[str], size: int, workers_per_client: int, counts: Sequence[int]
+) -> Iterator[tuple[Server, ClientPool]]:
+    """A server and its client processes; clients stop before the server."""
+    server = start_server(command)
+    try:
+        pool = ClientPool(server, size, workers_per_client, counts)
+        try:
+            yield server, pool
+        finally:
+            pool.close()
+    except BaseException:
+        server.process.kill()
+        server.process.wait()
+        raise
+    stop_server(server)
+
+
+def store_url(directory: str, synchronous: str) -> str:
+    url = f"sqlite:///{directory}/ledger.sqlite3"
+    return url + "?synchronous=FULL" if synchronous == "FULL" else url
+
+
+# -- the benchmark -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    clients: int
+    floor: PhaseResult
+    cycles: PhaseResult
+
+    @property
+    def ratio(self) -> float:
+        return self.cycles.rate / (self.floor.rate / RPCS_PER_CYCLE)
+
+    @property
+    def server_cpu_ratio(self) -> float:
+        """Server CPU of a cycle over that of five no-op calls."""
+        return self.cycles.server_cpu_us / (RPCS_PER_CYCLE * self.floor.server_cpu_us)
+
+
+def median_row(rows: list[Row]) -> Row:
+    """Field by field median over repeats."""
+
+    def median_of(results: list[PhaseResult]) -> PhaseResult:
+        first = results[0]
+        numeric = ("rate", "p50_ms", "p99_ms", "server_cpu_us", "client_cpu_us")
+        values = {f: statistics.median(getattr(r, f) for r in results) for f in numeric}
+        count, total = sum(r.count for r in results), sum(r.total for r in results)
+        return PhaseResult(first.phase, first.clients, count=count, total=total, **values)
+
+    return Row(
+        rows[0].clients, median_of([r.floor for r in rows]), median_of([r.cycles for r in rows])
+    )
+
+
+def benchmark(args: argparse.Namespace) -> dict:
+    counts = sorted(set(args.clients))
+    rows: dict[int, list[Row]] = {k: [] for k in counts}
+    with tempfile.TemporaryDirectory(prefix="ec262-bench-", dir=args.dir) as directory:
+        command = server_command(store_url(directory, args.synchronous), None)
+        with running(command, max(counts), args.workers_per_client, counts) as (_, pool):
+            for repeat in range(args.repeat):
+                for k in counts:
+                    floor = pool.run("floor", k, args.duration, args.warmup)
+                    cycles = pool.run("cycles", k, args.duration, args.warmup)
+                    rows[k].append(Row(k, floor, cycles))
+                    print(
+                        f"  repeat {repeat + 1}/{args.repeat}, {k} process(es): "
+                        f"{floor.rate:,.0f} no-op/s, {cycles.rate:,.0f} cycles/s, "
+                        f"ratio {rows[k][-1].ratio:.2f}, p99 {cycles.p99_ms:.2f} ms",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+    return {"server_command": command, "rows": {k: (median_row(v), v) for k, v in rows.items()}}
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "      floor: health Check          | cycle: RequestTasks + 3 x FetchKey + SettleTask",
+        "procs  no-op/s  p50 us  srv us/op  | cycles/s  ratio  p50 ms  p99 ms"
+        "  srv us  cli us  srv x",
+    ]
+    for row in rows:
+        f, c = row.floor, row.cycles
+        lines.append(
+            f"{row.clients:>5} {f.rate:>8,.0f} {f.p50_ms * 1e3:>7.0f} {f.server_cpu_us:>10.0f}  |"
+            f" {c.rate:>8,.0f} {row.ratio:>6.2f} {c.p50_ms:>7.2f} {c.p99_ms:>7.2f}"
+            f" {c.server_cpu_us:>7.0f} {c.client_cpu_us:>7.0f} {row.server_cpu_ratio:>6.2f}"
+        )
+    lines += [
+        "ratio = cycles/s / (no-op/s / 5), target >= 0.8; p99 at 1 process target <= 10 ms.",
+        "srv us, cli us: CPU microseconds per call or cycle of the server / of all clients;",
+        "srv x = server CPU per cycle / server CPU of 5 no-op calls.",
+    ]
+    return "\n".join(lines)
+
+
+def phase_json(result: PhaseResult) -> dict:
+    return {k: v for k, v in vars(result).items() if k not in ("phase", "clients")}
+
+
+def row_json(row: Row) -> dict:
+    return {
+        "clients": row.clients,
+        "ratio": row.ratio,
+        "server_cpu_ratio": row.server_cpu_ratio,
+        "floor": phase_json(row.floor),
+        "cycles": phase_json(row.cycles),
+    }
+
+
+def write_json(path: Path, args: argparse.Namespace, command: str, outcome: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {
+        "command": command,
+        "server_command": shlex.join(outcome["server_command"]),
+        "settings": {
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "repeat": args.repeat,
+            "synchronous": args.synchronous,
+            "workers_per_client": args.workers_per_client,
+            "ledger_dir": str(args.dir or tempfile.gettempdir()),
+        },
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "grpcio": grpc.__version__,
+            "platform": platform.platform(),
+        },
+        "results": [
+            {**row_json(median), "repeats": [row_json(r) for r in repeats]}
+            for median, repeats in outcome["rows"].values()
+        ],
+    }
+    path.write_text(json.dumps(document, indent=2) + "\n")
+
+
+# -- profiling the server ------------------------------------------------------------
+
+
+def serve_profiled(out: str, argv: list[str]) -> int:
+    """Run `ec262 ARGV` with a cProfile in every thread it starts (CPU time
+    of that thread, so idle waits cost nothing), merged into OUT when the
+    server stops. The main thread, which only starts up and then waits for
+    SIGTERM, is left out so imports do not count."""
+    profiles: list[cProfile.Profile] = []
+    lock = threading.Lock()
+    original_run = threading.Thread.run
+
+    def profiled_run(self: threading.Thread) -> None:
+        profile = cProfile.Profile(time.thread_time)
+        with lock:
+            profiles.append(profile)
+        profile.enable()
+        try:
+            original_run(self)
+        finally:
+            profile.disable()
+
+    threading.Thread.run = profiled_run  # type: ignore[method-assign]
+    from ec262.cli import main
+
+    code = main(argv)
+    with lock:
+        stats = [pstats.Stats(profile) for profile in profiles]
+    merged = stats[0]
+    merged.add(*stats[1:])
+    merged.dump_stats(out)
+    return code
+
+
+# Where a function's own time belongs, first match on "file:function" wins.
+# gRPC's Cython calls are invisible to cProfile, so C-core's work (socket
+# I/O, HTTP/2) shows as own time of the grpc/*.py functions that call it.
+BUCKETS = (
+    (
+        "auth: parse_bearer, uuid, sha256",
+        r"ec262/auth\.py|/uuid\.py|sha256|compare_digest|/hmac\.py",
+    ),
+    ("SQLite statements (C)", r"sqlite3\."),
+    ("randomness (SystemRandom, urandom)", r"/random\.py|/secrets\.py|urandom|getrandbits"),
+    ("logging", r"/logging/"),
+    ("ledger + store (Python)", r"discovery_service/(ledger|sqlite_store|store)\.py"),
+    ("servicer + protobuf", r"servicer\.py|grpc_errors\.py|_pb2|_upb|FromString|ToString"),
+    ("gRPC server + its thread pool", r"grpc|concurrent/futures|/queue\.py"),
+)
+# Helpers whose time belongs to whoever called them (builtins, locks, ...).
+_NEUTRAL = re.compile(r"^~:|threading\.py|contextlib\.py|functools\.py|<string>|<frozen|/re/")
+
+Key = tuple[str, int, str]
+
+
+def attribute(entries: dict, key: Key, depth: int = 0) -> dict[str, float]:
+    """Fractions of a function's own time per bucket: its own bucket, or
+    (for a neutral helper) its callers', weighted by the time spent on
+    behalf of each."""
+    text = f"{key[0]}:{key[2]}"
+    direct = next((name for name, pattern in BUCKETS if re.search(pattern, text)), None)
+    if direct or not _NEUTRAL.search(text) or depth > 8:
+        return {direct or "other": 1.0}
+    callers = entries[key][4]
+    weights = {caller: edge[2] or edge[1] for caller, edge in callers.items()}
+    total = sum(weights.values())
+    if not total:
+        return {"other": 1.0}
+    shares: dict[str, float] = {}
+    for caller, weight in weights.items():
+        for name, part in attribute(entries, caller, depth + 1).items():
+            shares[name] = shares.get(name, 0.0) + part * weight / total
+    return shares
+
+
+def short_name(key: Key) -> str:
+    filename, line, name = key
+    if filename == "~":
+        return name
+    parts = Path(filename).parts
+    return f"{'/'.join(parts[-2:])}:{line}({name})"
+
+
+def print_profile(path: Path, steps: int, step_name: str, top: int) -> None:
+    entries = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
+    total = sum(tt for _, _, tt, _, _ in entries.values())
+    per = 1e6 / steps
+    print(f"\nserver thread CPU under the profiler: {total * per:.0f} us per {step_name}")
+    buckets: dict[str, float] = {}
+    for key, (_, _, tt, _, _) in entries.items():
+        for name, part in attribute(entries, key).items():
+            buckets[name] = buckets.get(name, 0.0) + tt * part
+    print(f"\nown time by area, helpers charged to their callers ({steps} {step_name}s)")
+    for name, tt in sorted(buckets.items(), key=lambda item: -item[1]):
+        print(f"  {tt / total:6.1%} {tt * per:8.1f} us/{step_name}  {name}")
+    for sort, column in (("tottime", 2), ("cumtime", 3)):
+        ranked = sorted(entries.items(), key=lambda item: -item[1][column])[:top]
+        print(f"\ntop {top} by {sort}: us per {step_name} own, cumulative; calls per {step_name}")
+        for key, (_, nc, tt, ct, _) in ranked:
+            print(f"  {tt * per:8.1f} {ct * per:8.1f} {nc / steps:6.2f}  {short_name(key)}")
+
+
+def profile(args: argparse.Namespace) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"discovery_server_{args.profile_phase}.prof"
+    with tempfile.TemporaryDirectory(prefix="ec262-bench-", dir=args.dir) as directory:
+        command = server_command(store_url(directory, args.synchronous), out)
+        with running(command, 1, args.workers_per_client, [1]) as (_, pool):
+            result = pool.run(args.profile_phase, 1, args.duration, args.warmup)
+    step_name = "cycle" if args.profile_phase == "cycles" else "call"
+    print(f"server: {shlex.join(command)}")
+    print(
+        f"under the profiler, 1 process: {result.rate:,.0f} {args.profile_phase}/s"
+        f" (p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms)"
+    )
+    print_profile(out, result.total, step_name, args.top)
+    print(f"\nprofile written to {out} (open with python -m pstats)")
+
+
+# -- command line ----------------------------------------------------------------------
+
+
+def client_counts(text: str) -> list[int]:
+    counts = [int(part) for part in text.split(",")]
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError("a comma-separated list of positive integers")
+    return counts
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds measured per phase")
+    parser.add_argument("--warmup", type=float, default=0.5, help="seconds excluded per phase")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; the table shows medians")
+    parser.add_argument("--clients", type=client_counts, default=[1, 2, 4], help="e.g. 1,2,4")
+    parser.add_argument("--synchronous", choices=("NORMAL", "FULL"), default="NORMAL")
+    parser.add_argument(
+        "--dir", type=Path, default=None, help="where the ledger file goes (default: system temp)"
+    )
+    parser.add_argument("--workers-per-client", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=RESULTS / "discovery_cycles.json")
+    parser.add_argument(
+        "--profile", action="store_true", help="profile the server over a 1-process phase instead"
+    )
+    parser.add_argument("--profile-phase", choices=("cycles", "floor"), default="cycles")
+    parser.add_argument("--top", type=int, default=25, help="functions listed by --profile")
+    args = parser.parse_args(argv)
+    if args.workers_per_client * max(args.clients) < 3:
+        parser.error("need at least 3 workers in all (the replication)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == [SERVE_PROFILED]:
+        return serve_profiled(argv[1], argv[2:])
+    args = parse_args(argv)
+    command = shlex.join([sys.executable, *sys.argv])
+    if args.profile:
+        profile(args)
+        print(f"\ncommand: {command}")
+        return 0
+    outcome = benchmark(args)
+    print(f"\nserver: {shlex.join(outcome['server_command'])}")
+    print(f"synchronous={args.synchronous}, {args.duration:g} s per phase, median of {args.repeat}")
+    print(table([median for median, _ in outcome["rows"].values()]))
+    write_json(args.json, args, command, outcome)
+    print(f"\ncommand: {command}\nresults: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
