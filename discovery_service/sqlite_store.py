@@ -3,7 +3,8 @@
 One connection, serialised by a lock: the GIL would serialise the work
 anyway, and one connection keeps SQLite's statement cache warm. Every
 credit change is one `BEGIN IMMEDIATE` transaction, which also makes it
-safe should two processes ever open the same file. The database runs in WAL
+safe should two processes ever open the same file (though only one
+should serve it: the expiry mark below is kept in memory). The database runs in WAL
 mode; `synchronous=NORMAL` by default (a commit survives a crash of the
 process, and the last commits before a power cut may be lost), `FULL` on
 request for a commit that survives power loss too.
@@ -13,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from discovery_service.store import (
@@ -78,6 +81,10 @@ def _client(row: tuple) -> ClientRecord:
     return ClientRecord(*row)
 
 
+def _placeholders(count: int) -> str:
+    return ",".join("?" * count)
+
+
 class SqliteStore(LedgerStore):
     """A LedgerStore in one SQLite file (or in memory with `:memory:`)."""
 
@@ -107,6 +114,11 @@ class SqliteStore(LedgerStore):
                 if statement.strip():
                     db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            (earliest,) = db.execute("SELECT MIN(expiry_unix) FROM tasks").fetchone()
+        # The earliest expiry of any open task: until then no sweep is needed.
+        # The file has one front-end (several share Redis, not SQLite), so
+        # this process sees every task made and can keep the mark itself.
+        self._next_expiry = math.inf if earliest is None else earliest
         logger.info("ledger in SQLite %s (synchronous=%s)", self.path, synchronous)
 
     @contextlib.contextmanager
@@ -238,14 +250,17 @@ class SqliteStore(LedgerStore):
                 db.executemany(
                     "INSERT INTO task_workers (task_id, worker_id) VALUES (?, ?)", members
                 )
+                busy = Counter(worker_id for _, worker_id in members)
                 db.executemany(
-                    "UPDATE clients SET busy_slots = busy_slots + 1 WHERE client_id = ?",
-                    [(worker_id,) for _, worker_id in members],
+                    "UPDATE clients SET busy_slots = busy_slots + ? WHERE client_id = ?",
+                    [(count, worker_id) for worker_id, count in busy.items()],
                 )
                 db.execute(
                     "UPDATE clients SET credits = credits - ? WHERE client_id = ?",
                     (len(members), request.foreman_id),
                 )
+            if assignments:
+                self._next_expiry = min(self._next_expiry, request.task_expiry_unix)
             return assignments, balance - len(members)
 
     def fetch_key(self, worker_id: str, task_id: str, now: float) -> tuple[bytes, str] | None:
@@ -269,45 +284,37 @@ class SqliteStore(LedgerStore):
     ) -> Settlement | None:
         with self._transaction() as db:
             self._expire(db, now)
-            row = db.execute(
-                "SELECT key, escrow FROM tasks WHERE task_id = ? AND foreman_id = ?",
+            rows = db.execute(
+                "SELECT t.key, t.escrow, w.worker_id FROM tasks AS t"
+                " JOIN task_workers AS w ON w.task_id = t.task_id"
+                " WHERE t.task_id = ? AND t.foreman_id = ?",
                 (task_id, foreman_id),
-            ).fetchone()
-            if row is None:
+            ).fetchall()
+            if not rows:
                 return None
-            key, escrow = row
-            workers = {
-                worker_id
-                for (worker_id,) in db.execute(
-                    "SELECT worker_id FROM task_workers WHERE task_id = ?", (task_id,)
-                )
-            }
+            key, escrow = rows[0][0], rows[0][1]
+            workers = {row[2] for row in rows}
             strangers = missing - workers
             if strangers:
                 raise InvalidRequest(
                     "missing names workers that are not assigned to task "
                     f"{task_id}: {', '.join(sorted(strangers))}"
                 )
-            refund = escrow
             if valid:
-                paid = [(w,) for w in workers - missing]
-                db.executemany(
-                    "UPDATE clients SET credits = credits + 1,"
-                    " tasks_completed = tasks_completed + 1, busy_slots = busy_slots - 1"
-                    " WHERE client_id = ?",
+                paid = workers - missing
+                self._update_each(
+                    db,
+                    "credits = credits + 1, tasks_completed = tasks_completed + 1,"
+                    " busy_slots = busy_slots - 1",
                     paid,
                 )
-                db.executemany(
-                    "UPDATE clients SET tasks_failed = tasks_failed + 1,"
-                    " busy_slots = busy_slots - 1 WHERE client_id = ?",
-                    [(w,) for w in missing],
+                self._update_each(
+                    db, "tasks_failed = tasks_failed + 1, busy_slots = busy_slots - 1", missing
                 )
                 refund = escrow - len(paid)
             else:
-                db.executemany(
-                    "UPDATE clients SET busy_slots = busy_slots - 1 WHERE client_id = ?",
-                    [(w,) for w in workers],
-                )
+                self._update_each(db, "busy_slots = busy_slots - 1", workers)
+                refund = escrow
             db.execute("DELETE FROM task_workers WHERE task_id = ?", (task_id,))
             db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
             (credits,) = db.execute(
@@ -316,20 +323,29 @@ class SqliteStore(LedgerStore):
             ).fetchone()
             return Settlement(key=key if valid else None, credits=credits)
 
+    @staticmethod
+    def _update_each(db: sqlite3.Connection, assignments: str, client_ids: Iterable[str]) -> None:
+        """One UPDATE for a set of clients (none when the set is empty)."""
+        ids = tuple(client_ids)
+        if ids:
+            db.execute(
+                f"UPDATE clients SET {assignments} WHERE client_id IN ({_placeholders(len(ids))})",
+                ids,
+            )
+
     def expire_tasks(self, now: float) -> int:
         with self._transaction() as db:
             return self._expire(db, now)
 
-    @staticmethod
-    def _expire(db: sqlite3.Connection, now: float) -> int:
+    def _expire(self, db: sqlite3.Connection, now: float) -> int:
         """Refund the foremen of open tasks past their expiry and free the
         workers' slots. Called inside every transaction that reads balances
         or slots, so an expired task is never visible as open."""
+        if now < self._next_expiry:
+            return 0
         expired = db.execute(
             "SELECT task_id, foreman_id, escrow FROM tasks WHERE expiry_unix <= ?", (now,)
         ).fetchall()
-        if not expired:
-            return 0
         for task_id, foreman_id, escrow in expired:
             db.execute(
                 "UPDATE clients SET busy_slots = busy_slots - 1 WHERE client_id IN"
@@ -342,7 +358,10 @@ class SqliteStore(LedgerStore):
             )
             db.execute("DELETE FROM task_workers WHERE task_id = ?", (task_id,))
             db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
-        logger.info("expired %d unsettled task(s); their credits went back", len(expired))
+        (earliest,) = db.execute("SELECT MIN(expiry_unix) FROM tasks").fetchone()
+        self._next_expiry = math.inf if earliest is None else earliest
+        if expired:
+            logger.info("expired %d unsettled task(s); their credits went back", len(expired))
         return len(expired)
 
     # -- audit --------------------------------------------------------------
