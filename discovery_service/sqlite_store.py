@@ -2,9 +2,9 @@
 
 One connection, serialised by a lock: the GIL would serialise the work
 anyway, and one connection keeps SQLite's statement cache warm. Every
-credit change is one `BEGIN IMMEDIATE` transaction, which also makes it
-safe should two processes ever open the same file (though only one
-should serve it: the expiry mark below is kept in memory). The database runs in WAL
+credit change is one `BEGIN IMMEDIATE` transaction. The file belongs to one
+process while it serves (exclusive locking): several front-ends share a
+Redis store, not a SQLite file. The database runs in WAL
 mode; `synchronous=NORMAL` by default (a commit survives a crash of the
 process, and the last commits before a power cut may be lost), `FULL` on
 request for a commit that survives power loss too.
@@ -99,10 +99,26 @@ class SqliteStore(LedgerStore):
         self._db = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False, cached_statements=64
         )
-        self._db.execute("PRAGMA busy_timeout = 10000")
-        if self.path != ":memory:":
-            self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute(f"PRAGMA synchronous = {synchronous}")
+        try:
+            self._db.execute("PRAGMA busy_timeout = 1000")
+            if self.path != ":memory:":
+                # One front-end owns the file while it runs: exclusive locking
+                # saves a lock round trip per transaction and makes a second
+                # process on the same file fail at once instead of racing it.
+                self._db.execute("PRAGMA locking_mode = EXCLUSIVE")
+                self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute(f"PRAGMA synchronous = {synchronous}")
+            self._open_schema()
+        except sqlite3.OperationalError as error:
+            self._db.close()
+            if "locked" in str(error):
+                raise OSError(
+                    f"ledger {self.path} is in use by another discovery process"
+                ) from None
+            raise OSError(f"cannot open ledger {self.path}: {error}") from None
+        logger.info("ledger in SQLite %s (synchronous=%s)", self.path, synchronous)
+
+    def _open_schema(self) -> None:
         with self._transaction() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
@@ -119,7 +135,6 @@ class SqliteStore(LedgerStore):
         # The file has one front-end (several share Redis, not SQLite), so
         # this process sees every task made and can keep the mark itself.
         self._next_expiry = math.inf if earliest is None else earliest
-        logger.info("ledger in SQLite %s (synchronous=%s)", self.path, synchronous)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:

@@ -78,3 +78,18 @@ def test_a_bad_store_url_is_a_clear_error(tmp_path):
     assert result.returncode != 0
     assert "unknown store URL" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_second_discovery_on_the_same_ledger_file_refuses_clearly(tmp_path):
+    store = f"sqlite:///{tmp_path}/ledger.sqlite3"
+    with start_server(["discovery", "--port", "0", "--store", store]) as server:
+        result = subprocess.run(
+            [sys.executable, "-m", "ec262", "discovery", "--port", "0", "--store", store],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 1
+        assert "in use by another discovery process" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert server.stop() == 0
