@@ -20,9 +20,9 @@ from multiprocessing.connection import Connection
 import dill
 import dill._dill as dill_internals
 
-from ec262.encoding import EncodingError, decode_pairs, encode_result
+from ec262.encoding import decode_pairs, encode_result
 from ec262.remote_errors import document_for, error_document
-from worker_service import lockdown
+from worker_service import landlock, lockdown
 from worker_service.mapreduce import run_task
 from worker_service.sandbox_policy import SandboxLimits
 
@@ -119,24 +119,56 @@ def lock_down(conn: Connection, limits: SandboxLimits) -> dict:
     os.chdir("/")
     lockdown.close_other_fds(keep=fd)
     lockdown.apply_rlimits(limits)
+    landlock_abi = landlock.restrict_to_reading(limits.read_dirs)
     seccomp = lockdown.apply_seccomp(fd)
     safe_builtins = lockdown.restricted_builtins(limits.allowed_modules)
     sys.addaudithook(lockdown.make_audit_hook(limits.read_dirs))
-    return {"seccomp": seccomp, "builtins": safe_builtins}
+    return {"seccomp": seccomp, "landlock": landlock_abi, "builtins": safe_builtins}
 
 
-def _reply(conn: Connection, status: bytes, body: bytes) -> None:
-    conn.send_bytes(status + body)
+def _summary(document: bytes) -> str:
+    """`Type: message` of an encoded error document."""
+    try:
+        error = dict(decode_pairs(document))["error"]
+        return f"{error['type']}: {error['message']}"
+    except Exception:
+        return "an error"
 
 
-def _error_reply(conn: Connection, error: BaseException, user_files: set[str]) -> None:
-    _reply(conn, FAILED, encode_result(document_for(error, user_files)))
+def _failed(type_name: str, message: str) -> tuple[bytes, bytes]:
+    return FAILED, encode_result(error_document(type_name, message))
+
+
+def _handle(
+    kind: bytes, body: bytes, limits: SandboxLimits, loader: PayloadLoader, functions: dict | None
+) -> tuple[bytes, bytes] | dict:
+    """(status, reply body) for one message; after LOAD, the functions."""
+    try:
+        if kind == LOAD:
+            return loader.load(body)
+        if kind != RUN or functions is None:
+            return _failed("SandboxError", "sandbox received a task before a function payload")
+        result = encode_result(run_task(body[0], functions, decode_pairs(body[1:])))
+        if len(result) > limits.output_limit_bytes:
+            return _failed(
+                "OutputTooLarge",
+                f"the task's result is {len(result)} bytes, over the sandbox's"
+                f" limit of {limits.output_limit_bytes} bytes",
+            )
+        return OK, result
+    except BaseException as error:  # user code: anything, SystemExit included
+        try:
+            return FAILED, encode_result(document_for(error, loader.user_files))
+        except MemoryError:
+            del error
+            return _failed("MemoryError", "the task ran out of memory")
 
 
 def main(conn: Connection, limits: SandboxLimits) -> None:
-    """Entry point of the sandbox process (a forkserver child)."""
+    """Entry point of the sandbox process (forked by the zygote)."""
     state = lock_down(conn, limits)
-    conn.send_bytes(READY + json.dumps({"seccomp": state["seccomp"]}).encode())
+    hello = {"seccomp": state["seccomp"], "landlock": state["landlock"]}
+    conn.send_bytes(READY + json.dumps(hello).encode())
     loader = PayloadLoader(limits.allowed_modules, state["builtins"])
     functions: dict | None = None
     while True:
@@ -144,42 +176,16 @@ def main(conn: Connection, limits: SandboxLimits) -> None:
             message = conn.recv_bytes()
         except (EOFError, OSError):
             os._exit(0)
-        kind, body = message[:1], message[1:]
-        try:
-            if kind == LOAD:
-                functions = loader.load(body)
-                _reply(conn, OK, b"")
-            elif kind == RUN and functions is not None:
-                rows = decode_pairs(body[1:])
-                result = encode_result(run_task(body[0], functions, rows))
-                if len(result) > limits.output_limit_bytes:
-                    document = error_document(
-                        "OutputTooLarge",
-                        f"the task's result is {len(result)} bytes, over the sandbox's"
-                        f" limit of {limits.output_limit_bytes} bytes",
-                    )
-                    _reply(conn, FAILED, encode_result(document))
-                else:
-                    _reply(conn, OK, result)
-            else:
-                _reply(
-                    conn,
-                    FAILED,
-                    encode_result(
-                        error_document(
-                            "SandboxError", "sandbox received a task before a function payload"
-                        )
-                    ),
-                )
-        except EncodingError as error:
-            _error_reply(conn, error, loader.user_files)
-        except BaseException as error:  # user code: anything, SystemExit included
-            try:
-                _error_reply(conn, error, loader.user_files)
-            except MemoryError:
-                del error
-                _reply(
-                    conn,
-                    FAILED,
-                    encode_result(error_document("MemoryError", "the task ran out of memory")),
-                )
+        reply = _handle(message[:1], message[1:], limits, loader, functions)
+        if isinstance(reply, dict):
+            functions, reply = reply, (OK, b"")
+        problems = lockdown.integrity_problems()
+        if problems:
+            outcome = "succeeded" if reply[0] == OK else f"failed with {_summary(reply[1])}"
+            reply = _failed(
+                "SandboxViolation",
+                f"sandbox tampering detected: {'; '.join(problems)}; the task {outcome}",
+            )
+            conn.send_bytes(reply[0] + reply[1])
+            os._exit(0)  # never reused
+        conn.send_bytes(reply[0] + reply[1])

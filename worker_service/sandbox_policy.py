@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import sysconfig
 from dataclasses import dataclass, field
 
@@ -26,9 +27,10 @@ NEVER_ALLOWED = frozenset({
 
 
 def library_dirs() -> tuple[str, ...]:
-    """The interpreter's own library directories, the only places a sandbox
-    may read files from (to import allowed modules)."""
-    paths = sysconfig.get_paths()
+    """The interpreter's own library directories (of the base installation,
+    not a virtualenv's site-packages), the only places a sandbox may read
+    files from, to import allowed modules."""
+    paths = sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_exec_prefix})
     dirs = {os.path.realpath(paths[name]) for name in ("stdlib", "platstdlib") if name in paths}
     return tuple(sorted(dirs))
 

@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -26,6 +25,7 @@ from ec262.encoding import encode_result
 from ec262.remote_errors import error_document
 from worker_service import sandbox_child
 from worker_service.sandbox_policy import SandboxLimits
+from worker_service.watchdog import Watchdog
 from worker_service.zygote import Zygote
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,15 @@ class _Sandbox:
         self.conn = conn
         self.digest: str | None = None
         self.seccomp = False
+        self.landlock = 0
         self.failure: SandboxResult | None = None
+        self.timed_out = False
+
+    def expire(self) -> None:
+        """The watchdog's action: the task ran out of time."""
+        self.timed_out = True
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -70,11 +78,13 @@ class SandboxPool:
         self.limits = limits
         self.size = max(1, size)
         self._zygote: Zygote | None = None
+        self._watchdog = Watchdog("sandbox-watchdog")
         self._lock = threading.Lock()
         self._idle: OrderedDict[int, _Sandbox] = OrderedDict()  # LRU, oldest first
         self._live = 0
         self._capacity = threading.Semaphore(self.size)
         self.seccomp_active: bool | None = None
+        self.landlock_abi = 0
         self._closed = False
 
     # -- lifecycle ------------------------------------------------------------
@@ -99,11 +109,17 @@ class SandboxPool:
         if hello[:1] != sandbox_child.READY:
             sandbox.kill()
             raise RuntimeError("sandbox sent a malformed greeting")
-        sandbox.seccomp = bool(json.loads(hello[1:]).get("seccomp"))
+        greeting = json.loads(hello[1:])
+        sandbox.seccomp = bool(greeting.get("seccomp"))
+        sandbox.landlock = int(greeting.get("landlock", 0))
         if self.seccomp_active is None:
             self.seccomp_active = sandbox.seccomp
-            if not sandbox.seccomp:
-                logger.warning("sandboxes run without seccomp on this machine")
+            self.landlock_abi = sandbox.landlock
+            logger.info(
+                "sandbox layers: seccomp %s, Landlock %s",
+                "on" if sandbox.seccomp else "OFF (unavailable)",
+                f"ABI {sandbox.landlock}" if sandbox.landlock else "OFF (unavailable)",
+            )
         return sandbox
 
     def _take(self, digest: str) -> _Sandbox | None:
@@ -153,30 +169,33 @@ class SandboxPool:
 
     def _exchange(self, sandbox: _Sandbox, message: bytes, timeout: float) -> SandboxResult | None:
         """Send one message and read one reply; None means the sandbox
-        misbehaved and the failure result is in `sandbox.failure`."""
+        misbehaved and the failure result is in `sandbox.failure`.
+
+        A watchdog kills the process at the deadline, whatever it is doing
+        (looping, or writing half a reply and stalling), so the read below
+        always ends: with the reply, or with EOF once the process is dead.
+        """
+        alarm = self._watchdog.arm(timeout, sandbox.expire)
         try:
             sandbox.conn.send_bytes(message)
-            deadline = time.monotonic() + timeout
-            if not sandbox.conn.poll(max(0.0, deadline - time.monotonic())):
+            reply = sandbox.conn.recv_bytes(self.limits.output_limit_bytes + 1024)
+        except (EOFError, OSError) as error:
+            if sandbox.timed_out:
                 sandbox.failure = _failure(
                     "TimeoutError",
                     f"the task ran longer than the worker's limit of {timeout:g} s",
                 )
-                return None
-            reply = sandbox.conn.recv_bytes(self.limits.output_limit_bytes + 1024)
-        except OSError as error:
-            if "too long" in str(error) or "bad message length" in str(error):
+            elif isinstance(error, OSError) and "bad message length" in str(error):
                 sandbox.failure = _failure(
                     "OutputTooLarge",
-                    f"the task's result is over the sandbox's limit of "
+                    "the task's result is over the sandbox's limit of "
                     f"{self.limits.output_limit_bytes} bytes",
                 )
             else:
                 sandbox.failure = _CRASHED
             return None
-        except EOFError:
-            sandbox.failure = _CRASHED
-            return None
+        finally:
+            self._watchdog.cancel(alarm)
         status, body = reply[:1], reply[1:]
         if status == sandbox_child.OK:
             return SandboxResult(True, body)

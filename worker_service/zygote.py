@@ -30,6 +30,20 @@ from worker_service.sandbox_policy import SandboxLimits
 _PID = struct.Struct("!q")
 
 
+def sandbox_environment() -> dict[str, str]:
+    """The zygote's (and so every sandbox's) whole environment: nothing of
+    the worker's (no tokens, no paths to its identity), and a fixed hash
+    seed so that every replica iterates a set of strings in the same order
+    and computes the same bytes."""
+    return {
+        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+        "PYTHONHASHSEED": "0",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "LANG": "C.UTF-8",
+        "PATH": "/usr/bin:/bin",
+    }
+
+
 def _limits_to_json(limits: SandboxLimits) -> str:
     data = dataclasses.asdict(limits)
     data["allowed_modules"] = sorted(limits.allowed_modules)
