@@ -61,14 +61,10 @@ CREATE TABLE IF NOT EXISTS tasks (
     foreman_id  TEXT NOT NULL,
     key         BLOB NOT NULL,
     escrow      INTEGER NOT NULL CHECK (escrow >= 0),
-    expiry_unix REAL NOT NULL
+    expiry_unix REAL NOT NULL,
+    workers     TEXT NOT NULL  -- the assigned workers' ids, space-separated
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_by_expiry ON tasks (expiry_unix);
-CREATE TABLE IF NOT EXISTS task_workers (
-    task_id   TEXT NOT NULL,
-    worker_id TEXT NOT NULL,
-    PRIMARY KEY (task_id, worker_id)
-) WITHOUT ROWID;
 """
 
 _CLIENT_COLUMNS = (
@@ -220,10 +216,17 @@ class SqliteStore(LedgerStore):
         needed = request.n * request.replication
         with self._transaction() as db:
             self._expire(db, request.now)
-            (balance,) = db.execute(
-                "SELECT credits FROM clients WHERE client_id = ?", (request.foreman_id,)
+            # Check and charge the whole request in one statement; refund
+            # below whatever partial fill leaves unused.
+            charged = db.execute(
+                "UPDATE clients SET credits = credits - ? WHERE client_id = ? AND credits >= ?"
+                " RETURNING credits",
+                (needed, request.foreman_id, needed),
             ).fetchone()
-            if balance < needed:
+            if charged is None:
+                (balance,) = db.execute(
+                    "SELECT credits FROM clients WHERE client_id = ?", (request.foreman_id,)
+                ).fetchone()
                 raise InsufficientCredits(
                     needed,
                     balance,
@@ -245,15 +248,22 @@ class SqliteStore(LedgerStore):
             ]
             groups = choose(candidates, request.n, request.replication)
             assignments: list[Assignment] = []
-            members: list[tuple[str, str]] = []
+            rows = []
+            busy: Counter[str] = Counter()
             for group in groups:
                 task_id, key = new_task()
-                db.execute(
-                    "INSERT INTO tasks (task_id, foreman_id, key, escrow, expiry_unix)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (task_id, request.foreman_id, key, len(group), request.task_expiry_unix),
+                ids = [worker.client_id for worker in group]
+                busy.update(ids)
+                rows.append(
+                    (
+                        task_id,
+                        request.foreman_id,
+                        key,
+                        len(group),
+                        request.task_expiry_unix,
+                        " ".join(ids),
+                    )
                 )
-                members.extend((task_id, worker.client_id) for worker in group)
                 assignments.append(
                     Assignment(
                         task_id=task_id,
@@ -261,32 +271,39 @@ class SqliteStore(LedgerStore):
                         expiry_unix=request.task_expiry_unix,
                     )
                 )
-            if members:
+            if rows:
                 db.executemany(
-                    "INSERT INTO task_workers (task_id, worker_id) VALUES (?, ?)", members
+                    "INSERT INTO tasks (task_id, foreman_id, key, escrow, expiry_unix, workers)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    rows,
                 )
-                busy = Counter(worker_id for _, worker_id in members)
-                db.executemany(
-                    "UPDATE clients SET busy_slots = busy_slots + ? WHERE client_id = ?",
-                    [(count, worker_id) for worker_id, count in busy.items()],
-                )
-                db.execute(
-                    "UPDATE clients SET credits = credits - ? WHERE client_id = ?",
-                    (len(members), request.foreman_id),
-                )
-            if assignments:
+                if len(busy) == len(rows) * request.replication:  # each worker once
+                    self._update_each(db, "busy_slots = busy_slots + 1", busy)
+                else:
+                    db.executemany(
+                        "UPDATE clients SET busy_slots = busy_slots + ? WHERE client_id = ?",
+                        [(count, worker_id) for worker_id, count in busy.items()],
+                    )
                 self._next_expiry = min(self._next_expiry, request.task_expiry_unix)
-            return assignments, balance - len(members)
+            spent = sum(len(group) for group in groups)
+            balance = charged[0]
+            if spent < needed:
+                (balance,) = db.execute(
+                    "UPDATE clients SET credits = credits + ? WHERE client_id = ?"
+                    " RETURNING credits",
+                    (needed - spent, request.foreman_id),
+                ).fetchone()
+            return assignments, balance
 
     def fetch_key(self, worker_id: str, task_id: str, now: float) -> tuple[bytes, str] | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT t.key, t.foreman_id FROM task_workers AS w"
-                " JOIN tasks AS t ON t.task_id = w.task_id"
-                " WHERE w.task_id = ? AND w.worker_id = ? AND t.expiry_unix > ?",
-                (task_id, worker_id, now),
+                "SELECT key, foreman_id, workers FROM tasks WHERE task_id = ? AND expiry_unix > ?",
+                (task_id, now),
             ).fetchone()
-        return (row[0], row[1]) if row else None
+        if row is None or worker_id not in row[2].split(" "):
+            return None
+        return row[0], row[1]
 
     def settle_task(
         self,
@@ -299,16 +316,14 @@ class SqliteStore(LedgerStore):
     ) -> Settlement | None:
         with self._transaction() as db:
             self._expire(db, now)
-            rows = db.execute(
-                "SELECT t.key, t.escrow, w.worker_id FROM tasks AS t"
-                " JOIN task_workers AS w ON w.task_id = t.task_id"
-                " WHERE t.task_id = ? AND t.foreman_id = ?",
+            row = db.execute(
+                "SELECT key, escrow, workers FROM tasks WHERE task_id = ? AND foreman_id = ?",
                 (task_id, foreman_id),
-            ).fetchall()
-            if not rows:
+            ).fetchone()
+            if row is None:
                 return None
-            key, escrow = rows[0][0], rows[0][1]
-            workers = {row[2] for row in rows}
+            key, escrow, worker_text = row
+            workers = set(worker_text.split(" "))
             strangers = missing - workers
             if strangers:
                 raise InvalidRequest(
@@ -330,7 +345,6 @@ class SqliteStore(LedgerStore):
             else:
                 self._update_each(db, "busy_slots = busy_slots - 1", workers)
                 refund = escrow
-            db.execute("DELETE FROM task_workers WHERE task_id = ?", (task_id,))
             db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
             (credits,) = db.execute(
                 "UPDATE clients SET credits = credits + ? WHERE client_id = ? RETURNING credits",
@@ -359,20 +373,15 @@ class SqliteStore(LedgerStore):
         if now < self._next_expiry:
             return 0
         expired = db.execute(
-            "SELECT task_id, foreman_id, escrow FROM tasks WHERE expiry_unix <= ?", (now,)
+            "DELETE FROM tasks WHERE expiry_unix <= ? RETURNING foreman_id, escrow, workers",
+            (now,),
         ).fetchall()
-        for task_id, foreman_id, escrow in expired:
-            db.execute(
-                "UPDATE clients SET busy_slots = busy_slots - 1 WHERE client_id IN"
-                " (SELECT worker_id FROM task_workers WHERE task_id = ?)",
-                (task_id,),
-            )
+        for foreman_id, escrow, worker_text in expired:
+            self._update_each(db, "busy_slots = busy_slots - 1", worker_text.split(" "))
             db.execute(
                 "UPDATE clients SET credits = credits + ? WHERE client_id = ?",
                 (escrow, foreman_id),
             )
-            db.execute("DELETE FROM task_workers WHERE task_id = ?", (task_id,))
-            db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
         (earliest,) = db.execute("SELECT MIN(expiry_unix) FROM tasks").fetchone()
         self._next_expiry = math.inf if earliest is None else earliest
         if expired:
