@@ -1,16 +1,15 @@
-"""Building and running the discovery server."""
+"""Building and running the discovery server (grpc.aio, see ec262/aio_serving.py)."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 
-import grpc
-
 from discovery_service.ledger import Ledger, LedgerConfig
 from discovery_service.servicer import DiscoveryServicer
 from discovery_service.stores import open_store
 from ec262 import serving
+from ec262.aio_serving import BackgroundAioServer
 from ec262.v1 import discovery_pb2, discovery_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -20,32 +19,36 @@ SERVICE_NAME = discovery_pb2.DESCRIPTOR.services_by_name["Discovery"].full_name
 
 @dataclass(frozen=True)
 class DiscoveryServer:
-    server: grpc.Server
+    server: BackgroundAioServer
     port: int
     ledger: Ledger
 
     def stop(self, grace: float | None = None) -> None:
-        self.server.stop(grace).wait()
+        self.server.stop(grace)
         self.ledger.store.close()
 
 
-def build_server(
-    ledger: Ledger, *, host: str = "127.0.0.1", port: int = 0, max_workers: int = 8
-) -> DiscoveryServer:
+def build_server(ledger: Ledger, *, host: str = "127.0.0.1", port: int = 0) -> DiscoveryServer:
     """A started discovery server on host:port (0 = ephemeral), with
     reflection and health; `.port` is the port actually bound."""
-    server = serving.new_server(max_workers=max_workers)
-    discovery_pb2_grpc.add_DiscoveryServicer_to_server(DiscoveryServicer(ledger), server)
-    serving.add_standard_services(server, [SERVICE_NAME])
-    bound = serving.bind(server, host, port)
-    server.start()
-    return DiscoveryServer(server=server, port=bound, ledger=ledger)
+    servicer = DiscoveryServicer(ledger)
+    server = BackgroundAioServer(
+        lambda aio_server: discovery_pb2_grpc.add_DiscoveryServicer_to_server(servicer, aio_server),
+        [SERVICE_NAME],
+        host=host,
+        port=port,
+    )
+    return DiscoveryServer(server=server, port=server.start(), ledger=ledger)
 
 
 def run(*, host: str, port: int, store_url: str, config: LedgerConfig) -> None:
     """`ec262 discovery`: serve until SIGINT/SIGTERM."""
     ledger = Ledger(open_store(store_url), config)
-    running = build_server(ledger, host=host, port=port)
+    try:
+        running = build_server(ledger, host=host, port=port)
+    except BaseException:
+        ledger.store.close()
+        raise
     logger.info(
         "discovery on %s:%d, store %s, %d starting credits, replication %d",
         host,

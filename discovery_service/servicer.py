@@ -1,4 +1,10 @@
-"""The `Discovery` gRPC servicer: proto in, one Ledger call, proto out."""
+"""The `Discovery` gRPC servicer (grpc.aio): proto in, one Ledger call,
+proto out.
+
+Ledger calls are plain synchronous Python and run on the event loop: each
+takes tens of microseconds (SQLite in WAL mode, no fsync by default), less
+than handing it to a thread would cost, and running them one at a time on
+the loop is what the store's lock would enforce anyway."""
 
 from __future__ import annotations
 
@@ -34,7 +40,7 @@ def task_assignment(task: Assignment) -> pb.TaskAssignment:
     )
 
 
-def authorization(context: grpc.ServicerContext) -> str | None:
+def authorization(context: grpc.aio.ServicerContext) -> str | None:
     for key, value in context.invocation_metadata():
         if key == AUTHORIZATION_KEY:
             return value
@@ -45,18 +51,18 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
     def __init__(self, ledger: Ledger) -> None:
         self._ledger = ledger
 
-    def _caller(self, context: grpc.ServicerContext) -> str:
+    def _caller(self, context: grpc.aio.ServicerContext) -> str:
         return self._ledger.authenticate(authorization(context))
 
     @translate_errors
-    def CreateClient(self, request, context):
+    async def CreateClient(self, request, context):
         record, secret = self._ledger.create_client()
         return pb.CreateClientResponse(
             client_id=record.client_id, secret=secret, info=client_info(record)
         )
 
     @translate_errors
-    def RegisterWorker(self, request, context):
+    async def RegisterWorker(self, request, context):
         record = self._ledger.register_worker(
             self._caller(context),
             address=request.address,
@@ -67,12 +73,12 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
         return client_info(record)
 
     @translate_errors
-    def GetClient(self, request, context):
+    async def GetClient(self, request, context):
         caller = self._caller(context)
         return client_info(self._ledger.get_client(caller))
 
     @translate_errors
-    def RequestTasks(self, request, context):
+    async def RequestTasks(self, request, context):
         tasks, credits = self._ledger.request_tasks(
             self._caller(context),
             n=request.n,
@@ -86,12 +92,12 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
         )
 
     @translate_errors
-    def FetchKey(self, request, context):
+    async def FetchKey(self, request, context):
         key, foreman_id = self._ledger.fetch_key(self._caller(context), request.task_id)
         return pb.FetchKeyResponse(key=key, foreman_id=foreman_id)
 
     @translate_errors
-    def SettleTask(self, request, context):
+    async def SettleTask(self, request, context):
         settlement = self._ledger.settle_task(
             self._caller(context),
             request.task_id,
