@@ -195,6 +195,7 @@ def main() -> int:
         ("envelope seal", f"{seal_rate:8.0f} MB/s", "target >= 100 MB/s"),
         ("envelope open", f"{open_rate:8.0f} MB/s", "target >= 100 MB/s"),
         ("warm sandbox run, p50", f"{ms(warm):8.3f} ms", f"p99 {ms(warm, 0.99):.3f} ms"),
+        ("first sandbox, zygote start included", f"{first * 1000:8.1f} ms", "once per worker"),
         (
             "cold sandbox start+run, p50",
             f"{ms(cold):8.1f} ms",
