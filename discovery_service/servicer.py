@@ -18,8 +18,9 @@ from ec262.v1 import discovery_pb2 as pb
 from ec262.v1 import discovery_pb2_grpc
 
 
-def client_info(record: ClientRecord) -> pb.ClientInfo:
+def client_info(record: ClientRecord, replication: int) -> pb.ClientInfo:
     return pb.ClientInfo(
+        replication=replication,
         client_id=record.client_id,
         credits=record.credits,
         address=record.address,
@@ -58,7 +59,9 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
     async def CreateClient(self, request, context):
         record, secret = self._ledger.create_client()
         return pb.CreateClientResponse(
-            client_id=record.client_id, secret=secret, info=client_info(record)
+            client_id=record.client_id,
+            secret=secret,
+            info=client_info(record, self._ledger.config.replication),
         )
 
     @translate_errors
@@ -70,12 +73,12 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
             slots=request.slots,
             runtime=request.runtime,
         )
-        return client_info(record)
+        return client_info(record, self._ledger.config.replication)
 
     @translate_errors
     async def GetClient(self, request, context):
         caller = self._caller(context)
-        return client_info(self._ledger.get_client(caller))
+        return client_info(self._ledger.get_client(caller), self._ledger.config.replication)
 
     @translate_errors
     async def RequestTasks(self, request, context):

@@ -58,3 +58,41 @@ class NoFreeSlot(Ec262Error):
 class FunctionNotCached(Ec262Error):
     """A worker was sent only a function digest it does not hold; resend the
     payload (gRPC FAILED_PRECONDITION)."""
+
+
+class RemoteError(Ec262Error):
+    """The user's function failed on the workers (every replica agreed on the
+    error). Carries the remote exception's type, message and the user's own
+    traceback frames."""
+
+    def __init__(
+        self, type_name: str, message: str, traceback: list[str] | None = None, *, chunk: str = ""
+    ) -> None:
+        self.type_name = type_name
+        self.remote_message = message
+        self.remote_traceback = list(traceback or [])
+        self.chunk = chunk
+        frames = "".join(f"\n  {frame}" for frame in self.remote_traceback)
+        where = f" in {chunk}" if chunk else ""
+        super().__init__(
+            f"{type_name}: {message}{where} (raised on the workers)"
+            + (f"\nRemote traceback (most recent call last):{frames}" if frames else "")
+        )
+
+    def __reduce__(self):
+        return (
+            _rebuild_remote_error,
+            (self.type_name, self.remote_message, self.remote_traceback, self.chunk),
+        )
+
+
+def _rebuild_remote_error(type_name, message, traceback, chunk):
+    return RemoteError(type_name, message, traceback, chunk=chunk)
+
+
+class JobFailed(Ec262Error):
+    """No quorum for a chunk after the retry limit, or no workers to run it."""
+
+    def __init__(self, message: str, *, chunk: str = "") -> None:
+        self.chunk = chunk
+        super().__init__(message)
