@@ -1,0 +1,131 @@
+"""Planning a job before spending a credit: the input cut into map chunks by
+bytes, and the number of chunks bounded by what the foreman can afford."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ec262.encoding import canonical_json
+from ec262.errors import EncodingError, InsufficientCredits
+
+DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB of canonical JSON per map task
+MAX_CHUNK_BYTES = 32 << 20  # well under the 64 MiB gRPC message limit
+MAX_REDUCE_CHUNKS = 64
+
+
+@dataclass(frozen=True)
+class Plan:
+    map_chunks: list[bytes]  # canonical JSON rows of each map task
+    reduce_chunks: int
+    replication: int
+    input_bytes: int
+
+    @property
+    def tasks(self) -> int:
+        return len(self.map_chunks) + self.reduce_chunks
+
+    @property
+    def credits_needed(self) -> int:
+        return self.tasks * self.replication
+
+
+def input_rows(data: Mapping | Sequence | Iterable) -> list[tuple[Any, Any]]:
+    """(key, value) rows of the job's input: a dict's items, or a list's
+    (index, item) pairs as mincemeat did."""
+    if isinstance(data, Mapping):
+        return list(data.items())
+    if isinstance(data, str | bytes):
+        raise TypeError("run_job needs a dict (or a list) of records, not a single string")
+    return list(enumerate(data))
+
+
+def _row_texts(rows: list[tuple[Any, Any]]) -> list[bytes]:
+    texts = []
+    for key, value in rows:
+        try:
+            texts.append(canonical_json([key, value]).encode())
+        except (TypeError, ValueError) as error:
+            raise EncodingError(f"input record {key!r} cannot be sent as JSON: {error}") from None
+    return texts
+
+
+def plan_job(
+    rows: list[tuple[Any, Any]],
+    *,
+    balance: int,
+    replication: int,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Plan:
+    """The whole job's plan, or InsufficientCredits before anything is spent.
+
+    Map chunks are about `chunk_bytes` each; when the balance cannot pay for
+    that many tasks, chunks grow (fewer tasks) up to MAX_CHUNK_BYTES. Reduce
+    tasks are as many as map tasks (at most MAX_REDUCE_CHUNKS) within what
+    remains affordable. Retries are paid from refunds (an invalid task is
+    refunded before its chunk is retried), so the plan's credits suffice.
+    """
+    if not rows:
+        return Plan(map_chunks=[], reduce_chunks=0, replication=replication, input_bytes=0)
+    texts = _row_texts(rows)
+    total = sum(len(t) + 1 for t in texts) + 1
+    affordable = balance // replication
+    if affordable < 2:
+        raise InsufficientCredits(
+            2 * replication,
+            balance,
+            f"not enough credits: the smallest job (1 map + 1 reduce task x {replication}"
+            f" workers) needs {2 * replication}, the account has {balance}",
+        )
+    wanted_maps = max(1, min(len(texts), math.ceil(total / chunk_bytes)))
+    wanted_reduces = max(1, min(wanted_maps, MAX_REDUCE_CHUNKS))
+    if wanted_maps + wanted_reduces > affordable:
+        maps = max(1, (affordable * wanted_maps) // (wanted_maps + wanted_reduces))
+        reduces = max(1, min(wanted_reduces, affordable - maps))
+        maps = affordable - reduces if maps + reduces > affordable else maps
+    else:
+        maps, reduces = wanted_maps, wanted_reduces
+    target = math.ceil(total / maps)
+    if target > MAX_CHUNK_BYTES:
+        needed_maps = math.ceil(total / MAX_CHUNK_BYTES)
+        needed = (needed_maps + 1) * replication
+        raise InsufficientCredits(
+            needed,
+            balance,
+            f"not enough credits: {total} bytes of input need at least {needed_maps} map tasks"
+            f" of at most {MAX_CHUNK_BYTES} bytes, so {needed} credits; the account has {balance}",
+        )
+    return Plan(
+        map_chunks=_pack(texts, target),
+        reduce_chunks=reduces,
+        replication=replication,
+        input_bytes=total,
+    )
+
+
+def _pack(texts: list[bytes], target: int) -> list[bytes]:
+    """Consecutive rows into chunks of about `target` bytes, in input order
+    (so values reach each key in the order a sequential run sees them)."""
+    chunks: list[bytes] = []
+    current: list[bytes] = []
+    size = 0
+    for text in texts:
+        if current and size + len(text) > target:
+            chunks.append(b"[" + b",".join(current) + b"]")
+            current, size = [], 0
+        current.append(text)
+        size += len(text) + 1
+    if current:
+        chunks.append(b"[" + b",".join(current) + b"]")
+    return chunks
+
+
+def split_reduce_rows(texts: list[bytes], chunks: int) -> list[bytes]:
+    """Reduce rows (already canonical JSON, sorted by key) into `chunks`
+    pieces of similar size."""
+    if not texts:
+        return []
+    total = sum(len(t) + 1 for t in texts)
+    return _pack(texts, math.ceil(total / max(1, min(chunks, len(texts)))))
