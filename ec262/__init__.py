@@ -7,6 +7,7 @@ agree. See PROTOCOL.md for the contract.
 
 import logging
 
+from ec262.api import Job, JobResult, combiner, mapper, reducer, run_job
 from ec262.envelope import decrypt_data, encrypt_data
 from ec262.errors import (
     AuthenticationError,
@@ -15,6 +16,8 @@ from ec262.errors import (
     EncodingError,
     InsufficientCredits,
     InvalidRequest,
+    JobFailed,
+    RemoteError,
     ServiceUnavailable,
     UnknownTask,
 )
@@ -41,10 +44,18 @@ __all__ = [
     "EncodingError",
     "InsufficientCredits",
     "InvalidRequest",
+    "Job",
+    "JobFailed",
+    "JobResult",
+    "RemoteError",
     "ServiceUnavailable",
     "UnknownTask",
     "__version__",
+    "combiner",
     "decrypt_data",
     "encrypt_data",
+    "mapper",
+    "reducer",
+    "run_job",
     "run_worker",
 ]

@@ -29,7 +29,8 @@ def _is_number(key: object) -> bool:
     return isinstance(key, int | float) and not isinstance(key, bool)
 
 
-def _sorted_items(data: Mapping) -> list[tuple[Any, Any]]:
+def sorted_items(data: Mapping) -> list[tuple[Any, Any]]:
+    """Items in canonical key order (see the module docstring)."""
     items = list(data.items())
     keys = [key for key, _ in items]
     all_strings = all(type(key) is str for key in keys)
@@ -71,7 +72,7 @@ def encode_result(data: Mapping) -> bytes:
     """
     if not isinstance(data, Mapping):
         raise EncodingError(f"a result must be a dict, not {type(data).__name__}")
-    return encode_pairs(_sorted_items(data))
+    return encode_pairs(sorted_items(data))
 
 
 def _check_value(key: object, value: object) -> None:

@@ -96,3 +96,8 @@ class JobFailed(Ec262Error):
     def __init__(self, message: str, *, chunk: str = "") -> None:
         self.chunk = chunk
         super().__init__(message)
+
+
+class PermissionDenied(Ec262Error):
+    """A caller that is known but not allowed this (gRPC PERMISSION_DENIED),
+    e.g. a result sent with the wrong submit token."""

@@ -26,6 +26,7 @@ from ec262.errors import (
     InsufficientCredits,
     InvalidRequest,
     NoFreeSlot,
+    PermissionDenied,
     ServiceUnavailable,
     UnknownTask,
 )
@@ -44,6 +45,7 @@ _TABLE: tuple[tuple[type[Ec262Error], grpc.StatusCode, str], ...] = (
     (ServiceUnavailable, grpc.StatusCode.UNAVAILABLE, "SERVICE_UNAVAILABLE"),
     (NoFreeSlot, grpc.StatusCode.RESOURCE_EXHAUSTED, "NO_FREE_SLOT"),
     (FunctionNotCached, grpc.StatusCode.FAILED_PRECONDITION, "FUNCTION_NOT_CACHED"),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED"),
 )
 _BY_REASON = {reason: cls for cls, _, reason in _TABLE}
 

@@ -1,0 +1,171 @@
+"""What users import: `@mapper`, `@reducer`, `@combiner`, `run_job`, `Job`.
+
+The decorators only mark a function (an attribute on it); `run_job` finds the
+marked functions among its caller's globals, so the five-line mincemeat
+style works without ec262 keeping any global state, and `Job` runs several
+jobs in one program explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ec262.discovery_client import DiscoveryClient
+from ec262.identity import identity_path
+
+logger = logging.getLogger(__name__)
+
+ROLE = "__ec262_role__"
+ENV_DISCOVERY = "EC262_DISCOVERY"
+
+
+def _mark(role: str) -> Callable[[Callable], Callable]:
+    def decorate(function: Callable) -> Callable:
+        if not callable(function):
+            raise TypeError(f"@ec262.{role} decorates a function, not {function!r}")
+        setattr(function, ROLE, role)
+        return function
+
+    decorate.__name__ = role
+    decorate.__doc__ = f"Mark a function as the job's {role} (found by `ec262.run_job`)."
+    return decorate
+
+
+mapper = _mark("mapper")
+reducer = _mark("reducer")
+combiner = _mark("combiner")
+
+
+class JobResult(dict):
+    """The result dictionary, with the job's statistics as `.stats`."""
+
+    stats: Any = None
+
+
+@dataclass
+class Job:
+    """A MapReduce job: `Job(mapper=f, reducer=g).run(data)`.
+
+    Options: `discovery` ("HOST:PORT"; else $EC262_DISCOVERY; else a local
+    cluster of `local_workers` processes is started for the job), `identity`
+    (path of the foreman's identity file), `chunk_bytes` (input per map task),
+    `task_timeout` (seconds before a task without quorum is retried),
+    `max_attempts` (per chunk), `progress` (None = a bar when stderr is a
+    terminal), `host`/`advertise` (where workers reach this foreman).
+    """
+
+    mapper: Callable | None = None
+    reducer: Callable | None = None
+    combiner: Callable | None = None
+    discovery: str | None = None
+    identity: str | os.PathLike | None = None
+    chunk_bytes: int | None = None
+    task_timeout: float | None = None
+    max_attempts: int | None = None
+    progress: bool | None = None
+    local_workers: int = 3
+    host: str = "127.0.0.1"
+    advertise: str | None = None
+    stats: Any = field(default=None, init=False, repr=False)
+
+    def run(self, data: Any, **overrides: Any) -> JobResult:
+        job = replace(self, **overrides) if overrides else self
+        if job.mapper is None or job.reducer is None:
+            raise TypeError("a job needs a mapper and a reducer")
+        result = _run(job, data)
+        self.stats = result.stats
+        return result
+
+
+def _engine_config(job: Job):
+    from foreman_service.engine import EngineConfig
+
+    changes = {
+        name: value
+        for name, value in (
+            ("chunk_bytes", job.chunk_bytes),
+            ("task_timeout", job.task_timeout),
+            ("max_attempts", job.max_attempts),
+        )
+        if value is not None
+    }
+    return replace(EngineConfig(), **changes)
+
+
+def _run(job: Job, data: Any) -> JobResult:
+    from ec262.local_cluster import LocalCluster
+    from ec262.progress import TerminalProgress
+    from foreman_service.engine import JobEngine
+    from foreman_service.inbox import ResultInbox
+    from foreman_service.server import start_foreman_server
+
+    with ExitStack() as stack:
+        address = job.discovery or os.environ.get(ENV_DISCOVERY)
+        identity = Path(job.identity) if job.identity else None
+        if not address:
+            logger.info("no discovery service configured: starting a local cluster")
+            cluster = stack.enter_context(LocalCluster(workers=job.local_workers))
+            address = cluster.address
+            identity = identity or cluster.foreman_identity
+        discovery = stack.enter_context(DiscoveryClient(address))
+        discovery.load_or_create_identity(identity_path(identity))
+        inbox = ResultInbox()
+        progress = TerminalProgress(enabled=job.progress)
+        engine = JobEngine(
+            discovery, inbox, result_address="", config=_engine_config(job), progress=progress
+        )
+        server = start_foreman_server(inbox, engine.stats, host=job.host, advertise=job.advertise)
+        stack.callback(server.stop)
+        engine.result_address = server.address
+        result = JobResult(engine.run(data, job.mapper, job.reducer, job.combiner))
+        result.stats = engine.stats
+        return result
+
+
+def _find_marked(namespace: dict, role: str) -> Callable | None:
+    found = [
+        value
+        for value in namespace.values()
+        if callable(value) and getattr(value, ROLE, None) == role
+    ]
+    if len(found) > 1:
+        names = ", ".join(sorted(getattr(f, "__name__", "?") for f in found))
+        raise TypeError(
+            f"several @ec262.{role} functions here ({names}): pass {role}=... to run_job,"
+            " or use ec262.Job"
+        )
+    return found[0] if found else None
+
+
+def run_job(
+    data: Any,
+    *,
+    mapper: Callable | None = None,
+    reducer: Callable | None = None,
+    combiner: Callable | None = None,
+    **options: Any,
+) -> JobResult:
+    """Run a MapReduce job and return its result dictionary.
+
+    `data` is a dict of records (or a list, keyed by position). The mapper,
+    reducer and optional combiner are the functions marked with
+    `@ec262.mapper`, `@ec262.reducer` and `@ec262.combiner` in the calling
+    module, unless given here. Other options are those of `ec262.Job`.
+    """
+    caller = sys._getframe(1).f_globals
+    mapper = mapper or _find_marked(caller, "mapper")
+    reducer = reducer or _find_marked(caller, "reducer")
+    combiner = combiner or _find_marked(caller, "combiner")
+    if mapper is None or reducer is None:
+        missing = " and ".join(
+            r for r, f in (("@ec262.mapper", mapper), ("@ec262.reducer", reducer)) if f is None
+        )
+        raise TypeError(f"run_job found no {missing} function: decorate one, or pass it")
+    return Job(mapper=mapper, reducer=reducer, combiner=combiner, **options).run(data)

@@ -1,0 +1,477 @@
+"""The job engine: plan, then run each phase's chunks as replicated tasks,
+validate them by quorum on the ciphertexts, settle, decrypt, retry, and
+shuffle map output into reduce chunks. Plain Python; the gRPC edges
+(discovery client, worker stubs, the Foreman servicer feeding the inbox)
+come in through the constructor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+
+from ec262.discovery_client import DiscoveryClient
+from ec262.envelope import decrypt_data
+from ec262.errors import DecryptionError, JobFailed, RemoteError, UnknownTask
+from ec262.payload import digest, pack_functions
+from ec262.remote_errors import is_error_document
+from ec262.v1 import worker_pb2, worker_pb2_grpc
+from foreman_service.inbox import ResultInbox
+from foreman_service.planning import DEFAULT_CHUNK_BYTES, input_rows, plan_job
+from foreman_service.shuffle import Shuffle
+from foreman_service.stats import JobStats
+
+logger = logging.getLogger(__name__)
+
+MAP, REDUCE = worker_pb2.MAP, worker_pb2.REDUCE
+PHASE_NAMES = {MAP: "map", REDUCE: "reduce"}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    task_timeout: float = 120.0  # no quorum by then: settle invalid, retry
+    max_attempts: int = 4  # per chunk, then JobFailed
+    grace_fraction: float = 0.5  # after quorum, wait this share of the time it took ...
+    grace_min: float = 0.02  # ... at least this ...
+    grace_max: float = 2.0  # ... at most this, for the remaining replicas
+    batch: int = 64  # tasks asked for in one RequestTasks
+    assign_timeout: float = 10.0
+
+
+class Progress(Protocol):
+    def phase(self, name: str, total: int) -> None: ...
+    def advance(self, stats: JobStats) -> None: ...
+    def close(self, stats: JobStats) -> None: ...
+
+
+class _NoProgress:
+    def phase(self, name: str, total: int) -> None:
+        pass
+
+    def advance(self, stats: JobStats) -> None:
+        pass
+
+    def close(self, stats: JobStats) -> None:
+        pass
+
+
+@dataclass
+class Chunk:
+    phase: int
+    index: int
+    rows: bytes
+    attempts: int = 0
+    suspects: set[str] = field(default_factory=set)
+
+    @property
+    def label(self) -> str:
+        return f"{PHASE_NAMES[self.phase]} chunk {self.index}"
+
+
+@dataclass
+class Attempt:
+    chunk: Chunk
+    task_id: str
+    workers: dict[str, str]  # worker id -> address
+    tokens: dict[str, str]
+    started: float
+    deadline: float
+    unreachable: set[str] = field(default_factory=set)
+    quorum_at: float | None = None
+
+
+class WorkerStubs:
+    """One channel per worker address, for the length of a job."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.Channel] = {}
+
+    def stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.insecure_channel(
+                address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
+            )
+        return worker_pb2_grpc.WorkerStub(channel)
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
+
+
+class JobEngine:
+    """Runs one job at a time for one foreman identity."""
+
+    def __init__(
+        self,
+        discovery: DiscoveryClient,
+        inbox: ResultInbox,
+        *,
+        result_address: str,
+        config: EngineConfig | None = None,
+        progress: Progress | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.discovery = discovery
+        self.inbox = inbox
+        self.result_address = result_address
+        self.config = config or EngineConfig()
+        self.progress = progress or _NoProgress()
+        self.stats = JobStats()
+        self._clock = clock
+        self._stubs = WorkerStubs()
+        self._holders: dict[str, set[str]] = {}  # digest -> workers holding it
+        self._cheaters: set[str] = set()
+        self._active: dict[str, Attempt] = {}
+
+    # -- the whole job ---------------------------------------------------------
+
+    def run(
+        self, data: Any, mapper: Callable, reducer: Callable, combiner: Callable | None = None
+    ) -> dict:
+        started = self._clock()
+        stats = self.stats
+        stats.job_id = uuid.uuid4().hex
+        info = self.discovery.get_client()
+        replication = info.replication or 3
+        plan = plan_job(
+            input_rows(data),
+            balance=info.credits,
+            replication=replication,
+            chunk_bytes=self.config.chunk_bytes,
+        )
+        stats.input_bytes = plan.input_bytes
+        logger.info(
+            "job %s: %d map and up to %d reduce tasks x %d workers (%d credits planned of %d)",
+            stats.job_id[:8],
+            len(plan.map_chunks),
+            plan.reduce_chunks,
+            replication,
+            plan.credits_needed,
+            info.credits,
+        )
+        try:
+            if not plan.map_chunks:
+                return {}
+            shuffle = Shuffle(len(plan.map_chunks))
+            map_payload = pack_functions(mapper, combiner)
+            self._run_phase(
+                MAP,
+                [Chunk(MAP, i, rows) for i, rows in enumerate(plan.map_chunks)],
+                map_payload,
+                lambda chunk, output: shuffle.add(chunk.index, output),
+            )
+            reduce_rows = shuffle.reduce_chunks(plan.reduce_chunks)
+            result: dict = {}
+            outputs: dict[int, dict] = {}
+            self._run_phase(
+                REDUCE,
+                [Chunk(REDUCE, i, rows) for i, rows in enumerate(reduce_rows)],
+                pack_functions(reducer),
+                lambda chunk, output: outputs.__setitem__(chunk.index, output),
+            )
+            for index in sorted(outputs):
+                result.update(outputs[index])
+            stats.phase = "done"
+            return result
+        except BaseException:
+            stats.phase = "failed"
+            raise
+        finally:
+            self._abandon_all()
+            self._stubs.close()
+            stats.seconds = self._clock() - started
+            try:
+                stats.credits_spent = info.credits - self.discovery.get_client().credits
+            except Exception:
+                logger.debug("could not read the final balance", exc_info=True)
+            self.progress.close(stats)
+
+    # -- one phase -------------------------------------------------------------
+
+    def _run_phase(
+        self,
+        phase: int,
+        chunks: list[Chunk],
+        payload: bytes,
+        on_result: Callable[[Chunk, dict], None],
+    ) -> None:
+        name = PHASE_NAMES[phase]
+        self.stats.phase = name
+        phase_started = self._clock()
+        if phase == MAP:
+            self.stats.map_tasks = len(chunks)
+        else:
+            self.stats.reduce_tasks = len(chunks)
+        self.progress.phase(name, len(chunks))
+        payload_digest = digest(payload)
+        pending: deque[Chunk] = deque(chunks)
+        next_request = 0.0
+        starved_since: float | None = None
+        while pending or self._active:
+            now = self._clock()
+            if pending and now >= next_request:
+                made = self._launch(pending, payload, payload_digest)
+                if made:
+                    starved_since, next_request = None, 0.0
+                else:
+                    starved_since = starved_since or now
+                    next_request = now + min(2.0, 0.05 * 2 ** min(6, len(pending)))
+                    if not self._active and now - starved_since > self.config.task_timeout:
+                        raise JobFailed(
+                            f"no workers available for {pending[0].label} for"
+                            f" {self.config.task_timeout:g} s",
+                            chunk=pending[0].label,
+                        )
+            self._wait(next_request if pending else None)
+            for attempt in list(self._active.values()):
+                self._decide(attempt, pending, on_result)
+        self.stats.phase_seconds[name] = self._clock() - phase_started
+
+    def _launch(self, pending: deque[Chunk], payload: bytes, payload_digest: str) -> int:
+        """Ask discovery for tasks for the pending chunks and assign them."""
+        fresh = [c for c in pending if not c.suspects][: self.config.batch]
+        retried = [c for c in pending if c.suspects]
+        made = 0
+        if fresh:
+            made += self._request_and_assign(fresh, set(), payload, payload_digest, pending)
+        for chunk in retried:
+            got = self._request_and_assign(
+                [chunk], chunk.suspects, payload, payload_digest, pending
+            )
+            if not got:  # too few workers left outside the suspects: relax for next time
+                chunk.suspects.clear()
+            made += got
+        return made
+
+    def _request_and_assign(
+        self,
+        chunks: list[Chunk],
+        exclude: set[str],
+        payload: bytes,
+        payload_digest: str,
+        pending: deque[Chunk],
+    ) -> int:
+        response = self.discovery.request_tasks(
+            len(chunks), exclude_workers=sorted(exclude | self._cheaters)
+        )
+        now = self._clock()
+        attempts = []
+        for chunk, task in zip(chunks, response.tasks, strict=False):
+            pending.remove(chunk)
+            workers = {w.client_id: w.address for w in task.workers}
+            attempt = Attempt(
+                chunk=chunk,
+                task_id=task.task_id,
+                workers=workers,
+                tokens=self.inbox.open_task(task.task_id, workers),
+                started=now,
+                deadline=now + self.config.task_timeout,
+            )
+            self._active[task.task_id] = attempt
+            attempts.append(attempt)
+            self.stats.states["assigned"] += 1
+        self._assign(attempts, payload, payload_digest)
+        return len(attempts)
+
+    def _assign(self, attempts: list[Attempt], payload: bytes, payload_digest: str) -> None:
+        """AssignTask to every worker of these tasks at once (gRPC futures),
+        sending the payload only to workers not known to hold it."""
+        holders = self._holders.setdefault(payload_digest, set())
+        calls = []
+        for attempt in attempts:
+            for worker_id, address in attempt.workers.items():
+                calls.append((attempt, worker_id, address, worker_id not in holders))
+        futures = [
+            self._assign_one(a, w, addr, payload, payload_digest, send)
+            for a, w, addr, send in calls
+        ]
+        retry = []
+        for (attempt, worker_id, address, sent), future in zip(calls, futures, strict=True):
+            try:
+                future.result()
+                holders.add(worker_id)
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.FAILED_PRECONDITION and not sent:
+                    retry.append((attempt, worker_id, address))
+                    continue
+                self._unreachable(attempt, worker_id, error)
+        for attempt, worker_id, address in retry:
+            try:
+                self._assign_one(
+                    attempt, worker_id, address, payload, payload_digest, True
+                ).result()
+                holders.add(worker_id)
+            except grpc.RpcError as error:
+                self._unreachable(attempt, worker_id, error)
+
+    def _assign_one(
+        self,
+        attempt: Attempt,
+        worker_id: str,
+        address: str,
+        payload: bytes,
+        payload_digest: str,
+        send_payload: bool,
+    ):
+        request = worker_pb2.AssignTaskRequest(
+            task_id=attempt.task_id,
+            job_id=self.stats.job_id,
+            phase=attempt.chunk.phase,
+            function=payload if send_payload else b"",
+            function_sha256=payload_digest,
+            rows=attempt.chunk.rows,
+            result_address=self.result_address,
+            foreman_id=self.discovery.identity.client_id,
+            submit_token=attempt.tokens[worker_id],
+        )
+        return self._stubs.stub(address).AssignTask.future(
+            request, timeout=self.config.assign_timeout
+        )
+
+    def _unreachable(self, attempt: Attempt, worker_id: str, error: grpc.RpcError) -> None:
+        logger.info(
+            "worker %s did not take %s (%s: %s)",
+            worker_id[:8],
+            attempt.chunk.label,
+            error.code().name,
+            error.details(),
+        )
+        attempt.unreachable.add(worker_id)
+        with self.inbox.changed:
+            self.inbox.dirty.add(attempt.task_id)
+
+    # -- waiting and deciding ----------------------------------------------------
+
+    def _wait(self, wake_at: float | None) -> None:
+        now = self._clock()
+        deadlines = [a.deadline for a in self._active.values()]
+        deadlines += [
+            a.quorum_at + self._grace(a) for a in self._active.values() if a.quorum_at is not None
+        ]
+        if wake_at is not None:
+            deadlines.append(wake_at)
+        timeout = max(0.0, min(deadlines) - now) if deadlines else None
+        with self.inbox.changed:
+            if not self.inbox.dirty:
+                self.inbox.changed.wait(timeout)
+            self.inbox.dirty.clear()
+
+    def _grace(self, attempt: Attempt) -> float:
+        took = (attempt.quorum_at or attempt.started) - attempt.started
+        config = self.config
+        return min(config.grace_max, max(config.grace_min, config.grace_fraction * took))
+
+    def _decide(
+        self, attempt: Attempt, pending: deque[Chunk], on_result: Callable[[Chunk, dict], None]
+    ) -> None:
+        now = self._clock()
+        results = self.inbox.results(attempt.task_id)
+        workers = set(attempt.workers)
+        quorum = len(workers) // 2 + 1
+        counts = Counter(results.values())
+        winner, votes = counts.most_common(1)[0] if counts else (None, 0)
+        still_possible = workers - attempt.unreachable - set(results)
+        if votes >= quorum:
+            if attempt.quorum_at is None:
+                attempt.quorum_at = now
+            if still_possible and now < attempt.quorum_at + self._grace(attempt):
+                return
+            agreeing = {w for w, c in results.items() if c == winner}
+            self._settle_valid(attempt, winner, agreeing, pending, on_result)
+        elif votes + len(still_possible) < quorum or now >= attempt.deadline:
+            reason = "deadline passed" if now >= attempt.deadline else "no quorum possible"
+            self._settle_invalid(attempt, pending, reason)
+
+    def _finish(self, attempt: Attempt) -> None:
+        self._active.pop(attempt.task_id, None)
+        self.inbox.close_task(attempt.task_id)
+
+    def _settle_valid(
+        self,
+        attempt: Attempt,
+        winner: str,
+        agreeing: set[str],
+        pending: deque[Chunk],
+        on_result: Callable[[Chunk, dict], None],
+    ) -> None:
+        missing = sorted(set(attempt.workers) - agreeing)
+        results = self.inbox.results(attempt.task_id)
+        disagreeing = {w for w in missing if w in results}
+        self._finish(attempt)
+        settlement = self.discovery.settle_task(attempt.task_id, valid=True, missing=missing)
+        stats = self.stats
+        stats.tasks_validated += 1
+        stats.states["validated"] += 1
+        stats.missing_reports += len(missing)
+        if disagreeing:
+            stats.cheaters |= disagreeing
+            self._cheaters |= disagreeing
+            logger.warning(
+                "%s: worker(s) %s sent a result that disagrees with the quorum;"
+                " reported missing and not paid",
+                attempt.chunk.label,
+                ", ".join(w[:8] for w in sorted(disagreeing)),
+            )
+        try:
+            output = decrypt_data(winner, settlement.key)
+        except DecryptionError:
+            # The agreeing workers sent the same garbage: they were paid, but
+            # their result is useless; run the chunk again without them.
+            self._cheaters |= agreeing
+            stats.cheaters |= agreeing
+            self._retry(attempt, pending, "the agreed result does not decrypt")
+            return
+        if is_error_document(output):
+            error = output["error"]
+            raise RemoteError(
+                error["type"], error["message"], error["traceback"], chunk=attempt.chunk.label
+            )
+        on_result(attempt.chunk, output)
+        self.progress.advance(stats)
+
+    def _settle_invalid(self, attempt: Attempt, pending: deque[Chunk], reason: str) -> None:
+        self._finish(attempt)
+        with contextlib.suppress(UnknownTask):  # expired: discovery refunded it already
+            self.discovery.settle_task(attempt.task_id, valid=False)
+        self.stats.tasks_invalid += 1
+        self.stats.states["invalid"] += 1
+        self._retry(attempt, pending, reason)
+
+    def _retry(self, attempt: Attempt, pending: deque[Chunk], reason: str) -> None:
+        chunk = attempt.chunk
+        chunk.attempts += 1
+        if chunk.attempts >= self.config.max_attempts:
+            raise JobFailed(
+                f"no quorum for {chunk.label} after {chunk.attempts} attempts (last: {reason})",
+                chunk=chunk.label,
+            )
+        chunk.suspects |= set(attempt.workers)
+        self.stats.retries += 1
+        logger.info(
+            "%s: %s; retrying on other workers (attempt %d)",
+            chunk.label,
+            reason,
+            chunk.attempts + 1,
+        )
+        pending.append(chunk)
+        self.progress.advance(self.stats)
+
+    def _abandon_all(self) -> None:
+        """Refund every task still open (the job failed or stopped)."""
+        for attempt in list(self._active.values()):
+            self._finish(attempt)
+            try:
+                self.discovery.settle_task(attempt.task_id, valid=False)
+            except Exception as error:
+                logger.warning("could not refund task %s: %s", attempt.task_id, error)

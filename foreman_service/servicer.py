@@ -1,0 +1,34 @@
+"""The `Foreman` gRPC servicer: workers' results into the inbox; job status out."""
+
+from __future__ import annotations
+
+from ec262.grpc_errors import translate_errors
+from ec262.v1 import foreman_pb2 as pb
+from ec262.v1 import foreman_pb2_grpc
+from foreman_service.inbox import ResultInbox
+from foreman_service.stats import JobStats
+
+
+class ForemanServicer(foreman_pb2_grpc.ForemanServicer):
+    def __init__(self, inbox: ResultInbox, stats: JobStats) -> None:
+        self._inbox = inbox
+        self._stats = stats
+
+    @translate_errors
+    def SubmitResult(self, request, context):
+        self._inbox.submit(
+            request.task_id, request.worker_id, request.submit_token, request.ciphertext
+        )
+        return pb.SubmitResultResponse()
+
+    @translate_errors
+    def GetJob(self, request, context):
+        stats = self._stats
+        return pb.JobStatus(
+            job_id=stats.job_id,
+            phase=stats.phase,
+            tasks_by_state=dict(stats.states),
+            retries=stats.retries,
+            cheaters_seen=stats.cheaters_seen,
+            credits_spent=stats.credits_spent,
+        )

@@ -1,0 +1,41 @@
+"""Between map and reduce: map outputs merged by key in chunk order (so each
+key's values come in the order a sequential run produces them), then cut
+into reduce chunks. Merging happens as map results arrive, overlapping the
+map phase, in chunk order."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ec262.encoding import canonical_json, sorted_items
+from foreman_service.planning import split_reduce_rows
+
+
+class Shuffle:
+    def __init__(self, chunks: int) -> None:
+        self._pending: dict[int, dict[Any, list]] = {}
+        self._next = 0
+        self._chunks = chunks
+        self.grouped: dict[Any, list] = {}
+
+    def add(self, index: int, output: dict[Any, list]) -> None:
+        """The map output of chunk `index`; merged once all before it are."""
+        self._pending[index] = output
+        while self._next in self._pending:
+            for key, values in self._pending.pop(self._next).items():
+                bucket = self.grouped.get(key)
+                if bucket is None:
+                    self.grouped[key] = list(values)
+                else:
+                    bucket.extend(values)
+            self._next += 1
+
+    @property
+    def complete(self) -> bool:
+        return self._next == self._chunks
+
+    def reduce_chunks(self, count: int) -> list[bytes]:
+        texts = [
+            canonical_json([key, values]).encode() for key, values in sorted_items(self.grouped)
+        ]
+        return split_reduce_rows(texts, count)

@@ -1,0 +1,43 @@
+"""What a job did, for the caller, the progress bar and GetJob."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class JobStats:
+    job_id: str = ""
+    phase: str = "planning"
+    map_tasks: int = 0
+    reduce_tasks: int = 0
+    tasks_validated: int = 0
+    tasks_invalid: int = 0
+    retries: int = 0
+    cheaters: set[str] = field(default_factory=set)
+    missing_reports: int = 0
+    credits_spent: int = 0
+    input_bytes: int = 0
+    seconds: float = 0.0
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    states: Counter = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @property
+    def cheaters_seen(self) -> int:
+        return len(self.cheaters)
+
+    def summary(self) -> str:
+        """The one paragraph printed at the end of a job."""
+        return (
+            f"ec262 job {self.job_id[:8]}: {self.map_tasks} map and {self.reduce_tasks} reduce"
+            f" tasks validated by quorum in {self.seconds:.2f} s"
+            f" (map {self.phase_seconds.get('map', 0):.2f} s,"
+            f" reduce {self.phase_seconds.get('reduce', 0):.2f} s) over"
+            f" {self.input_bytes / 1e6:.2f} MB of input; {self.retries} retried,"
+            f" {self.tasks_invalid} settled invalid, {self.cheaters_seen} cheating worker(s)"
+            f" seen, {self.missing_reports} missing result(s) reported;"
+            f" {self.credits_spent} credits spent."
+        )
