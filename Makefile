@@ -21,7 +21,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) examples/discovery_tour.py
+	$(PY) example.py
+	$(PY) examples/stdlib_wordcount.py --megabytes 5
 
 # Regenerate ec262/v1 from protos/ (the folders match the proto package, so
 # the generated imports are absolute: `from ec262.v1 import ...`).

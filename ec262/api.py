@@ -58,7 +58,9 @@ class Job:
     (path of the foreman's identity file), `chunk_bytes` (input per map task),
     `task_timeout` (seconds before a task without quorum is retried),
     `max_attempts` (per chunk), `progress` (None = a bar when stderr is a
-    terminal), `host`/`advertise` (where workers reach this foreman).
+    terminal; or an object with `phase`, `advance`, `close` methods that get
+    the live statistics), `host`/`advertise` (where workers reach this
+    foreman).
     """
 
     mapper: Callable | None = None
@@ -69,7 +71,7 @@ class Job:
     chunk_bytes: int | None = None
     task_timeout: float | None = None
     max_attempts: int | None = None
-    progress: bool | None = None
+    progress: Any = None  # None/True/False, or an object with phase/advance/close
     local_workers: int = 3
     host: str = "127.0.0.1"
     advertise: str | None = None
@@ -117,7 +119,11 @@ def _run(job: Job, data: Any) -> JobResult:
         discovery = stack.enter_context(DiscoveryClient(address))
         discovery.load_or_create_identity(identity_path(identity))
         inbox = ResultInbox()
-        progress = TerminalProgress(enabled=job.progress)
+        progress = (
+            job.progress
+            if hasattr(job.progress, "advance")
+            else TerminalProgress(enabled=job.progress)
+        )
         engine = JobEngine(
             discovery, inbox, result_address="", config=_engine_config(job), progress=progress
         )

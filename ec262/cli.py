@@ -9,7 +9,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import grpc
+
 from ec262 import __version__
+from ec262.errors import Ec262Error
 
 DEFAULT_DISCOVERY = "127.0.0.1:26262"
 
@@ -97,6 +100,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_worker_arguments(worker)
     worker.set_defaults(handler=_run_worker)
+
+    cluster = commands.add_parser(
+        "cluster", help="a discovery service and workers on this machine, for repeated jobs"
+    )
+    cluster.add_argument("--workers", type=_positive, default=3)
+    cluster.add_argument("--slots", type=_positive, default=2, help="slots per worker")
+    cluster.add_argument(
+        "--dir",
+        default=None,
+        help="keep the ledger and identities here (default: a temporary folder)",
+    )
+    _add_logging_flags(cluster)
+    cluster.set_defaults(handler=_run_cluster)
+
+    status = commands.add_parser("status", help="your credits and counters")
+    status.add_argument("--discovery", default=os.environ.get("EC262_DISCOVERY", DEFAULT_DISCOVERY))
+    status.add_argument("--identity", default=None)
+    _add_logging_flags(status)
+    status.set_defaults(handler=_run_status)
     return parser
 
 
@@ -184,13 +206,58 @@ def _run_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_cluster(args: argparse.Namespace) -> int:
+    from ec262 import serving
+    from ec262.local_cluster import LocalCluster
+
+    cluster = LocalCluster(workers=args.workers, slots=args.slots, directory=args.dir).start()
+    print(
+        f"discovery on {cluster.address} with {args.workers} worker(s); run jobs with\n"
+        f"  EC262_DISCOVERY={cluster.address} python your_job.py\n"
+        f"  (foreman identity: --identity / EC262_IDENTITY={cluster.foreman_identity})",
+        flush=True,
+    )
+    serving.announce(*cluster.address.rsplit(":", 1))
+    serving.wait_for_signal(cluster.close)
+    return 0
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    from ec262.discovery_client import DiscoveryClient
+    from ec262.identity import identity_path, load_identity
+
+    path = identity_path(args.identity)
+    identity = load_identity(path)
+    if identity is None:
+        print(f"no identity at {path} yet: it is made on first use (a job or a worker)")
+        return 1
+    with DiscoveryClient(args.discovery, identity) as client:
+        info = client.get_client()
+    print(
+        f"client {info.client_id} at {args.discovery}: {info.credits} credits,"
+        f" {info.tasks_completed} tasks completed, {info.tasks_failed} failed"
+        + (
+            f"; worker at {info.address} ({info.busy_slots}/{info.slots} slots busy)"
+            if info.address
+            else ""
+        )
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args)
     try:
         return args.handler(args)
-    except (ValueError, OSError) as error:  # bad URL or address, port in use, unreadable file
+    except grpc.RpcError as error:
+        print(f"ec262 {args.command}: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    except Ec262Error as error:
+        print(f"ec262 {args.command}: {error}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError, RuntimeError) as error:  # bad input, port in use, ...
         logging.getLogger("ec262").debug("startup failed", exc_info=True)
         print(f"ec262 {args.command}: {error}", file=sys.stderr)
         return 1

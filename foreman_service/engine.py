@@ -71,6 +71,7 @@ class Chunk:
     rows: bytes
     attempts: int = 0
     suspects: set[str] = field(default_factory=set)
+    starved_since: float | None = None  # when a retry first found no workers
 
     @property
     def label(self) -> str:
