@@ -64,10 +64,11 @@ def spawn_server(
     env: dict[str, str] | None = None,
     cwd: str | None = None,
     timeout: float = START_TIMEOUT,
+    module: str = "ec262",
 ) -> ServerProcess:
-    """Run `python -m ec262 ARGS`; return once it prints its listening line."""
+    """Run `python -m MODULE ARGS`; return once it prints its listening line."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "ec262", *args],
+        [sys.executable, "-m", module, *args],
         cwd=cwd,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,

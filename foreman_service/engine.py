@@ -40,9 +40,12 @@ class EngineConfig:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     task_timeout: float = 120.0  # no quorum by then: settle invalid, retry
     max_attempts: int = 4  # per chunk, then JobFailed
-    grace_fraction: float = 0.5  # after quorum, wait this share of the time it took ...
-    grace_min: float = 0.02  # ... at least this ...
-    grace_max: float = 2.0  # ... at most this, for the remaining replicas
+    # After quorum, the remaining replicas get as long again as the quorum
+    # took (honest replicas run the same code on the same rows), within
+    # [grace_min, grace_max] seconds, before they are reported missing.
+    grace_fraction: float = 1.0
+    grace_min: float = 0.05
+    grace_max: float = 3.0
     batch: int = 64  # tasks asked for in one RequestTasks
     assign_timeout: float = 10.0
 
@@ -134,6 +137,8 @@ class JobEngine:
         self._holders: dict[str, set[str]] = {}  # digest -> workers holding it
         self._cheaters: set[str] = set()
         self._active: dict[str, Attempt] = {}
+        self._slots_freed = False
+        self._fresh_starved_since: float | None = None
 
     # -- the whole job ---------------------------------------------------------
 
@@ -218,16 +223,20 @@ class JobEngine:
         payload_digest = digest(payload)
         pending: deque[Chunk] = deque(chunks)
         next_request = 0.0
+        empty_requests = 0
         starved_since: float | None = None
         while pending or self._active:
             now = self._clock()
-            if pending and now >= next_request:
-                made = self._launch(pending, payload, payload_digest)
-                if made:
-                    starved_since, next_request = None, 0.0
+            if pending and (self._slots_freed or now >= next_request):
+                self._slots_freed = False
+                if self._launch(pending, payload, payload_digest):
+                    starved_since, empty_requests, next_request = None, 0, 0.0
                 else:
+                    # Workers are busy (a settle will free them) or absent:
+                    # ask again with backoff to notice workers joining.
+                    empty_requests += 1
+                    next_request = now + min(1.0, 0.025 * 2**empty_requests)
                     starved_since = starved_since or now
-                    next_request = now + min(2.0, 0.05 * 2 ** min(6, len(pending)))
                     if not self._active and now - starved_since > self.config.task_timeout:
                         raise JobFailed(
                             f"no workers available for {pending[0].label} for"
@@ -240,18 +249,36 @@ class JobEngine:
         self.stats.phase_seconds[name] = self._clock() - phase_started
 
     def _launch(self, pending: deque[Chunk], payload: bytes, payload_digest: str) -> int:
-        """Ask discovery for tasks for the pending chunks and assign them."""
+        """Ask discovery for tasks for the pending chunks and assign them.
+
+        Known cheaters, and for a retried chunk the workers of its failed
+        attempts, are excluded, as long as enough other workers exist: a
+        request that such exclusions leave empty for `relax_after` seconds
+        is made without them (an honest majority still outvotes a cheater).
+        """
+        now = self._clock()
+        relax_after = max(2.0, 0.1 * self.config.task_timeout)
         fresh = [c for c in pending if not c.suspects][: self.config.batch]
-        retried = [c for c in pending if c.suspects]
         made = 0
         if fresh:
-            made += self._request_and_assign(fresh, set(), payload, payload_digest, pending)
-        for chunk in retried:
+            got = self._request_and_assign(fresh, self._cheaters, payload, payload_digest, pending)
+            if got or not self._cheaters:
+                self._fresh_starved_since = None
+            else:
+                self._fresh_starved_since = self._fresh_starved_since or now
+                if now - self._fresh_starved_since > relax_after:
+                    got = self._request_and_assign(fresh, set(), payload, payload_digest, pending)
+            made += got
+        for chunk in [c for c in pending if c.suspects]:
             got = self._request_and_assign(
-                [chunk], chunk.suspects, payload, payload_digest, pending
+                [chunk], chunk.suspects | self._cheaters, payload, payload_digest, pending
             )
-            if not got:  # too few workers left outside the suspects: relax for next time
-                chunk.suspects.clear()
+            if not got:
+                chunk.starved_since = chunk.starved_since or now
+                if now - chunk.starved_since > relax_after:
+                    chunk.suspects.clear()
+                    chunk.starved_since = None
+                    got = self._request_and_assign([chunk], set(), payload, payload_digest, pending)
             made += got
         return made
 
@@ -263,9 +290,7 @@ class JobEngine:
         payload_digest: str,
         pending: deque[Chunk],
     ) -> int:
-        response = self.discovery.request_tasks(
-            len(chunks), exclude_workers=sorted(exclude | self._cheaters)
-        )
+        response = self.discovery.request_tasks(len(chunks), exclude_workers=sorted(exclude))
         now = self._clock()
         attempts = []
         for chunk, task in zip(chunks, response.tasks, strict=False):
@@ -397,6 +422,7 @@ class JobEngine:
     def _finish(self, attempt: Attempt) -> None:
         self._active.pop(attempt.task_id, None)
         self.inbox.close_task(attempt.task_id)
+        self._slots_freed = True  # its workers can take the next task
 
     def _settle_valid(
         self,

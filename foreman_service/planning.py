@@ -87,8 +87,7 @@ def plan_job(
         maps = affordable - reduces if maps + reduces > affordable else maps
     else:
         maps, reduces = wanted_maps, wanted_reduces
-    target = math.ceil(total / maps)
-    if target > MAX_CHUNK_BYTES:
+    if math.ceil(total / maps) > MAX_CHUNK_BYTES:
         needed_maps = math.ceil(total / MAX_CHUNK_BYTES)
         needed = (needed_maps + 1) * replication
         raise InsufficientCredits(
@@ -98,34 +97,29 @@ def plan_job(
             f" of at most {MAX_CHUNK_BYTES} bytes, so {needed} credits; the account has {balance}",
         )
     return Plan(
-        map_chunks=_pack(texts, target),
+        map_chunks=_split_even(texts, maps),
         reduce_chunks=reduces,
         replication=replication,
         input_bytes=total,
     )
 
 
-def _pack(texts: list[bytes], target: int) -> list[bytes]:
-    """Consecutive rows into chunks of about `target` bytes, in input order
-    (so values reach each key in the order a sequential run sees them)."""
-    chunks: list[bytes] = []
-    current: list[bytes] = []
-    size = 0
+def _split_even(texts: list[bytes], count: int) -> list[bytes]:
+    """Consecutive rows into at most `count` chunks of similar size, in input
+    order (so values reach each key in the order a sequential run sees
+    them). Never more than `count`: the plan paid for that many tasks."""
+    count = max(1, min(count, len(texts)))
+    total = sum(len(t) + 1 for t in texts)
+    share = total / count
+    groups: list[list[bytes]] = [[] for _ in range(count)]
+    before = 0
     for text in texts:
-        if current and size + len(text) > target:
-            chunks.append(b"[" + b",".join(current) + b"]")
-            current, size = [], 0
-        current.append(text)
-        size += len(text) + 1
-    if current:
-        chunks.append(b"[" + b",".join(current) + b"]")
-    return chunks
+        groups[min(count - 1, int(before / share))].append(text)
+        before += len(text) + 1
+    return [b"[" + b",".join(group) + b"]" for group in groups if group]
 
 
 def split_reduce_rows(texts: list[bytes], chunks: int) -> list[bytes]:
-    """Reduce rows (already canonical JSON, sorted by key) into `chunks`
-    pieces of similar size."""
-    if not texts:
-        return []
-    total = sum(len(t) + 1 for t in texts)
-    return _pack(texts, math.ceil(total / max(1, min(chunks, len(texts)))))
+    """Reduce rows (already canonical JSON, sorted by key) into at most
+    `chunks` pieces of similar size."""
+    return _split_even(texts, chunks) if texts else []

@@ -1,0 +1,75 @@
+"""A real worker process that cheats, for the foreman's end-to-end tests.
+
+`python -m tests.cheating_worker MODE --discovery HOST:PORT --identity PATH`
+runs the ordinary worker but, per MODE:
+  wrong   sends a well-formed envelope of a wrong result, with the real key
+          (every integer in the result plus 1);
+  wrong2  the same with plus 2 (so two cheaters disagree with each other);
+  silent  accepts tasks, computes them, and never answers.
+It prints `listening on HOST:PORT` and logs like a worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+
+from ec262 import serving
+from ec262.encoding import decode_pairs, encode_pairs
+from worker_service.sandbox_pool import SandboxResult
+from worker_service.server import WorkerConfig, start_worker
+
+
+def _shift(value, by: int):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value + by
+    if isinstance(value, list):
+        return [_shift(v, by) for v in value]
+    return value
+
+
+@dataclass
+class Tampering:
+    """Wraps the real sandbox runner and falsifies what it computes."""
+
+    inner: object
+    shift: int
+
+    def run(self, digest, payload, phase, rows) -> SandboxResult:
+        honest = self.inner.run(digest, payload, phase, rows)
+        pairs = [(k, _shift(v, self.shift)) for k, v in decode_pairs(honest.plaintext)]
+        return SandboxResult(honest.ok, encode_pairs(pairs))
+
+    def cached_digests(self):
+        return self.inner.cached_digests()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["wrong", "wrong2", "silent"])
+    parser.add_argument("--discovery", required=True)
+    parser.add_argument("--identity", required=True)
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    running = start_worker(
+        WorkerConfig(port=0, discovery=args.discovery, identity=args.identity, slots=2)
+    )
+    if args.mode == "silent":
+        running.worker._submit = lambda task, worker_id, ciphertext: None
+    else:
+        running.worker._sandbox = Tampering(running.pool, 1 if args.mode == "wrong" else 2)
+    serving.announce("127.0.0.1", running.port)
+    serving.wait_for_signal(lambda: running.stop(grace=1.0))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

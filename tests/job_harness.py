@@ -1,0 +1,90 @@
+"""Helpers for end-to-end job tests: clusters with honest and cheating
+workers as real processes, and the books of every identity involved."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+from ec262.discovery_client import DiscoveryClient
+from ec262.identity import load_identity
+from ec262.local_cluster import LocalCluster
+from ec262.processes import ServerProcess, spawn_server
+from tests.processes import ROOT
+from worker_service.mapreduce import run_map, run_reduce
+
+WORD = re.compile(r"[A-Za-z_]+")
+
+
+def word_mapper(path, text):
+    for word in WORD.findall(text):
+        yield word.lower(), 1
+
+
+def sum_reducer(word, counts):
+    return sum(counts)
+
+
+def sequential(data: dict, mapper, reducer) -> dict:
+    """The same functions run in one process, in input order."""
+    return run_reduce(reducer, run_map(mapper, data.items()).items())
+
+
+def stdlib_text(megabytes: float) -> dict[str, str]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts, size = {}, 0
+    for path in sorted(root.glob("*.py")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        texts[path.name] = text
+        size += len(text)
+        if size >= megabytes * 1e6:
+            break
+    return texts
+
+
+def spawn_cheater(cluster: LocalCluster, mode: str, name: str) -> ServerProcess:
+    worker = spawn_server(
+        [mode, "--discovery", cluster.address, "--identity", str(cluster.directory / name)],
+        module="tests.cheating_worker",
+        cwd=str(ROOT),
+    )
+    worker.wait_for("registered with discovery")
+    return worker
+
+
+@contextlib.contextmanager
+def cluster_with(
+    directory: Path, honest: int, cheaters: tuple[str, ...] = ()
+) -> Iterator[tuple[LocalCluster, list[ServerProcess]]]:
+    with LocalCluster(workers=honest, directory=str(directory)) as cluster:
+        started = []
+        try:
+            for number, mode in enumerate(cheaters):
+                started.append(spawn_cheater(cluster, mode, f"cheater{number}.json"))
+            yield cluster, started
+        finally:
+            for worker in started:
+                worker.kill()
+
+
+def client_id(path: Path) -> str:
+    identity = load_identity(path)
+    assert identity is not None, path
+    return identity.client_id
+
+
+def books(address: str, paths: list[Path]) -> dict[str, tuple[int, int, int]]:
+    """client id -> (credits, tasks completed, tasks failed) for each identity."""
+    out = {}
+    for path in paths:
+        with DiscoveryClient(address, load_identity(path)) as client:
+            info = client.get_client()
+        out[info.client_id] = (info.credits, info.tasks_completed, info.tasks_failed)
+    return out
+
+
+def identity_files(cluster: LocalCluster) -> list[Path]:
+    return sorted(cluster.directory.glob("*.json"))

@@ -1,0 +1,330 @@
+"""ec262.run_job end to end: real discovery and worker processes on
+loopback, honest and cheating, crashing and silent (issue 8)."""
+
+from __future__ import annotations
+
+import ast
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import ec262
+from ec262.identity import load_identity
+from ec262.local_cluster import LocalCluster
+from tests.job_harness import (
+    books,
+    client_id,
+    cluster_with,
+    identity_files,
+    sequential,
+    stdlib_text,
+    sum_reducer,
+    word_mapper,
+)
+from tests.processes import ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+HUMPTY = [
+    "Humpty Dumpty sat on a wall",
+    "Humpty Dumpty had a great fall",
+    "All the King's horses and all the King's men",
+    "Couldn't put Humpty together again",
+]
+SMALL = {f"line{i}": line for i, line in enumerate(HUMPTY * 3)}
+
+
+def split_words(key, line):
+    for word in line.split():
+        yield word, 1
+
+
+def run(cluster: LocalCluster, tmp_path, data, **options):
+    options.setdefault("identity", tmp_path / "foreman.json")
+    options.setdefault("progress", False)
+    return ec262.Job(discovery=cluster.address, **options).run(data)
+
+
+def assert_books_balance(cluster, before, tmp_path):
+    """Whatever the foreman spent, workers earned or it got back."""
+    paths = [*identity_files(cluster), tmp_path / "foreman.json"]
+    after = books(cluster.address, paths)
+    starting = cluster.starting_credits
+    for client in after:
+        before.setdefault(client, (starting, 0, 0))
+    assert sum(c for c, _, _ in after.values()) == sum(before[c][0] for c in after)
+    return after
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with LocalCluster(workers=3, directory=str(tmp_path_factory.mktemp("cluster"))) as running:
+        yield running
+
+
+def test_humpty_dumpty_on_the_embedded_default(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("EC262_DISCOVERY", "EC262_IDENTITY")}
+    env["HOME"] = str(tmp_path)  # nothing of the user's is read or written
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "example.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    printed = ast.literal_eval(result.stdout.strip().splitlines()[-1])
+    expected: dict[str, int] = {}
+    for line in HUMPTY:
+        for word in line.split():
+            expected[word] = expected.get(word, 0) + 1
+    assert printed == expected
+    assert not (tmp_path / ".config").exists()
+
+
+def test_a_word_count_of_a_few_megabytes_equals_a_sequential_run(cluster, tmp_path):
+    data = stdlib_text(3)
+    before = books(cluster.address, identity_files(cluster))
+    result = run(
+        cluster, tmp_path, data, mapper=word_mapper, reducer=sum_reducer, chunk_bytes=256 * 1024
+    )
+    assert result == sequential(data, word_mapper, sum_reducer)
+    stats = result.stats
+    assert stats.map_tasks >= 10 and stats.reduce_tasks >= 1
+    assert stats.tasks_validated == stats.map_tasks + stats.reduce_tasks
+    assert stats.retries == 0 and stats.cheaters_seen == 0
+    # Every task paid its 3 workers, less a credit back for each replica
+    # reported missing (an honest one too slow for the grace period).
+    tasks = stats.map_tasks + stats.reduce_tasks
+    assert stats.credits_spent == 3 * tasks - stats.missing_reports
+    assert_books_balance(cluster, before, tmp_path)
+
+
+def test_a_combiner_gives_the_same_result(cluster, tmp_path):
+    data = stdlib_text(0.5)
+
+    def add_up(word, counts):
+        yield word, sum(counts)
+
+    result = run(
+        cluster,
+        tmp_path,
+        data,
+        mapper=word_mapper,
+        reducer=sum_reducer,
+        combiner=add_up,
+        chunk_bytes=64 * 1024,
+    )
+    assert result == sequential(data, word_mapper, sum_reducer)
+
+
+def test_run_job_finds_the_decorated_functions(cluster, tmp_path, monkeypatch):
+    monkeypatch.setenv("EC262_DISCOVERY", cluster.address)
+    namespace = {"ec262": ec262, "data": SMALL, "identity": str(tmp_path / "foreman.json")}
+    exec(  # a user's module, as the seed README writes it
+        "@ec262.mapper\n"
+        "def mapfn(k, v):\n"
+        "    for w in v.split():\n"
+        "        yield w, 1\n"
+        "@ec262.reducer\n"
+        "def reducefn(k, vs):\n"
+        "    return sum(vs)\n"
+        "result = ec262.run_job(data, identity=identity, progress=False)\n",
+        namespace,
+    )
+    assert namespace["result"] == sequential(SMALL, split_words, sum_reducer)
+
+
+def test_run_job_without_a_mapper_says_so():
+    with pytest.raises(TypeError, match=r"no @ec262\.mapper"):
+        ec262.run_job(SMALL)
+
+
+def test_a_user_error_is_a_remote_error_with_the_users_message(cluster, tmp_path):
+    def fussy(key, line):
+        if "wall" in line:
+            raise ValueError(f"walls are not allowed: {key}")
+        yield key, 1
+
+    before = books(cluster.address, identity_files(cluster))
+    started = time.monotonic()
+    with pytest.raises(ec262.RemoteError) as caught:
+        run(cluster, tmp_path, SMALL, mapper=fussy, reducer=sum_reducer, chunk_bytes=64)
+    assert caught.value.type_name == "ValueError"
+    assert caught.value.remote_message == "walls are not allowed: line0"
+    assert any("in fussy" in frame for frame in caught.value.remote_traceback)
+    assert "walls are not allowed" in str(caught.value)
+    assert time.monotonic() - started < 30
+    assert_books_balance(cluster, before, tmp_path)
+
+
+def test_too_few_credits_fail_before_any_spending(tmp_path):
+    with LocalCluster(workers=3, directory=str(tmp_path / "poor"), starting_credits=5) as poor:
+        foreman = tmp_path / "foreman.json"
+        with pytest.raises(ec262.InsufficientCredits) as caught:
+            run(poor, tmp_path, SMALL, mapper=split_words, reducer=sum_reducer, identity=foreman)
+        assert (caught.value.needed, caught.value.available) == (6, 5)
+        assert books(poor.address, [foreman])[client_id(foreman)] == (5, 0, 0)
+
+
+def test_two_foremen_at_once_on_one_cluster(cluster, tmp_path):
+    data = stdlib_text(1)
+    results: dict[str, object] = {}
+
+    def job(name: str) -> None:
+        try:
+            results[name] = run(
+                cluster,
+                tmp_path,
+                data,
+                mapper=word_mapper,
+                reducer=sum_reducer,
+                chunk_bytes=128 * 1024,
+                identity=tmp_path / f"{name}.json",
+            )
+        except Exception as error:  # reported below
+            results[name] = error
+
+    threads = [threading.Thread(target=job, args=(name,)) for name in ("alice", "bob")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=150)
+    expected = sequential(data, word_mapper, sum_reducer)
+    assert results["alice"] == expected, results["alice"]
+    assert results["bob"] == expected, results["bob"]
+
+
+# -- strangers misbehaving ------------------------------------------------------
+
+
+def test_a_cheating_worker_is_outvoted_reported_missing_and_unpaid(tmp_path):
+    with cluster_with(tmp_path / "c", honest=2, cheaters=("wrong",)) as (cluster, _):
+        cheater = client_id(cluster.directory / "cheater0.json")
+        before = books(cluster.address, identity_files(cluster))
+        result = run(cluster, tmp_path, SMALL, mapper=split_words, reducer=sum_reducer)
+        assert result == sequential(SMALL, split_words, sum_reducer)
+        assert result.stats.cheaters == {cheater}
+        after = assert_books_balance(cluster, before, tmp_path)
+        credits, completed, failed = after[cheater]
+        assert credits == before[cheater][0] and completed == 0 and failed >= 1
+        honest = [c for c in after if c not in (cheater, client_id(tmp_path / "foreman.json"))]
+        assert all(after[c][0] > before[c][0] for c in honest)
+
+
+class _WatchInvalid:
+    """A progress object that signals the first task settled invalid."""
+
+    def __init__(self) -> None:
+        self.invalid = threading.Event()
+
+    def phase(self, name, total):
+        pass
+
+    def advance(self, stats):
+        if stats.tasks_invalid:
+            self.invalid.set()
+
+    def close(self, stats):
+        pass
+
+
+def test_two_workers_disagreeing_with_everyone_make_a_task_invalid_and_it_moves(tmp_path):
+    with cluster_with(tmp_path / "c", honest=1, cheaters=("wrong", "wrong2")) as (cluster, _):
+        before = books(cluster.address, identity_files(cluster))
+        watch = _WatchInvalid()
+        outcome: dict = {}
+        runner = threading.Thread(
+            target=lambda: outcome.setdefault(
+                "result",
+                run(
+                    cluster,
+                    tmp_path,
+                    SMALL,
+                    mapper=split_words,
+                    reducer=sum_reducer,
+                    progress=watch,
+                    task_timeout=60,
+                ),
+            )
+        )
+        runner.start()
+        assert watch.invalid.wait(60), "the three-way disagreement was never settled invalid"
+        for _ in range(3):  # honest workers for the retry to move to
+            cluster.add_worker()
+        runner.join(150)
+        result = outcome["result"]
+        assert result == sequential(SMALL, split_words, sum_reducer)
+        assert result.stats.tasks_invalid >= 1 and result.stats.retries >= 1
+        assert_books_balance(cluster, before, tmp_path)
+
+
+def test_a_worker_that_accepts_and_never_answers(tmp_path):
+    with cluster_with(tmp_path / "c", honest=2, cheaters=("silent",)) as (cluster, _):
+        silent = client_id(cluster.directory / "cheater0.json")
+        before = books(cluster.address, identity_files(cluster))
+        result = run(cluster, tmp_path, SMALL, mapper=split_words, reducer=sum_reducer)
+        assert result == sequential(SMALL, split_words, sum_reducer)
+        assert result.stats.missing_reports >= 1 and result.stats.cheaters_seen == 0
+        after = assert_books_balance(cluster, before, tmp_path)
+        assert after[silent][0] == before[silent][0] and after[silent][2] >= 1
+
+
+def slow_words(key, line):
+    import time
+
+    time.sleep(0.2)
+    for word in line.split():
+        yield word, 1
+
+
+def test_a_worker_killed_mid_job_does_not_stop_it(tmp_path):
+    with LocalCluster(workers=4, directory=str(tmp_path / "c"), slots=1) as cluster:
+        before = books(cluster.address, identity_files(cluster))
+        outcome: dict = {}
+        runner = threading.Thread(
+            target=lambda: outcome.setdefault(
+                "result",
+                run(
+                    cluster, tmp_path, SMALL, mapper=slow_words, reducer=sum_reducer, chunk_bytes=64
+                ),
+            )
+        )
+        runner.start()
+        victim = cluster.workers[0]
+        victim.wait_for(" done in ", timeout=60)  # it is in the middle of the job
+        victim.process.send_signal(signal.SIGKILL)
+        runner.join(150)
+        assert not runner.is_alive()
+        result = outcome["result"]
+        assert result == sequential(SMALL, split_words, sum_reducer)
+        assert_books_balance(cluster, before, tmp_path)
+
+
+def test_every_worker_gone_fails_the_job_in_time_and_refunds(tmp_path):
+    with LocalCluster(workers=3, directory=str(tmp_path / "c")) as cluster:
+        for worker in cluster.workers:
+            worker.process.send_signal(signal.SIGKILL)
+            worker.process.wait(timeout=10)
+        foreman = tmp_path / "foreman.json"
+        started = time.monotonic()
+        with pytest.raises(ec262.JobFailed) as caught:
+            run(
+                cluster,
+                tmp_path,
+                SMALL,
+                mapper=split_words,
+                reducer=sum_reducer,
+                task_timeout=3,
+                max_attempts=3,
+            )
+        assert time.monotonic() - started < 45
+        assert "map chunk" in str(caught.value)
+        assert books(cluster.address, [foreman])[client_id(foreman)][0] == cluster.starting_credits
+        assert load_identity(foreman) is not None
