@@ -28,6 +28,7 @@ class LocalCluster:
         slots: int = 2,
         directory: str | None = None,
         starting_credits: int = LOCAL_STARTING_CREDITS,
+        replication: int = 3,
         worker_args: tuple[str, ...] = (),
     ) -> None:
         if workers < 1:
@@ -35,6 +36,7 @@ class LocalCluster:
         self.workers_wanted = workers
         self.slots = slots
         self.starting_credits = starting_credits
+        self.replication = replication
         self.worker_args = worker_args
         self._owned_directory = directory is None
         self.directory = Path(directory or tempfile.mkdtemp(prefix="ec262-cluster-"))
@@ -61,6 +63,8 @@ class LocalCluster:
                     f"sqlite:///{self.directory / 'ledger.sqlite3'}",
                     "--starting-credits",
                     str(self.starting_credits),
+                    "--replication",
+                    str(self.replication),
                 ]
             )
             with ThreadPoolExecutor(max_workers=self.workers_wanted) as pool:
@@ -74,12 +78,15 @@ class LocalCluster:
         logger.info("local cluster: discovery %s, %d worker(s)", self.address, len(self.workers))
         return self
 
-    def add_worker(self) -> ServerProcess:
-        """One more worker, registered when this returns."""
-        worker = self._spawn_worker(len(self.workers))
-        self.workers.append(worker)
-        worker.wait_for("registered with discovery")
-        return worker
+    def add_workers(self, count: int = 1) -> list[ServerProcess]:
+        """`count` more workers (started together), registered when this returns."""
+        first = len(self.workers)
+        with ThreadPoolExecutor(max_workers=count) as pool:
+            added = list(pool.map(self._spawn_worker, range(first, first + count)))
+        self.workers.extend(added)
+        for worker in added:
+            worker.wait_for("registered with discovery")
+        return added
 
     def _spawn_worker(self, number: int) -> ServerProcess:
         identity = str(self.directory / f"worker{number}.json")

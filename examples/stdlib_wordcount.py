@@ -64,8 +64,10 @@ def main() -> int:
     result = ec262.run_job(data)
     distributed = time.perf_counter() - started
     print(f"most common: {', '.join(f'{w} {n}' for w, n in Counter(result).most_common(8))}")
-    print(f"ec262: {distributed:.2f} s (local cluster start included); one process without"
-          f" replication or sandboxes: {sequential:.2f} s")
+    print(
+        f"ec262: {distributed:.2f} s (local cluster start included); one process without"
+        f" replication or sandboxes: {sequential:.2f} s"
+    )
     print(result.stats.summary())
     if dict(expected) != dict(result):
         print("MISMATCH with the sequential count", file=sys.stderr)

@@ -257,7 +257,7 @@ class JobEngine:
         is made without them (an honest majority still outvotes a cheater).
         """
         now = self._clock()
-        relax_after = max(2.0, 0.1 * self.config.task_timeout)
+        relax_after = min(5.0, max(1.0, 0.05 * self.config.task_timeout))
         fresh = [c for c in pending if not c.suspects][: self.config.batch]
         made = 0
         if fresh:

@@ -256,8 +256,7 @@ def test_two_workers_disagreeing_with_everyone_make_a_task_invalid_and_it_moves(
         )
         runner.start()
         assert watch.invalid.wait(60), "the three-way disagreement was never settled invalid"
-        for _ in range(3):  # honest workers for the retry to move to
-            cluster.add_worker()
+        cluster.add_workers(3)  # honest workers for the retry to move to
         runner.join(150)
         result = outcome["result"]
         assert result == sequential(SMALL, split_words, sum_reducer)

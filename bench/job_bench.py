@@ -1,0 +1,196 @@
+"""Job benchmark (not a test): word count and per-task overhead of ec262
+jobs on a local cluster (discovery + 3 worker processes), beside the same
+functions run sequentially and with multiprocessing.Pool(2), and beside the
+no-op gRPC floor, all measured in one run.
+
+Run: make bench-jobs   or   .venv/bin/python bench/job_bench.py [--megabytes 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import re
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import ec262
+from ec262.local_cluster import LocalCluster
+from worker_service.mapreduce import run_map, run_reduce
+
+WORD = re.compile(r"[A-Za-z_]+")
+
+
+def words(path, text):
+    for word in WORD.findall(text):
+        yield word.lower(), 1
+
+
+def total(word, counts):
+    return sum(counts)
+
+
+def add_up(word, counts):
+    yield word, sum(counts)
+
+
+def tiny(key, value):
+    yield key, value
+
+
+def stdlib_text(megabytes: float) -> dict[str, str]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts, size = {}, 0
+    while size < megabytes * 1e6:  # repeat the library if it is smaller than asked
+        for path in sorted(root.rglob("*.py")):
+            if "site-packages" in path.parts:
+                continue
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue
+            texts[f"{len(texts)}:{path.relative_to(root)}"] = text
+            size += len(text)
+            if size >= megabytes * 1e6:
+                break
+    return texts
+
+
+def sequential(data: dict) -> tuple[dict, float]:
+    started = time.perf_counter()
+    result = run_reduce(total, run_map(words, data.items()).items())
+    return result, time.perf_counter() - started
+
+
+def _map_part(items):
+    return run_map(words, items)
+
+
+def _reduce_part(items):
+    return run_reduce(total, items)
+
+
+def with_pool(data: dict) -> tuple[dict, float]:
+    started = time.perf_counter()
+    items = list(data.items())
+    parts = [items[i::8] for i in range(8)]
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        grouped: dict = {}
+        for output in pool.map(_map_part, parts):
+            for key, values in output.items():
+                grouped.setdefault(key, []).extend(values)
+        keys = list(grouped.items())
+        result: dict = {}
+        for output in pool.map(_reduce_part, [keys[i::8] for i in range(8)]):
+            result.update(output)
+    return result, time.perf_counter() - started
+
+
+def on_cluster(
+    data: dict,
+    *,
+    replication: int,
+    combiner=None,
+    chunk_bytes: int = 1 << 20,
+    mapper=words,
+    reducer=total,
+) -> tuple[dict, float, object]:
+    with (
+        tempfile.TemporaryDirectory() as folder,
+        LocalCluster(workers=3, directory=folder, replication=replication) as cluster,
+    ):
+        job = ec262.Job(
+            mapper=mapper,
+            reducer=reducer,
+            combiner=combiner,
+            discovery=cluster.address,
+            identity=Path(folder) / "foreman.json",
+            chunk_bytes=chunk_bytes,
+            progress=False,
+        )
+        job.run(dict([next(iter(data.items()))]))  # start the sandboxes before timing
+        started = time.perf_counter()
+        result = job.run(data)
+        elapsed = time.perf_counter() - started
+        floor = noop_floor(cluster.workers[0].address)
+    return result, elapsed, (job.stats, floor)
+
+
+def noop_floor(address: str, calls: int = 1000) -> float:
+    """Seconds per no-op RPC (health Check) to a worker of the cluster."""
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest()
+        for _ in range(50):
+            stub.Check(request)
+        started = time.perf_counter()
+        for _ in range(calls):
+            stub.Check(request)
+        return (time.perf_counter() - started) / calls
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--megabytes", type=float, default=20.0)
+    parser.add_argument("--tiny-tasks", type=int, default=2000)
+    args = parser.parse_args()
+    data = stdlib_text(args.megabytes)
+    size = sum(map(len, data.values())) / 1e6
+    expected, seq_time = sequential(data)
+    pool_result, pool_time = with_pool(data)
+    assert pool_result == expected
+    rows = [
+        ("sequential, one process", seq_time, None),
+        ("multiprocessing.Pool(2)", pool_time, None),
+    ]
+    for label, replication, combiner in (
+        ("ec262 replication 3", 3, None),
+        ("ec262 replication 1", 1, None),
+        ("ec262 replication 3 + combiner", 3, add_up),
+    ):
+        result, elapsed, (stats, _floor) = on_cluster(
+            data, replication=replication, combiner=combiner
+        )
+        assert result == expected, label
+        rows.append((label, elapsed, stats))
+    print(f"\nword count over {size:.1f} MB of standard-library source ({len(data)} files)")
+    print(f"  {'':34} {'seconds':>8} {'x sequential':>13}  tasks (map+reduce), phases")
+    for label, seconds, stats in rows:
+        detail = ""
+        if stats:
+            phases = stats.phase_seconds
+            detail = (
+                f"{stats.map_tasks}+{stats.reduce_tasks}, map {phases.get('map', 0):.2f} s,"
+                f" reduce {phases.get('reduce', 0):.2f} s"
+            )
+        print(f"  {label:34} {seconds:8.2f} {seconds / seq_time:13.2f}  {detail}")
+    tiny_data = {f"k{i}": i for i in range(args.tiny_tasks)}
+    result, elapsed, (stats, floor) = on_cluster(
+        tiny_data, replication=3, mapper=tiny, reducer=total, chunk_bytes=1
+    )
+    assert result == {k: v for k, v in tiny_data.items()}
+    tasks = stats.map_tasks + stats.reduce_tasks
+    per_task = elapsed / tasks
+    print(
+        f"\n{tasks} tiny tasks ({stats.map_tasks} map + {stats.reduce_tasks} reduce),"
+        f" replication 3: {elapsed:.2f} s = {per_task * 1000:.2f} ms per task"
+    )
+    print(
+        f"  no-op gRPC floor (health Check to a worker, sequential): {floor * 1000:.3f} ms;"
+        f" ten of them: {10 * floor * 1000:.2f} ms"
+    )
+    print(f"  per-task time / ten no-op RPCs = {per_task / (10 * floor):.2f} (target <= 1.4)")
+    print(f"\ncommand: {' '.join([sys.executable, *sys.argv])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
