@@ -89,14 +89,17 @@ def _tupled(key: Any) -> Any:
     return key
 
 
-def decode_pairs(text: bytes | str) -> list[tuple[Any, Any]]:
-    """The `[key, value]` pairs of canonical JSON, keys made hashable."""
+def _loads_rows(text: bytes | str) -> list:
     try:
         rows = json.loads(text)
     except (ValueError, UnicodeDecodeError) as error:
         raise EncodingError(f"not canonical JSON: {error}") from None
     if not isinstance(rows, list):
         raise EncodingError("canonical JSON must be a list of [key, value] pairs")
+    return rows
+
+
+def _checked_pairs(rows: list) -> list[tuple[Any, Any]]:
     pairs = []
     for row in rows:
         if not isinstance(row, list) or len(row) != 2:
@@ -105,6 +108,22 @@ def decode_pairs(text: bytes | str) -> list[tuple[Any, Any]]:
     return pairs
 
 
+def decode_pairs(text: bytes | str) -> list:
+    """The `[key, value]` pairs of canonical JSON, list keys made tuples.
+
+    Rows come back as 2-item lists (they unpack like tuples) unless a key
+    needs converting: decoding is on the hot path of every task.
+    """
+    rows = _loads_rows(text)
+    if all(type(row) is list and len(row) == 2 and type(row[0]) is not list for row in rows):
+        return rows
+    return _checked_pairs(rows)
+
+
 def decode_result(text: bytes | str) -> dict:
     """The dictionary that `encode_result` encoded."""
-    return dict(decode_pairs(text))
+    rows = _loads_rows(text)
+    try:
+        return dict(rows)  # fast: fails on a list key or a row that is not a pair
+    except (TypeError, ValueError):
+        return dict(_checked_pairs(rows))

@@ -104,22 +104,21 @@ def plan_job(
     )
 
 
-def _split_even(texts: list[bytes], count: int) -> list[bytes]:
-    """Consecutive rows into at most `count` chunks of similar size, in input
+def split_evenly(items: list, weights: list[int], count: int) -> list[list]:
+    """Consecutive items into at most `count` groups of similar weight, in
     order (so values reach each key in the order a sequential run sees
     them). Never more than `count`: the plan paid for that many tasks."""
-    count = max(1, min(count, len(texts)))
-    total = sum(len(t) + 1 for t in texts)
-    share = total / count
-    groups: list[list[bytes]] = [[] for _ in range(count)]
+    count = max(1, min(count, len(items)))
+    share = sum(weights) / count
+    groups: list[list] = [[] for _ in range(count)]
     before = 0
-    for text in texts:
-        groups[min(count - 1, int(before / share))].append(text)
-        before += len(text) + 1
-    return [b"[" + b",".join(group) + b"]" for group in groups if group]
+    for item, weight in zip(items, weights, strict=True):
+        groups[min(count - 1, int(before / share))].append(item)
+        before += weight
+    return [group for group in groups if group]
 
 
-def split_reduce_rows(texts: list[bytes], chunks: int) -> list[bytes]:
-    """Reduce rows (already canonical JSON, sorted by key) into at most
-    `chunks` pieces of similar size."""
-    return _split_even(texts, chunks) if texts else []
+def _split_even(texts: list[bytes], count: int) -> list[bytes]:
+    """Encoded rows into at most `count` chunks of canonical JSON."""
+    groups = split_evenly(texts, [len(t) + 1 for t in texts], count)
+    return [b"[" + b",".join(group) + b"]" for group in groups]

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from ec262.encoding import canonical_json, sorted_items
-from foreman_service.planning import split_reduce_rows
+from foreman_service.planning import split_evenly
 
 
 class Shuffle:
@@ -35,7 +35,11 @@ class Shuffle:
         return self._next == self._chunks
 
     def reduce_chunks(self, count: int) -> list[bytes]:
-        texts = [
-            canonical_json([key, values]).encode() for key, values in sorted_items(self.grouped)
-        ]
-        return split_reduce_rows(texts, count)
+        """At most `count` reduce chunks of similar size, keys in canonical
+        order; each chunk encoded in one call (a call per key costs more
+        than the encoding itself)."""
+        rows = [[key, values] for key, values in sorted_items(self.grouped)]
+        if not rows:
+            return []
+        weights = [len(str(key)) + 8 + 2 * len(values) for key, values in rows]
+        return [canonical_json(group).encode() for group in split_evenly(rows, weights, count)]
