@@ -13,6 +13,7 @@ import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -139,6 +140,9 @@ class JobEngine:
         self._active: dict[str, Attempt] = {}
         self._slots_freed = False
         self._fresh_starved_since: float | None = None
+        # AssignTask calls run on these threads, a task's replicas in
+        # parallel (grpc futures would start a thread per call).
+        self._calls = ThreadPoolExecutor(max_workers=8, thread_name_prefix="assign")
 
     # -- the whole job ---------------------------------------------------------
 
@@ -195,6 +199,7 @@ class JobEngine:
             raise
         finally:
             self._abandon_all()
+            self._calls.shutdown(wait=True)
             self._stubs.close()
             stats.seconds = self._clock() - started
             try:
@@ -311,15 +316,15 @@ class JobEngine:
         return len(attempts)
 
     def _assign(self, attempts: list[Attempt], payload: bytes, payload_digest: str) -> None:
-        """AssignTask to every worker of these tasks at once (gRPC futures),
-        sending the payload only to workers not known to hold it."""
+        """AssignTask to every worker of these tasks in parallel, sending the
+        payload only to workers not known to hold it."""
         holders = self._holders.setdefault(payload_digest, set())
         calls = []
         for attempt in attempts:
             for worker_id, address in attempt.workers.items():
                 calls.append((attempt, worker_id, address, worker_id not in holders))
         futures = [
-            self._assign_one(a, w, addr, payload, payload_digest, send)
+            self._calls.submit(self._assign_one, a, w, addr, payload, payload_digest, send)
             for a, w, addr, send in calls
         ]
         retry = []
@@ -334,9 +339,7 @@ class JobEngine:
                 self._unreachable(attempt, worker_id, error)
         for attempt, worker_id, address in retry:
             try:
-                self._assign_one(
-                    attempt, worker_id, address, payload, payload_digest, True
-                ).result()
+                self._assign_one(attempt, worker_id, address, payload, payload_digest, True)
                 holders.add(worker_id)
             except grpc.RpcError as error:
                 self._unreachable(attempt, worker_id, error)
@@ -361,9 +364,7 @@ class JobEngine:
             foreman_id=self.discovery.identity.client_id,
             submit_token=attempt.tokens[worker_id],
         )
-        return self._stubs.stub(address).AssignTask.future(
-            request, timeout=self.config.assign_timeout
-        )
+        return self._stubs.stub(address).AssignTask(request, timeout=self.config.assign_timeout)
 
     def _unreachable(self, attempt: Attempt, worker_id: str, error: grpc.RpcError) -> None:
         logger.info(
