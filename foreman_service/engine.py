@@ -181,7 +181,7 @@ class JobEngine:
                 map_payload,
                 lambda chunk, output: shuffle.add(chunk.index, output),
             )
-            reduce_rows = shuffle.reduce_chunks(plan.reduce_chunks)
+            reduce_rows = shuffle.reduce_chunks(plan.reduce_chunks, self.config.chunk_bytes)
             result: dict = {}
             outputs: dict[int, dict] = {}
             self._run_phase(

@@ -5,10 +5,13 @@ map phase, in chunk order."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ec262.encoding import canonical_json
 from foreman_service.planning import split_evenly
+
+MIN_REDUCE_CHUNKS = 4
 
 
 class Shuffle:
@@ -34,7 +37,7 @@ class Shuffle:
     def complete(self) -> bool:
         return self._next == self._chunks
 
-    def reduce_chunks(self, count: int) -> list[bytes]:
+    def reduce_chunks(self, count: int, chunk_bytes: int = 1 << 20) -> list[bytes]:
         """At most `count` reduce chunks of similar size, keys in the order
         they first appeared (deterministic: input order; every replica of a
         task gets the same bytes anyway); each chunk encoded in one call (a
@@ -43,4 +46,7 @@ class Shuffle:
         if not rows:
             return []
         weights = [len(str(key)) + 8 + 2 * len(values) for key, values in rows]
+        # No more chunks than the data fills (a task costs RPCs and credits),
+        # but a few at least, so that workers reduce in parallel.
+        count = min(count, max(MIN_REDUCE_CHUNKS, math.ceil(sum(weights) / chunk_bytes)))
         return [canonical_json(group).encode() for group in split_evenly(rows, weights, count)]

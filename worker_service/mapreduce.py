@@ -11,6 +11,7 @@ Plain functions, run inside the sandbox.
 from __future__ import annotations
 
 import inspect
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -51,15 +52,24 @@ def _tupled(key: Any) -> Any:
 
 
 def run_map(mapper: Callable, rows: Iterable[tuple[Any, Any]]) -> dict[Any, list]:
-    out: dict[Any, list] = {}
+    """The hot loop of every map task: no per-pair checks beyond what
+    unpacking and hashing do anyway (a non-pair or an unhashable key raises
+    there, with Python's own message)."""
+    out: defaultdict[Any, list] = defaultdict(list)
     for key, value in rows:
-        for k2, v2 in _pairs(mapper(key, value), "the mapper"):
-            bucket = out.get(k2)
-            if bucket is None:
-                out[k2] = [v2]
-            else:
-                bucket.append(v2)
-    return out
+        produced = mapper(key, value)
+        if produced is None:
+            continue
+        for item in produced:  # the user's errors propagate from here as they are
+            try:
+                k2, v2 = item
+                out[k2].append(v2)
+            except (TypeError, ValueError) as error:
+                raise BadUserOutput(
+                    f"the mapper must yield (key, value) pairs with hashable keys, not"
+                    f" {str(item)[:60]} ({error})"
+                ) from None
+    return dict(out)
 
 
 def run_combiner(combiner: Callable, grouped: dict[Any, list]) -> dict[Any, list]:
