@@ -129,7 +129,8 @@ def _run(job: Job, data: Any) -> JobResult:
         )
         server = start_foreman_server(inbox, engine.stats, host=job.host, advertise=job.advertise)
         stack.callback(server.stop)
-        engine.result_address = server.address
+        engine.result_address = engine.stats.foreman_address = server.address
+        logger.info("foreman service for this job on %s (GetJob shows progress)", server.address)
         result = JobResult(engine.run(data, job.mapper, job.reducer, job.combiner))
         result.stats = engine.stats
         return result

@@ -139,6 +139,7 @@ class JobEngine:
         self._cheaters: set[str] = set()
         self._active: dict[str, Attempt] = {}
         self._slots_freed = False
+        self._replication = 3
         self._fresh_starved_since: float | None = None
         # AssignTask calls run on these threads, a task's replicas in
         # parallel (grpc futures would start a thread per call).
@@ -153,7 +154,7 @@ class JobEngine:
         stats = self.stats
         stats.job_id = uuid.uuid4().hex
         info = self.discovery.get_client()
-        replication = info.replication or 3
+        replication = self._replication = info.replication or 3
         plan = plan_job(
             input_rows(data),
             balance=info.credits,
@@ -245,7 +246,8 @@ class JobEngine:
                     if not self._active and now - starved_since > self.config.task_timeout:
                         raise JobFailed(
                             f"no workers available for {pending[0].label} for"
-                            f" {self.config.task_timeout:g} s",
+                            f" {self.config.task_timeout:g} s (a task needs {self._replication}"
+                            " distinct live workers with a free slot, other than this foreman)",
                             chunk=pending[0].label,
                         )
             self._wait(next_request if pending else None)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 @dataclass
 class JobStats:
     job_id: str = ""
+    foreman_address: str = ""  # where workers send results while the job runs
     phase: str = "planning"
     map_tasks: int = 0
     reduce_tasks: int = 0

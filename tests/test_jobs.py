@@ -11,11 +11,13 @@ import sys
 import threading
 import time
 
+import grpc
 import pytest
 
 import ec262
 from ec262.identity import load_identity
 from ec262.local_cluster import LocalCluster
+from ec262.v1 import foreman_pb2, foreman_pb2_grpc
 from tests.job_harness import (
     books,
     client_id,
@@ -26,7 +28,7 @@ from tests.job_harness import (
     sum_reducer,
     word_mapper,
 )
-from tests.processes import ROOT
+from tests.processes import ROOT, start_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -327,3 +329,75 @@ def test_every_worker_gone_fails_the_job_in_time_and_refunds(tmp_path):
         assert "map chunk" in str(caught.value)
         assert books(cluster.address, [foreman])[client_id(foreman)][0] == cluster.starting_credits
         assert load_identity(foreman) is not None
+
+
+class _AskGetJob:
+    """A progress object that calls the foreman's GetJob while the job runs."""
+
+    def __init__(self) -> None:
+        self.seen = []
+
+    def phase(self, name, total):
+        pass
+
+    def advance(self, stats):
+        if not self.seen:
+            with grpc.insecure_channel(stats.foreman_address) as channel:
+                self.seen.append(
+                    foreman_pb2_grpc.ForemanStub(channel).GetJob(
+                        foreman_pb2.GetJobRequest(), timeout=10
+                    )
+                )
+
+    def close(self, stats):
+        pass
+
+
+def test_get_job_reports_progress_while_the_job_runs(cluster, tmp_path):
+    watcher = _AskGetJob()
+    result = run(
+        cluster,
+        tmp_path,
+        SMALL,
+        mapper=split_words,
+        reducer=sum_reducer,
+        progress=watcher,
+        chunk_bytes=64,
+    )
+    (status,) = watcher.seen
+    assert status.job_id == result.stats.job_id
+    assert status.phase == "map"
+    assert status.tasks_by_state["validated"] == 1
+    assert status.tasks_by_state["assigned"] >= 1
+
+
+def test_the_cluster_and_status_commands(tmp_path):
+    with start_server(["cluster", "--workers", "3", "--dir", str(tmp_path / "c")]) as cluster:
+        identity = tmp_path / "me.json"
+        result = ec262.Job(
+            mapper=split_words,
+            reducer=sum_reducer,
+            discovery=cluster.address,
+            identity=identity,
+            progress=False,
+        ).run(SMALL)
+        assert result == sequential(SMALL, split_words, sum_reducer)
+        status = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ec262",
+                "status",
+                "--discovery",
+                cluster.address,
+                "--identity",
+                str(identity),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert status.returncode == 0, status.stderr
+        spent = result.stats.credits_spent
+        assert f"{1_000_000 - spent} credits" in status.stdout
+        assert cluster.stop() == 0
