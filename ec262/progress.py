@@ -37,7 +37,12 @@ class TerminalProgress:
             return
         done = stats.tasks_validated - (stats.map_tasks if stats.phase == "reduce" else 0)
         self._bar.n = max(0, done)
-        self._bar.set_postfix(retries=stats.retries, cheaters=stats.cheaters_seen, refresh=False)
+        self._bar.set_postfix(
+            retries=stats.retries,
+            cheaters=stats.cheaters_seen,
+            credits=stats.credits_spent,
+            refresh=False,
+        )
         self._bar.refresh()
 
     def close(self, stats: JobStats) -> None:

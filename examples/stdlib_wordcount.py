@@ -68,7 +68,8 @@ def main() -> int:
         f"ec262: {distributed:.2f} s (local cluster start included); one process without"
         f" replication or sandboxes: {sequential:.2f} s"
     )
-    print(result.stats.summary())
+    if not sys.stderr.isatty():  # on a terminal the progress display printed it already
+        print(result.stats.summary())
     if dict(expected) != dict(result):
         print("MISMATCH with the sequential count", file=sys.stderr)
         return 1

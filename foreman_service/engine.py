@@ -314,6 +314,7 @@ class JobEngine:
             self._active[task.task_id] = attempt
             attempts.append(attempt)
             self.stats.states["assigned"] += 1
+            self.stats.credits_spent += len(workers)  # escrowed; refunds come back below
         self._assign(attempts, payload, payload_digest)
         return len(attempts)
 
@@ -444,6 +445,7 @@ class JobEngine:
         stats.tasks_validated += 1
         stats.states["validated"] += 1
         stats.missing_reports += len(missing)
+        stats.credits_spent -= len(missing)
         if disagreeing:
             stats.cheaters |= disagreeing
             self._cheaters |= disagreeing
@@ -476,6 +478,7 @@ class JobEngine:
             self.discovery.settle_task(attempt.task_id, valid=False)
         self.stats.tasks_invalid += 1
         self.stats.states["invalid"] += 1
+        self.stats.credits_spent -= len(attempt.workers)
         self._retry(attempt, pending, reason)
 
     def _retry(self, attempt: Attempt, pending: deque[Chunk], reason: str) -> None:
