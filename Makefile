@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo protos lint bench clean
+.PHONY: install test demo protos lint bench bench-discovery bench-worker clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,16 @@ protos: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+# Word count and per-task overhead of jobs (one table); the services' own
+# benchmarks are separate.
 bench: $(STAMP)
+	$(PY) bench/job_bench.py
+
+bench-discovery: $(STAMP)
 	$(PY) bench/discovery_cycles.py
+
+bench-worker: $(STAMP)
+	$(PY) bench/worker_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
