@@ -8,10 +8,9 @@ import contextlib
 import logging
 import shutil
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ec262.processes import ServerProcess, spawn_server
+from ec262.processes import PendingServer, ServerProcess, spawn_server
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +66,7 @@ class LocalCluster:
                     str(self.replication),
                 ]
             )
-            with ThreadPoolExecutor(max_workers=self.workers_wanted) as pool:
-                started = list(pool.map(self._spawn_worker, range(self.workers_wanted)))
-            self.workers.extend(started)
-            for worker in self.workers:
-                worker.wait_for("registered with discovery")
+            self._start_workers(self.workers_wanted)
         except BaseException:
             self.close()
             raise
@@ -80,17 +75,26 @@ class LocalCluster:
 
     def add_workers(self, count: int = 1) -> list[ServerProcess]:
         """`count` more workers (started together), registered when this returns."""
+        return self._start_workers(count)
+
+    def _start_workers(self, count: int) -> list[ServerProcess]:
         first = len(self.workers)
-        with ThreadPoolExecutor(max_workers=count) as pool:
-            added = list(pool.map(self._spawn_worker, range(first, first + count)))
-        self.workers.extend(added)
+        pending = [self._launch_worker(n) for n in range(first, first + count)]
+        added = []
+        try:
+            for launched in pending:
+                added.append(launched.listening())
+        finally:
+            self.workers.extend(added)
+            for launched in pending[len(added) :]:
+                launched.process.kill()
         for worker in added:
             worker.wait_for("registered with discovery")
         return added
 
-    def _spawn_worker(self, number: int) -> ServerProcess:
+    def _launch_worker(self, number: int) -> PendingServer:
         identity = str(self.directory / f"worker{number}.json")
-        return spawn_server(
+        return PendingServer(
             [
                 "worker",
                 "-P",

@@ -5,6 +5,7 @@ Used by the embedded local cluster and by the tests."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import queue
 import signal
@@ -58,50 +59,84 @@ class ServerProcess:
             return "".join(self.lines)
 
 
-def spawn_server(
-    args: Sequence[str],
-    *,
-    env: dict[str, str] | None = None,
-    cwd: str | None = None,
-    timeout: float = START_TIMEOUT,
-    module: str = "ec262",
-) -> ServerProcess:
-    """Run `python -m MODULE ARGS`; return once it prints its listening line."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-    lines: list[str] = []
-    changed = threading.Condition()
-    announced: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:
-        for line in process.stderr:
-            with changed:
-                lines.append(line)
-                changed.notify_all()
-            if line.startswith("listening on "):
-                announced.put(line.split()[-1])
-        with changed:
-            changed.notify_all()
-        announced.put(None)
-
-    threading.Thread(target=pump, name="server-output", daemon=True).start()
+def _prctl_function():
+    """libc's prctl, looked up now: the child may call nothing that takes a
+    lock between fork and exec (the parent has threads)."""
     try:
-        address = announced.get(timeout=timeout)
-    except queue.Empty:
-        address = None
-    if address is None:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=STOP_TIMEOUT)
-        raise RuntimeError(f"`ec262 {' '.join(args)}` did not start:\n{''.join(lines)}")
-    return ServerProcess(process, address, lines, changed)
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _prctl_function()
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # SIGTERM, so the server still shuts down cleanly (deregisters, stops
+    # its sandboxes) when whoever started it is gone, even by SIGKILL.
+    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+class PendingServer:
+    """A server process started but not yet known to be listening."""
+
+    def __init__(
+        self,
+        args: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        module: str = "ec262",
+    ) -> None:
+        self.args = list(args)
+        # Linux ties PDEATHSIG to the thread that forks: start servers from
+        # a thread that lives as long as they should (not a pool thread).
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", module, *args],
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+            preexec_fn=_die_with_parent if _PRCTL is not None else None,
+        )
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+        self._announced: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, name="server-output", daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.process.stderr:
+            with self.changed:
+                self.lines.append(line)
+                self.changed.notify_all()
+            if line.startswith("listening on "):
+                self._announced.put(line.split()[-1])
+        with self.changed:
+            self.changed.notify_all()
+        self._announced.put(None)
+
+    def listening(self, timeout: float = START_TIMEOUT) -> ServerProcess:
+        """The running server once it prints its listening line."""
+        try:
+            address = self._announced.get(timeout=timeout)
+        except queue.Empty:
+            address = None
+        if address is None:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait(timeout=STOP_TIMEOUT)
+            raise RuntimeError(
+                f"`ec262 {' '.join(self.args)}` did not start:\n{''.join(self.lines)}"
+            )
+        return ServerProcess(self.process, address, self.lines, self.changed)
+
+
+def spawn_server(args: Sequence[str], *, timeout: float = START_TIMEOUT, **kwargs) -> ServerProcess:
+    """Run `python -m MODULE ARGS`; return once it prints its listening line."""
+    return PendingServer(args, **kwargs).listening(timeout)
 
 
 @contextlib.contextmanager
