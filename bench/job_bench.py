@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import re
 import sys
 import sysconfig
@@ -123,11 +124,42 @@ def on_cluster(
             progress=False,
         )
         job.run(dict([next(iter(data.items()))]))  # start the sandboxes before timing
+        cpu_before = cpu_by_role()
         started = time.perf_counter()
         result = job.run(data)
         elapsed = time.perf_counter() - started
+        cpu_after = cpu_by_role()
+        job.stats.cpu = {role: cpu_after[role] - cpu_before.get(role, 0.0) for role in cpu_after}
         floor = noop_floor(cluster.workers[0].address)
     return result, elapsed, (job.stats, floor)
+
+
+def cpu_by_role() -> dict[str, float]:
+    """CPU seconds so far of this machine's ec262 processes, by role."""
+    tick = os.sysconf("SC_CLK_TCK")
+    roles: dict[str, float] = {"foreman (this process)": time.process_time()}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as handle:
+                command = handle.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        role = (
+            "discovery"
+            if "ec262 discovery" in command
+            else "worker servers"
+            if "ec262 worker" in command
+            else "sandboxes"
+            if "worker_service.zygote" in command
+            else None
+        )
+        if role:
+            roles[role] = roles.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return roles
 
 
 def noop_floor(address: str, calls: int = 1000) -> float:
@@ -178,6 +210,9 @@ def main() -> int:
                 f" reduce {phases.get('reduce', 0):.2f} s"
             )
         print(f"  {label:34} {seconds:8.2f} {seconds / seq_time:13.2f}  {detail}")
+        if stats:
+            cpu = ", ".join(f"{role} {value:.2f}" for role, value in stats.cpu.items())
+            print(f"  {'':34} CPU s: {cpu}; all {sum(stats.cpu.values()):.2f}")
     tiny_data = {f"k{i}": i for i in range(args.tiny_tasks)}
     result, elapsed, (stats, floor) = on_cluster(
         tiny_data, replication=3, mapper=tiny, reducer=total, chunk_bytes=1
