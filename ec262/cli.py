@@ -246,6 +246,9 @@ def _run_status(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ec262.processes import die_with_parent_if_asked
+
+    die_with_parent_if_asked()
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args)

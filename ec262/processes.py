@@ -59,23 +59,25 @@ class ServerProcess:
             return "".join(self.lines)
 
 
-def _prctl_function():
-    """libc's prctl, looked up now: the child may call nothing that takes a
-    lock between fork and exec (the parent has threads)."""
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_PRCTL = _prctl_function()
+ENV_PARENT = "EC262_PARENT_PID"
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    # SIGTERM, so the server still shuts down cleanly (deregisters, stops
-    # its sandboxes) when whoever started it is gone, even by SIGKILL.
-    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+def die_with_parent_if_asked() -> None:
+    """In a server started by `PendingServer`: receive SIGTERM when the
+    starter goes (even by SIGKILL), so no server is orphaned.
+
+    The child sets this itself, after exec: a `preexec_fn` would run Python
+    between fork and exec in a parent full of gRPC threads, which gRPC's
+    fork handlers do not survive.
+    """
+    expected = os.environ.pop(ENV_PARENT, None)
+    if not expected:
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != int(expected):  # the starter died before we asked
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class PendingServer:
@@ -99,8 +101,7 @@ class PendingServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, **(env or {})},
-            preexec_fn=_die_with_parent if _PRCTL is not None else None,
+            env={**os.environ, **(env or {}), ENV_PARENT: str(os.getpid())},
         )
         self.lines: list[str] = []
         self.changed = threading.Condition()
