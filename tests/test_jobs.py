@@ -178,6 +178,9 @@ def test_too_few_credits_fail_before_any_spending(tmp_path):
 def test_two_foremen_at_once_on_one_cluster(cluster, tmp_path):
     data = stdlib_text(1)
     results: dict[str, object] = {}
+    foremen = {name: tmp_path / f"{name}.json" for name in ("alice", "bob")}
+    workers = identity_files(cluster)
+    before = books(cluster.address, workers)
 
     def job(name: str) -> None:
         try:
@@ -188,12 +191,12 @@ def test_two_foremen_at_once_on_one_cluster(cluster, tmp_path):
                 mapper=word_mapper,
                 reducer=sum_reducer,
                 chunk_bytes=128 * 1024,
-                identity=tmp_path / f"{name}.json",
+                identity=foremen[name],
             )
         except Exception as error:  # reported below
             results[name] = error
 
-    threads = [threading.Thread(target=job, args=(name,)) for name in ("alice", "bob")]
+    threads = [threading.Thread(target=job, args=(name,)) for name in foremen]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -201,6 +204,10 @@ def test_two_foremen_at_once_on_one_cluster(cluster, tmp_path):
     expected = sequential(data, word_mapper, sum_reducer)
     assert results["alice"] == expected, results["alice"]
     assert results["bob"] == expected, results["bob"]
+    after = books(cluster.address, [*workers, *foremen.values()])
+    spent = sum(cluster.starting_credits - after[client_id(p)][0] for p in foremen.values())
+    earned = sum(after[c][0] - before[c][0] for c in before)
+    assert spent == earned == sum(r.stats.credits_spent for r in results.values())
 
 
 # -- strangers misbehaving ------------------------------------------------------
