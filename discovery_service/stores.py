@@ -11,8 +11,8 @@ DEFAULT_STORE = "sqlite:///" + str(Path.home() / ".local/share/ec262/ledger.sqli
 
 
 def open_store(url: str) -> LedgerStore:
-    """A store for `sqlite:///PATH`, `sqlite://:memory:` (or `redis://...`
-    once a Redis store exists).
+    """A store for `sqlite:///PATH`, `sqlite://:memory:` or
+    `redis://HOST:PORT/DB` (`?prefix=...` to share one database).
 
     `sqlite:///ledger.db` is relative to the working directory and
     `sqlite:////var/lib/ec262/ledger.db` absolute, as in SQLAlchemy.
@@ -33,4 +33,19 @@ def open_store(url: str) -> LedgerStore:
         else:
             path = parts.path[1:]
         return SqliteStore(path, synchronous=options.get("synchronous", "NORMAL"))
-    raise ValueError(f"unknown store URL {url!r}: expected sqlite:///PATH or sqlite://:memory:")
+    if parts.scheme == "redis":
+        from discovery_service.redis_store import RedisStore
+
+        db = parts.path.strip("/") or "0"
+        if not db.isdigit():
+            raise ValueError(f"store URL {url!r}: the Redis database must be a number")
+        return RedisStore(
+            parts.hostname or "127.0.0.1",
+            parts.port or 6379,
+            int(db),
+            prefix=options.get("prefix", "ec262:"),
+        )
+    raise ValueError(
+        f"unknown store URL {url!r}: expected sqlite:///PATH, sqlite://:memory:"
+        " or redis://HOST:PORT/DB"
+    )

@@ -1,27 +1,52 @@
 from __future__ import annotations
 
+import uuid
+
 import grpc
 import pytest
 
 from discovery_service.ledger import LedgerConfig
 from tests.discovery_harness import DiscoveryHarness
+from tests.redis_server import RedisServer
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """One real redis-server for the session; tests keep apart by key prefix."""
+    server = RedisServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store_location(request, tmp_path):
+    """Where a test's ledger lives: a SQLite file, or a fresh prefix in Redis.
+    The discovery contract tests run once against each."""
+
+    def location(name: str = "ledger") -> str:
+        if request.param == "sqlite":
+            return str(tmp_path / f"{name}.sqlite3")
+        server = request.getfixturevalue("redis_server")
+        return server.url(f"t{uuid.uuid4().hex[:12]}-{name}:")
+
+    return location
 
 
 @pytest.fixture
-def discovery(tmp_path):
-    """A real discovery server on 127.0.0.1:<ephemeral> over a SQLite file."""
-    harness = DiscoveryHarness.start(str(tmp_path / "ledger.sqlite3"))
+def discovery(store_location):
+    """A real discovery server on 127.0.0.1:<ephemeral> (SQLite or Redis)."""
+    harness = DiscoveryHarness.start(store_location())
     yield harness
     harness.stop()
 
 
 @pytest.fixture
-def discovery_factory(tmp_path):
+def discovery_factory(store_location):
     """Start discovery servers with a chosen config; all stopped after."""
     started: list[DiscoveryHarness] = []
 
     def start(config: LedgerConfig | None = None, name: str = "ledger") -> DiscoveryHarness:
-        harness = DiscoveryHarness.start(str(tmp_path / f"{name}.sqlite3"), config)
+        harness = DiscoveryHarness.start(store_location(name), config)
         started.append(harness)
         return harness
 

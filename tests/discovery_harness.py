@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
 from discovery_service.ledger import Ledger, LedgerConfig
 from discovery_service.server import DiscoveryServer, build_server
 from discovery_service.sqlite_store import SqliteStore
+from discovery_service.stores import open_store
 from ec262.auth import bearer_metadata
 from ec262.v1 import discovery_pb2 as pb
 from ec262.v1 import discovery_pb2_grpc
@@ -59,9 +61,25 @@ class DiscoveryHarness:
 
     @classmethod
     def start(cls, path: str, config: LedgerConfig | None = None) -> DiscoveryHarness:
+        """On a SQLite file (a path) or any store URL (e.g. redis://...)."""
+        store = open_store(path) if "://" in path else SqliteStore(path)
         clock = ManualClock()
-        ledger = Ledger(SqliteStore(path), config or LedgerConfig(), clock=clock)
+        ledger = Ledger(store, config or LedgerConfig(), clock=clock)
         return cls(build_server(ledger), clock)
+
+    def raw_ledger(self) -> bytes:
+        """Everything the store holds, as bytes (to look for secrets)."""
+        store = self.server.ledger.store
+        if isinstance(store, SqliteStore):
+            data = Path(store.path).read_bytes()
+            wal = Path(store.path + "-wal")
+            return data + (wal.read_bytes() if wal.exists() else b"")
+        client = store._redis
+        out = b""
+        for key in client.scan_iter(match=store.prefix + "*"):
+            value = client.hgetall(key) if client.type(key) == b"hash" else {}
+            out += key + b"".join(k + v for k, v in value.items())
+        return out
 
     def stop(self) -> None:
         self.channel.close()

@@ -176,9 +176,13 @@ def test_garbage_bearer_tokens_are_unauthenticated(scene, token):
 # -- property-based: generated messages at every RPC -----------------------
 
 
-@pytest.fixture(scope="module")
-def fuzz_target(tmp_path_factory):
-    harness = DiscoveryHarness.start(str(tmp_path_factory.mktemp("fuzz") / "ledger.sqlite3"))
+@pytest.fixture(scope="module", params=["sqlite", "redis"])
+def fuzz_target(request, tmp_path_factory):
+    if request.param == "sqlite":
+        location = str(tmp_path_factory.mktemp("fuzz") / "ledger.sqlite3")
+    else:
+        location = request.getfixturevalue("redis_server").url("fuzz:")
+    harness = DiscoveryHarness.start(location)
     foreman = harness.client()
     workers = [harness.worker(slots=3) for _ in range(4)]
     tasks = [t.task_id for t in harness.request(foreman, n=2).tasks]

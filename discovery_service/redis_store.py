@@ -1,0 +1,428 @@
+"""The ledger in Redis, shared by several stateless discovery front-ends.
+
+Every credit-changing operation is one Lua script, which Redis runs
+atomically: no other front-end's command interleaves, so no overdraw, no
+double pay, a task settled exactly once, and slots never lost. Worker
+leases live in a sorted set scored by lease expiry, open tasks in another
+scored by task expiry; every script first refunds tasks past their expiry.
+Workers are drawn inside the assignment script, uniformly among the live
+ones with a free slot, with random numbers the front-end passes in (so the
+script stays deterministic for Redis's replication).
+
+Keys (under a prefix, "ec262:" by default): `c:<client id>` hash per client,
+`pool` (zset client id -> lease expiry), `t:<task id>` hash per open task,
+`texp` (zset task id -> expiry), `issued` (credits handed out, for audits).
+Standalone Redis only: the scripts touch keys they compute, which a Redis
+Cluster would refuse.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+from collections.abc import Callable
+from typing import TypeVar
+
+import redis
+
+from discovery_service.store import (
+    Assignment,
+    ChooseWorkers,
+    ClientRecord,
+    LedgerStore,
+    LedgerTotals,
+    NewTask,
+    Settlement,
+    TaskRequest,
+    WorkerRef,
+)
+from ec262.errors import InsufficientCredits, InvalidRequest, ServiceUnavailable
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_EXPIRE = """
+local function expire(prefix, now)
+  local due = redis.call('ZRANGEBYSCORE', prefix .. 'texp', '-inf', now)
+  for _, tid in ipairs(due) do
+    local t = prefix .. 't:' .. tid
+    local f = redis.call('HMGET', t, 'foreman_id', 'escrow', 'workers')
+    if f[1] then
+      redis.call('HINCRBY', prefix .. 'c:' .. f[1], 'credits', tonumber(f[2]))
+      for w in string.gmatch(f[3], '%S+') do
+        redis.call('HINCRBY', prefix .. 'c:' .. w, 'busy_slots', -1)
+      end
+      redis.call('DEL', t)
+    end
+    redis.call('ZREM', prefix .. 'texp', tid)
+  end
+  return #due
+end
+"""
+
+_CREATE = """
+local c = ARGV[1] .. 'c:' .. ARGV[2]
+if redis.call('EXISTS', c) == 1 then return 0 end
+redis.call('HSET', c, 'secret_hash', ARGV[3], 'credits', ARGV[4], 'starting_credits', ARGV[4],
+  'address', '', 'runtime', '', 'expiry_unix', '0', 'slots', 0, 'busy_slots', 0,
+  'tasks_completed', 0, 'tasks_failed', 0, 'created_unix', ARGV[5])
+redis.call('INCRBY', ARGV[1] .. 'issued', ARGV[4])
+return 1
+"""
+
+_GET = (
+    _EXPIRE
+    + """
+expire(ARGV[1], ARGV[3])
+return redis.call('HGETALL', ARGV[1] .. 'c:' .. ARGV[2])
+"""
+)
+
+_REGISTER = (
+    _EXPIRE
+    + """
+local prefix, id, now = ARGV[1], ARGV[2], ARGV[3]
+expire(prefix, now)
+local c = prefix .. 'c:' .. id
+if redis.call('EXISTS', c) == 0 then return {} end
+if ARGV[4] == 'leave' then
+  redis.call('HSET', c, 'expiry_unix', '0')
+  redis.call('ZREM', prefix .. 'pool', id)
+else
+  redis.call('HSET', c, 'address', ARGV[5], 'slots', ARGV[6], 'runtime', ARGV[7],
+    'expiry_unix', ARGV[8])
+  redis.call('ZADD', prefix .. 'pool', ARGV[8], id)
+end
+return redis.call('HGETALL', c)
+"""
+)
+
+# ARGV: prefix, foreman, n, replication, now, task expiry, runtime, exclude
+# (space-separated), then n (task id, key) pairs, then n * replication
+# uniform random numbers in [0, 1).
+_ASSIGN = (
+    _EXPIRE
+    + """
+local prefix, foreman = ARGV[1], ARGV[2]
+local n, r, now, texpiry = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], ARGV[6]
+local runtime, exclude = ARGV[7], ARGV[8]
+expire(prefix, now)
+local fkey = prefix .. 'c:' .. foreman
+local balance = tonumber(redis.call('HGET', fkey, 'credits'))
+if balance < n * r then return {'INSUFFICIENT', balance} end
+redis.call('ZREMRANGEBYSCORE', prefix .. 'pool', '-inf', now)
+local excluded = {}
+for w in string.gmatch(exclude, '%S+') do excluded[w] = true end
+local cand, free, addr = {}, {}, {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', prefix .. 'pool', '(' .. now, '+inf')) do
+  if id ~= foreman and not excluded[id] then
+    local h = redis.call('HMGET', prefix .. 'c:' .. id, 'slots', 'busy_slots', 'address', 'runtime')
+    local f = tonumber(h[1]) - tonumber(h[2])
+    if f > 0 and (runtime == '' or h[4] == runtime) then
+      table.insert(cand, id); free[id] = f; addr[id] = h[3]
+    end
+  end
+end
+local out = {'OK', 0}
+local rnd = 9 + 2 * n
+local made = 0
+for i = 1, n do
+  local avail = {}
+  for _, id in ipairs(cand) do if free[id] > 0 then table.insert(avail, id) end end
+  if #avail < r then break end
+  local chosen, addresses = {}, {}
+  for j = 1, r do
+    local k = j + math.floor(tonumber(ARGV[rnd]) * (#avail - j + 1))
+    rnd = rnd + 1
+    avail[j], avail[k] = avail[k], avail[j]
+    table.insert(chosen, avail[j]); table.insert(addresses, addr[avail[j]])
+  end
+  local tid, key = ARGV[9 + 2 * (i - 1)], ARGV[10 + 2 * (i - 1)]
+  redis.call('HSET', prefix .. 't:' .. tid, 'foreman_id', foreman, 'key', key, 'escrow', r,
+    'expiry_unix', texpiry, 'workers', table.concat(chosen, ' '))
+  redis.call('ZADD', prefix .. 'texp', texpiry, tid)
+  for _, w in ipairs(chosen) do
+    free[w] = free[w] - 1
+    redis.call('HINCRBY', prefix .. 'c:' .. w, 'busy_slots', 1)
+  end
+  made = made + 1
+  table.insert(out, tid); table.insert(out, table.concat(chosen, ' '))
+  table.insert(out, table.concat(addresses, ' '))
+end
+out[2] = redis.call('HINCRBY', fkey, 'credits', 0 - made * r)  -- never "-0"
+return out
+"""
+)
+
+# ARGV: prefix, foreman, task id, valid ('1' or '0'), now, missing (space-separated)
+_SETTLE = (
+    _EXPIRE
+    + """
+local prefix, foreman, tid, valid, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1', ARGV[5]
+expire(prefix, now)
+local t = prefix .. 't:' .. tid
+local h = redis.call('HMGET', t, 'foreman_id', 'key', 'escrow', 'workers')
+if not h[1] or h[1] ~= foreman then return {'NOTFOUND'} end
+local workers, list = {}, {}
+for w in string.gmatch(h[4], '%S+') do workers[w] = true; table.insert(list, w) end
+local missing, strangers = {}, {}
+for w in string.gmatch(ARGV[6], '%S+') do
+  if workers[w] then missing[w] = true else table.insert(strangers, w) end
+end
+if #strangers > 0 then return {'STRANGERS', table.concat(strangers, ' ')} end
+local refund = tonumber(h[3])
+for _, w in ipairs(list) do
+  local c = prefix .. 'c:' .. w
+  if valid and missing[w] then
+    redis.call('HINCRBY', c, 'tasks_failed', 1)
+  elseif valid then
+    redis.call('HINCRBY', c, 'credits', 1)
+    redis.call('HINCRBY', c, 'tasks_completed', 1)
+    refund = refund - 1
+  end
+  redis.call('HINCRBY', c, 'busy_slots', -1)
+end
+redis.call('DEL', t)
+redis.call('ZREM', prefix .. 'texp', tid)
+local after = redis.call('HINCRBY', prefix .. 'c:' .. foreman, 'credits', refund)
+if valid then return {'OK', after, h[2]} end
+return {'OK', after}
+"""
+)
+
+_EXPIRE_ALL = _EXPIRE + "return expire(ARGV[1], ARGV[2])"
+
+
+def _unavailable_is_clear(method: Callable[..., T]) -> Callable[..., T]:
+    """Redis down or too slow: UNAVAILABLE with a message that says so.
+    A script either ran whole or not at all, so nothing is half-written."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
+            raise ServiceUnavailable(
+                f"the ledger store (Redis at {self.where}) is unreachable: {error}; try again later"
+            ) from None
+
+    return wrapper
+
+
+def _num(value: bytes) -> float:
+    return float(value)
+
+
+def _record(client_id: str, fields: list) -> ClientRecord | None:
+    if not fields:
+        return None
+    data = dict(zip(fields[::2], fields[1::2], strict=True))
+    return ClientRecord(
+        client_id=client_id,
+        credits=int(data[b"credits"]),
+        address=data[b"address"].decode(),
+        expiry_unix=_num(data[b"expiry_unix"]),
+        slots=int(data[b"slots"]),
+        busy_slots=int(data[b"busy_slots"]),
+        tasks_completed=int(data[b"tasks_completed"]),
+        tasks_failed=int(data[b"tasks_failed"]),
+        runtime=data[b"runtime"].decode(),
+    )
+
+
+class RedisStore(LedgerStore):
+    """A LedgerStore on one Redis server (standalone)."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 6379,
+        db: int = 0,
+        *,
+        prefix: str = "ec262:",
+        timeout: float = 2.0,
+    ) -> None:
+        self.where = f"{host}:{port}/{db}"
+        self.prefix = prefix
+        self._redis = redis.Redis(
+            host=host,
+            port=port,
+            db=db,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+        )
+        self._create = self._redis.register_script(_CREATE)
+        self._get = self._redis.register_script(_GET)
+        self._register = self._redis.register_script(_REGISTER)
+        self._assign = self._redis.register_script(_ASSIGN)
+        self._settle = self._redis.register_script(_SETTLE)
+        self._expire_all = self._redis.register_script(_EXPIRE_ALL)
+        self._random = random.SystemRandom()
+        try:
+            self._redis.ping()
+            logger.info("ledger in Redis %s (prefix %r)", self.where, prefix)
+        except redis.exceptions.RedisError as error:
+            logger.warning(
+                "Redis %s is unreachable for now (%s); calls answer UNAVAILABLE until it is back",
+                self.where,
+                error,
+            )
+
+    @staticmethod
+    def _now(now: float) -> str:
+        return repr(float(now))
+
+    @_unavailable_is_clear
+    def create_client(
+        self, client_id: str, secret_hash: bytes, credits: int, now: float
+    ) -> ClientRecord:
+        if not self._create(args=[self.prefix, client_id, secret_hash, credits, self._now(now)]):
+            raise RuntimeError(f"client id {client_id} already exists")
+        return ClientRecord(client_id=client_id, credits=credits)
+
+    @_unavailable_is_clear
+    def secret_hash(self, client_id: str) -> bytes | None:
+        return self._redis.hget(f"{self.prefix}c:{client_id}", "secret_hash")
+
+    @_unavailable_is_clear
+    def get_client(self, client_id: str, now: float) -> ClientRecord | None:
+        return _record(client_id, self._get(args=[self.prefix, client_id, self._now(now)]))
+
+    @_unavailable_is_clear
+    def register_worker(
+        self,
+        client_id: str,
+        *,
+        address: str,
+        slots: int,
+        runtime: str,
+        expiry_unix: float,
+        now: float,
+    ) -> ClientRecord:
+        fields = self._register(
+            args=[
+                self.prefix,
+                client_id,
+                self._now(now),
+                "join",
+                address,
+                slots,
+                runtime,
+                self._now(expiry_unix),
+            ]
+        )
+        return self._require(client_id, fields)
+
+    @_unavailable_is_clear
+    def leave_pool(self, client_id: str, now: float) -> ClientRecord:
+        fields = self._register(args=[self.prefix, client_id, self._now(now), "leave"])
+        return self._require(client_id, fields)
+
+    @staticmethod
+    def _require(client_id: str, fields: list) -> ClientRecord:
+        record = _record(client_id, fields)
+        if record is None:  # authenticated callers exist: a broken invariant
+            raise RuntimeError(f"client {client_id} vanished from the ledger")
+        return record
+
+    @_unavailable_is_clear
+    def assign_tasks(
+        self, request: TaskRequest, choose: ChooseWorkers, new_task: NewTask
+    ) -> tuple[list[Assignment], int]:
+        # `choose` is the SQLite store's Python draw; here the same uniform
+        # draw runs inside the script, so it sees slots as they are.
+        pairs = [new_task() for _ in range(request.n)]
+        draws = [repr(self._random.random()) for _ in range(request.n * request.replication)]
+        args = [
+            self.prefix,
+            request.foreman_id,
+            request.n,
+            request.replication,
+            self._now(request.now),
+            self._now(request.task_expiry_unix),
+            request.runtime,
+            " ".join(sorted(request.exclude_workers)),
+        ]
+        for task_id, key in pairs:
+            args += [task_id, key]
+        reply = self._assign(args=args + draws)
+        if reply[0] == b"INSUFFICIENT":
+            balance, needed = int(reply[1]), request.n * request.replication
+            raise InsufficientCredits(
+                needed,
+                balance,
+                f"not enough credits: {request.n} task(s) x {request.replication} workers"
+                f" need {needed} credits, the account has {balance}",
+            )
+        assignments = []
+        for index in range(2, len(reply), 3):
+            ids = reply[index + 1].decode().split(" ")
+            addresses = reply[index + 2].decode().split(" ")
+            assignments.append(
+                Assignment(
+                    task_id=reply[index].decode(),
+                    workers=tuple(WorkerRef(w, a) for w, a in zip(ids, addresses, strict=True)),
+                    expiry_unix=request.task_expiry_unix,
+                )
+            )
+        return assignments, int(reply[1])
+
+    @_unavailable_is_clear
+    def fetch_key(self, worker_id: str, task_id: str, now: float) -> tuple[bytes, str] | None:
+        key, foreman, expiry, workers = self._redis.hmget(
+            f"{self.prefix}t:{task_id}", "key", "foreman_id", "expiry_unix", "workers"
+        )
+        if key is None or _num(expiry) <= now or worker_id not in workers.decode().split(" "):
+            return None
+        return key, foreman.decode()
+
+    @_unavailable_is_clear
+    def settle_task(
+        self, foreman_id: str, task_id: str, *, valid: bool, missing: frozenset[str], now: float
+    ) -> Settlement | None:
+        reply = self._settle(
+            args=[
+                self.prefix,
+                foreman_id,
+                task_id,
+                "1" if valid else "0",
+                self._now(now),
+                " ".join(sorted(missing)),
+            ]
+        )
+        status = reply[0]
+        if status == b"NOTFOUND":
+            return None
+        if status == b"STRANGERS":
+            raise InvalidRequest(
+                "missing names workers that are not assigned to task "
+                f"{task_id}: {', '.join(sorted(reply[1].decode().split(' ')))}"
+            )
+        return Settlement(key=reply[2] if valid else None, credits=int(reply[1]))
+
+    @_unavailable_is_clear
+    def expire_tasks(self, now: float) -> int:
+        return int(self._expire_all(args=[self.prefix, self._now(now)]))
+
+    @_unavailable_is_clear
+    def totals(self) -> LedgerTotals:
+        clients = credits = escrow = tasks = 0
+        for key in self._redis.scan_iter(match=f"{self.prefix}c:*", count=1000):
+            clients += 1
+            credits += int(self._redis.hget(key, "credits"))
+        for key in self._redis.scan_iter(match=f"{self.prefix}t:*", count=1000):
+            tasks += 1
+            escrow += int(self._redis.hget(key, "escrow"))
+        issued = int(self._redis.get(f"{self.prefix}issued") or 0)
+        return LedgerTotals(
+            clients=clients,
+            client_credits=credits,
+            escrowed_credits=escrow,
+            open_tasks=tasks,
+            starting_credits_issued=issued,
+        )
+
+    def close(self) -> None:
+        self._redis.close()
