@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo protos lint bench bench-discovery bench-worker clean
+.PHONY: install test demo protos lint bench bench-discovery bench-worker redis clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# The Redis-store tests run a real redis-server: install it when missing
+# (Debian's package; CI runs as root).
+redis:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else \
+	    echo "redis-server is missing: install Redis 6+ (e.g. sudo apt-get install redis-server)"; exit 1; \
+	  fi; }
+
+test: $(STAMP) redis
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
