@@ -12,7 +12,6 @@ import grpc
 import pytest
 
 import ec262
-from discovery_service.stores import open_store
 from ec262.auth import bearer_metadata
 from ec262.processes import spawn_server
 from ec262.v1 import discovery_pb2 as pb
