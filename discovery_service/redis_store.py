@@ -25,6 +25,8 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from discovery_service.store import (
     Assignment,
@@ -252,6 +254,9 @@ class RedisStore(LedgerStore):
             db=db,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
+            # One immediate retry re-opens a connection Redis dropped (after
+            # a Redis restart); more would only delay the UNAVAILABLE answer.
+            retry=Retry(NoBackoff(), 1),
         )
         self._create = self._redis.register_script(_CREATE)
         self._get = self._redis.register_script(_GET)
