@@ -38,8 +38,9 @@ from discovery_service.store import (
     Settlement,
     TaskRequest,
     WorkerRef,
+    insufficient_credits,
 )
-from ec262.errors import InsufficientCredits, InvalidRequest, ServiceUnavailable
+from ec262.errors import InvalidRequest, ServiceUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -354,13 +355,7 @@ class RedisStore(LedgerStore):
             args += [task_id, key]
         reply = self._assign(args=args + draws)
         if reply[0] == b"INSUFFICIENT":
-            balance, needed = int(reply[1]), request.n * request.replication
-            raise InsufficientCredits(
-                needed,
-                balance,
-                f"not enough credits: {request.n} task(s) x {request.replication} workers"
-                f" need {needed} credits, the account has {balance}",
-            )
+            raise insufficient_credits(request, int(reply[1]))
         assignments = []
         for index in range(2, len(reply), 3):
             ids = reply[index + 1].decode().split(" ")

@@ -32,8 +32,9 @@ from discovery_service.store import (
     Settlement,
     TaskRequest,
     WorkerRef,
+    insufficient_credits,
 )
-from ec262.errors import InsufficientCredits, InvalidRequest
+from ec262.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
 
@@ -227,12 +228,7 @@ class SqliteStore(LedgerStore):
                 (balance,) = db.execute(
                     "SELECT credits FROM clients WHERE client_id = ?", (request.foreman_id,)
                 ).fetchone()
-                raise InsufficientCredits(
-                    needed,
-                    balance,
-                    f"not enough credits: {request.n} task(s) x {request.replication} workers"
-                    f" need {needed} credits, the account has {balance}",
-                )
+                raise insufficient_credits(request, balance)
             query = (
                 "SELECT client_id, address, slots - busy_slots FROM clients"
                 " WHERE expiry_unix > ? AND busy_slots < slots AND client_id != ?"

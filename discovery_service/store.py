@@ -13,6 +13,8 @@ import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from ec262.errors import InsufficientCredits
+
 
 @dataclass(frozen=True, slots=True)
 class ClientRecord:
@@ -78,6 +80,17 @@ class LedgerTotals:
     escrowed_credits: int
     open_tasks: int
     starting_credits_issued: int
+
+
+def insufficient_credits(request: TaskRequest, balance: int) -> InsufficientCredits:
+    """The error every store raises when a request costs more than the balance."""
+    needed = request.n * request.replication
+    return InsufficientCredits(
+        needed,
+        balance,
+        f"not enough credits: {request.n} task(s) x {request.replication} workers"
+        f" need {needed} credits, the account has {balance}",
+    )
 
 
 # Chooses, from the candidates, up to n groups of `replication` distinct workers.
