@@ -12,10 +12,21 @@ cycle latency <= 10 ms at 1 client process.
 
 It starts the real server (`python -m ec262 discovery`, SQLite file ledger)
 on loopback and drives it from 1, 2 and 4 spawned client *processes* (one
-channel each, sync stubs), so a client's GIL is never what gets measured.
-Per client count it runs a floor phase, then a cycle phase (interleaved, so
-noise hits both alike), prints one table and writes
+channel per front-end each, sync stubs), so a client's GIL is never what
+gets measured. Per client count it runs a floor phase, then a cycle phase
+(interleaved, so noise hits both alike), prints one table and writes
 bench/results/discovery_cycles.json.
+
+`--store redis` puts the ledger in Redis instead: the script starts its own
+redis-server (loopback, no persistence, stopped at the end) and gives the
+server a fresh key prefix. `--frontends N` (Redis only: a SQLite ledger file
+belongs to one process) starts N servers on that one ledger; every client
+then alternates front-ends cycle by cycle (RequestTasks on one, the
+FetchKeys and SettleTask on the next), so every cycle crosses front-ends,
+and the floor's calls go round-robin too. Server CPU is the sum over the
+front-ends; Redis's own CPU is reported beside it. `--compare` runs SQLite
+with one front-end, Redis with one and Redis with two in one invocation and
+prints one combined table.
 
 `--profile` instead runs one 1-process phase against a server whose every
 thread runs under its own cProfile (`python -m cProfile` would see only the
@@ -24,7 +35,9 @@ time goes.
 
     .venv/bin/python bench/discovery_cycles.py [--duration 5] [--repeat 3]
     .venv/bin/python bench/discovery_cycles.py --synchronous FULL
-    .venv/bin/python bench/discovery_cycles.py --profile
+    .venv/bin/python bench/discovery_cycles.py --store redis --frontends 2
+    .venv/bin/python bench/discovery_cycles.py --compare  # ~2 min
+    .venv/bin/python bench/discovery_cycles.py --profile [--store redis]
 """
 
 from __future__ import annotations
@@ -48,7 +61,8 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Barrier
@@ -61,7 +75,8 @@ from ec262.auth import bearer_metadata
 from ec262.v1 import discovery_pb2 as pb
 from ec262.v1 import discovery_pb2_grpc
 
-RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "bench" / "results"
 STARTING_CREDITS = 10**9  # a cycle nets the foreman nothing, but never run out
 RUNTIME = "cpython-3.11"
 WORKER_SLOTS = 1000
@@ -71,6 +86,9 @@ SERVE_PROFILED = "--serve-profiled"  # internal: this script as the profiled ser
 _LISTENING = re.compile(r"listening on (\S+):(\d+)\s*$")
 
 Metadata = tuple[tuple[str, str], ...]
+# Processes whose CPU a phase reads at its window's edges, summed per group:
+# "server" (every front-end) and, with Redis, "redis".
+CpuPids = Mapping[str, Sequence[int]]
 
 
 # -- the server ---------------------------------------------------------------
@@ -134,17 +152,31 @@ def start_server(command: list[str], timeout: float = 30.0) -> Server:
     raise RuntimeError("discovery server did not announce its port:\n" + "".join(log))
 
 
-def stop_server(server: Server) -> None:
-    """SIGTERM, and insist on a clean exit (status 0)."""
-    server.process.send_signal(signal.SIGTERM)
-    try:
-        code = server.process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
+def stop_servers(servers: Sequence[Server]) -> None:
+    """SIGTERM to each, and insist on a clean exit (status 0) of all."""
+    for server in servers:
+        server.process.send_signal(signal.SIGTERM)
+    errors = []
+    for server in servers:
+        try:
+            code = server.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            server.process.wait()
+            errors.append(f"discovery server {server.address} ignored SIGTERM for 30 s")
+            continue
+        if code != 0:
+            errors.append(
+                f"discovery server {server.address} exited {code}:\n" + "".join(server.log)
+            )
+    if errors:
+        raise RuntimeError("\n".join(errors))
+
+
+def kill_servers(servers: Sequence[Server]) -> None:
+    for server in servers:
         server.process.kill()
         server.process.wait()
-        raise RuntimeError("discovery server ignored SIGTERM for 30 s") from None
-    if code != 0:
-        raise RuntimeError(f"discovery server exited {code}:\n" + "".join(server.log))
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -153,6 +185,10 @@ def process_cpu_seconds(pid: int) -> float:
         fields = stat.read().rpartition(")")[2].split()
     # After "pid (comm)": state is field 3, utime 14 and stime 15.
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: CpuPids) -> dict[str, float]:
+    return {group: sum(map(process_cpu_seconds, members)) for group, members in pids.items()}
 
 
 # -- one client process ---------------------------------------------------------
@@ -174,81 +210,108 @@ def register_worker(stub: discovery_pb2_grpc.DiscoveryStub, port: int) -> tuple[
     return client_id, secret
 
 
-def floor_step(health: health_pb2_grpc.HealthStub) -> Callable[[], None]:
+def floor_step(healths: Sequence[health_pb2_grpc.HealthStub], first: int) -> Callable[[], None]:
+    """A no-op call, to the front-ends in turn (starting at `first`)."""
     request = health_pb2.HealthCheckRequest()
+    if len(healths) == 1:
+        check = healths[0].Check
 
-    def step() -> None:
-        health.Check(request)
+        def step() -> None:
+            check(request)
 
-    return step
+        return step
+    turn = first
+
+    def step_round_robin() -> None:
+        nonlocal turn
+        healths[turn % len(healths)].Check(request)
+        turn += 1
+
+    return step_round_robin
 
 
 def cycle_step(
-    stub: discovery_pb2_grpc.DiscoveryStub, foreman: Metadata, workers: dict[str, Metadata]
+    stubs: Sequence[discovery_pb2_grpc.DiscoveryStub],
+    first: int,
+    foreman: Metadata,
+    workers: dict[str, Metadata],
 ) -> Callable[[], None]:
     """One full task cycle, each FetchKey with the credentials of a worker
-    the service actually assigned."""
+    the service actually assigned. With several front-ends, cycle j sends
+    RequestTasks to front-end (first + j) % N and the FetchKeys and the
+    SettleTask to the next one, so every cycle crosses front-ends."""
     request = pb.RequestTasksRequest(n=1, runtime=RUNTIME)
+    turn = first
 
     def step() -> None:
-        tasks = stub.RequestTasks(request, metadata=foreman).tasks
+        nonlocal turn
+        ask = stubs[turn % len(stubs)]
+        rest = stubs[(turn + 1) % len(stubs)]
+        turn += 1
+        tasks = ask.RequestTasks(request, metadata=foreman).tasks
         if len(tasks) != 1:
             raise RuntimeError(f"RequestTasks(n=1) gave {len(tasks)} tasks; add workers")
         task_id = tasks[0].task_id
         fetch = pb.FetchKeyRequest(task_id=task_id)
         for worker in tasks[0].workers:
-            stub.FetchKey(fetch, metadata=workers[worker.client_id])
-        stub.SettleTask(pb.SettleTaskRequest(task_id=task_id, valid=True), metadata=foreman)
+            rest.FetchKey(fetch, metadata=workers[worker.client_id])
+        rest.SettleTask(pb.SettleTaskRequest(task_id=task_id, valid=True), metadata=foreman)
 
     return step
 
 
 def run_phase(
-    step: Callable[[], None], duration: float, warmup: float, server_pid: int | None
+    step: Callable[[], None], duration: float, warmup: float, cpu_pids: CpuPids | None
 ) -> dict:
     """Call `step` back to back for warmup + duration seconds. Counted (and
-    timed) are the steps that start and end inside the window; the server's
-    CPU is read at the window's edges when `server_pid` is given."""
+    timed) are the steps that start and end inside the window; the CPU of
+    the `cpu_pids` groups is read at the window's edges when given."""
     perf_counter = time.perf_counter
     window_start = perf_counter() + warmup
     window_end = window_start + duration
     latencies: list[float] = []
     total = 0
-    cpu_start = client_start = None
+    cpu_start: dict[str, float] | None = None
+    client_start = None
     while (started := perf_counter()) < window_end:
         if client_start is None and started >= window_start:
             client_start = time.process_time()
-            cpu_start = process_cpu_seconds(server_pid) if server_pid else None
+            cpu_start = cpu_seconds(cpu_pids) if cpu_pids else None
             started = perf_counter()
         step()
         total += 1
         ended = perf_counter()
         if started >= window_start and ended <= window_end:
             latencies.append(ended - started)
-    server_cpu = process_cpu_seconds(server_pid) - cpu_start if cpu_start is not None else None
+    cpu = None
+    if cpu_pids and cpu_start is not None:
+        cpu = {group: t - cpu_start[group] for group, t in cpu_seconds(cpu_pids).items()}
     return {
         "count": len(latencies),
         "total": total,
         "latencies": latencies,
         "client_cpu": time.process_time() - (client_start or time.process_time()),
-        "server_cpu": server_cpu,
+        "cpu": cpu,
     }
 
 
 def client_process(
     index: int,
-    address: str,
-    server_pid: int,
+    addresses: Sequence[str],
+    cpu_pids: CpuPids,
     workers_per_client: int,
     barriers: dict[int, Barrier],
     conn: Connection,
 ) -> None:
-    """Entry point of a spawned client: make identities, then run phases on
-    command. Client 0 also reads the server's CPU time."""
+    """Entry point of a spawned client: one channel per front-end, make
+    identities, then run phases on command. Client 0 also reads the CPU
+    time of the servers (and of Redis)."""
     try:
-        with grpc.insecure_channel(address) as channel:
-            grpc.channel_ready_future(channel).result(timeout=30)
-            _serve_phases(index, channel, server_pid, workers_per_client, barriers, conn)
+        with contextlib.ExitStack() as stack:
+            channels = [stack.enter_context(grpc.insecure_channel(a)) for a in addresses]
+            for channel in channels:
+                grpc.channel_ready_future(channel).result(timeout=30)
+            _serve_phases(index, channels, cpu_pids, workers_per_client, barriers, conn)
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         raise
@@ -256,29 +319,32 @@ def client_process(
 
 def _serve_phases(
     index: int,
-    channel: grpc.Channel,
-    server_pid: int,
+    channels: Sequence[grpc.Channel],
+    cpu_pids: CpuPids,
     workers_per_client: int,
     barriers: dict[int, Barrier],
     conn: Connection,
 ) -> None:
-    stub = discovery_pb2_grpc.DiscoveryStub(channel)
-    foreman = bearer_metadata(*create_identity(stub))
+    stubs = [discovery_pb2_grpc.DiscoveryStub(channel) for channel in channels]
+    # Identities live in the shared ledger: any front-end can make them.
+    home = stubs[index % len(stubs)]
+    foreman = bearer_metadata(*create_identity(home))
     base_port = 30000 + 100 * index
-    own = [register_worker(stub, base_port + i) for i in range(workers_per_client)]
+    own = [register_worker(home, base_port + i) for i in range(workers_per_client)]
     conn.send(("ready", own))
     kind, everyone = conn.recv()
     assert kind == "workers"
     workers = {client_id: bearer_metadata(client_id, secret) for client_id, secret in everyone}
+    healths = [health_pb2_grpc.HealthStub(channel) for channel in channels]
     steps = {
-        "floor": floor_step(health_pb2_grpc.HealthStub(channel)),
-        "cycles": cycle_step(stub, foreman, workers),
+        "floor": floor_step(healths, index),
+        "cycles": cycle_step(stubs, index, foreman, workers),
     }
     while (message := conn.recv())[0] == "run":
         _, phase, clients, duration, warmup = message
         barriers[clients].wait(timeout=120)
-        pid = server_pid if index == 0 else None
-        conn.send(("result", run_phase(steps[phase], duration, warmup, pid)))
+        pids = cpu_pids if index == 0 else None
+        conn.send(("result", run_phase(steps[phase], duration, warmup, pids)))
 
 
 # -- the client pool ------------------------------------------------------------
@@ -291,10 +357,11 @@ class PhaseResult:
     rate: float  # steps per second, all clients together
     p50_ms: float
     p99_ms: float
-    server_cpu_us: float  # per step
+    server_cpu_us: float  # per step, all front-ends together
     client_cpu_us: float  # per step, all client processes together
     count: int
     total: int  # including warm-up
+    redis_cpu_us: float | None = None  # per step, the redis-server process
 
 
 def percentile(ordered: Sequence[float], q: float) -> float:
@@ -308,16 +375,18 @@ def summarize(phase: str, duration: float, results: list[dict]) -> PhaseResult:
     count = len(latencies)
     if not count:
         raise RuntimeError(f"{phase}: nothing completed inside the window")
+    cpu = results[0]["cpu"]
     return PhaseResult(
         phase=phase,
         clients=len(results),
         rate=count / duration,
         p50_ms=percentile(latencies, 50) * 1e3,
         p99_ms=percentile(latencies, 99) * 1e3,
-        server_cpu_us=results[0]["server_cpu"] / count * 1e6,
+        server_cpu_us=cpu["server"] / count * 1e6,
         client_cpu_us=sum(r["client_cpu"] for r in results) / count * 1e6,
         count=count,
         total=sum(r["total"] for r in results),
+        redis_cpu_us=cpu["redis"] / count * 1e6 if "redis" in cpu else None,
     )
 
 
@@ -325,26 +394,37 @@ class ClientPool:
     """`size` spawned client processes; `run` drives the first k of them."""
 
     def __init__(
-        self, server: Server, size: int, workers_per_client: int, counts: Sequence[int]
+        self,
+        addresses: Sequence[str],
+        cpu_pids: CpuPids,
+        size: int,
+        workers_per_client: int,
+        counts: Sequence[int],
     ) -> None:
         self._conns: list[Connection] = []
         self._processes: list[multiprocessing.process.BaseProcess] = []
         try:
-            self._start(server, size, workers_per_client, counts)
+            self._start(addresses, cpu_pids, size, workers_per_client, counts)
         except BaseException:
             self.close()
             raise
 
     def _start(
-        self, server: Server, size: int, workers_per_client: int, counts: Sequence[int]
+        self,
+        addresses: Sequence[str],
+        cpu_pids: CpuPids,
+        size: int,
+        workers_per_client: int,
+        counts: Sequence[int],
     ) -> None:
         context = multiprocessing.get_context("spawn")
         barriers = {k: context.Barrier(k) for k in set(counts)}
+        pids = {group: list(members) for group, members in cpu_pids.items()}
         for index in range(size):
             parent_end, child_end = context.Pipe()
             process = context.Process(
                 target=client_process,
-                args=(index, server.address, server.pid, workers_per_client, barriers, child_end),
+                args=(index, list(addresses), pids, workers_per_client, barriers, child_end),
                 name=f"bench-client-{index}",
             )
             process.start()
@@ -384,26 +464,84 @@ class ClientPool:
 
 @contextlib.contextmanager
 def running(
-    command: list[str], size: int, workers_per_client: int, counts: Sequence[int]
-) -> Iterator[tuple[Server, ClientPool]]:
-    """A server and its client processes; clients stop before the server."""
-    server = start_server(command)
+    commands: Sequence[list[str]],
+    redis_pid: int | None,
+    size: int,
+    workers_per_client: int,
+    counts: Sequence[int],
+) -> Iterator[tuple[list[Server], ClientPool]]:
+    """The front-ends (one per command) and the client processes; clients
+    stop before the servers. The pool reads the front-ends' CPU, summed,
+    and Redis's when `redis_pid` is given."""
+    servers: list[Server] = []
     try:
-        pool = ClientPool(server, size, workers_per_client, counts)
+        for command in commands:
+            servers.append(start_server(command))
+        cpu_pids: dict[str, list[int]] = {"server": [server.pid for server in servers]}
+        if redis_pid is not None:
+            cpu_pids["redis"] = [redis_pid]
+        addresses = [server.address for server in servers]
+        pool = ClientPool(addresses, cpu_pids, size, workers_per_client, counts)
         try:
-            yield server, pool
+            yield servers, pool
         finally:
             pool.close()
     except BaseException:
-        server.process.kill()
-        server.process.wait()
+        kill_servers(servers)
         raise
-    stop_server(server)
+    stop_servers(servers)
 
 
-def store_url(directory: str, synchronous: str) -> str:
-    url = f"sqlite:///{directory}/ledger.sqlite3"
+def store_url(directory: str, synchronous: str, name: str = "ledger") -> str:
+    url = f"sqlite:///{directory}/{name}.sqlite3"
     return url + "?synchronous=FULL" if synchronous == "FULL" else url
+
+
+class Stores(contextlib.ExitStack):
+    """Fresh ledgers: SQLite files in one temporary directory, or fresh key
+    prefixes on one redis-server that this script starts on first use
+    (loopback, random port, no persistence) and stops on exit."""
+
+    def __init__(self, directory: Path | None, synchronous: str) -> None:
+        super().__init__()
+        self._directory = directory
+        self._synchronous = synchronous
+        self._temporary: str | None = None
+        self._redis = None
+        self._made = 0
+
+    def url(self, store: str) -> str:
+        self._made += 1
+        if store == "sqlite":
+            if self._temporary is None:
+                self._temporary = self.enter_context(
+                    tempfile.TemporaryDirectory(prefix="ec262-bench-", dir=self._directory)
+                )
+            return store_url(self._temporary, self._synchronous, f"ledger-{self._made}")
+        return self._redis_server().url(f"bench{self._made}-{uuid.uuid4().hex[:8]}:")
+
+    def _redis_server(self):  # -> tests.redis_server.RedisServer
+        if self._redis is None:
+            if str(REPO) not in sys.path:  # bench/ is on the path, not the repo root
+                sys.path.insert(0, str(REPO))
+            from tests.redis_server import RedisServer
+
+            self._redis = RedisServer()
+            self.callback(self._redis.stop)
+        return self._redis
+
+    @property
+    def redis_pid(self) -> int | None:
+        return self._redis.process.pid if self._redis is not None else None
+
+    @property
+    def redis_version(self) -> str | None:
+        if self._redis is None:
+            return None
+        binary = self._redis.process.args[0]
+        return subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, check=False
+        ).stdout.strip()
 
 
 # -- the benchmark -----------------------------------------------------------------
@@ -432,40 +570,73 @@ def median_row(rows: list[Row]) -> Row:
         first = results[0]
         numeric = ("rate", "p50_ms", "p99_ms", "server_cpu_us", "client_cpu_us")
         values = {f: statistics.median(getattr(r, f) for r in results) for f in numeric}
+        redis = [r.redis_cpu_us for r in results if r.redis_cpu_us is not None]
         count, total = sum(r.count for r in results), sum(r.total for r in results)
-        return PhaseResult(first.phase, first.clients, count=count, total=total, **values)
+        return PhaseResult(
+            first.phase,
+            first.clients,
+            count=count,
+            total=total,
+            redis_cpu_us=statistics.median(redis) if redis else None,
+            **values,
+        )
 
     return Row(
         rows[0].clients, median_of([r.floor for r in rows]), median_of([r.cycles for r in rows])
     )
 
 
-def benchmark(args: argparse.Namespace) -> dict:
+@dataclass(frozen=True)
+class Config:
+    store: str  # "sqlite" or "redis"
+    frontends: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.store}, {self.frontends} front-end{'s' if self.frontends > 1 else ''}"
+
+
+COMPARED = (Config("sqlite", 1), Config("redis", 1), Config("redis", 2))
+
+
+def benchmark(args: argparse.Namespace, stores: Stores, config: Config) -> dict:
     counts = sorted(set(args.clients))
     rows: dict[int, list[Row]] = {k: [] for k in counts}
-    with tempfile.TemporaryDirectory(prefix="ec262-bench-", dir=args.dir) as directory:
-        command = server_command(store_url(directory, args.synchronous), None)
-        with running(command, max(counts), args.workers_per_client, counts) as (_, pool):
-            for repeat in range(args.repeat):
-                for k in counts:
-                    floor = pool.run("floor", k, args.duration, args.warmup)
-                    cycles = pool.run("cycles", k, args.duration, args.warmup)
-                    rows[k].append(Row(k, floor, cycles))
-                    print(
-                        f"  repeat {repeat + 1}/{args.repeat}, {k} process(es): "
-                        f"{floor.rate:,.0f} no-op/s, {cycles.rate:,.0f} cycles/s, "
-                        f"ratio {rows[k][-1].ratio:.2f}, p99 {cycles.p99_ms:.2f} ms",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-    return {"server_command": command, "rows": {k: (median_row(v), v) for k, v in rows.items()}}
+    url = stores.url(config.store)
+    commands = [server_command(url, None) for _ in range(config.frontends)]
+    redis_pid = stores.redis_pid if config.store == "redis" else None
+    size = max(counts)
+    with running(commands, redis_pid, size, args.workers_per_client, counts) as (_, pool):
+        for repeat in range(args.repeat):
+            for k in counts:
+                floor = pool.run("floor", k, args.duration, args.warmup)
+                cycles = pool.run("cycles", k, args.duration, args.warmup)
+                rows[k].append(Row(k, floor, cycles))
+                print(
+                    f"  {config.label}, repeat {repeat + 1}/{args.repeat}, {k} process(es): "
+                    f"{floor.rate:,.0f} no-op/s, {cycles.rate:,.0f} cycles/s, "
+                    f"ratio {rows[k][-1].ratio:.2f}, p99 {cycles.p99_ms:.2f} ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    return {
+        "config": config,
+        "store_url": url,
+        "server_commands": commands,
+        "rows": {k: (median_row(v), v) for k, v in rows.items()},
+    }
+
+
+def _us(value: float | None, width: int) -> str:
+    return f"{value:>{width}.0f}" if value is not None else f"{'-':>{width}}"
 
 
 def table(rows: list[Row]) -> str:
+    redis = any(row.cycles.redis_cpu_us is not None for row in rows)
     lines = [
         "      floor: health Check          | cycle: RequestTasks + 3 x FetchKey + SettleTask",
         "procs  no-op/s  p50 us  srv us/op  | cycles/s  ratio  p50 ms  p99 ms"
-        "  srv us  cli us  srv x",
+        "  srv us  cli us  srv x" + ("  redis us" if redis else ""),
     ]
     for row in rows:
         f, c = row.floor, row.cycles
@@ -473,11 +644,36 @@ def table(rows: list[Row]) -> str:
             f"{row.clients:>5} {f.rate:>8,.0f} {f.p50_ms * 1e3:>7.0f} {f.server_cpu_us:>10.0f}  |"
             f" {c.rate:>8,.0f} {row.ratio:>6.2f} {c.p50_ms:>7.2f} {c.p99_ms:>7.2f}"
             f" {c.server_cpu_us:>7.0f} {c.client_cpu_us:>7.0f} {row.server_cpu_ratio:>6.2f}"
+            + (f" {_us(c.redis_cpu_us, 9)}" if redis else "")
         )
     lines += [
         "ratio = cycles/s / (no-op/s / 5), target >= 0.8; p99 at 1 process target <= 10 ms.",
-        "srv us, cli us: CPU microseconds per call or cycle of the server / of all clients;",
-        "srv x = server CPU per cycle / server CPU of 5 no-op calls.",
+        "srv us, cli us: CPU microseconds per call or cycle of the server(s, summed over",
+        "front-ends) / of all clients; srv x = server CPU per cycle / server CPU of 5 no-op calls.",
+    ]
+    if redis:
+        lines.append("redis us: CPU microseconds of the redis-server process per cycle.")
+    return "\n".join(lines)
+
+
+def compare_table(outcomes: list[dict]) -> str:
+    lines = [
+        "store   front-ends procs  floor calls/s  cycles/s  ratio  p50 ms  p99 ms"
+        "  srv us/cycle  redis us/cycle",
+    ]
+    for outcome in outcomes:
+        config: Config = outcome["config"]
+        for row, _ in outcome["rows"].values():
+            f, c = row.floor, row.cycles
+            lines.append(
+                f"{config.store:<7} {config.frontends:>10} {row.clients:>5} {f.rate:>14,.0f}"
+                f" {c.rate:>9,.0f} {row.ratio:>6.2f} {c.p50_ms:>7.2f} {c.p99_ms:>7.2f}"
+                f" {c.server_cpu_us:>13.0f} {_us(c.redis_cpu_us, 15)}"
+            )
+    lines += [
+        "floor: health Check through the same front-end(s); ratio = cycles/s / (floor/s / 5).",
+        "srv us/cycle: CPU of all front-end processes together per cycle; redis us/cycle:",
+        "CPU of the redis-server process per cycle. With 2 front-ends every cycle crosses them.",
     ]
     return "\n".join(lines)
 
@@ -496,11 +692,12 @@ def row_json(row: Row) -> dict:
     }
 
 
-def write_json(path: Path, args: argparse.Namespace, command: str, outcome: dict) -> None:
+def write_json(
+    path: Path, args: argparse.Namespace, command: str, stores: Stores, outcomes: list[dict]
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     document = {
         "command": command,
-        "server_command": shlex.join(outcome["server_command"]),
         "settings": {
             "duration_s": args.duration,
             "warmup_s": args.warmup,
@@ -514,10 +711,20 @@ def write_json(path: Path, args: argparse.Namespace, command: str, outcome: dict
             "python": platform.python_version(),
             "grpcio": grpc.__version__,
             "platform": platform.platform(),
+            "redis_server": stores.redis_version,
         },
-        "results": [
-            {**row_json(median), "repeats": [row_json(r) for r in repeats]}
-            for median, repeats in outcome["rows"].values()
+        "configurations": [
+            {
+                "store": outcome["config"].store,
+                "frontends": outcome["config"].frontends,
+                "store_url": outcome["store_url"],
+                "server_commands": [shlex.join(c) for c in outcome["server_commands"]],
+                "results": [
+                    {**row_json(median), "repeats": [row_json(r) for r in repeats]}
+                    for median, repeats in outcome["rows"].values()
+                ],
+            }
+            for outcome in outcomes
         ],
     }
     path.write_text(json.dumps(document, indent=2) + "\n")
@@ -566,9 +773,10 @@ BUCKETS = (
         r"ec262/auth\.py|/uuid\.py|sha256|compare_digest|/hmac\.py",
     ),
     ("SQLite statements (C)", r"sqlite3\."),
+    ("Redis client (redis-py, its socket I/O)", r"/redis/"),
     ("randomness (SystemRandom, urandom)", r"/random\.py|/secrets\.py|urandom|getrandbits"),
     ("logging", r"/logging/"),
-    ("ledger + store (Python)", r"discovery_service/(ledger|sqlite_store|store)\.py"),
+    ("ledger + store (Python)", r"discovery_service/(ledger|sqlite_store|redis_store|store)\.py"),
     ("servicer + protobuf", r"servicer\.py|grpc_errors\.py|_pb2|_upb|FromString|ToString"),
     ("gRPC server + its thread pool", r"grpc|concurrent/futures|/queue\.py"),
 )
@@ -627,10 +835,11 @@ def print_profile(path: Path, steps: int, step_name: str, top: int) -> None:
 
 def profile(args: argparse.Namespace) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"discovery_server_{args.profile_phase}.prof"
-    with tempfile.TemporaryDirectory(prefix="ec262-bench-", dir=args.dir) as directory:
-        command = server_command(store_url(directory, args.synchronous), out)
-        with running(command, 1, args.workers_per_client, [1]) as (_, pool):
+    suffix = "_redis" if args.store == "redis" else ""
+    out = RESULTS / f"discovery_server_{args.profile_phase}{suffix}.prof"
+    with Stores(args.dir, args.synchronous) as stores:
+        command = server_command(stores.url(args.store), out)
+        with running([command], stores.redis_pid, 1, args.workers_per_client, [1]) as (_, pool):
             result = pool.run(args.profile_phase, 1, args.duration, args.warmup)
     step_name = "cycle" if args.profile_phase == "cycles" else "call"
     print(f"server: {shlex.join(command)}")
@@ -638,6 +847,8 @@ def profile(args: argparse.Namespace) -> None:
         f"under the profiler, 1 process: {result.rate:,.0f} {args.profile_phase}/s"
         f" (p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms)"
     )
+    if result.redis_cpu_us is not None:
+        print(f"redis-server CPU (not profiled): {result.redis_cpu_us:.0f} us per {step_name}")
     print_profile(out, result.total, step_name, args.top)
     print(f"\nprofile written to {out} (open with python -m pstats)")
 
@@ -654,16 +865,44 @@ def client_counts(text: str) -> list[int]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds measured per phase")
+    parser.add_argument(
+        "--duration", type=float, help="seconds measured per phase (default 5; 3 with --compare)"
+    )
     parser.add_argument("--warmup", type=float, default=0.5, help="seconds excluded per phase")
-    parser.add_argument("--repeat", type=int, default=3, help="rounds; the table shows medians")
+    parser.add_argument(
+        "--repeat", type=int, help="rounds, the table shows medians (default 3; 1 with --compare)"
+    )
     parser.add_argument("--clients", type=client_counts, default=[1, 2, 4], help="e.g. 1,2,4")
-    parser.add_argument("--synchronous", choices=("NORMAL", "FULL"), default="NORMAL")
+    parser.add_argument(
+        "--store",
+        choices=("sqlite", "redis"),
+        default="sqlite",
+        help="the ledger: a SQLite file, or a redis-server this script starts",
+    )
+    parser.add_argument(
+        "--frontends",
+        type=int,
+        default=1,
+        help="discovery server processes on the one ledger (more than 1: Redis only)",
+    )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="SQLite x 1, Redis x 1 and Redis x 2 front-ends in one run, one table",
+    )
+    parser.add_argument(
+        "--synchronous", choices=("NORMAL", "FULL"), default="NORMAL", help="SQLite only"
+    )
     parser.add_argument(
         "--dir", type=Path, default=None, help="where the ledger file goes (default: system temp)"
     )
     parser.add_argument("--workers-per-client", type=int, default=3)
-    parser.add_argument("--json", type=Path, default=RESULTS / "discovery_cycles.json")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="default bench/results/discovery_cycles[_redis_Nfe|_compare].json",
+    )
     parser.add_argument(
         "--profile", action="store_true", help="profile the server over a 1-process phase instead"
     )
@@ -672,6 +911,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.workers_per_client * max(args.clients) < 3:
         parser.error("need at least 3 workers in all (the replication)")
+    if args.frontends < 1:
+        parser.error("--frontends must be at least 1")
+    if args.frontends > 1 and args.store == "sqlite" and not args.compare:
+        parser.error(
+            "--frontends > 1 needs --store redis: a SQLite ledger file is held by one process"
+        )
+    if args.compare and (args.profile or args.store != "sqlite" or args.frontends != 1):
+        parser.error("--compare picks the stores and front-ends itself")
+    if args.profile and args.frontends != 1:
+        parser.error("--profile profiles one front-end")
+    if args.duration is None:
+        args.duration = 3.0 if args.compare else 5.0
+    if args.repeat is None:
+        args.repeat = 1 if args.compare else 3
+    if args.json is None:
+        if args.compare:
+            name = "discovery_cycles_compare"
+        elif args.store == "redis":
+            name = f"discovery_cycles_redis_{args.frontends}fe"
+        else:
+            name = "discovery_cycles"
+        args.json = RESULTS / f"{name}.json"
     return args
 
 
@@ -685,11 +946,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         profile(args)
         print(f"\ncommand: {command}")
         return 0
-    outcome = benchmark(args)
-    print(f"\nserver: {shlex.join(outcome['server_command'])}")
-    print(f"synchronous={args.synchronous}, {args.duration:g} s per phase, median of {args.repeat}")
-    print(table([median for median, _ in outcome["rows"].values()]))
-    write_json(args.json, args, command, outcome)
+    configs = COMPARED if args.compare else (Config(args.store, args.frontends),)
+    with Stores(args.dir, args.synchronous) as stores:
+        outcomes = [benchmark(args, stores, config) for config in configs]
+        write_json(args.json, args, command, stores, outcomes)
+    print()
+    for outcome in outcomes:
+        for server in outcome["server_commands"]:
+            print(f"server ({outcome['config'].label}): {shlex.join(server)}")
+    settings = f"{args.duration:g} s per phase, median of {args.repeat}"
+    if args.compare:
+        print(f"SQLite synchronous={args.synchronous}, {settings}")
+        print(compare_table(outcomes))
+    else:
+        config = configs[0]
+        detail = f", synchronous={args.synchronous}" if config.store == "sqlite" else ""
+        print(f"{config.label}{detail}, {settings}")
+        print(table([median for median, _ in outcomes[0]["rows"].values()]))
     print(f"\ncommand: {command}\nresults: {args.json}")
     return 0
 
