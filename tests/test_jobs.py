@@ -260,6 +260,7 @@ def test_two_workers_disagreeing_with_everyone_make_a_task_invalid_and_it_moves(
                     reducer=sum_reducer,
                     progress=watch,
                     task_timeout=60,
+                    max_attempts=10,  # retries before the new workers register must not end it
                 ),
             )
         )

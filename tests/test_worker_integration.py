@@ -4,6 +4,7 @@ recording foreman: the task cycle of PROTOCOL.md sections 2-4 end to end."""
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import stat
@@ -320,10 +321,28 @@ def test_worker_deregisters_and_exits_cleanly_on_a_signal(tmp_path, sig):
         discovery.stop()
 
 
+def _port_outside_the_ephemeral_range() -> int:
+    """A port for a discovery service that will be down for a while.
+
+    Below the kernel's ephemeral range (32768-60999 by default), so no
+    outgoing connection can be given it meanwhile: a client retrying an
+    ephemeral port with nothing behind it can even connect to itself and
+    hold the port. Found by binding a real server to it (no probe socket).
+    """
+    for _ in range(50):
+        port = random.randint(20000, 32000)
+        try:
+            server = build_server(Ledger(SqliteStore(":memory:")), port=port)
+        except OSError:
+            continue
+        server.stop(0)
+        return port
+    raise AssertionError("no free port between 20000 and 32000")
+
+
 def test_worker_keeps_serving_while_discovery_is_down_and_registers_later(tmp_path):
-    first = DiscoveryHarness.start(str(tmp_path / "ledger.sqlite3"))
-    address = first.address
-    first.stop()  # the port is now free; the worker will find nothing there
+    port = _port_outside_the_ephemeral_range()
+    address = f"127.0.0.1:{port}"  # nothing listens here until the test says so
     path = tmp_path / "worker.json"
     args = ["worker", "-P", "0", "--discovery", address, "--identity", str(path), "-v"]
     with start_server(args) as worker:
@@ -331,9 +350,8 @@ def test_worker_keeps_serving_while_discovery_is_down_and_registers_later(tmp_pa
         with grpc.insecure_channel(worker.address) as channel:
             stub = worker_pb2_grpc.WorkerStub(channel)
             assert stub.GetStatus(worker_pb2.GetStatusRequest()).slots == 1
-        port = address.rsplit(":", 1)[1]
         ledger = Ledger(SqliteStore(str(tmp_path / "ledger.sqlite3")))
-        second = build_server(ledger, port=int(port))
+        second = build_server(ledger, port=port)
         try:
             worker.wait_for("registered with discovery")
             identity = load_identity(path)
