@@ -33,10 +33,6 @@ class Shuffle:
                     bucket.extend(values)
             self._next += 1
 
-    @property
-    def complete(self) -> bool:
-        return self._next == self._chunks
-
     def reduce_chunks(self, count: int, chunk_bytes: int = 1 << 20) -> list[bytes]:
         """At most `count` reduce chunks of similar size, keys in the order
         they first appeared (deterministic: input order; every replica of a

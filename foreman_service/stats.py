@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -24,7 +23,6 @@ class JobStats:
     seconds: float = 0.0
     phase_seconds: dict[str, float] = field(default_factory=dict)
     states: Counter = field(default_factory=Counter)
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def cheaters_seen(self) -> int:

@@ -45,9 +45,6 @@ class Tampering:
         pairs = [(k, _shift(v, self.shift)) for k, v in decode_pairs(honest.plaintext)]
         return SandboxResult(honest.ok, encode_pairs(pairs))
 
-    def cached_digests(self):
-        return self.inner.cached_digests()
-
 
 def main() -> int:
     die_with_parent_if_asked()

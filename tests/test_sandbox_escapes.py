@@ -862,3 +862,29 @@ def test_no_thread_outlives_its_task(private_pool, target):
         "a thread started by one task was still running in the idle sandbox"
     )
     assert_contained(private_pool, target, first)
+
+
+def environment_probe(key, value):
+    os = _modules()["os"]
+    yield "hash_seed", os.environ.get("PYTHONHASHSEED")
+    yield "worker_secret_visible", "EC262_TEST_SECRET" in os.environ
+    yield "set_order", list({"alpha", "beta", "gamma", "delta", "epsilon"})
+
+
+def test_sandboxes_get_a_clean_environment_and_a_fixed_hash_seed(monkeypatch, target):
+    """Nothing of the worker's environment reaches user code, and string
+    hashing is the same in every sandbox, so replicas agree on set order."""
+    monkeypatch.setenv("EC262_TEST_SECRET", "worker-only")
+    orders = []
+    for _ in range(2):  # two pools, two zygotes: two independent processes
+        pool = _new_pool()
+        try:
+            result = run_attack(pool, environment_probe, target)
+        finally:
+            pool.close()
+        assert result.ok, result.plaintext
+        produced = decode_result(result.plaintext)
+        assert produced["hash_seed"] == ["0"]
+        assert produced["worker_secret_visible"] == [False]
+        orders.append(produced["set_order"])
+    assert orders[0] == orders[1]

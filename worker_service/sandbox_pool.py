@@ -161,10 +161,6 @@ class SandboxPool:
         if self._zygote is not None:
             self._zygote.close()
 
-    def cached_digests(self) -> list[str]:
-        with self._lock:
-            return sorted({s.digest for s in self._idle.values() if s.digest})
-
     # -- running ----------------------------------------------------------------
 
     def _exchange(self, sandbox: _Sandbox, message: bytes, timeout: float) -> SandboxResult | None:

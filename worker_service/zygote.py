@@ -75,6 +75,8 @@ class Zygote:
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
             close_fds=True,
+            env=sandbox_environment(),
+            cwd="/",
         )
         theirs.close()
 
