@@ -3,6 +3,8 @@ bytes, and the number of chunks bounded by what the foreman can afford."""
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -107,14 +109,15 @@ def plan_job(
 def split_evenly(items: list, weights: list[int], count: int) -> list[list]:
     """Consecutive items into at most `count` groups of similar weight, in
     order (so values reach each key in the order a sequential run sees
-    them). Never more than `count`: the plan paid for that many tasks."""
+    them). Never more than `count`: the plan paid for that many tasks.
+    Cut points come from running totals and a bisect per group, not a step
+    per item: reduce input has one item per distinct key."""
     count = max(1, min(count, len(items)))
-    share = sum(weights) / count
-    groups: list[list] = [[] for _ in range(count)]
-    before = 0
-    for item, weight in zip(items, weights, strict=True):
-        groups[min(count - 1, int(before / share))].append(item)
-        before += weight
+    before = list(itertools.accumulate(weights, initial=0))  # weight before each item
+    share = before.pop() / count
+    cuts = [bisect.bisect_left(before, share * part) for part in range(1, count)]
+    bounds = [0, *cuts, len(items)]
+    groups = [items[a:b] for a, b in itertools.pairwise(bounds)]
     return [group for group in groups if group]
 
 

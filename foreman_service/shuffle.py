@@ -22,14 +22,14 @@ class Shuffle:
         self.grouped: dict[Any, list] = {}
 
     def add(self, index: int, output: dict[Any, list]) -> None:
-        """The map output of chunk `index`; merged once all before it are."""
+        """The map output of chunk `index`; merged once all before it are.
+        Its lists are adopted, not copied (they were just decoded)."""
         self._pending[index] = output
+        grouped = self.grouped
         while self._next in self._pending:
             for key, values in self._pending.pop(self._next).items():
-                bucket = self.grouped.get(key)
-                if bucket is None:
-                    self.grouped[key] = list(values)
-                else:
+                bucket = grouped.setdefault(key, values)
+                if bucket is not values:
                     bucket.extend(values)
             self._next += 1
 
@@ -41,7 +41,7 @@ class Shuffle:
         rows = [[key, values] for key, values in self.grouped.items()]
         if not rows:
             return []
-        weights = [len(str(key)) + 8 + 2 * len(values) for key, values in rows]
+        weights = [len(values) + 1 for values in self.grouped.values()]
         # No more chunks than the data fills (a task costs RPCs and credits),
         # but a few at least, so that workers reduce in parallel.
         count = min(count, max(MIN_REDUCE_CHUNKS, math.ceil(sum(weights) / chunk_bytes)))
