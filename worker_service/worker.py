@@ -121,7 +121,11 @@ class Worker:
                 )
                 self._count(dropped=1)
                 return
-            result = self._sandbox.run(task.function_sha256, payload, task.phase, task.rows)
+            # A sandbox is reused only for the same function *and* the same
+            # foreman: whatever a task leaves in its process (module state)
+            # must not reach another foreman's tasks, even with the same code.
+            sandbox_key = f"{task.foreman_id}/{task.function_sha256}"
+            result = self._sandbox.run(sandbox_key, payload, task.phase, task.rows)
             ciphertext = seal(result.plaintext, key)
             self._submit(task, self._client_id(), ciphertext)
             self._count(done=int(result.ok), failed=int(not result.ok), submitted=1)
