@@ -68,5 +68,6 @@ def test_a_sandbox_is_reused_for_one_foreman_but_never_shared_with_another(worke
     for number, foreman in enumerate([FOREMAN_A, FOREMAN_A, FOREMAN_B, FOREMAN_A]):
         running.assign(_task(number, foreman, payload))
         assert done.acquire(timeout=30)
+        assert running.wait_idle(30)  # the slot frees just after the submit
     runs = [results[f"{n:032x}"]["runs"] for n in range(4)]
     assert runs == [[1], [2], [1], [3]]
