@@ -28,6 +28,7 @@ from discovery_service.store import (
 from ec262 import auth
 from ec262.addresses import split_address
 from ec262.errors import AuthenticationError, InvalidRequest, UnknownTask
+from ec262.ids import is_client_id, is_task_id
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,6 @@ MAX_LIST_LENGTH = 10_000
 MAX_SLOTS = 1024
 MAX_RUNTIME_LENGTH = 64
 MAX_VERIFIED_CREDENTIALS = 100_000
-_TASK_ID = re.compile(r"[0-9a-f]{32}")
 _RUNTIME = re.compile(r"[a-z][a-z0-9_]*-[0-9]{1,4}\.[0-9]{1,4}")
 
 
@@ -63,7 +63,7 @@ class LedgerConfig:
 
 
 def check_task_id(task_id: str, *, field: str = "task_id") -> str:
-    if not isinstance(task_id, str) or not _TASK_ID.fullmatch(task_id):
+    if not is_task_id(task_id):
         shown = task_id if len(task_id) <= 40 else task_id[:40] + "..."
         raise InvalidRequest(f"{field} {shown!r} is not a task id (32 lowercase hex digits)")
     return task_id
@@ -76,11 +76,8 @@ def check_client_ids(ids: Iterable[str], *, field: str) -> frozenset[str]:
     if len(ids) > MAX_LIST_LENGTH:
         raise InvalidRequest(f"{field} has {len(ids)} entries; at most {MAX_LIST_LENGTH} allowed")
     for client_id in ids:
-        try:
-            if str(uuid.UUID(client_id)) == client_id:
-                continue
-        except ValueError:
-            pass
+        if is_client_id(client_id):
+            continue
         shown = client_id if len(client_id) <= 40 else client_id[:40] + "..."
         raise InvalidRequest(f"{field} entry {shown!r} is not a client id (a lowercase UUID)")
     return frozenset(ids)

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import re
 import secrets
 
 from ec262.errors import AuthenticationError
+from ec262.ids import is_client_id
 
 AUTHORIZATION_KEY = "authorization"
 _SCHEME = "bearer "
 MAX_SECRET_LENGTH = 256
-_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def new_secret() -> str:
@@ -61,6 +60,6 @@ def parse_bearer(value: str | None) -> tuple[str, str]:
         raise AuthenticationError("bearer token must be CLIENT_ID:SECRET")
     if len(secret) > MAX_SECRET_LENGTH:
         raise AuthenticationError("bearer secret is too long")
-    if not _CANONICAL_UUID.fullmatch(client_id):
+    if not is_client_id(client_id):
         raise AuthenticationError("bearer token's client id is not a canonical lowercase UUID")
     return client_id, secret

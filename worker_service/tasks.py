@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import re
-import uuid
 from dataclasses import dataclass
 
 from ec262.addresses import split_address
 from ec262.errors import InvalidRequest
+from ec262.ids import is_client_id, is_task_id
 from worker_service.mapreduce import MAP, REDUCE
 
 MAX_ROWS_BYTES = 64 * 1024 * 1024
 MAX_TOKEN_LENGTH = 512
 MAX_JOB_ID_LENGTH = 128
-_TASK_ID = re.compile(r"[0-9a-f]{32}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -44,7 +43,7 @@ def checked_task(
     submit_token: str,
 ) -> Task:
     """A Task, or InvalidRequest saying which field is wrong."""
-    if not _TASK_ID.fullmatch(task_id):
+    if not is_task_id(task_id):
         raise InvalidRequest(f"task_id {task_id[:40]!r} is not a task id (32 lowercase hex digits)")
     if len(job_id) > MAX_JOB_ID_LENGTH:
         raise InvalidRequest(f"job_id is longer than {MAX_JOB_ID_LENGTH} characters")
@@ -59,11 +58,8 @@ def checked_task(
     if len(rows) > MAX_ROWS_BYTES:
         raise InvalidRequest(f"rows is {len(rows)} bytes; at most {MAX_ROWS_BYTES} allowed")
     split_address(result_address)
-    try:
-        if str(uuid.UUID(foreman_id)) != foreman_id:
-            raise ValueError
-    except ValueError:
-        raise InvalidRequest("foreman_id is not a client id (a lowercase UUID)") from None
+    if not is_client_id(foreman_id):
+        raise InvalidRequest("foreman_id is not a client id (a lowercase UUID)")
     if not submit_token or len(submit_token) > MAX_TOKEN_LENGTH:
         raise InvalidRequest(f"submit_token must be 1 to {MAX_TOKEN_LENGTH} characters")
     return Task(
