@@ -4,10 +4,18 @@ import uuid
 
 import grpc
 import pytest
+from hypothesis import settings
 
 from discovery_service.ledger import LedgerConfig
 from tests.discovery_harness import DiscoveryHarness
 from tests.redis_server import RedisServer
+
+# The same generated examples on every run: a failure reproduces, and CI
+# never goes red by the luck of the draw. (Explore freely with
+# `--hypothesis-profile=explore`.)
+settings.register_profile("deterministic", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile("deterministic")
 
 
 @pytest.fixture(scope="session")
