@@ -20,8 +20,9 @@ from typing import Any, Protocol
 import grpc
 
 from ec262.discovery_client import DiscoveryClient
-from ec262.envelope import decrypt_data
-from ec262.errors import DecryptionError, JobFailed, RemoteError, UnknownTask
+from ec262.encoding import decode_result
+from ec262.envelope import open_sealed
+from ec262.errors import DecryptionError, EncodingError, JobFailed, RemoteError, UnknownTask
 from ec262.payload import digest, pack_functions
 from ec262.remote_errors import is_error_document
 from ec262.v1 import worker_pb2, worker_pb2_grpc
@@ -216,7 +217,7 @@ class JobEngine:
         phase: int,
         chunks: list[Chunk],
         payload: bytes,
-        on_result: Callable[[Chunk, dict], None],
+        on_result: Callable[[Chunk, Any], None],
     ) -> None:
         name = PHASE_NAMES[phase]
         self.stats.phase = name
@@ -403,7 +404,7 @@ class JobEngine:
         return min(config.grace_max, max(config.grace_min, config.grace_fraction * took))
 
     def _decide(
-        self, attempt: Attempt, pending: deque[Chunk], on_result: Callable[[Chunk, dict], None]
+        self, attempt: Attempt, pending: deque[Chunk], on_result: Callable[[Chunk, Any], None]
     ) -> None:
         now = self._clock()
         results = self.inbox.results(attempt.task_id)
@@ -434,7 +435,7 @@ class JobEngine:
         winner: str,
         agreeing: set[str],
         pending: deque[Chunk],
-        on_result: Callable[[Chunk, dict], None],
+        on_result: Callable[[Chunk, Any], None],
     ) -> None:
         missing = sorted(set(attempt.workers) - agreeing)
         results = self.inbox.results(attempt.task_id)
@@ -456,19 +457,29 @@ class JobEngine:
                 ", ".join(w[:8] for w in sorted(disagreeing)),
             )
         try:
-            output = decrypt_data(winner, settlement.key)
-        except DecryptionError:
+            plaintext = open_sealed(winner, settlement.key)
+            # Map output goes to the shuffle as text; only an error document
+            # (or a reduce output) needs decoding here.
+            is_map = attempt.chunk.phase == MAP
+            output = (
+                plaintext
+                if is_map and not plaintext.startswith(b'[["error",')
+                else decode_result(plaintext)
+            )
+        except (DecryptionError, EncodingError):
             # The agreeing workers sent the same garbage: they were paid, but
             # their result is useless; run the chunk again without them.
             self._cheaters |= agreeing
             stats.cheaters |= agreeing
             self._retry(attempt, pending, "the agreed result does not decrypt")
             return
-        if is_error_document(output):
+        if isinstance(output, dict) and is_error_document(output):
             error = output["error"]
             raise RemoteError(
                 error["type"], error["message"], error["traceback"], chunk=attempt.chunk.label
             )
+        if is_map and isinstance(output, dict):  # an ordinary result with an "error" key
+            output = plaintext
         on_result(attempt.chunk, output)
         self.progress.advance(stats)
 

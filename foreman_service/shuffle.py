@@ -1,48 +1,116 @@
 """Between map and reduce: map outputs merged by key in chunk order (so each
 key's values come in the order a sequential run produces them), then cut
 into reduce chunks. Merging happens as map results arrive, overlapping the
-map phase, in chunk order."""
+map phase, in chunk order.
+
+Map outputs arrive as canonical JSON text. When every key is a string and
+every value list is flat (word counts and most jobs), they are merged as
+text: each key's value-list bodies are concatenated without decoding a
+single value, and the reduce rows are written by joining bytes; decoding
+and re-encoding the intermediate data was most of the foreman's work. Any
+other output switches the shuffle to decoded objects, with the same result.
+"""
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
-from ec262.encoding import canonical_json
+from ec262.encoding import canonical_json, decode_result
 from foreman_service.planning import split_evenly
 
 MIN_REDUCE_CHUNKS = 4
 
+# One `["key",[flat values]]` row of canonical JSON: a string key, a list
+# with no brackets inside (so none of its strings can fake a row boundary).
+_TEXT_ROW = re.compile(rb'\[("(?:[^"\\]|\\.)*"),\[([^\[\]]*)\]\]')
+
 
 class Shuffle:
     def __init__(self, chunks: int) -> None:
-        self._pending: dict[int, dict[Any, list]] = {}
+        self._pending: dict[int, bytes] = {}
+        self._merged: list[bytes] = []  # in order; kept to re-merge as objects if needed
         self._next = 0
         self._chunks = chunks
-        self.grouped: dict[Any, list] = {}
+        self._bodies: dict[bytes, list[bytes]] | None = {}  # text mode
+        self.grouped: dict[Any, list] | None = None  # object mode
 
-    def add(self, index: int, output: dict[Any, list]) -> None:
-        """The map output of chunk `index`; merged once all before it are.
-        Its lists are adopted, not copied (they were just decoded)."""
+    @property
+    def text_mode(self) -> bool:
+        return self._bodies is not None
+
+    def add(self, index: int, output: bytes) -> None:
+        """The canonical JSON map output of chunk `index`; merged once all
+        chunks before it are."""
         self._pending[index] = output
-        grouped = self.grouped
         while self._next in self._pending:
-            for key, values in self._pending.pop(self._next).items():
-                bucket = grouped.setdefault(key, values)
-                if bucket is not values:
-                    bucket.extend(values)
+            text = self._pending.pop(self._next)
+            self._merged.append(text)
+            if self._bodies is not None and not self._merge_text(text):
+                self._switch_to_objects()
+            elif self._bodies is None:
+                self._merge_objects(decode_result(text))
             self._next += 1
+
+    def _merge_text(self, text: bytes) -> bool:
+        """Merge one output as text; False (changing nothing that matters:
+        the caller re-merges everything as objects) if it is not flat."""
+        if text == b"[]":
+            return True
+        bodies = self._bodies
+        position, end = 1, len(text)
+        for row in _TEXT_ROW.finditer(text):
+            after = row.end()
+            if row.start() != position or text[after : after + 1] not in (b",", b"]"):
+                return False
+            position = after + 1
+            key, body = row.group(1), row.group(2)
+            parts = bodies.get(key)
+            if parts is None:
+                bodies[key] = [body]
+            else:
+                parts.append(body)
+        return position == end
+
+    def _switch_to_objects(self) -> None:
+        self._bodies, self.grouped = None, {}
+        for text in self._merged:
+            self._merge_objects(decode_result(text))
+
+    def _merge_objects(self, output: dict[Any, list]) -> None:
+        grouped = self.grouped
+        for key, values in output.items():
+            bucket = grouped.setdefault(key, values)
+            if bucket is not values:
+                bucket.extend(values)
 
     def reduce_chunks(self, count: int, chunk_bytes: int = 1 << 20) -> list[bytes]:
         """At most `count` reduce chunks of similar size, keys in the order
         they first appeared (deterministic: input order; every replica of a
-        task gets the same bytes anyway); each chunk encoded in one call (a
-        call per key costs more than the encoding itself)."""
-        rows = [[key, values] for key, values in self.grouped.items()]
+        task gets the same bytes anyway). No more chunks than the data
+        fills (a task costs RPCs and credits), but a few at least, so that
+        workers reduce in parallel."""
+        if self._bodies is not None:
+            rows = [
+                b"[" + key + b",[" + b",".join(part for part in parts if part) + b"]]"
+                for key, parts in self._bodies.items()
+            ]
+            weights = [len(row) + 1 for row in rows]
+            encode = _join_rows
+        else:
+            rows = [[key, values] for key, values in self.grouped.items()]
+            weights = [2 * len(values) + 8 for values in self.grouped.values()]
+            encode = _encode_rows
         if not rows:
             return []
-        weights = [len(values) + 1 for values in self.grouped.values()]
-        # No more chunks than the data fills (a task costs RPCs and credits),
-        # but a few at least, so that workers reduce in parallel.
         count = min(count, max(MIN_REDUCE_CHUNKS, math.ceil(sum(weights) / chunk_bytes)))
-        return [canonical_json(group).encode() for group in split_evenly(rows, weights, count)]
+        return [encode(group) for group in split_evenly(rows, weights, count)]
+
+
+def _join_rows(rows: list[bytes]) -> bytes:
+    return b"[" + b",".join(rows) + b"]"
+
+
+def _encode_rows(rows: list) -> bytes:
+    return canonical_json(rows).encode()

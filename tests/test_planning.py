@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ec262.encoding import decode_pairs
+from ec262.encoding import decode_pairs, decode_result, encode_result
 from ec262.errors import EncodingError, InsufficientCredits
 from foreman_service.planning import input_rows, plan_job, split_evenly
 from foreman_service.shuffle import Shuffle
@@ -45,14 +45,63 @@ def test_input_that_json_cannot_carry_names_the_record():
         plan_job([("ok", "x"), ("bad", {1, 2})], balance=100, replication=3)
 
 
+def _merged(outputs: list[tuple[int, dict]], chunks: int, count: int = 2) -> tuple[list, bool]:
+    shuffle = Shuffle(chunks)
+    for index, output in outputs:
+        shuffle.add(index, encode_result(output))
+    reduce_chunks = shuffle.reduce_chunks(count, chunk_bytes=1)
+    assert len(reduce_chunks) <= count
+    rows = [tuple(pair) for chunk in reduce_chunks for pair in decode_pairs(chunk)]
+    return rows, shuffle.text_mode
+
+
 def test_the_shuffle_merges_in_chunk_order_whatever_order_results_arrive():
-    shuffle = Shuffle(3)
-    shuffle.add(2, {"a": [5], "c": [6]})
-    shuffle.add(0, {"a": [1, 2], "b": [3]})
-    assert shuffle.grouped == {"a": [1, 2], "b": [3]}
-    shuffle.add(1, {"a": [4]})
-    assert shuffle.grouped == {"a": [1, 2, 4, 5], "b": [3], "c": [6]}
-    chunks = shuffle.reduce_chunks(2, chunk_bytes=1)
-    assert 1 <= len(chunks) <= 2
-    rows = [tuple(pair) for chunk in chunks for pair in decode_pairs(chunk)]
-    assert rows == [("a", [1, 2, 4, 5]), ("b", [3]), ("c", [6])]
+    outputs = [(2, {"a": [5], "c": [6]}), (0, {"a": [1, 2], "b": ["x,y"]}), (1, {"a": [4]})]
+    rows, text_mode = _merged(outputs, 3)
+    assert text_mode
+    assert rows == [("a", [1, 2, 4, 5]), ("b", ["x,y"]), ("c", [6])]
+
+
+@pytest.mark.parametrize(
+    ("awkward", "stays_text"),
+    [
+        ({7: [1]}, False),
+        ({"a": [[1, 2]]}, False),
+        ({"a": ["has ] bracket"]}, False),
+        ({("t", 1): [1]}, False),
+        ({"a": [{"k": 1}]}, True),
+    ],
+)
+def test_outputs_that_are_not_flat_text_merge_as_objects_with_the_same_result(awkward, stays_text):
+    outputs = [(0, {"a": [1], "b": [2]}), (1, awkward), (2, {"a": [3]})]
+    rows, text_mode = _merged(outputs, 3)
+    assert text_mode == stays_text
+    expected: dict = {}
+    for _, output in outputs:
+        for key, values in output.items():
+            expected.setdefault(key, []).extend(values)
+    assert dict(rows) == expected
+    assert [key for key, _ in rows] == list(expected)
+
+
+@given(
+    st.lists(
+        st.dictionaries(
+            st.text(max_size=6),
+            st.lists(
+                st.one_of(st.integers(), st.text(max_size=5), st.booleans(), st.none()), max_size=4
+            ),
+            max_size=6,
+        ),
+        min_size=1,
+        max_size=5,
+    )
+)
+def test_property_text_and_object_merging_agree(outputs):
+    indexed = list(enumerate(outputs))
+    rows, _ = _merged(indexed, len(outputs), count=3)
+    expected: dict = {}
+    for output in outputs:  # as the workers send them: keys in canonical order
+        for key, values in decode_result(encode_result(output)).items():
+            expected.setdefault(key, []).extend(values)
+    assert rows == list(expected.items())
