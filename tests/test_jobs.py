@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import Future
 
 import grpc
 import pytest
@@ -50,6 +51,20 @@ def run(cluster: LocalCluster, tmp_path, data, **options):
     options.setdefault("identity", tmp_path / "foreman.json")
     options.setdefault("progress", False)
     return ec262.Job(discovery=cluster.address, **options).run(data)
+
+
+def in_background(function, *args, **kwargs) -> Future:
+    """Run a job on its own thread; `.result()` returns it or re-raises its error."""
+    future: Future = Future()
+
+    def target() -> None:
+        try:
+            future.set_result(function(*args, **kwargs))
+        except BaseException as error:
+            future.set_exception(error)
+
+    threading.Thread(target=target, daemon=True).start()
+    return future
 
 
 def assert_books_balance(cluster, before, tmp_path):
@@ -248,27 +263,20 @@ def test_two_workers_disagreeing_with_everyone_make_a_task_invalid_and_it_moves(
     with cluster_with(tmp_path / "c", honest=1, cheaters=("wrong", "wrong2")) as (cluster, _):
         before = books(cluster.address, identity_files(cluster))
         watch = _WatchInvalid()
-        outcome: dict = {}
-        runner = threading.Thread(
-            target=lambda: outcome.setdefault(
-                "result",
-                run(
-                    cluster,
-                    tmp_path,
-                    SMALL,
-                    mapper=split_words,
-                    reducer=sum_reducer,
-                    progress=watch,
-                    task_timeout=60,
-                    max_attempts=10,  # retries before the new workers register must not end it
-                ),
-            )
+        job = in_background(
+            run,
+            cluster,
+            tmp_path,
+            SMALL,
+            mapper=split_words,
+            reducer=sum_reducer,
+            progress=watch,
+            task_timeout=60,
+            max_attempts=10,  # retries before the new workers register must not end it
         )
-        runner.start()
         assert watch.invalid.wait(60), "the three-way disagreement was never settled invalid"
         cluster.add_workers(3)  # honest workers for the retry to move to
-        runner.join(150)
-        result = outcome["result"]
+        result = job.result(timeout=150)
         assert result == sequential(SMALL, split_words, sum_reducer)
         assert result.stats.tasks_invalid >= 1 and result.stats.retries >= 1
         assert_books_balance(cluster, before, tmp_path)
@@ -296,22 +304,13 @@ def slow_words(key, line):
 def test_a_worker_killed_mid_job_does_not_stop_it(tmp_path):
     with LocalCluster(workers=4, directory=str(tmp_path / "c"), slots=1) as cluster:
         before = books(cluster.address, identity_files(cluster))
-        outcome: dict = {}
-        runner = threading.Thread(
-            target=lambda: outcome.setdefault(
-                "result",
-                run(
-                    cluster, tmp_path, SMALL, mapper=slow_words, reducer=sum_reducer, chunk_bytes=64
-                ),
-            )
+        job = in_background(
+            run, cluster, tmp_path, SMALL, mapper=slow_words, reducer=sum_reducer, chunk_bytes=64
         )
-        runner.start()
         victim = cluster.workers[0]
         victim.wait_for(" done in ", timeout=60)  # it is in the middle of the job
         victim.process.send_signal(signal.SIGKILL)
-        runner.join(150)
-        assert not runner.is_alive()
-        result = outcome["result"]
+        result = job.result(timeout=150)
         assert result == sequential(SMALL, split_words, sum_reducer)
         assert_books_balance(cluster, before, tmp_path)
 
