@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ec262.encoding import canonical_json
+from ec262.encoding import canonical_bytes
 from ec262.errors import EncodingError, InsufficientCredits
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB of canonical JSON per map task
@@ -48,7 +48,7 @@ def _row_texts(rows: list[tuple[Any, Any]]) -> list[bytes]:
     texts = []
     for key, value in rows:
         try:
-            texts.append(canonical_json([key, value]).encode())
+            texts.append(canonical_bytes([key, value]))
         except (TypeError, ValueError) as error:
             raise EncodingError(f"input record {key!r} cannot be sent as JSON: {error}") from None
     return texts

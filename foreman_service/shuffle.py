@@ -17,7 +17,7 @@ import math
 import re
 from typing import Any
 
-from ec262.encoding import canonical_json, decode_result
+from ec262.encoding import canonical_bytes, decode_result
 from foreman_service.planning import split_evenly
 
 MIN_REDUCE_CHUNKS = 4
@@ -113,4 +113,4 @@ def _join_rows(rows: list[bytes]) -> bytes:
 
 
 def _encode_rows(rows: list) -> bytes:
-    return canonical_json(rows).encode()
+    return canonical_bytes(rows)

@@ -1,0 +1,132 @@
+"""The fast canonical encoder (orjson where its text is provably json's)
+must write exactly the bytes the standard library's json writes, and the
+fast reader must read exactly what json reads."""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import uuid
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ec262
+from ec262.encoding import canonical_bytes, canonical_json, decode_result, encode_result, loads
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),  # beyond 64 bits too, where orjson stops
+    st.integers(-(2**64), 2**64),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.floats(min_value=-1e-3, max_value=1e-3),  # where the two write floats differently
+    st.sampled_from([1e16, 1e15, 1e-5, 1e-7, 5e-324, 1.7976931348623157e308, -0.0]),
+    st.text(),
+    st.sampled_from(["null", "1.5", "e+", "[null", ",null", "x\x00\x1f\x7f\u2028\U0001f600"]),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.tuples(inner, inner),
+        st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    ),
+    max_leaves=16,
+)
+
+
+def standard(value) -> bytes:
+    return json.dumps(
+        value, ensure_ascii=False, allow_nan=False, sort_keys=True, separators=(",", ":")
+    ).encode()
+
+
+@settings(max_examples=600, deadline=None)
+@given(values)
+def test_property_the_fast_encoder_writes_what_json_writes(value):
+    assert canonical_bytes(value) == standard(value)
+    assert canonical_bytes(value) == canonical_json(value).encode()
+
+
+@settings(max_examples=600, deadline=None)
+@given(values)
+def test_property_the_fast_reader_reads_what_json_reads(value):
+    text = standard(value)
+    decoded = loads(text)
+    assert decoded == json.loads(text)
+    assert repr(decoded) == repr(json.loads(text))  # 1 vs 1.0, -0.0, big integers exact
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        [1e-7, 1.5e-5, 1e16, 1e15, 0.1],
+        [2**64, -(2**63) - 1, 2**200],
+        {"null": None, "b": [None, 1]},
+        None,
+        ["a", [None]],
+    ],
+)
+def test_values_where_orjson_and_json_differ_are_written_as_json_writes_them(value):
+    assert canonical_bytes(value) == standard(value)
+    assert loads(canonical_bytes(value)) == json.loads(standard(value))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"[123456789012345678901234567890]",
+        b"[18446744073709551616,-9223372036854775809]",
+        b"[NaN,Infinity,-Infinity]",
+        b'["\\ud800"]',
+        b"[1.0e400]",
+        b' [ 1 , "a" ] ',
+        "[1,2]",
+    ],
+)
+def test_texts_only_json_reads_exactly_are_read_by_json(text):
+    assert repr(loads(text)) == repr(json.loads(text))
+
+
+@pytest.mark.parametrize("value", [float("nan"), [float("inf")], {"k": [1, float("-inf")]}])
+def test_nan_and_infinity_are_refused_whichever_encoder_runs(value):
+    with pytest.raises(ValueError):
+        canonical_bytes(value)
+
+
+def test_not_canonical_json_is_an_encoding_error():
+    with pytest.raises(ec262.EncodingError, match="not canonical JSON"):
+        decode_result(b"[[1,2]")
+
+
+class Colour(enum.Enum):
+    RED = "red"
+
+
+class Level(enum.IntEnum):
+    HIGH = 3
+
+
+def test_enum_members_and_uuids_are_written_by_value_on_both_paths():
+    ident = uuid.UUID(int=5)
+    fast = canonical_bytes([Colour.RED, Level.HIGH, ident])
+    # A float sends the same values through json instead of orjson.
+    slow = canonical_bytes([Colour.RED, Level.HIGH, ident, 1e-7])
+    assert fast == b'["red",3,"00000000-0000-0000-0000-000000000005"]'
+    assert slow == fast[:-1] + b",1e-07]"
+    assert decode_result(encode_result({"c": Colour.RED})) == {"c": "red"}
+
+
+def test_subclasses_and_other_types_are_left_to_json():
+    class Text(str):
+        pass
+
+    assert canonical_bytes([Text("x"), {"k": Text("y")}]) == b'["x",{"k":"y"}]'
+    with pytest.raises(TypeError):
+        canonical_bytes([{1, 2}])
+    with pytest.raises(ec262.EncodingError, match="'when'"):
+        encode_result({"when": __import__("datetime").date(2026, 1, 1)})
+    assert math.isnan(json.loads(b"[NaN]")[0])
