@@ -3,15 +3,17 @@ jobs on a local cluster (discovery + 3 worker processes), beside the same
 functions run sequentially and with multiprocessing.Pool(2), and beside the
 no-op gRPC floor, all measured in one run.
 
-Run: make bench-jobs   or   .venv/bin/python bench/job_bench.py [--megabytes 20]
+Run: make bench   or   .venv/bin/python bench/job_bench.py [--megabytes 20] [--rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import re
+import statistics
 import sys
 import sysconfig
 import tempfile
@@ -101,37 +103,56 @@ def with_pool(data: dict) -> tuple[dict, float]:
     return result, time.perf_counter() - started
 
 
-def on_cluster(
-    data: dict,
-    *,
-    replication: int,
-    combiner=None,
-    chunk_bytes: int = 1 << 20,
-    mapper=words,
-    reducer=total,
-) -> tuple[dict, float, object]:
-    with (
-        tempfile.TemporaryDirectory() as folder,
-        LocalCluster(workers=3, directory=folder, replication=replication) as cluster,
-    ):
-        job = ec262.Job(
-            mapper=mapper,
-            reducer=reducer,
-            combiner=combiner,
-            discovery=cluster.address,
-            identity=Path(folder) / "foreman.json",
-            chunk_bytes=chunk_bytes,
-            progress=False,
+class BenchCluster:
+    """A local cluster (discovery + 3 workers) kept up for every round of
+    one replication setting, so rounds time jobs, not cluster start-up."""
+
+    def __init__(self, replication: int) -> None:
+        self._stack = contextlib.ExitStack()
+        self.folder = self._stack.enter_context(tempfile.TemporaryDirectory())
+        self.cluster = self._stack.enter_context(
+            LocalCluster(workers=3, directory=self.folder, replication=replication)
         )
-        job.run(dict([next(iter(data.items()))]))  # start the sandboxes before timing
+        self._jobs: dict[tuple, ec262.Job] = {}
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def run(
+        self,
+        data: dict,
+        *,
+        mapper=words,
+        reducer=total,
+        combiner=None,
+        chunk_bytes: int = 1 << 20,
+    ) -> tuple[dict, float, object]:
+        """(result, seconds, stats with .cpu by role) of one job; the first
+        job of a configuration is preceded by a one-record job that starts
+        its sandboxes (not timed)."""
+        config = (mapper, reducer, combiner, chunk_bytes)
+        job = self._jobs.get(config)
+        if job is None:
+            job = self._jobs[config] = ec262.Job(
+                mapper=mapper,
+                reducer=reducer,
+                combiner=combiner,
+                discovery=self.cluster.address,
+                identity=Path(self.folder) / "foreman.json",
+                chunk_bytes=chunk_bytes,
+                progress=False,
+            )
+            job.run(dict([next(iter(data.items()))]))
         cpu_before = cpu_by_role()
         started = time.perf_counter()
         result = job.run(data)
         elapsed = time.perf_counter() - started
         cpu_after = cpu_by_role()
         job.stats.cpu = {role: cpu_after[role] - cpu_before.get(role, 0.0) for role in cpu_after}
-        floor = noop_floor(cluster.workers[0].address)
-    return result, elapsed, (job.stats, floor)
+        return result, elapsed, job.stats
+
+    def noop_floor(self) -> float:
+        return noop_floor(self.cluster.workers[0].address)
 
 
 def cpu_by_role() -> dict[str, float]:
@@ -175,49 +196,92 @@ def noop_floor(address: str, calls: int = 1000) -> float:
         return (time.perf_counter() - started) / calls
 
 
+WORD_COUNT_ROWS = (
+    # label, replication, combiner
+    ("ec262 replication 3", 3, None),
+    ("ec262 replication 1", 1, None),
+    ("ec262 replication 3 + combiner", 3, add_up),
+)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--megabytes", type=float, default=20.0)
     parser.add_argument("--tiny-tasks", type=int, default=2000)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="rounds of (sequential, pool, each cluster job); the table shows medians",
+    )
     args = parser.parse_args()
     data = stdlib_text(args.megabytes)
     size = sum(map(len, data.values())) / 1e6
-    expected, seq_time = sequential(data)
-    pool_result, pool_time = with_pool(data)
-    assert pool_result == expected
-    rows = [
-        ("sequential, one process", seq_time, None),
-        ("multiprocessing.Pool(2)", pool_time, None),
-    ]
-    for label, replication, combiner in (
-        ("ec262 replication 3", 3, None),
-        ("ec262 replication 1", 1, None),
-        ("ec262 replication 3 + combiner", 3, add_up),
-    ):
-        result, elapsed, (stats, _floor) = on_cluster(
-            data, replication=replication, combiner=combiner
-        )
-        assert result == expected, label
-        rows.append((label, elapsed, stats))
-    print(f"\nword count over {size:.1f} MB of standard-library source ({len(data)} files)")
-    print(f"  {'':34} {'seconds':>8} {'x sequential':>13}  tasks (map+reduce), phases")
-    for label, seconds, stats in rows:
-        detail = ""
-        if stats:
-            phases = stats.phase_seconds
-            detail = (
-                f"{stats.map_tasks}+{stats.reduce_tasks}, map {phases.get('map', 0):.2f} s,"
-                f" reduce {phases.get('reduce', 0):.2f} s"
+    # A cluster per configuration: a worker keeps few idle sandboxes, and
+    # jobs of other functions sharing it would evict each other's.
+    clusters = {label: BenchCluster(replication) for label, replication, _ in WORD_COUNT_ROWS}
+    times: dict[str, list[float]] = defaultdict(list)
+    ratios: dict[str, list[float]] = defaultdict(list)
+    last_stats: dict[str, object] = {}
+    try:
+        for round_number in range(args.rounds):
+            # Each job's ratio is to the sequential time measured next to it
+            # in the same round: this shared machine's speed drifts.
+            expected, seq_time = sequential(data)
+            times["sequential, one process"].append(seq_time)
+            ratios["sequential, one process"].append(1.0)
+            for label, _replication, combiner in WORD_COUNT_ROWS:
+                result, elapsed, stats = clusters[label].run(data, combiner=combiner)
+                assert result == expected, label
+                times[label].append(elapsed)
+                ratios[label].append(elapsed / seq_time)
+                last_stats[label] = stats
+            pool_result, pool_time = with_pool(data)
+            assert pool_result == expected
+            times["multiprocessing.Pool(2)"].append(pool_time)
+            ratios["multiprocessing.Pool(2)"].append(pool_time / seq_time)
+            print(
+                f"round {round_number + 1}/{args.rounds}: "
+                + ", ".join(f"{label} {values[-1]:.2f} s" for label, values in times.items()),
+                file=sys.stderr,
             )
-        print(f"  {label:34} {seconds:8.2f} {seconds / seq_time:13.2f}  {detail}")
-        if stats:
-            cpu = ", ".join(f"{role} {value:.2f}" for role, value in stats.cpu.items())
-            print(f"  {'':34} CPU s: {cpu}; all {sum(stats.cpu.values()):.2f}")
-    tiny_data = {f"k{i}": i for i in range(args.tiny_tasks)}
-    result, elapsed, (stats, floor) = on_cluster(
-        tiny_data, replication=3, mapper=tiny, reducer=total, chunk_bytes=1
-    )
-    assert result == {k: v for k, v in tiny_data.items()}
+        labels = ["sequential, one process", "multiprocessing.Pool(2)"]
+        labels += [label for label, _, _ in WORD_COUNT_ROWS]
+        print(
+            f"\nword count over {size:.1f} MB of standard-library source ({len(data)} files),"
+            f" median of {args.rounds} rounds; each ratio is to the sequential run of its round"
+        )
+        print(
+            f"  {'':34} {'seconds':>8} {'x sequential':>13} {'(min-max)':>12}"
+            "  tasks (map+reduce), phases of the last round"
+        )
+        for label in labels:
+            stats = last_stats.get(label)
+            detail = ""
+            if stats:
+                phases = stats.phase_seconds
+                detail = (
+                    f"{stats.map_tasks}+{stats.reduce_tasks}, map {phases.get('map', 0):.2f} s,"
+                    f" reduce {phases.get('reduce', 0):.2f} s"
+                )
+            spread = f"{min(ratios[label]):.2f}-{max(ratios[label]):.2f}"
+            print(
+                f"  {label:34} {statistics.median(times[label]):8.2f}"
+                f" {statistics.median(ratios[label]):13.2f} {spread:>12}  {detail}"
+            )
+            if stats:
+                cpu = ", ".join(f"{role} {value:.2f}" for role, value in stats.cpu.items())
+                print(f"  {'':34} CPU s: {cpu}; all {sum(stats.cpu.values()):.2f}")
+        tiny_data = {f"k{i}": i for i in range(args.tiny_tasks)}
+        tiny_cluster = clusters[WORD_COUNT_ROWS[0][0]]
+        result, elapsed, stats = tiny_cluster.run(
+            tiny_data, mapper=tiny, reducer=total, chunk_bytes=1
+        )
+        assert result == {k: v for k, v in tiny_data.items()}
+        floor = tiny_cluster.noop_floor()
+    finally:
+        for cluster in clusters.values():
+            cluster.close()
     tasks = stats.map_tasks + stats.reduce_tasks
     per_task = elapsed / tasks
     print(

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import enum
 import json
-import re
 import uuid
 from collections.abc import Iterable, Mapping
 from operator import itemgetter
@@ -57,25 +56,47 @@ _ORJSON_OPTIONS = (
 )
 # Where orjson's text may differ from json's: floats (orjson writes 1e-7
 # and 0.000015 where json writes 1e-07 and 1.5e-05; every float orjson
-# writes has a digit before its point or before its signed exponent) and
-# NaN/Infinity, which orjson writes as a null token and json refuses.
-# Substring tests run at memory speed; the regex only confirms a hit.
-# Matches inside strings cost only speed.
-_FLOAT = re.compile(rb"[0-9](?:\.|e[-+])")
-_NULL_TOKENS = (b"[null", b",null", b":null")
+# writes has a point or a signed exponent) and NaN/Infinity (orjson writes
+# null, json refuses). Without those substrings the text is json's; with
+# them (a dotted word in a string will do), a walk over the value decides.
+_FLOAT_OR_NULL_HINTS = (b".", b"e+", b"e-", b"null")
+_SAME_TEXT_SCALARS = frozenset({str, int, bool})  # ints over 64 bits made orjson refuse
+_CONTAINERS = frozenset({list, tuple, dict})
+_SAME_TEXT_TYPES = _SAME_TEXT_SCALARS | _CONTAINERS
 # An integer of 19 digits or more may be outside 64 bits, where orjson reads
 # a float: such text is read by json. Found by mapping every digit to "0".
 _DIGITS_ONLY = bytes(48 if 48 <= i <= 57 else 46 for i in range(256))  # "0" or "."
 _LONG_NUMBER = b"0" * 19
 
 
-def _may_differ(text: bytes) -> bool:
-    """True if orjson's `text` may not be what json writes."""
-    if text.startswith(b"null") or any(token in text for token in _NULL_TOKENS):
+def _same_text(value: Any, text: bytes) -> bool:
+    """True if orjson's `text` for `value` is what json writes."""
+    if not any(hint in text for hint in _FLOAT_OR_NULL_HINTS):
         return True
-    if b"." in text or b"e+" in text or b"e-" in text:
-        return _FLOAT.search(text) is not None
-    return False
+    return _holds_only_same_text_types(value)
+
+
+def _holds_only_same_text_types(value: Any) -> bool:
+    """No float, None, Enum or UUID anywhere in `value` (one C-speed type
+    scan per container, not a Python step per item)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is dict:
+            members = item.values()
+        elif kind is list or kind is tuple:
+            members = item
+        else:
+            if kind not in _SAME_TEXT_SCALARS:
+                return False
+            continue
+        kinds = set(map(type, members))
+        if not kinds <= _SAME_TEXT_TYPES:
+            return False
+        if not kinds.isdisjoint(_CONTAINERS):
+            stack.extend(member for member in members if type(member) in _CONTAINERS)
+    return True
 
 
 def _refuse(value: object) -> object:
@@ -95,7 +116,7 @@ def canonical_bytes(value: Any) -> bytes:
         text = orjson.dumps(value, default=_refuse, option=_ORJSON_OPTIONS)
     except TypeError:  # orjson.JSONEncodeError: a type, a key or an integer orjson leaves to json
         return _encoder.encode(value).encode()
-    if not _may_differ(text):
+    if _same_text(value, text):
         return text
     return _encoder.encode(value).encode()
 
