@@ -59,7 +59,8 @@ _ORJSON_OPTIONS = (
 # writes has a point or a signed exponent) and NaN/Infinity (orjson writes
 # null, json refuses). Without those substrings the text is json's; with
 # them (a dotted word in a string will do), a walk over the value decides.
-_FLOAT_OR_NULL_HINTS = (b".", b"e+", b"e-", b"null")
+# A null token follows "[", "," or ":" unless it is the whole text.
+_FLOAT_OR_NULL_HINTS = (b".", b"e+", b"e-", b"[null", b",null", b":null")
 _SAME_TEXT_SCALARS = frozenset({str, int, bool})  # ints over 64 bits made orjson refuse
 _CONTAINERS = frozenset({list, tuple, dict})
 _SAME_TEXT_TYPES = _SAME_TEXT_SCALARS | _CONTAINERS
@@ -71,7 +72,7 @@ _LONG_NUMBER = b"0" * 19
 
 def _same_text(value: Any, text: bytes) -> bool:
     """True if orjson's `text` for `value` is what json writes."""
-    if not any(hint in text for hint in _FLOAT_OR_NULL_HINTS):
+    if text != b"null" and not any(hint in text for hint in _FLOAT_OR_NULL_HINTS):
         return True
     return _holds_only_same_text_types(value)
 

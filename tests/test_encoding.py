@@ -130,3 +130,20 @@ def test_subclasses_and_other_types_are_left_to_json():
     with pytest.raises(ec262.EncodingError, match="'when'"):
         encode_result({"when": __import__("datetime").date(2026, 1, 1)})
     assert math.isnan(json.loads(b"[NaN]")[0])
+
+
+def test_words_that_look_like_floats_or_null_in_strings_need_no_walk(monkeypatch):
+    """The fast path's substring test must not send ordinary word counts
+    (the word "null", hyphen-free words) to the slower type walk."""
+    from ec262 import encoding
+
+    def walked(value):
+        raise AssertionError("walked")
+
+    monkeypatch.setattr(encoding, "_holds_only_same_text_types", walked)
+    assert (
+        canonical_bytes([["null", [1, 1]], ["nullable", [1]]])
+        == b'[["null",[1,1]],["nullable",[1]]]'
+    )
+    with pytest.raises(AssertionError, match="walked"):
+        canonical_bytes([["a", [None]]])
