@@ -196,6 +196,89 @@ def noop_floor(address: str, calls: int = 1000) -> float:
         return (time.perf_counter() - started) / calls
 
 
+def where_the_time_goes(data: dict, replication: int, floor: float) -> None:
+    """The CPU cost of each step of the r=`replication` word count, run
+    in this process with the job's own code, chunking and data: what each
+    replica's sandbox does, what the foreman does, and the RPCs a task
+    costs at the measured no-op floor. A model to set beside the measured
+    CPU by role, not a measurement of the cluster itself."""
+    import gc
+    import os as _os
+
+    from ec262.encoding import (
+        decode_pairs,
+        decode_result,
+        encode_pairs,
+        encode_result,
+        sorted_items,
+    )
+    from ec262.envelope import open_sealed, seal
+    from foreman_service.planning import input_rows, plan_job
+    from foreman_service.shuffle import Shuffle
+    from worker_service.mapreduce import run_map, run_reduce
+
+    clock = time.process_time
+    costs: dict[str, float] = defaultdict(float)
+
+    def timed(name, function, *args, **kwargs):
+        started = clock()
+        value = function(*args, **kwargs)
+        costs[name] += clock() - started
+        return value
+
+    key = _os.urandom(16)
+    _expected, seq_time = sequential(data)
+    plan = timed(
+        "foreman: plan (encode the input rows)",
+        plan_job,
+        input_rows(data),
+        balance=10**9,
+        replication=replication,
+    )
+    thresholds = gc.get_threshold()
+    gc.set_threshold(50_000, 20, 100)  # as in a sandbox
+    shuffle = Shuffle(len(plan.map_chunks))
+    for index, chunk in enumerate(plan.map_chunks):
+        rows = timed("replica: decode map input", decode_pairs, chunk)
+        output = timed("replica: map (the user's function)", run_map, words, rows)
+        ordered = timed("replica: sort map output", sorted_items, output)
+        text = timed("replica: encode map output", encode_pairs, ordered)
+        envelope = timed("replica: seal (AES-CBC + 2 HMAC)", seal, text, key)
+        plaintext = timed("foreman: open one envelope per task", open_sealed, envelope, key)
+        timed("foreman: shuffle (merge map outputs)", shuffle.add, index, plaintext)
+    reduce_chunks = timed(
+        "foreman: shuffle (cut reduce chunks)", shuffle.reduce_chunks, plan.reduce_chunks
+    )
+    for chunk in reduce_chunks:
+        rows = timed("replica: decode reduce input", decode_pairs, chunk)
+        output = timed("replica: reduce (the user's function)", run_reduce, total, rows)
+        text = timed("replica: encode reduce output", encode_result, output)
+        envelope = timed("replica: seal (AES-CBC + 2 HMAC)", seal, text, key)
+        plaintext = timed("foreman: open one envelope per task", open_sealed, envelope, key)
+        timed("foreman: decode reduce outputs", decode_result, plaintext)
+    gc.set_threshold(*thresholds)
+    tasks = len(plan.map_chunks) + len(reduce_chunks)
+    # RequestTasks is batched; AssignTask, FetchKey and SubmitResult once per
+    # replica; SettleTask once per task.
+    rpcs = tasks * (3 * replication + 1) + 2
+    print(
+        f"\nwhere the CPU goes, replication {replication}, {tasks} tasks"
+        f" (`--profile`; steps timed in one process; sequential run {seq_time:.2f} s):"
+    )
+    total_cpu = 0.0
+    for name, seconds in sorted(costs.items()):
+        each = seconds * (replication if name.startswith("replica") else 1)
+        total_cpu += each
+        times = f" x {replication} replicas" if name.startswith("replica") else ""
+        print(f"  {name:42} {seconds:6.3f} s{times:14} = {each:6.3f} CPU s")
+    rpc_cpu = rpcs * floor
+    print(f"  {f'RPCs: ~{rpcs} at the no-op floor':42} {'':6}   {'':14} = {rpc_cpu:6.3f} CPU s")
+    print(
+        f"  modelled total {total_cpu + rpc_cpu:.2f} CPU s = {(total_cpu + rpc_cpu) / seq_time:.2f}"
+        f" x the sequential run; on 2 cores at best {(total_cpu + rpc_cpu) / 2 / seq_time:.2f} x"
+    )
+
+
 WORD_COUNT_ROWS = (
     # label, replication, combiner
     ("ec262 replication 3", 3, None),
@@ -213,6 +296,11 @@ def main() -> int:
         type=int,
         default=5,
         help="rounds of (sequential, pool, each cluster job); the table shows medians",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also model where the CPU goes (each step timed in this process)",
     )
     args = parser.parse_args()
     data = stdlib_text(args.megabytes)
@@ -293,6 +381,9 @@ def main() -> int:
         f" ten of them: {10 * floor * 1000:.2f} ms"
     )
     print(f"  per-task time / ten no-op RPCs = {per_task / (10 * floor):.2f} (target <= 1.4)")
+    if args.profile:
+        for replication in (3, 1):
+            where_the_time_goes(data, replication, floor)
     print(f"\ncommand: {' '.join([sys.executable, *sys.argv])}")
     return 0
 
