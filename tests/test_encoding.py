@@ -84,6 +84,9 @@ def test_values_where_orjson_and_json_differ_are_written_as_json_writes_them(val
         b'["\\ud800"]',
         b"[1.0e400]",
         b' [ 1 , "a" ] ',
+        # Few objects for the size: decided by a type walk, not a digit scan.
+        b'[["k","' + b"x" * 5000 + b'",123456789012345678901234567890]]',
+        b'[["k","' + b"x" * 5000 + b'",1.5,-0.0,1e-7]]',
         "[1,2]",
     ],
 )
