@@ -194,7 +194,38 @@ def encode_result(data: Mapping) -> bytes:
     """
     if not isinstance(data, Mapping):
         raise EncodingError(f"a result must be a dict, not {type(data).__name__}")
+    if type(data) is dict and data and set(map(type, data.values())) == {list}:
+        text = _list_valued_dict_text(data)  # every map output has this shape
+        if text is not None:
+            return text
     return encode_pairs(sorted_items(data))
+
+
+def _list_valued_dict_text(data: dict) -> bytes | None:
+    """The canonical bytes of a dict of string keys and flat lists, made
+    from orjson's sorted JSON object by two replacements (sorting and
+    writing in Rust is several times faster than sorting the items in
+    Python and writing pairs); None when that is not provably exact.
+
+    Proof: with exactly one `[` and one `]` per value, every bracket opens
+    or closes a value list (none is inside a key or a list). So each `":[`
+    is a key's closing quote and its list's start, and each `],"` a list's
+    end and the next key's opening quote:
+    `{"k":[1],"l":[2]}` -> `[["k",[1]],["l",[2]]]`.
+    orjson sorts keys as Python sorts strings (code points); its scalars
+    are json's wherever `_same_text` says so.
+    """
+    try:
+        text = orjson.dumps(data, default=_refuse, option=_ORJSON_OPTIONS)
+    except TypeError:
+        return None
+    count = len(data)
+    if text.count(b"[") != count or text.count(b"]") != count:
+        return None
+    if not _same_text(data, text):
+        return None
+    rows = text[2:-2].replace(b'":[', b'",[').replace(b'],"', b']],["')
+    return b'[["' + rows + b"]]]"
 
 
 def _check_value(key: object, value: object) -> None:

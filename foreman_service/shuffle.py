@@ -30,17 +30,16 @@ def flat_rows(text: bytes) -> tuple[list[bytes], list[bytes]] | None:
     a canonical output, found by splitting bytes (at memory speed) rather
     than parsing; None unless that split is provably the JSON structure.
 
-    Proof: with no backslash, every quote delimits a string, so a key (the
-    text between a row's opening quote and its first `",[`) holds none. With
-    no bracket but the rows' own (two per row and the outer pair), no key or
-    value list holds one, so every `]],["` separates two rows, every `[` in
-    the inner text closes a `",[` or a separator, and the value lists are
-    flat. Replacing the separators by `",[` then leaves exactly one `",[`
-    before each key's values and after each row's values.
+    Proof: with no bracket but the rows' own (two per row and the outer
+    pair), no key or value list holds one. So every `]],["` separates two
+    rows, the first `[` after a row's key opens its (flat) value list, and
+    the `",[` before it ends the key, escaped quotes and all. Replacing the
+    separators by `",[` then leaves exactly one `",[` after each key and
+    after each row's values.
     """
     if text == b"[]":
         return [], []
-    if not (text.startswith(b'[["') and text.endswith(b"]]]")) or b"\\" in text:
+    if not (text.startswith(b'[["') and text.endswith(b"]]]")):
         return None
     inner = text[3:-3]
     rows = inner.count(_ROW_SEPARATOR) + 1
@@ -48,9 +47,9 @@ def flat_rows(text: bytes) -> tuple[list[bytes], list[bytes]] | None:
     if text.count(b"[") != structural or text.count(b"]") != structural:
         return None
     parts = inner.replace(_ROW_SEPARATOR, _KEY_END).split(_KEY_END)
-    keys = parts[0::2]
-    if len(parts) != 2 * rows or b'"' in b"".join(keys):
+    if len(parts) != 2 * rows:
         return None
+    keys = parts[0::2]
     return keys, parts[1::2]
 
 
