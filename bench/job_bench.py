@@ -205,13 +205,7 @@ def where_the_time_goes(data: dict, replication: int, floor: float) -> None:
     import gc
     import os as _os
 
-    from ec262.encoding import (
-        decode_pairs,
-        decode_result,
-        encode_pairs,
-        encode_result,
-        sorted_items,
-    )
+    from ec262.encoding import decode_pairs, decode_result, encode_result
     from ec262.envelope import open_sealed, seal
     from foreman_service.planning import input_rows, plan_job
     from foreman_service.shuffle import Shuffle
@@ -241,8 +235,7 @@ def where_the_time_goes(data: dict, replication: int, floor: float) -> None:
     for index, chunk in enumerate(plan.map_chunks):
         rows = timed("replica: decode map input", decode_pairs, chunk)
         output = timed("replica: map (the user's function)", run_map, words, rows)
-        ordered = timed("replica: sort map output", sorted_items, output)
-        text = timed("replica: encode map output", encode_pairs, ordered)
+        text = timed("replica: sort + encode map output", encode_result, output)
         envelope = timed("replica: seal (AES-CBC + 2 HMAC)", seal, text, key)
         plaintext = timed("foreman: open one envelope per task", open_sealed, envelope, key)
         timed("foreman: shuffle (merge map outputs)", shuffle.add, index, plaintext)
