@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 
 MAP, REDUCE = worker_pb2.MAP, worker_pb2.REDUCE
 PHASE_NAMES = {MAP: "map", REDUCE: "reduce"}
+# While tasks of ours run, their settles free slots and trigger the next
+# request; this slower poll only catches slots freed by others and workers
+# joining, without an empty RequestTasks after every assignment.
+BUSY_POLL_SECONDS = 0.25
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,9 @@ class JobEngine:
         self._active: dict[str, Attempt] = {}
         self._slots_freed = False
         self._replication = 3
+        # Results settled but not yet handed on: merging a map output takes
+        # milliseconds, so it waits until the freed workers have new tasks.
+        self._settled: list[tuple[Chunk, Any]] = []
         self._fresh_starved_since: float | None = None
         # AssignTask calls run on these threads, a task's replicas in
         # parallel (grpc futures would start a thread per call).
@@ -237,12 +244,18 @@ class JobEngine:
             if pending and (self._slots_freed or now >= next_request):
                 self._slots_freed = False
                 if self._launch(pending, payload, payload_digest):
-                    starved_since, empty_requests, next_request = None, 0, 0.0
+                    starved_since, empty_requests = None, 0
+                    # Still pending means every free slot is taken: ask
+                    # again when a settle of ours frees one, or after a
+                    # while for slots freed by others and workers joining.
+                    next_request = now + BUSY_POLL_SECONDS if pending else 0.0
                 else:
                     # Workers are busy (a settle will free them) or absent:
                     # ask again with backoff to notice workers joining.
                     empty_requests += 1
                     next_request = now + min(1.0, 0.025 * 2**empty_requests)
+                    if self._active:
+                        next_request = min(next_request, now + BUSY_POLL_SECONDS)
                     starved_since = starved_since or now
                     if not self._active and now - starved_since > self.config.task_timeout:
                         raise JobFailed(
@@ -251,9 +264,11 @@ class JobEngine:
                             " distinct live workers with a free slot, other than this foreman)",
                             chunk=pending[0].label,
                         )
+            self._hand_on(on_result)
             self._wait(next_request if pending else None)
             for attempt in list(self._active.values()):
-                self._decide(attempt, pending, on_result)
+                self._decide(attempt, pending)
+        self._hand_on(on_result)
         self.stats.phase_seconds[name] = self._clock() - phase_started
 
     def _launch(self, pending: deque[Chunk], payload: bytes, payload_digest: str) -> int:
@@ -403,9 +418,7 @@ class JobEngine:
         config = self.config
         return min(config.grace_max, max(config.grace_min, config.grace_fraction * took))
 
-    def _decide(
-        self, attempt: Attempt, pending: deque[Chunk], on_result: Callable[[Chunk, Any], None]
-    ) -> None:
+    def _decide(self, attempt: Attempt, pending: deque[Chunk]) -> None:
         now = self._clock()
         results = self.inbox.results(attempt.task_id)
         workers = set(attempt.workers)
@@ -419,7 +432,7 @@ class JobEngine:
             if still_possible and now < attempt.quorum_at + self._grace(attempt):
                 return
             agreeing = {w for w, c in results.items() if c == winner}
-            self._settle_valid(attempt, winner, agreeing, pending, on_result)
+            self._settle_valid(attempt, winner, agreeing, pending)
         elif votes + len(still_possible) < quorum or now >= attempt.deadline:
             reason = "deadline passed" if now >= attempt.deadline else "no quorum possible"
             self._settle_invalid(attempt, pending, reason)
@@ -435,7 +448,6 @@ class JobEngine:
         winner: str,
         agreeing: set[str],
         pending: deque[Chunk],
-        on_result: Callable[[Chunk, Any], None],
     ) -> None:
         missing = sorted(set(attempt.workers) - agreeing)
         results = self.inbox.results(attempt.task_id)
@@ -480,8 +492,13 @@ class JobEngine:
             )
         if is_map and isinstance(output, dict):  # an ordinary result with an "error" key
             output = plaintext
-        on_result(attempt.chunk, output)
+        self._settled.append((attempt.chunk, output))
         self.progress.advance(stats)
+
+    def _hand_on(self, on_result: Callable[[Chunk, Any], None]) -> None:
+        settled, self._settled = self._settled, []
+        for chunk, output in settled:
+            on_result(chunk, output)
 
     def _settle_invalid(self, attempt: Attempt, pending: deque[Chunk], reason: str) -> None:
         self._finish(attempt)
