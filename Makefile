@@ -43,9 +43,9 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 # Word count and per-task overhead of jobs (one table); the services' own
-# benchmarks are separate.
+# benchmarks are separate. `make bench ARGS=--profile` adds where the CPU goes.
 bench: $(STAMP)
-	$(PY) bench/job_bench.py
+	$(PY) bench/job_bench.py $(ARGS)
 
 bench-discovery: $(STAMP)
 	$(PY) bench/discovery_cycles.py
