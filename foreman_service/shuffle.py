@@ -111,7 +111,11 @@ class Shuffle:
         they first appeared (deterministic: input order; every replica of a
         task gets the same bytes anyway). No more chunks than the data
         fills (a task costs RPCs and credits), but a few at least, so that
-        workers reduce in parallel."""
+        workers reduce in parallel.
+
+        Called once, at the end of the map phase: the merged outputs are
+        released (tens of thousands of lists the foreman's collector would
+        otherwise keep walking through the reduce phase)."""
         if self._bodies is not None:
             rows = [b'["%b",[%b]]' % (key, b",".join(parts)) for key, parts in self._bodies.items()]
             weights = [len(row) + 1 for row in rows]
@@ -120,6 +124,11 @@ class Shuffle:
             rows = [[key, values] for key, values in self.grouped.items()]
             weights = [2 * len(values) + 8 for values in self.grouped.values()]
             encode = _encode_rows
+        self._merged = []
+        if self._bodies is not None:
+            self._bodies = {}
+        else:
+            self.grouped = {}
         if not rows:
             return []
         count = min(count, max(MIN_REDUCE_CHUNKS, math.ceil(sum(weights) / chunk_bytes)))
