@@ -245,7 +245,7 @@ def _tupled(key: Any) -> Any:
 def _loads_rows(text: bytes | str) -> list:
     try:
         rows = loads(text)
-    except (ValueError, UnicodeDecodeError) as error:
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
         raise EncodingError(f"not canonical JSON: {error}") from None
     if not isinstance(rows, list):
         raise EncodingError("canonical JSON must be a list of [key, value] pairs")

@@ -100,9 +100,14 @@ def test_nan_and_infinity_are_refused_whichever_encoder_runs(value):
         canonical_bytes(value)
 
 
-def test_not_canonical_json_is_an_encoding_error():
+@pytest.mark.parametrize(
+    "text", [b"[[1,2]", b"[" * 100_000 + b"]" * 100_000, b'[["a",1]] trailing', b"\xff"]
+)
+def test_not_canonical_json_is_an_encoding_error(text):
+    """Even nesting too deep for either parser: an agreed result that does
+    not decode is the cheaters' problem, not a crash of the foreman."""
     with pytest.raises(ec262.EncodingError, match="not canonical JSON"):
-        decode_result(b"[[1,2]")
+        decode_result(text)
 
 
 class Colour(enum.Enum):
