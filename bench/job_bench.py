@@ -272,6 +272,8 @@ def where_the_time_goes(data: dict, replication: int, floor: float) -> None:
     )
 
 
+SEQUENTIAL = "sequential, one process"
+POOL = "multiprocessing.Pool(2)"
 WORD_COUNT_ROWS = (
     # label, replication, combiner
     ("ec262 replication 3", 3, None),
@@ -307,34 +309,38 @@ def main() -> int:
     last_stats: dict[str, object] = {}
     try:
         for round_number in range(args.rounds):
-            # Each job's ratio is to the sequential time measured next to it
-            # in the same round: this shared machine's speed drifts.
-            expected, seq_time = sequential(data)
-            times["sequential, one process"].append(seq_time)
-            ratios["sequential, one process"].append(1.0)
-            for label, _replication, combiner in WORD_COUNT_ROWS:
-                result, elapsed, stats = clusters[label].run(data, combiner=combiner)
+            # Each job's ratio is to a sequential run made right before it:
+            # this shared machine's speed drifts within seconds.
+            for label, _replication, combiner in [*WORD_COUNT_ROWS, (POOL, None, None)]:
+                expected, seq_time = sequential(data)
+                times[SEQUENTIAL].append(seq_time)
+                ratios[SEQUENTIAL].append(1.0)
+                if label == POOL:
+                    result, elapsed = with_pool(data)
+                else:
+                    result, elapsed, stats = clusters[label].run(data, combiner=combiner)
+                    last_stats[label] = stats
                 assert result == expected, label
                 times[label].append(elapsed)
                 ratios[label].append(elapsed / seq_time)
-                last_stats[label] = stats
-            pool_result, pool_time = with_pool(data)
-            assert pool_result == expected
-            times["multiprocessing.Pool(2)"].append(pool_time)
-            ratios["multiprocessing.Pool(2)"].append(pool_time / seq_time)
             print(
                 f"round {round_number + 1}/{args.rounds}: "
-                + ", ".join(f"{label} {values[-1]:.2f} s" for label, values in times.items()),
+                + ", ".join(
+                    f"{label} {values[-1]:.2f} s ({ratios[label][-1]:.2f} x)"
+                    for label, values in times.items()
+                    if label != SEQUENTIAL
+                ),
                 file=sys.stderr,
             )
-        labels = ["sequential, one process", "multiprocessing.Pool(2)"]
+        labels = [SEQUENTIAL, POOL]
         labels += [label for label, _, _ in WORD_COUNT_ROWS]
         print(
             f"\nword count over {size:.1f} MB of standard-library source ({len(data)} files),"
-            f" median of {args.rounds} rounds; each ratio is to the sequential run of its round"
+            f" median of {args.rounds} rounds; each ratio is to a sequential run made right"
+            " before that job"
         )
         print(
-            f"  {'':34} {'seconds':>8} {'x sequential':>13} {'(min-max)':>12}"
+            f"  {'':34} {'seconds':>8} {'x sequential':>13} {'(min-max)':>12} {'best/best':>9}"
             "  tasks (map+reduce), phases of the last round"
         )
         for label in labels:
@@ -349,7 +355,8 @@ def main() -> int:
             spread = f"{min(ratios[label]):.2f}-{max(ratios[label]):.2f}"
             print(
                 f"  {label:34} {statistics.median(times[label]):8.2f}"
-                f" {statistics.median(ratios[label]):13.2f} {spread:>12}  {detail}"
+                f" {statistics.median(ratios[label]):13.2f} {spread:>12}"
+                f" {min(times[label]) / min(times[SEQUENTIAL]):9.2f}  {detail}"
             )
             if stats:
                 cpu = ", ".join(f"{role} {value:.2f}" for role, value in stats.cpu.items())
