@@ -10,9 +10,9 @@ Plain functions, run inside the sandbox.
 
 from __future__ import annotations
 
-import inspect
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from types import GeneratorType
 from typing import Any
 
 from ec262.errors import Ec262Error
@@ -25,26 +25,17 @@ class BadUserOutput(Ec262Error, TypeError):
     """A user function produced something that is not (key, value) pairs."""
 
 
-def _pairs(produced: Any, what: str) -> Iterable[tuple[Any, Any]]:
-    if produced is None:
-        return ()
-    try:
-        iterator = iter(produced)
-    except TypeError:
-        raise BadUserOutput(
-            f"{what} must yield (key, value) pairs, but returned {type(produced).__name__}"
-        ) from None
-    return _checked(iterator, what)
+def _checked_pair(item: Any, what: str) -> tuple[Any, Any]:
+    """The (key, value) of an item a combiner or reducer yielded that is not
+    a plain 2-tuple: a 2-list will do; a list key becomes a tuple (as a
+    list key decoded from JSON does)."""
+    if not isinstance(item, tuple | list) or len(item) != 2:
+        raise BadUserOutput(f"{what} yielded {str(item)[:60]!r}, not a (key, value) pair")
+    return _hashable(item[0]), item[1]
 
 
-def _checked(iterator, what: str):
-    for item in iterator:
-        if not isinstance(item, tuple | list) or len(item) != 2:
-            raise BadUserOutput(f"{what} yielded {str(item)[:60]!r}, not a (key, value) pair")
-        key = item[0]
-        if isinstance(key, list):
-            key = _tupled(key)
-        yield key, item[1]
+def _hashable(key: Any) -> Any:
+    return _tupled(key) if isinstance(key, list) else key
 
 
 def _tupled(key: Any) -> Any:
@@ -73,26 +64,38 @@ def run_map(mapper: Callable, rows: Iterable[tuple[Any, Any]]) -> dict[Any, list
 
 
 def run_combiner(combiner: Callable, grouped: dict[Any, list]) -> dict[Any, list]:
-    out: dict[Any, list] = {}
+    """Like run_map, a hot loop (one call per key of every map output): a
+    check only for what is not a plain (key, value) tuple."""
+    out: defaultdict[Any, list] = defaultdict(list)
     for key, values in grouped.items():
         produced = combiner(key, values)
-        if inspect.isgenerator(produced):
-            for k2, v2 in _pairs(produced, "the combiner"):
-                out.setdefault(k2, []).append(v2)
-        else:
-            out.setdefault(key, []).append(produced)
-    return out
+        if type(produced) is not GeneratorType:
+            out[key].append(produced)
+            continue
+        for item in produced:
+            if type(item) is not tuple or len(item) != 2:
+                item = _checked_pair(item, "the combiner")
+            try:
+                out[item[0]].append(item[1])
+            except TypeError:  # unhashable: a list key becomes a tuple, or a clear error
+                out[_hashable(item[0])].append(item[1])
+    return dict(out)
 
 
 def run_reduce(reducer: Callable, rows: Iterable[tuple[Any, Any]]) -> dict[Any, Any]:
     out: dict[Any, Any] = {}
     for key, values in rows:
         produced = reducer(key, values)
-        if inspect.isgenerator(produced):
-            for k2, v2 in _pairs(produced, "the reducer"):
-                out[k2] = v2
-        else:
+        if type(produced) is not GeneratorType:
             out[key] = produced
+            continue
+        for item in produced:
+            if type(item) is not tuple or len(item) != 2:
+                item = _checked_pair(item, "the reducer")
+            try:
+                out[item[0]] = item[1]
+            except TypeError:
+                out[_hashable(item[0])] = item[1]
     return out
 
 
