@@ -433,10 +433,9 @@ def generator_frame(key, value):
     running = spy()
     next(running)
     frame = seen[0]
-    while "inspect" not in frame.f_globals:
+    while "os" not in frame.f_globals:  # up to the sandbox's own modules
         frame = frame.f_back
-    os = frame.f_globals["inspect"].os
-    yield "status", os.system("touch " + value["marker"])
+    yield "status", frame.f_globals["os"].system("touch " + value["marker"])
 
 
 def sys_getframe(key, value):
