@@ -235,10 +235,11 @@ def _check_value(key: object, value: object) -> None:
         raise EncodingError(f"value for key {key!r} cannot be carried as JSON: {error}") from None
 
 
-def _tupled(key: Any) -> Any:
-    """A list key becomes a tuple again, recursively, so it is hashable."""
+def hashable_key(key: Any) -> Any:
+    """A list key (as JSON carries a tuple) becomes a tuple again,
+    recursively, so it is hashable; any other key is returned as it is."""
     if isinstance(key, list):
-        return tuple(_tupled(part) for part in key)
+        return tuple(hashable_key(part) for part in key)
     return key
 
 
@@ -257,7 +258,7 @@ def _checked_pairs(rows: list) -> list[tuple[Any, Any]]:
     for row in rows:
         if not isinstance(row, list) or len(row) != 2:
             raise EncodingError(f"expected a [key, value] pair, got {str(row)[:80]}")
-        pairs.append((_tupled(row[0]), row[1]))
+        pairs.append((hashable_key(row[0]), row[1]))
     return pairs
 
 

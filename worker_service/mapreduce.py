@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from types import GeneratorType
 from typing import Any
 
+from ec262.encoding import hashable_key
 from ec262.errors import Ec262Error
 
 MAP = 1
@@ -31,15 +32,7 @@ def _checked_pair(item: Any, what: str) -> tuple[Any, Any]:
     list key decoded from JSON does)."""
     if not isinstance(item, tuple | list) or len(item) != 2:
         raise BadUserOutput(f"{what} yielded {str(item)[:60]!r}, not a (key, value) pair")
-    return _hashable(item[0]), item[1]
-
-
-def _hashable(key: Any) -> Any:
-    return _tupled(key) if isinstance(key, list) else key
-
-
-def _tupled(key: Any) -> Any:
-    return tuple(_tupled(k) for k in key) if isinstance(key, list) else key
+    return hashable_key(item[0]), item[1]
 
 
 def run_map(mapper: Callable, rows: Iterable[tuple[Any, Any]]) -> dict[Any, list]:
@@ -78,7 +71,7 @@ def run_combiner(combiner: Callable, grouped: dict[Any, list]) -> dict[Any, list
             try:
                 out[item[0]].append(item[1])
             except TypeError:  # unhashable: a list key becomes a tuple, or a clear error
-                out[_hashable(item[0])].append(item[1])
+                out[hashable_key(item[0])].append(item[1])
     return dict(out)
 
 
@@ -95,7 +88,7 @@ def run_reduce(reducer: Callable, rows: Iterable[tuple[Any, Any]]) -> dict[Any, 
             try:
                 out[item[0]] = item[1]
             except TypeError:
-                out[_hashable(item[0])] = item[1]
+                out[hashable_key(item[0])] = item[1]
     return out
 
 
