@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import multiprocessing
 import os
 import re
@@ -27,8 +28,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ec262
+from ec262.encoding import decode_pairs, decode_result, encode_result
+from ec262.envelope import open_sealed, seal
 from ec262.local_cluster import LocalCluster
+from foreman_service.planning import input_rows, plan_job
+from foreman_service.shuffle import Shuffle
 from worker_service.mapreduce import run_map, run_reduce
+from worker_service.sandbox_child import GC_THRESHOLDS as SANDBOX_GC_THRESHOLDS
 
 WORD = re.compile(r"[A-Za-z_]+")
 
@@ -202,15 +208,6 @@ def where_the_time_goes(data: dict, replication: int, floor: float) -> None:
     replica's sandbox does, what the foreman does, and the RPCs a task
     costs at the measured no-op floor. A model to set beside the measured
     CPU by role, not a measurement of the cluster itself."""
-    import gc
-    import os as _os
-
-    from ec262.encoding import decode_pairs, decode_result, encode_result
-    from ec262.envelope import open_sealed, seal
-    from foreman_service.planning import input_rows, plan_job
-    from foreman_service.shuffle import Shuffle
-    from worker_service.mapreduce import run_map, run_reduce
-
     clock = time.process_time
     costs: dict[str, float] = defaultdict(float)
 
@@ -220,7 +217,7 @@ def where_the_time_goes(data: dict, replication: int, floor: float) -> None:
         costs[name] += clock() - started
         return value
 
-    key = _os.urandom(16)
+    key = os.urandom(16)
     _expected, seq_time = sequential(data)
     plan = timed(
         "foreman: plan (encode the input rows)",
@@ -230,7 +227,7 @@ def where_the_time_goes(data: dict, replication: int, floor: float) -> None:
         replication=replication,
     )
     thresholds = gc.get_threshold()
-    gc.set_threshold(50_000, 20, 100)  # as in a sandbox
+    gc.set_threshold(*SANDBOX_GC_THRESHOLDS)
     shuffle = Shuffle(len(plan.map_chunks))
     for index, chunk in enumerate(plan.map_chunks):
         rows = timed("replica: decode map input", decode_pairs, chunk)

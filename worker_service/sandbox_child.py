@@ -169,12 +169,12 @@ def _handle(
 # map output's lists, the reduce input's rows): with the default threshold
 # of 700 the collector re-walks them over and over, a third of the time of
 # decoding a reduce chunk. Garbage cycles still go, a little later.
-_GC_THRESHOLDS = (50_000, 20, 100)
+GC_THRESHOLDS = (50_000, 20, 100)
 
 
 def main(conn: Connection, limits: SandboxLimits) -> None:
     """Entry point of the sandbox process (forked by the zygote)."""
-    gc.set_threshold(*_GC_THRESHOLDS)
+    gc.set_threshold(*GC_THRESHOLDS)
     state = lock_down(conn, limits)
     hello = {"seccomp": state["seccomp"], "landlock": state["landlock"]}
     conn.send_bytes(READY + json.dumps(hello).encode())
