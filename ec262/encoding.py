@@ -66,6 +66,7 @@ _SAME_TEXT_SCALARS = frozenset({str, int, bool})  # ints over 64 bits made orjso
 _CONTAINERS = frozenset({list, tuple, dict})
 _SAME_TEXT_TYPES = _SAME_TEXT_SCALARS | _CONTAINERS
 _DECODED_WITHOUT_FLOAT = frozenset({str, int, bool, type(None), list, dict})
+_CONTAINER_COST = 32
 # An integer of 19 digits or more may be outside 64 bits, where orjson reads
 # a float: such text is read by json. Found by mapping every digit to "0".
 _DIGITS_ONLY = bytes(48 if 48 <= i <= 57 else 46 for i in range(256))  # "0" or "."
@@ -86,8 +87,9 @@ def _holds_only_same_text_types(value: Any) -> bool:
 
 def _holds_only(value: Any, allowed: frozenset[type], budget: float = math.inf) -> bool | None:
     """True if every object in `value` is of an `allowed` type, False if
-    not, None if that takes a look at more than `budget` objects. One
-    C-speed type scan per container, not a Python step per item."""
+    not, None if that would cost more than `budget` (in objects scanned; a
+    container counts as its members plus `_CONTAINER_COST`). One C-speed
+    type scan per container, not a Python step per item."""
     stack = [value]
     while stack:
         item = stack.pop()
@@ -100,7 +102,7 @@ def _holds_only(value: Any, allowed: frozenset[type], budget: float = math.inf) 
             if kind not in allowed:
                 return False
             continue
-        budget -= len(members)
+        budget -= len(members) + _CONTAINER_COST  # a Python step costs ~30 member scans
         if budget < 0:
             return None
         kinds = set(map(type, members))
