@@ -34,7 +34,7 @@ from ec262.local_cluster import LocalCluster
 from foreman_service.planning import input_rows, plan_job
 from foreman_service.shuffle import Shuffle
 from worker_service.mapreduce import run_map, run_reduce
-from worker_service.sandbox_child import GC_THRESHOLDS as SANDBOX_GC_THRESHOLDS
+from worker_service.sandbox.child import GC_THRESHOLDS as SANDBOX_GC_THRESHOLDS
 
 WORD = re.compile(r"[A-Za-z_]+")
 
@@ -181,7 +181,7 @@ def cpu_by_role() -> dict[str, float]:
             else "worker servers"
             if "ec262 worker" in command
             else "sandboxes"
-            if "worker_service.zygote" in command
+            if "worker_service.sandbox.zygote" in command
             else None
         )
         if role:

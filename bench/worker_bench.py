@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ec262.encoding import encode_pairs
 from ec262.envelope import open_sealed, seal
 from ec262.payload import digest, pack_functions
-from worker_service.sandbox_policy import SandboxLimits
-from worker_service.sandbox_pool import SandboxPool
+from worker_service.sandbox.policy import SandboxLimits
+from worker_service.sandbox.pool import SandboxPool
 from worker_service.tasks import checked_task
 from worker_service.worker import Worker
 

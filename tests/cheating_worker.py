@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from ec262 import serving
 from ec262.encoding import decode_pairs, encode_pairs
 from ec262.processes import die_with_parent_if_asked
-from worker_service.sandbox_pool import SandboxResult
+from worker_service.sandbox.pool import SandboxResult
 from worker_service.server import WorkerConfig, start_worker
 
 

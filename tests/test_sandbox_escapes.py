@@ -38,8 +38,8 @@ from ec262.encoding import decode_result, encode_pairs
 from ec262.payload import digest, pack_functions
 from ec262.remote_errors import is_error_document
 from worker_service.mapreduce import MAP
-from worker_service.sandbox_policy import SandboxLimits
-from worker_service.sandbox_pool import SandboxPool
+from worker_service.sandbox.policy import SandboxLimits
+from worker_service.sandbox.pool import SandboxPool
 
 TASK_TIMEOUT = 3.0
 LIMITS = SandboxLimits(task_timeout=TASK_TIMEOUT, memory_limit_mb=512, output_limit_bytes=1_000_000)
@@ -735,7 +735,7 @@ def test_payload_switches_the_audit_hook_off_then_forks(pool, target):
     still denies the fork."""
     reached_os = _Reduce(getattr, (random, "_os"))
     modules = _Reduce(getattr, (_Reduce(getattr, (reached_os, "sys")), "modules"))
-    lockdown = _Reduce(_Reduce(getattr, (modules, "get")), ("worker_service.lockdown",))
+    lockdown = _Reduce(_Reduce(getattr, (modules, "get")), ("worker_service.sandbox.lockdown",))
     switch_off = _Reduce(setattr, (lockdown, "_DENIED_EVENT_PREFIXES", ()))
     fork = _Reduce(_Reduce(getattr, (reached_os, "fork")), ())
     payload = _payload([switch_off, fork])

@@ -10,8 +10,8 @@ import pytest
 from ec262.encoding import encode_pairs
 from ec262.envelope import decrypt_data
 from ec262.payload import digest, pack_functions
-from worker_service.sandbox_policy import SandboxLimits
-from worker_service.sandbox_pool import SandboxPool
+from worker_service.sandbox.policy import SandboxLimits
+from worker_service.sandbox.pool import SandboxPool
 from worker_service.tasks import checked_task
 from worker_service.worker import Worker
 

@@ -15,8 +15,8 @@ from ec262.identity import identity_path
 from ec262.v1 import worker_pb2, worker_pb2_grpc
 from worker_service.outbound import KeyFetcher, ResultSubmitter
 from worker_service.registration import Registrar
-from worker_service.sandbox_policy import SandboxLimits
-from worker_service.sandbox_pool import SandboxPool
+from worker_service.sandbox.policy import SandboxLimits
+from worker_service.sandbox.pool import SandboxPool
 from worker_service.servicer import WorkerServicer
 from worker_service.worker import Worker
 

@@ -19,7 +19,7 @@ from typing import Protocol
 
 from ec262.envelope import seal
 from ec262.errors import FunctionNotCached, NoFreeSlot, UnknownTask
-from worker_service.sandbox_pool import SandboxResult
+from worker_service.sandbox.pool import SandboxResult
 from worker_service.tasks import Task
 
 logger = logging.getLogger(__name__)

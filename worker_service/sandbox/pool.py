@@ -23,10 +23,10 @@ from multiprocessing.connection import Connection
 
 from ec262.encoding import encode_result
 from ec262.remote_errors import error_document
-from worker_service import sandbox_child
-from worker_service.sandbox_policy import SandboxLimits
-from worker_service.watchdog import Watchdog
-from worker_service.zygote import Zygote
+from worker_service.sandbox import child as sandbox_child
+from worker_service.sandbox.policy import SandboxLimits
+from worker_service.sandbox.watchdog import Watchdog
+from worker_service.sandbox.zygote import Zygote
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ sends one end of a fresh socketpair (SCM_RIGHTS), the zygote forks, and the
 child locks itself down around that end. Sandboxes die with the zygote
 (PR_SET_PDEATHSIG), and the zygote dies with the worker (EOF on its socket).
 
-Run as `python -m worker_service.zygote FD LIMITS_JSON`.
+Run as `python -m worker_service.sandbox.zygote FD LIMITS_JSON`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import sys
 import threading
 from multiprocessing.connection import Connection
 
-from worker_service.sandbox_policy import SandboxLimits
+from worker_service.sandbox.policy import SandboxLimits
 
 _PID = struct.Struct("!q")
 
@@ -69,7 +69,7 @@ class Zygote:
             [
                 sys.executable,
                 "-m",
-                "worker_service.zygote",
+                "worker_service.sandbox.zygote",
                 str(theirs.fileno()),
                 _limits_to_json(limits),
             ],
@@ -115,7 +115,7 @@ class Zygote:
 
 
 def _serve(control: socket.socket, limits: SandboxLimits) -> None:
-    from worker_service import sandbox_child
+    from worker_service.sandbox import child as sandbox_child
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps finished sandboxes
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when we stop
@@ -148,7 +148,7 @@ def main() -> None:
             __import__(name)
     with contextlib.suppress(ImportError, OSError):
         import pyseccomp  # noqa: F401
-    from worker_service import sandbox_child  # noqa: F401  (and the encoders it imports)
+    from worker_service.sandbox import child  # noqa: F401  (and the encoders it imports)
 
     # What is loaded now lives as long as every sandbox: out of the
     # collector's sight, and never copied by a collection touching it.

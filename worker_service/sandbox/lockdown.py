@@ -33,7 +33,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from worker_service.sandbox_policy import SandboxLimits
+from worker_service.sandbox.policy import SandboxLimits
 
 logger = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ import dill._dill as dill_internals
 
 from ec262.encoding import decode_pairs, encode_result
 from ec262.remote_errors import document_for, error_document
-from worker_service import landlock, lockdown
 from worker_service.mapreduce import run_task
-from worker_service.sandbox_policy import SandboxLimits
+from worker_service.sandbox import landlock, lockdown
+from worker_service.sandbox.policy import SandboxLimits
 
 OK = b"0"
 FAILED = b"1"

@@ -1,0 +1,1 @@
+"""The worker's sandbox (docs/protocol.md section 5)."""
