@@ -22,7 +22,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from ec262.addresses import join_address
-from ec262.serving import MAX_MESSAGE_BYTES
+from ec262.limits import MAX_MESSAGE_BYTES
 
 logger = logging.getLogger(__name__)
 

@@ -15,11 +15,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ec262.addresses import join_address
+from ec262.limits import MAX_MESSAGE_BYTES
 
 logger = logging.getLogger(__name__)
-
-# Large enough for a chunk of a MapReduce job; the default 4 MB is not.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 def new_server(*, max_workers: int = 8, options: Iterable[tuple[str, int]] = ()) -> grpc.Server:

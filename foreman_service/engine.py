@@ -23,6 +23,7 @@ from ec262.discovery_client import DiscoveryClient
 from ec262.encoding import decode_result
 from ec262.envelope import open_sealed
 from ec262.errors import DecryptionError, EncodingError, JobFailed, RemoteError, UnknownTask
+from ec262.limits import MAX_MESSAGE_BYTES
 from ec262.payload import digest, pack_functions
 from ec262.remote_errors import is_error_document
 from ec262.v1 import worker_pb2, worker_pb2_grpc
@@ -109,7 +110,7 @@ class WorkerStubs:
         channel = self._channels.get(address)
         if channel is None:
             channel = self._channels[address] = grpc.insecure_channel(
-                address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
+                address, options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
             )
         return worker_pb2_grpc.WorkerStub(channel)
 

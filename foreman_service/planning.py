@@ -14,7 +14,7 @@ from ec262.encoding import canonical_bytes
 from ec262.errors import EncodingError, InsufficientCredits
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB of canonical JSON per map task
-MAX_CHUNK_BYTES = 32 << 20  # well under the 64 MiB gRPC message limit
+MAX_CHUNK_BYTES = 32 << 20  # under ec262.limits.MAX_ROWS_BYTES
 MAX_REDUCE_CHUNKS = 64
 
 

@@ -19,6 +19,7 @@ no connection, no secret, and the pool still computes a word count.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import pickle
@@ -688,7 +689,9 @@ def test_endless_loop_is_killed_at_the_timeout(pool, target):
 
 def test_huge_output(pool, target):
     error = assert_contained(pool, target, run_attack(pool, huge_output, target))
-    assert error["type"] in {"OutputTooLarge", "MemoryError"}, error
+    assert error["type"] == "ResultTooLarge", error
+    assert "43600001 bytes" in error["message"], error  # its size
+    assert f"{LIMITS.output_limit_bytes} bytes" in error["message"], error  # and the cap
 
 
 # -- attacks in the payload itself, run while it is unpickled -------------------
@@ -748,18 +751,41 @@ def test_payload_switches_the_audit_hook_off_then_forks(pool, target):
 # -- escapes past the Python-level layers: the kernel must stop them --------------
 
 
-def test_identity_file_unreadable_even_with_the_audit_hook_off(pool, target):
+def steal_with_the_hook_off(key, value):
+    _disable_audit_hook()
+    yield "stolen", _real_builtins()["open"](value["secret_file"]).read()
+
+
+@pytest.mark.parametrize(
+    ("layers_off", "refusal"),
+    [
+        pytest.param(frozenset(), "No such file or directory", id="file-system-view"),
+        pytest.param(frozenset({"filesystem"}), "Permission denied", id="landlock"),
+        pytest.param(frozenset({"filesystem", "landlock"}), "Permission denied", id="own-uid"),
+    ],
+)
+def test_identity_file_unreadable_with_the_audit_hook_off(target, layers_off, refusal):
     """User code can reach the hook's `deny` through a denial's traceback and
-    neuter it; seccomp does not look at paths, so Landlock must refuse."""
-
-    def steal(key, value):
-        _disable_audit_hook()
-        yield "stolen", _real_builtins()["open"](value["secret_file"]).read()
-
-    result = run_attack(pool, steal, target)
-    error = assert_contained(pool, target, result)
-    if pool.landlock_abi:
-        assert "Permission denied" in error["message"], error
+    neuter it; seccomp does not look at paths. Each kernel layer alone keeps
+    the worker's 0600 identity file out of reach: the sandbox's file system
+    has no such file; Landlock refuses to open it; and the sandbox's own uid
+    may not read the worker's file."""
+    layer_pool = SandboxPool(dataclasses.replace(LIMITS, layers_off=layers_off), size=1)
+    try:
+        assert_still_serving(layer_pool)
+        layers = layer_pool.layers
+        if "landlock" not in layers_off and not layers["landlock"]:
+            pytest.skip("no Landlock in this kernel")
+        if "filesystem" not in layers_off and layers["filesystem"] == "host":
+            pytest.skip(f"no file system view here: {layers['problems']}")
+        if layers_off >= {"filesystem", "landlock"} and not layers["dedicated_uid"]:
+            pytest.skip("the worker is not root: the sandbox shares its uid")
+        result = run_attack(layer_pool, steal_with_the_hook_off, target)
+        error = assert_contained(layer_pool, target, result)
+        assert "tampering detected" in error["message"], error
+        assert refusal in error["message"], error
+    finally:
+        layer_pool.close()
 
 
 def test_identity_file_unreadable_after_widening_the_hooks_read_dirs(pool, target):

@@ -11,6 +11,7 @@ from collections import OrderedDict
 import grpc
 
 from ec262.discovery_client import DiscoveryClient
+from ec262.limits import MAX_MESSAGE_BYTES
 from ec262.retry import call_with_retry
 from ec262.v1 import foreman_pb2, foreman_pb2_grpc
 from worker_service.tasks import Task
@@ -51,7 +52,7 @@ class ResultSubmitter:
             channel = self._channels.get(address)
             if channel is None:
                 channel = grpc.insecure_channel(
-                    address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
+                    address, options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
                 )
                 self._channels[address] = channel
                 while len(self._channels) > MAX_FOREMAN_CHANNELS:

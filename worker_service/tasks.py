@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from ec262.addresses import split_address
 from ec262.errors import InvalidRequest
 from ec262.ids import is_client_id, is_task_id
+from ec262.limits import MAX_FUNCTION_BYTES, MAX_ROWS_BYTES
 from worker_service.mapreduce import MAP, REDUCE
 
-MAX_ROWS_BYTES = 64 * 1024 * 1024
 MAX_TOKEN_LENGTH = 512
 MAX_JOB_ID_LENGTH = 128
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -51,6 +51,10 @@ def checked_task(
         raise InvalidRequest(f"phase must be MAP (1) or REDUCE (2), not {phase}")
     if not _SHA256.fullmatch(function_sha256):
         raise InvalidRequest("function_sha256 must be 64 lowercase hex digits")
+    if len(function) > MAX_FUNCTION_BYTES:
+        raise InvalidRequest(
+            f"function is {len(function)} bytes; at most {MAX_FUNCTION_BYTES} allowed"
+        )
     if function and hashlib.sha256(function).hexdigest() != function_sha256:
         raise InvalidRequest("function_sha256 does not match the function payload")
     if not rows:

@@ -9,12 +9,10 @@ document. The parent never unpickles anything from here.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import io
 import json
 import os
-import signal
 import sys
 from multiprocessing.connection import Connection
 
@@ -24,7 +22,9 @@ import dill._dill as dill_internals
 from ec262.encoding import decode_pairs, encode_result
 from ec262.remote_errors import document_for, error_document
 from worker_service.mapreduce import run_task
-from worker_service.sandbox import landlock, lockdown
+from worker_service.sandbox import isolation as isolation_layer
+from worker_service.sandbox import landlock, lockdown, seccomp
+from worker_service.sandbox.isolation import Isolation
 from worker_service.sandbox.policy import SandboxLimits
 
 OK = b"0"
@@ -105,26 +105,35 @@ class PayloadLoader:
         return functions
 
 
-def _die_with_parent() -> None:
-    """PR_SET_PDEATHSIG: if the forkserver (and so the worker) dies, so do we."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)
-    except OSError:
-        pass
-
-
-def lock_down(conn: Connection, limits: SandboxLimits) -> dict:
+def lock_down(
+    conn: Connection, limits: SandboxLimits, isolation: Isolation, cgroup: str
+) -> tuple[dict, dict]:
+    """The layers that go on inside the sandbox, in the order of
+    `worker_service/sandbox/__init__.py`; (what is on, the safe builtins)."""
     fd = conn.fileno()
-    _die_with_parent()
+    isolation_layer.die_with_parent()
     os.chdir("/")
-    lockdown.close_other_fds(keep=fd)
+    isolation_layer.drop_capabilities(isolation)
     lockdown.apply_rlimits(limits)
-    landlock_abi = landlock.restrict_to_reading(limits.read_dirs)
-    seccomp = lockdown.apply_seccomp(fd)
+    off = limits.layers_off
+    landlock_abi = 0 if "landlock" in off else landlock.restrict_to_reading(limits.read_dirs)
+    seccomp_on = "seccomp" not in off and seccomp.apply_seccomp(fd)
+    sys.stdout = sys.stderr = lockdown.BoundedOutput(OUTPUT_TAIL_CHARS)
     safe_builtins = lockdown.restricted_builtins(limits.allowed_modules)
-    sys.addaudithook(lockdown.make_audit_hook(limits.read_dirs))
-    return {"seccomp": seccomp, "landlock": landlock_abi, "builtins": safe_builtins}
+    if "audit_hook" not in off:
+        sys.addaudithook(lockdown.make_audit_hook(limits.read_dirs))
+    layers = {
+        "uid": isolation.uid,
+        "dedicated_uid": isolation.dedicated_uid,
+        "namespaces": isolation.namespaces,
+        "filesystem": isolation.filesystem,
+        "capabilities_dropped": isolation.capabilities_dropped,
+        "cgroup": cgroup,
+        "landlock": landlock_abi,
+        "seccomp": seccomp_on,
+        "problems": isolation.problems,
+    }
+    return layers, safe_builtins
 
 
 def _summary(document: bytes) -> str:
@@ -136,8 +145,21 @@ def _summary(document: bytes) -> str:
         return "an error"
 
 
-def _failed(type_name: str, message: str) -> tuple[bytes, bytes]:
-    return FAILED, encode_result(error_document(type_name, message))
+def _failed(type_name: str, message: str, output: str = "") -> tuple[bytes, bytes]:
+    document = error_document(type_name, message)
+    if output:
+        document["error"]["output"] = output
+    return FAILED, encode_result(document)
+
+
+# How much of what a task printed its error report keeps (the end of it).
+OUTPUT_TAIL_CHARS = 2000
+
+
+def _printed() -> str:
+    """What the task wrote to stdout and stderr, and forget it."""
+    take = getattr(sys.stdout, "take", None)
+    return take() if callable(take) else ""
 
 
 def _handle(
@@ -152,14 +174,20 @@ def _handle(
         result = encode_result(run_task(body[0], functions, decode_pairs(body[1:])))
         if len(result) > limits.output_limit_bytes:
             return _failed(
-                "OutputTooLarge",
-                f"the task's result is {len(result)} bytes, over the sandbox's"
-                f" limit of {limits.output_limit_bytes} bytes",
+                "ResultTooLarge",
+                f"the task's result is {len(result)} bytes of canonical JSON, over the"
+                f" limit of {limits.output_limit_bytes} bytes a result may have",
+                _printed(),
             )
+        _printed()
         return OK, result
     except BaseException as error:  # user code: anything, SystemExit included
         try:
-            return FAILED, encode_result(document_for(error, loader.user_files))
+            document = document_for(error, loader.user_files)
+            output = _printed()
+            if output:
+                document["error"]["output"] = output
+            return FAILED, encode_result(document)
         except MemoryError:
             del error
             return _failed("MemoryError", "the task ran out of memory")
@@ -172,13 +200,12 @@ def _handle(
 GC_THRESHOLDS = (50_000, 20, 100)
 
 
-def main(conn: Connection, limits: SandboxLimits) -> None:
-    """Entry point of the sandbox process (forked by the zygote)."""
+def main(conn: Connection, limits: SandboxLimits, isolation: Isolation, cgroup: str) -> None:
+    """Entry point of the sandbox process (forked by its keeper)."""
     gc.set_threshold(*GC_THRESHOLDS)
-    state = lock_down(conn, limits)
-    hello = {"seccomp": state["seccomp"], "landlock": state["landlock"]}
-    conn.send_bytes(READY + json.dumps(hello).encode())
-    loader = PayloadLoader(limits.allowed_modules, state["builtins"])
+    layers, safe_builtins = lock_down(conn, limits, isolation, cgroup)
+    conn.send_bytes(READY + json.dumps(layers).encode())
+    loader = PayloadLoader(limits.allowed_modules, safe_builtins)
     functions: dict | None = None
     while True:
         try:
@@ -189,7 +216,7 @@ def main(conn: Connection, limits: SandboxLimits) -> None:
         if isinstance(reply, dict):
             functions, reply = reply, (OK, b"")
             gc.freeze()  # the user's functions and what they loaded stay
-        problems = lockdown.integrity_problems()
+        problems = lockdown.integrity_problems(hook="audit_hook" not in limits.layers_off)
         if problems:
             outcome = "succeeded" if reply[0] == OK else f"failed with {_summary(reply[1])}"
             reply = _failed(

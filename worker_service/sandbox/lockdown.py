@@ -1,31 +1,17 @@
-"""Locking a sandbox process down before it unpickles anything untrusted.
+"""The layers a sandbox applies to itself, in its own process: resource
+limits, the PEP 578 audit hook, restricted builtins and imports, bounded
+stdout/stderr, and the integrity check after each task. The order they go
+on, with the kernel's layers around them, is in `__init__.py`.
 
-Layers, outermost first (PROTOCOL.md section 5):
-1. resource limits: address space, file size 0, few open files, no core;
-2. Landlock where the kernel offers it (`landlock.py`): files readable only
-   under the interpreter's library, nothing writable, no TCP, no signals
-   or abstract sockets outside the sandbox;
-3. a seccomp filter (pyseccomp over libseccomp) where the kernel offers one:
-   no socket, connect, execve, fork, writes except to the result pipe,
-   no opening files for writing, no unlink/rename/chmod...; the kernel keeps
-   these even if everything above it is subverted;
-4. a PEP 578 audit hook that denies file writes, reads outside the
-   interpreter's library, sockets, subprocesses, os.system/exec*, ctypes
-   and other escape hatches, with clear messages;
-5. restricted builtins (no open, eval, exec, compile, input, breakpoint) and
-   an `__import__` that admits only the allow-list, given to every function
-   the payload defines.
-Layers 4-5 live in the sandbox's own address space, so code that reaches
-frames or closures can tamper with them; the kernel layers (1-3) are the
-boundary, and `integrity_problems` notices tampering after each task so the
-task is reported as a violation and the process discarded. Everything here
-runs in the sandbox process only.
+The hook and the builtins live in the sandbox's own address space, so code
+that reaches frames or closures can tamper with them; the kernel layers are
+the boundary, and `integrity_problems` notices tampering after each task so
+the task is reported as a violation and the process discarded.
 """
 
 from __future__ import annotations
 
 import builtins
-import errno
 import logging
 import os
 import resource
@@ -55,77 +41,6 @@ def apply_rlimits(limits: SandboxLimits) -> None:
         (resource.RLIMIT_NOFILE, limits.open_files),
     ):
         resource.setrlimit(which, (value, value))
-
-
-# -- 2. seccomp ------------------------------------------------------------
-
-_DENIED_SYSCALLS = (
-    # network
-    "socket", "socketpair", "connect", "bind", "listen", "accept", "accept4",
-    "sendto", "sendmsg", "sendmmsg",
-    # new programs, processes and threads
-    "execve", "execveat", "fork", "vfork",
-    # changing the file system
-    "creat", "unlink", "unlinkat", "rename", "renameat", "renameat2", "mkdir", "mkdirat",
-    "rmdir", "link", "linkat", "symlink", "symlinkat", "chmod", "fchmod", "fchmodat",
-    "chown", "fchown", "lchown", "fchownat", "truncate", "ftruncate", "mknod", "mknodat",
-    "utime", "utimes", "utimensat", "futimesat", "setxattr", "lsetxattr", "fsetxattr",
-    "removexattr", "lremovexattr", "fremovexattr", "copy_file_range", "sendfile", "splice",
-    "tee", "open_by_handle_at", "name_to_handle_at",
-    # other processes and the kernel
-    "kill", "tkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo", "pidfd_open", "pidfd_getfd",
-    "pidfd_send_signal", "kcmp", "ptrace", "process_vm_readv", "process_vm_writev",
-    "mount", "umount2", "fsopen", "fsmount", "move_mount", "open_tree",
-    "pivot_root", "chroot", "unshare", "setns", "bpf", "perf_event_open", "userfaultfd",
-    "keyctl", "add_key", "request_key", "io_uring_setup", "io_uring_enter",
-    "io_uring_register", "personality", "setuid", "setgid", "setreuid", "setregid",
-    "setresuid", "setresgid", "setgroups",
-)  # fmt: skip
-_WRITE_SYSCALLS = ("write", "writev", "pwrite64", "pwritev", "pwritev2")
-
-
-def apply_seccomp(result_fd: int) -> bool:
-    """Load the filter; False (with a warning) where seccomp is unavailable."""
-    try:
-        import pyseccomp as sc
-    except (ImportError, OSError) as error:
-        logger.warning("seccomp unavailable (%s); sandbox runs without it", error)
-        return False
-    eperm = sc.ERRNO(errno.EPERM)
-    try:
-        rules = sc.SyscallFilter(defaction=sc.ALLOW)
-        for name in _DENIED_SYSCALLS:
-            _try_rule(rules, eperm, name)
-        # clone3 cannot be inspected; ENOSYS makes libc fall back to clone.
-        _try_rule(rules, sc.ERRNO(errno.ENOSYS), "clone3")
-        _try_rule(rules, sc.ERRNO(errno.ENOSYS), "openat2")
-        # No processes and no threads either: a thread could outlive its
-        # task and run on in an idle sandbox.
-        _try_rule(rules, eperm, "clone")
-        write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-        for flag in (os.O_WRONLY, os.O_RDWR, os.O_CREAT, os.O_TRUNC, os.O_APPEND):
-            assert flag & write_flags
-            _try_rule(rules, eperm, "open", sc.Arg(1, sc.MASKED_EQ, flag, flag))
-            _try_rule(rules, eperm, "openat", sc.Arg(2, sc.MASKED_EQ, flag, flag))
-        for name in _WRITE_SYSCALLS:
-            _try_rule(rules, eperm, name, sc.Arg(0, sc.NE, result_fd))
-        tiocsti = 0x5412  # pushing keystrokes into a terminal
-        _try_rule(rules, eperm, "ioctl", sc.Arg(1, sc.EQ, tiocsti))
-        # Signals only to itself (abort() uses tgkill on its own pid).
-        _try_rule(rules, eperm, "tgkill", sc.Arg(0, sc.NE, os.getpid()))
-        rules.load()
-    except OSError as error:
-        logger.warning("seccomp filter could not be loaded (%s); going on without it", error)
-        return False
-    return True
-
-
-def _try_rule(rules, action: int, name: str, *args) -> None:
-    try:
-        rules.add_rule(action, name, *args)
-    except (OSError, ValueError, RuntimeError):
-        # A syscall this architecture does not have (e.g. `open` on arm64).
-        logger.debug("seccomp: no syscall %s here", name)
 
 
 # -- 3. the audit hook -----------------------------------------------------
@@ -190,14 +105,16 @@ def make_audit_hook(read_dirs: tuple[str, ...]) -> Callable[[str, tuple], None]:
     return hook
 
 
-def integrity_problems() -> list[str]:
-    """What user code broke in the Python-level layers, checked after each
-    task: the hook must still deny a canary event and a read outside the
-    library, and no thread may outlive the task."""
+def integrity_problems(*, hook: bool = True) -> list[str]:
+    """What user code broke or left behind, checked after each task: the
+    hook (when on) must still deny a canary event and a read outside the
+    library; no thread, interval timer or signal handler may outlive the
+    task (the kernel refuses all three; this notices if one got through)."""
     import _thread
 
     problems = []
-    for event, args in ((CANARY_EVENT, ()), ("open", (_CANARY_PATH, "r", os.O_RDONLY))):
+    probes = ((CANARY_EVENT, ()), ("open", (_CANARY_PATH, "r", os.O_RDONLY))) if hook else ()
+    for event, args in probes:
         try:
             sys.audit(event, *args)
         except SandboxViolation:
@@ -207,7 +124,21 @@ def integrity_problems() -> list[str]:
         problems.append(f"the audit hook no longer denies {event}")
     if _thread._count():
         problems.append("a thread outlived the task")
+    if any(signal.getitimer(timer) != (0.0, 0.0) for timer in _TIMERS):
+        problems.append("an interval timer outlived the task")
+    if {sig: signal.getsignal(sig) for sig in _WATCHED_SIGNALS} != _DEFAULT_HANDLERS:
+        problems.append("a signal handler outlived the task")
     return problems
+
+
+def _watched():
+    timers = (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF)
+    watched = (signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF, signal.SIGUSR1, signal.SIGUSR2,
+               signal.SIGTERM, signal.SIGCHLD, signal.SIGIO)  # fmt: skip
+    return timers, watched, {sig: signal.getsignal(sig) for sig in watched}
+
+
+_TIMERS, _WATCHED_SIGNALS, _DEFAULT_HANDLERS = _watched()
 
 
 # -- 4. restricted builtins and imports -------------------------------------
@@ -243,12 +174,42 @@ def restricted_builtins(allowed: frozenset[str]) -> dict:
     return safe
 
 
-def close_other_fds(keep: int) -> None:
+def close_other_fds(keep: tuple[int, ...]) -> None:
     """Nothing of the worker's may stay open in the sandbox; stdio becomes
     /dev/null (so user code cannot write to the worker's terminal)."""
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
-        if fd != keep:
+        if fd not in keep:
             os.dup2(null, fd)
-    os.closerange(3, keep)
-    os.closerange(keep + 1, 1 << 16)  # also closes `null`, now duplicated onto stdio
+    low = 3
+    for fd in sorted(keep):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, 1 << 16)  # also closes `null`, now duplicated onto stdio
+
+
+class BoundedOutput:
+    """sys.stdout and sys.stderr of a sandbox: print() works and costs no
+    more than `limit` characters of memory; the tail is kept for the error
+    report of a task that fails."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.text = ""
+
+    def write(self, text: str) -> int:
+        if not isinstance(text, str):
+            raise TypeError(f"write() argument must be str, not {type(text).__name__}")
+        self.text = (self.text + text)[-self.limit :]
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+    def take(self) -> str:
+        text, self.text = self.text, ""
+        return text

@@ -9,6 +9,8 @@ import sys
 import sysconfig
 from dataclasses import dataclass, field
 
+from ec262.limits import MAX_RESULT_BYTES
+
 DEFAULT_ALLOWED_MODULES = frozenset({
     "math", "cmath", "re", "string", "collections", "itertools", "functools",
     "operator", "json", "time", "datetime", "random", "statistics", "heapq",
@@ -50,18 +52,28 @@ def module_dirs(names: frozenset[str]) -> tuple[str, ...]:
     return tuple(sorted(dirs))
 
 
+# The layers a test may switch off one by one (`SandboxLimits.layers_off`).
+LAYERS = ("uid", "namespaces", "filesystem", "cgroup", "landlock", "seccomp", "audit_hook")
+
+
 @dataclass(frozen=True)
 class SandboxLimits:
     """The limits of one sandbox process; `ec262 worker` flags fill it."""
 
     task_timeout: float = 60.0
     memory_limit_mb: int = 1024
-    output_limit_bytes: int = 64 * 1024 * 1024
+    output_limit_bytes: int = MAX_RESULT_BYTES
     open_files: int = 64
     allowed_modules: frozenset[str] = DEFAULT_ALLOWED_MODULES
     read_dirs: tuple[str, ...] = field(default_factory=library_dirs)
+    # Layers switched off, for the tests that show what each layer alone
+    # stops (and for diagnosing a kernel); no command-line flag sets it.
+    layers_off: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
+        unknown = set(self.layers_off) - set(LAYERS)
+        if unknown:
+            raise ValueError(f"unknown sandbox layers: {', '.join(sorted(unknown))}")
         if self.task_timeout <= 0:
             raise ValueError("task timeout must be positive")
         if self.memory_limit_mb < 64:

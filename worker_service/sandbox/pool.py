@@ -44,8 +44,7 @@ class _Sandbox:
         self.pid = pid
         self.conn = conn
         self.digest: str | None = None
-        self.seccomp = False
-        self.landlock = 0
+        self.layers: dict = {}
         self.failure: SandboxResult | None = None
         self.timed_out = False
 
@@ -60,6 +59,16 @@ class _Sandbox:
             os.kill(self.pid, signal.SIGKILL)
         self.conn.close()
 
+    def pause(self) -> None:
+        """An idle sandbox does not run: whatever user code left behind
+        (a loop after a forged reply) stops until the next task."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGCONT)
+
 
 def _failure(type_name: str, message: str) -> SandboxResult:
     return SandboxResult(False, encode_result(error_document(type_name, message)))
@@ -69,6 +78,27 @@ _CRASHED = _failure(
     "SandboxCrashed",
     "the sandbox process died while running the task (it may have hit the memory limit)",
 )
+
+
+def log_layers(layers: dict) -> None:
+    """One line per layer: on, or off and why (the worker logs it at start)."""
+    namespaces = layers.get("namespaces", [])
+    missing = [n for n in ("user", "pid", "ipc", "mount", "network") if n not in namespaces]
+    owner = "dedicated" if layers.get("dedicated_uid") else "the worker's, in a user namespace"
+    off = f" (OFF: {', '.join(missing)})" if missing else ""
+    landlock = f"ABI {layers['landlock']}" if layers.get("landlock") else "OFF (unavailable)"
+    lines = [
+        f"uid {layers.get('uid')} ({owner})",
+        "namespaces " + (", ".join(namespaces) or "none") + off,
+        f"file system view {layers.get('filesystem')}",
+        "capabilities " + ("none" if layers.get("capabilities_dropped") else "NOT dropped"),
+        f"cgroup {layers.get('cgroup')}",
+        f"Landlock {landlock}",
+        "seccomp " + ("allow-list" if layers.get("seccomp") else "OFF (unavailable)"),
+    ]  # fmt: skip
+    logger.info("sandbox layers: %s", "; ".join(lines))
+    for problem in layers.get("problems", []):
+        logger.warning("sandbox layer unavailable: %s", problem)
 
 
 class SandboxPool:
@@ -83,8 +113,7 @@ class SandboxPool:
         self._idle: OrderedDict[int, _Sandbox] = OrderedDict()  # LRU, oldest first
         self._live = 0
         self._capacity = threading.Semaphore(self.size)
-        self.seccomp_active: bool | None = None
-        self.landlock_abi = 0
+        self.layers: dict | None = None  # what the first sandbox reported
         self._closed = False
 
     # -- lifecycle ------------------------------------------------------------
@@ -102,25 +131,42 @@ class SandboxPool:
         try:
             if not parent_end.poll(START_TIMEOUT):
                 raise RuntimeError("sandbox did not start in time")
-            hello = parent_end.recv_bytes(4096)
+            hello = parent_end.recv_bytes(1 << 16)
         except (EOFError, OSError, RuntimeError) as error:
             sandbox.kill()
             raise RuntimeError(f"sandbox failed to start: {error}") from None
         if hello[:1] != sandbox_child.READY:
             sandbox.kill()
             raise RuntimeError("sandbox sent a malformed greeting")
-        greeting = json.loads(hello[1:])
-        sandbox.seccomp = bool(greeting.get("seccomp"))
-        sandbox.landlock = int(greeting.get("landlock", 0))
-        if self.seccomp_active is None:
-            self.seccomp_active = sandbox.seccomp
-            self.landlock_abi = sandbox.landlock
-            logger.info(
-                "sandbox layers: seccomp %s, Landlock %s",
-                "on" if sandbox.seccomp else "OFF (unavailable)",
-                f"ABI {sandbox.landlock}" if sandbox.landlock else "OFF (unavailable)",
-            )
+        sandbox.layers = json.loads(hello[1:])
+        if self.layers is None:
+            self.layers = sandbox.layers
+            log_layers(sandbox.layers)
         return sandbox
+
+    @property
+    def seccomp_active(self) -> bool | None:
+        return None if self.layers is None else bool(self.layers.get("seccomp"))
+
+    @property
+    def landlock_abi(self) -> int:
+        return 0 if self.layers is None else int(self.layers.get("landlock", 0))
+
+    def probe(self) -> dict:
+        """Start one sandbox (kept idle for the first task) so the layers in
+        force are known and logged before any task arrives."""
+        with self._capacity:
+            if self._take("") is not None or self.layers is not None:
+                self._discard(None)
+                return self.layers or {}
+            try:
+                sandbox = self._start()
+            except RuntimeError:
+                self._discard(None)
+                raise
+            sandbox.pause()
+            self._give_back(sandbox)
+        return self.layers or {}
 
     def _take(self, digest: str) -> _Sandbox | None:
         """An idle sandbox already holding `digest`, evicting the least
@@ -136,6 +182,16 @@ class SandboxPool:
                 victim.kill()
             self._live += 1
             return None
+
+    def _take_blank(self) -> _Sandbox | None:
+        """An idle sandbox that has no function yet (the probe's)."""
+        with self._lock:
+            for key, sandbox in self._idle.items():
+                if sandbox.digest is None:
+                    del self._idle[key]
+                    self._live -= 1
+                    return sandbox
+        return None
 
     def _give_back(self, sandbox: _Sandbox) -> None:
         with self._lock:
@@ -183,9 +239,9 @@ class SandboxPool:
                 )
             elif isinstance(error, OSError) and "bad message length" in str(error):
                 sandbox.failure = _failure(
-                    "OutputTooLarge",
-                    "the task's result is over the sandbox's limit of "
-                    f"{self.limits.output_limit_bytes} bytes",
+                    "ResultTooLarge",
+                    "the task's result is over the limit of "
+                    f"{self.limits.output_limit_bytes} bytes a result may have",
                 )
             else:
                 sandbox.failure = _CRASHED
@@ -205,12 +261,18 @@ class SandboxPool:
         into a fresh one when none is idle)."""
         with self._capacity:
             sandbox = self._take(digest)
-            if sandbox is None:
+            if sandbox is not None:
+                sandbox.resume()
+            else:
                 if payload is None:
                     self._discard(None)
                     raise LookupError(f"no sandbox holds function {digest}")
                 try:
-                    sandbox = self._start()
+                    sandbox = self._take_blank()
+                    if sandbox is not None:
+                        sandbox.resume()
+                    else:
+                        sandbox = self._start()
                 except RuntimeError as error:
                     self._discard(None)
                     logger.error("%s", error)
@@ -230,5 +292,6 @@ class SandboxPool:
                 # a broken interpreter): it is not reused.
                 self._discard(sandbox)
                 return result if result is not None else sandbox.failure
+            sandbox.pause()
             self._give_back(sandbox)
             return result

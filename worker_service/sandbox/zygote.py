@@ -26,6 +26,9 @@ import sys
 import threading
 from multiprocessing.connection import Connection
 
+from worker_service.sandbox import isolation as isolation_layer
+from worker_service.sandbox import lockdown
+from worker_service.sandbox.cgroups import CgroupManager
 from worker_service.sandbox.policy import SandboxLimits
 
 _PID = struct.Struct("!q")
@@ -42,12 +45,14 @@ def sandbox_environment() -> dict[str, str]:
         "PYTHONDONTWRITEBYTECODE": "1",
         "LANG": "C.UTF-8",
         "PATH": "/usr/bin:/bin",
+        "TZ": "UTC",  # the same local time on every replica
     }
 
 
 def _limits_to_json(limits: SandboxLimits) -> str:
     data = dataclasses.asdict(limits)
     data["allowed_modules"] = sorted(limits.allowed_modules)
+    data["layers_off"] = sorted(limits.layers_off)
     return json.dumps(data)
 
 
@@ -55,6 +60,7 @@ def _limits_from_json(text: str) -> SandboxLimits:
     data = json.loads(text)
     data["allowed_modules"] = frozenset(data["allowed_modules"])
     data["read_dirs"] = tuple(data["read_dirs"])
+    data["layers_off"] = frozenset(data["layers_off"])
     return SandboxLimits(**data)
 
 
@@ -114,29 +120,127 @@ class Zygote:
             self.process.wait(timeout=5)
 
 
-def _serve(control: socket.socket, limits: SandboxLimits) -> None:
-    from worker_service.sandbox import child as sandbox_child
+class _Zygote:
+    """The zygote's side: fork a keeper per request, report the sandbox's
+    pid, reap keepers and remove their control groups."""
 
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps finished sandboxes
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when we stop
-    while True:
-        try:
-            _message, fds, _flags, _addr = socket.recv_fds(control, 1, 1)
-        except OSError:
-            return
-        if not fds:
-            return  # EOF: the worker is gone
-        (fd,) = fds
-        pid = os.fork()
-        if pid == 0:
+    def __init__(self, control: socket.socket, limits: SandboxLimits) -> None:
+        self.control = control
+        self.limits = limits
+        self.cgroups, self.cgroup_state = (
+            CgroupManager.create(limits.memory_limit_mb << 20)
+            if "cgroup" not in limits.layers_off
+            else (None, "switched off")
+        )
+        self.keepers: dict[int, tuple[int, list[str]]] = {}  # keeper -> (sandbox, groups)
+        self.exited: set[int] = set()
+        self.forked = 0
+
+    def serve(self) -> None:
+        signal.signal(signal.SIGCHLD, self._reap)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the worker decides when we stop
+        while True:
             try:
-                control.close()
+                _message, fds, _flags, _addr = socket.recv_fds(self.control, 1, 1)
+            except OSError:
+                break
+            if not fds:
+                break  # EOF: the worker is gone
+            (fd,) = fds
+            self.control.sendall(_PID.pack(self._fork(fd)))
+        self._stop()
+
+    def _fork(self, fd: int) -> int:
+        """A keeper and its sandbox; the sandbox's pid (or -1)."""
+        self.forked += 1
+        groups: list[str] = []
+        cgroup = "off: " + self.cgroup_state
+        if self.cgroups is not None:
+            try:
+                groups = self.cgroups.make(f"sandbox-{self.forked}")
+                cgroup = self.cgroup_state
+            except OSError as error:
+                cgroup = f"off: {error}"
+        report_r, report_w = os.pipe()
+        keeper = os.fork()
+        if keeper == 0:
+            try:
+                self.control.close()
+                os.close(report_r)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                sandbox_child.main(Connection(fd), limits)
+                _keeper(fd, report_w, self.limits, groups, cgroup)
             finally:
                 os._exit(0)
         os.close(fd)
-        control.sendall(_PID.pack(pid))
+        os.close(report_w)
+        with os.fdopen(report_r, "rb") as report:
+            reply = report.read(_PID.size)
+        sandbox = _PID.unpack(reply)[0] if len(reply) == _PID.size else -1
+        self.keepers[keeper] = (sandbox, groups)
+        self._cleanup()
+        return sandbox
+
+    def _reap(self, *_signal) -> None:
+        while True:
+            try:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            self.exited.add(pid)
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        for keeper in list(self.exited):
+            entry = self.keepers.pop(keeper, None)
+            if entry is not None:
+                self.exited.discard(keeper)
+                CgroupManager.remove(entry[1])
+
+    def _stop(self) -> None:
+        """Sandboxes end with the zygote, and so do their groups."""
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for sandbox, _groups in list(self.keepers.values()):
+            if sandbox > 0:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(sandbox, signal.SIGKILL)
+        for keeper, (_sandbox, groups) in list(self.keepers.items()):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(keeper, 0)
+            CgroupManager.remove(groups)
+        if self.cgroups is not None:
+            self.cgroups.close()
+
+
+def _keeper(fd: int, report: int, limits: SandboxLimits, groups: list[str], cgroup: str) -> None:
+    """The sandbox's parent: join its control group, enter its namespaces and
+    take its uid, fork the sandbox (pid 1 of a new pid namespace), report its
+    pid, and wait for it to end (so the zygote can then remove the group)."""
+    from worker_service.sandbox import child
+
+    isolation = isolation_layer.Isolation()
+    lockdown.close_other_fds(keep=(fd, report))
+    try:
+        CgroupManager.join(groups)
+    except OSError as error:
+        cgroup = f"off: {error}"
+    isolation_layer.isolate_keeper(limits.read_dirs, isolation, off=limits.layers_off)
+    isolation_layer.die_with_parent()  # after the change of uid, which clears it
+    try:
+        sandbox = os.fork()
+    except OSError:
+        os.write(report, _PID.pack(-1))
+        return
+    if sandbox == 0:
+        os.close(report)
+        child.main(Connection(fd), limits, isolation, cgroup)
+        os._exit(0)
+    os.write(report, _PID.pack(sandbox))
+    os.close(report)
+    os.close(fd)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(sandbox, 0)
 
 
 def main() -> None:
@@ -153,7 +257,7 @@ def main() -> None:
     # What is loaded now lives as long as every sandbox: out of the
     # collector's sight, and never copied by a collection touching it.
     gc.freeze()
-    _serve(socket.socket(fileno=fd), limits)
+    _Zygote(socket.socket(fileno=fd), limits).serve()
 
 
 if __name__ == "__main__":

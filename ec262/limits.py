@@ -1,0 +1,30 @@
+"""Sizes that several parts must agree on, each named once.
+
+The largest result a sandbox may return decides the gRPC message limit of
+every channel and server: its envelope's Base64 text (SubmitResult) must
+fit, with room for the request's other fields. A result over the cap is an
+error result (`ResultTooLarge`) that reaches the foreman, never a message
+gRPC drops. docs/protocol.md section 5.
+"""
+
+from __future__ import annotations
+
+# The canonical JSON of one task's result, at most.
+MAX_RESULT_BYTES = 48 * 1024 * 1024
+# AssignTask: one chunk's canonical rows, and one dill function payload.
+MAX_ROWS_BYTES = MAX_RESULT_BYTES
+MAX_FUNCTION_BYTES = 16 * 1024 * 1024
+# ids, tokens, addresses and protobuf framing around the big fields
+_MESSAGE_SLACK = 1024 * 1024
+# version byte, synthetic IV, at most one block of padding, HMAC tag
+_ENVELOPE_OVERHEAD = 1 + 16 + 16 + 32
+
+
+def sealed_text_length(plaintext_bytes: int) -> int:
+    """Characters of the Base64 envelope of a plaintext of this size."""
+    return 4 * -(-(plaintext_bytes + _ENVELOPE_OVERHEAD) // 3)
+
+
+MAX_MESSAGE_BYTES = (
+    max(sealed_text_length(MAX_RESULT_BYTES), MAX_ROWS_BYTES + MAX_FUNCTION_BYTES) + _MESSAGE_SLACK
+)
