@@ -2,7 +2,7 @@
 
 Every task is computed by several strangers' workers; results stay
 encrypted until the job's foreman pays, and it pays only when a majority
-agree. See PROTOCOL.md for the contract.
+agree. See docs/protocol.md for the contract.
 """
 
 import logging

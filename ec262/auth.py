@@ -1,6 +1,6 @@
 """The bearer credential every call but CreateClient carries.
 
-Metadata `authorization: Bearer <client_id>:<secret>` (PROTOCOL.md section 2).
+Metadata `authorization: Bearer <client_id>:<secret>` (docs/protocol.md section 2).
 Both sides live here so the format is written once.
 """
 

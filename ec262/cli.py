@@ -1,4 +1,4 @@
-"""`ec262 ...` and `python -m ec262 ...`: the command line (PROTOCOL.md section 6)."""
+"""`ec262 ...` and `python -m ec262 ...`: the command line (docs/protocol.md section 6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Canonical encoding of results (PROTOCOL.md section 3).
+"""Canonical encoding of results (docs/protocol.md section 3).
 
 Replicas compare results while they are still encrypted, so two workers
 that compute the same dictionary must produce the same bytes, whatever the

@@ -1,4 +1,4 @@
-"""The encryption envelope (PROTOCOL.md section 4): AES-128-CBC with a
+"""The encryption envelope (docs/protocol.md section 4): AES-128-CBC with a
 synthetic IV and an HMAC-SHA256 tag, built only from `cryptography`.
 
 Deterministic on purpose: the foreman compares replicas' results while

@@ -43,7 +43,7 @@ class ServiceUnavailable(Ec262Error):
 
 
 class EncodingError(Ec262Error, ValueError):
-    """A key or value that canonical JSON cannot carry (PROTOCOL.md section 3)."""
+    """A key or value that canonical JSON cannot carry (docs/protocol.md section 3)."""
 
 
 class DecryptionError(Ec262Error):

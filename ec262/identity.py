@@ -1,4 +1,4 @@
-"""A client's identity file (PROTOCOL.md section 6): where it lives, and
+"""A client's identity file (docs/protocol.md section 6): where it lives, and
 making one on first use so credits survive restarts."""
 
 from __future__ import annotations

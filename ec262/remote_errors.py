@@ -1,4 +1,4 @@
-"""User-code errors travelling as data (PROTOCOL.md section 4).
+"""User-code errors travelling as data (docs/protocol.md section 4).
 
 A failed task's plaintext is `{"error": {"type", "message", "traceback"}}`
 with only the user's own frames, so every replica that runs the same code

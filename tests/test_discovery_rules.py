@@ -1,4 +1,4 @@
-"""The rules of PROTOCOL.md section 2 for Discovery, checked against a real
+"""The rules of docs/protocol.md section 2 for Discovery, checked against a real
 server on loopback through the generated stubs."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Canonical encoding and the encryption envelope (PROTOCOL.md sections 3-4)."""
+"""Canonical encoding and the encryption envelope (docs/protocol.md sections 3-4)."""
 
 from __future__ import annotations
 
