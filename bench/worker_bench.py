@@ -42,6 +42,7 @@ from worker_service.worker import Worker
 
 ROWS = encode_pairs([("doc", "the quick brown fox")])
 KEY = bytes(range(16))
+BENCH_FOREMAN = "00000000-0000-4000-8000-000000000000"
 
 
 def trivial_map(key, text):
@@ -101,7 +102,7 @@ def bench_worker_core(pool: SandboxPool, tasks: int) -> list[float]:
     worker = Worker(
         slots=1,
         sandbox=pool,
-        fetch_key=lambda task_id: KEY,
+        fetch_key=lambda task_id: (KEY, BENCH_FOREMAN),
         submit=submit,
         client_id=lambda: "bench",
     )
@@ -116,7 +117,7 @@ def bench_worker_core(pool: SandboxPool, tasks: int) -> list[float]:
             function_sha256=digest(payload),
             rows=ROWS,
             result_address="127.0.0.1:1",
-            foreman_id="00000000-0000-4000-8000-000000000000",
+            foreman_id=BENCH_FOREMAN,
             submit_token="t",
         )
         started = time.perf_counter()

@@ -98,6 +98,11 @@ class JobFailed(Ec262Error):
         super().__init__(message)
 
 
+class TaskConflict(Ec262Error):
+    """A task id this worker has already taken, sent again with other
+    contents (gRPC ALREADY_EXISTS): a task runs at most once per worker."""
+
+
 class PermissionDenied(Ec262Error):
     """A caller that is known but not allowed this (gRPC PERMISSION_DENIED),
     e.g. a result sent with the wrong submit token."""

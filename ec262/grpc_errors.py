@@ -28,6 +28,7 @@ from ec262.errors import (
     NoFreeSlot,
     PermissionDenied,
     ServiceUnavailable,
+    TaskConflict,
     UnknownTask,
 )
 
@@ -46,6 +47,7 @@ _TABLE: tuple[tuple[type[Ec262Error], grpc.StatusCode, str], ...] = (
     (NoFreeSlot, grpc.StatusCode.RESOURCE_EXHAUSTED, "NO_FREE_SLOT"),
     (FunctionNotCached, grpc.StatusCode.FAILED_PRECONDITION, "FUNCTION_NOT_CACHED"),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED"),
+    (TaskConflict, grpc.StatusCode.ALREADY_EXISTS, "TASK_CONFLICT"),
 )
 _BY_REASON = {reason: cls for cls, _, reason in _TABLE}
 

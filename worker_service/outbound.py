@@ -11,14 +11,17 @@ from collections import OrderedDict
 import grpc
 
 from ec262.discovery_client import DiscoveryClient
+from ec262.errors import ServiceUnavailable
 from ec262.limits import MAX_MESSAGE_BYTES
-from ec262.retry import call_with_retry
+from ec262.retry import call_with_retry, is_transient
 from ec262.v1 import foreman_pb2, foreman_pb2_grpc
 from worker_service.tasks import Task
 
 logger = logging.getLogger(__name__)
 
-KEY_DEADLINE = 60.0
+# How long AssignTask waits for the discovery service to confirm a task
+# (the foreman's AssignTask deadline is longer).
+KEY_DEADLINE = 5.0
 SUBMIT_DEADLINE = 120.0
 MAX_FOREMAN_CHANNELS = 16
 
@@ -28,14 +31,24 @@ class KeyFetcher:
         self._discovery = discovery
         self._stop = stop
 
-    def __call__(self, task_id: str) -> bytes:
-        response = call_with_retry(
-            lambda: self._discovery.fetch_key(task_id),
-            what=f"FetchKey({task_id})",
-            deadline=time.monotonic() + KEY_DEADLINE,
-            stop=self._stop,
-        )
-        return response.key
+    def __call__(self, task_id: str) -> tuple[bytes, str]:
+        """(key, owning foreman); UnknownTask, or ServiceUnavailable when the
+        discovery service does not answer in KEY_DEADLINE seconds."""
+        try:
+            response = call_with_retry(
+                lambda: self._discovery.fetch_key(task_id),
+                what=f"FetchKey({task_id})",
+                deadline=time.monotonic() + KEY_DEADLINE,
+                stop=self._stop,
+            )
+        except grpc.RpcError as error:
+            if not is_transient(error):
+                raise
+            raise ServiceUnavailable(
+                f"the discovery service {self._discovery.address} did not confirm task"
+                f" {task_id} within {KEY_DEADLINE:g} s ({error.code().name}); try again"
+            ) from None
+        return response.key, response.foreman_id
 
 
 class ResultSubmitter:
