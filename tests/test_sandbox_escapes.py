@@ -1,4 +1,4 @@
-"""Escape attempts against the worker's sandbox (PROTOCOL.md section 5).
+"""Escape attempts against the worker's sandbox (docs/protocol.md section 5).
 
 Every attack is a plain function (module-level, or local to its test) that a
 stranger could submit as a mapper. `pack_functions` pickles it by value (dill,
@@ -13,7 +13,10 @@ value, the paths and port it should aim at:
 - `port`: a listener on 127.0.0.1 that nobody may connect to.
 
 `assert_contained` then checks the outcome: an error document, no new file,
-no connection, no secret, and the pool still computes a word count.
+no connection, no secret, and the pool still computes a word count for
+another foreman. The corpus runs against a root worker's pool and an
+unprivileged worker's (tests/sandbox_harness.py); the attacks of the
+operating-system kind are in test_sandbox_os_attacks.py.
 """
 
 from __future__ import annotations
@@ -24,9 +27,7 @@ import json
 import os
 import pickle
 import random
-import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -35,32 +36,41 @@ import time
 import dill
 import pytest
 
-from ec262.encoding import decode_result, encode_pairs
+from ec262.encoding import decode_result
 from ec262.payload import digest, pack_functions
-from ec262.remote_errors import is_error_document
+from tests.sandbox_harness import (
+    LIMITS,
+    SECCOMP,
+    TASK_TIMEOUT,
+    Target,
+    _caller_frames,
+    _disable_audit_hook,
+    _frame_global,
+    _modules,
+    _real_builtins,
+    assert_contained,
+    assert_still_serving,
+    pool_kinds,
+    pool_owner,
+    run_attack,
+    start_pool,
+)
 from worker_service.mapreduce import MAP
-from worker_service.sandbox.policy import SandboxLimits
 from worker_service.sandbox.pool import SandboxPool
-
-TASK_TIMEOUT = 3.0
-LIMITS = SandboxLimits(task_timeout=TASK_TIMEOUT, memory_limit_mb=512, output_limit_bytes=1_000_000)
-SECCOMP = "Operation not permitted"  # what the seccomp filter's EPERM says
 
 pytestmark = pytest.mark.timeout(60)
 
 
-# -- fixtures ------------------------------------------------------------------
+@pytest.fixture(scope="module", params=pool_kinds())
+def pool(request):
+    """The module's pool: a root worker's, and an unprivileged one's."""
+    sandbox_pool = start_pool(request.param)
+    yield sandbox_pool
+    sandbox_pool.close()
 
 
 def _new_pool() -> SandboxPool:
     return SandboxPool(LIMITS, size=2)
-
-
-@pytest.fixture(scope="module")
-def pool():
-    sandbox_pool = _new_pool()
-    yield sandbox_pool
-    sandbox_pool.close()
 
 
 @pytest.fixture
@@ -71,151 +81,12 @@ def private_pool():
     sandbox_pool.close()  # the zygote exits, and its sandboxes die with it
 
 
-class Target:
-    """What an attack aims at, and how to tell whether it hit."""
-
-    def __init__(self, directory) -> None:
-        os.makedirs(directory)
-        self.dir = str(directory)
-        self.marker = os.path.join(self.dir, "MARKER")
-        self.secret = "ec262-identity-secret-" + secrets.token_hex(16)
-        self.secret_file = os.path.join(self.dir, "identity.json")
-        fd = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump({"client_id": "w1", "secret": self.secret}, handle)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.listener.setblocking(False)
-        self.port = self.listener.getsockname()[1]
-        self.files_before = sorted(os.listdir(self.dir))
-        self.extra: dict = {}
-
-    def rows(self) -> bytes:
-        value = {
-            "dir": self.dir,
-            "marker": self.marker,
-            "secret_file": self.secret_file,
-            "port": self.port,
-            **self.extra,
-        }
-        return encode_pairs([("target", value)])
-
-    def nobody_connected(self) -> bool:
-        try:
-            connection, _ = self.listener.accept()
-        except BlockingIOError:
-            return True
-        connection.close()
-        return False
-
-
 @pytest.fixture
-def target(tmp_path):
-    aim = Target(tmp_path / "victim")
+def target(request):
+    uses_pool = "pool" in request.fixturenames
+    aim = Target(pool_owner(request.getfixturevalue("pool")) if uses_pool else os.geteuid())
     yield aim
-    aim.listener.close()
-
-
-def run_attack(pool: SandboxPool, function, target: Target, payload: bytes | None = None):
-    payload = payload if payload is not None else pack_functions(function)
-    return pool.run(digest(payload), payload, MAP, target.rows())
-
-
-def error_of(result) -> dict:
-    document = decode_result(result.plaintext)
-    assert is_error_document(document), result.plaintext[:500]
-    error = document["error"]
-    assert isinstance(error["type"], str)
-    assert error["type"]
-    return error
-
-
-def assert_contained(pool: SandboxPool, target: Target, result) -> dict:
-    """The attack failed, visibly, and changed nothing; the pool still works."""
-    assert target.secret.encode() not in result.plaintext
-    assert result.ok is False, f"the attack was reported as a success: {result.plaintext[:500]!r}"
-    error = error_of(result)
-    assert sorted(os.listdir(target.dir)) == target.files_before
-    assert not os.path.exists(target.marker)
-    assert target.nobody_connected()
-    assert_still_serving(pool)
-    return error
-
-
-def _word_count(key, value):
-    for word in value.split():
-        yield word.lower(), 1
-
-
-def assert_still_serving(pool: SandboxPool) -> None:
-    payload = pack_functions(_word_count)
-    rows = encode_pairs([("doc", "The cat saw the dog")])
-    result = pool.run(digest(payload), payload, MAP, rows)
-    assert result.ok, result.plaintext
-    assert decode_result(result.plaintext) == {"cat": [1], "dog": [1], "saw": [1], "the": [1, 1]}
-
-
-# -- helpers the attacks call (pickled by value along with them) ---------------
-
-
-def _caller_frames():
-    """The frames above the attack: the sandbox's own code."""
-    try:
-        raise ValueError
-    except ValueError as caught:
-        frame = caught.__traceback__.tb_frame
-    frames = []
-    while frame is not None:
-        frames.append(frame)
-        frame = frame.f_back
-    return frames
-
-
-def _frame_global(name):
-    """`name` from the globals of the first sandbox frame that has it."""
-    for frame in _caller_frames():
-        if name in frame.f_globals:
-            return frame.f_globals[name]
-    raise LookupError(name)
-
-
-def _real_builtins():
-    """The interpreter's own builtins, as the sandbox's frames see them."""
-    return _caller_frames()[-1].f_builtins
-
-
-def _modules():
-    """sys.modules, through a module global of an allowed module."""
-    import collections
-
-    return collections._sys.modules
-
-
-def _no_denial_like(violation):
-    """A `deny` with the same free variable as the hook's, doing nothing."""
-
-    def deny(message):
-        return violation and None
-
-    return deny
-
-
-_no_denial = _no_denial_like(None)
-
-
-def _disable_audit_hook():
-    """Make the audit hook allow everything: provoke a denial, find the
-    hook's frame in the traceback, and give its `deny` a body that does
-    nothing."""
-    try:
-        _real_builtins()["open"]("/nonexistent/ec262-probe")
-    except PermissionError as denial:
-        tb = denial.__traceback__
-        while tb is not None:
-            if tb.tb_frame.f_code.co_name == "hook":
-                tb.tb_frame.f_locals["deny"].__code__ = _no_denial.__code__
-                return
-            tb = tb.tb_next
-    raise AssertionError("could not find the audit hook")
+    aim.close()
 
 
 # -- the attacks ---------------------------------------------------------------
@@ -397,7 +268,6 @@ def allowed_module_globals_random(key, value):
 
 def allowed_module_globals_sys_modules(key, value):
     import collections
-    import json
 
     modules = collections._sys.modules
     yield "same_json", modules["json"] is json

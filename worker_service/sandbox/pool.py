@@ -145,6 +145,10 @@ class SandboxPool:
         return sandbox
 
     @property
+    def zygote_pid(self) -> int | None:
+        return None if self._zygote is None else self._zygote.process.pid
+
+    @property
     def seccomp_active(self) -> bool | None:
         return None if self.layers is None else bool(self.layers.get("seccomp"))
 
