@@ -35,6 +35,7 @@ TASK_TIMEOUT = 3.0
 LIMITS = SandboxLimits(task_timeout=TASK_TIMEOUT, memory_limit_mb=512, output_limit_bytes=1_000_000)
 SECCOMP = "Operation not permitted"  # what the seccomp filter's EPERM says
 
+
 class Target:
     """What an attack aims at, and how to tell whether it hit."""
 
@@ -183,7 +184,6 @@ def _disable_audit_hook():
     raise AssertionError("could not find the audit hook")
 
 
-
 # -- pools: this process's, or one of another uid --------------------------------
 
 UNPRIVILEGED_UID = 65534  # nobody
@@ -220,7 +220,9 @@ class RemotePool:
         info = self.conn.recv()
         assert info["uid"] != 0, "the unprivileged pool runs as root"
         self.layers, self.worker_pid, self.zygote_pid = (
-            info["layers"], info["pid"], info["zygote_pid"]
+            info["layers"],
+            info["pid"],
+            info["zygote_pid"],
         )
 
     @property
