@@ -12,7 +12,6 @@ import contextlib
 import ctypes
 import json
 import os
-import resource
 import secrets
 import shutil
 import socket
@@ -291,16 +290,19 @@ def pool_owner(pool) -> int:
 
 # -- what an attack must not change outside the sandbox --------------------------
 
-_LIMITS_WATCHED = (
-    resource.RLIMIT_NOFILE, resource.RLIMIT_AS, resource.RLIMIT_NPROC, resource.RLIMIT_CPU,
-    resource.RLIMIT_FSIZE, resource.RLIMIT_STACK, resource.RLIMIT_MEMLOCK,
-)  # fmt: skip
 _IOPRIO_GET, _IOPRIO_WHO_PROCESS = 252, 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _ioprio(pid: int) -> int:
     return _libc.syscall(_IOPRIO_GET, _IOPRIO_WHO_PROCESS, pid)
+
+
+def _limits(pid: int) -> str:
+    """Every resource limit of the process (from /proc: prlimit(2) on
+    another uid's process needs CAP_SYS_RESOURCE, which root may lack)."""
+    with open(f"/proc/{pid}/limits") as limits:
+        return limits.read()
 
 
 def _ipc_objects() -> dict[str, list[str]]:
@@ -323,7 +325,7 @@ def outside_state(pool) -> dict:
             "affinity": sorted(os.sched_getaffinity(pid)),
             "scheduler": os.sched_getscheduler(pid),
             "ioprio": _ioprio(pid),
-            "limits": [resource.prlimit(pid, which) for which in _LIMITS_WATCHED],
+            "limits": _limits(pid),
         }
     state["process_group_nice"] = os.getpriority(os.PRIO_PGRP, os.getpgid(pool.worker_pid))
     state["ipc"] = _ipc_objects()

@@ -113,7 +113,8 @@ def lock_down(
     fd = conn.fileno()
     isolation_layer.die_with_parent()
     os.chdir("/")
-    isolation_layer.drop_capabilities(isolation)
+    if "capabilities" not in limits.layers_off:
+        isolation_layer.drop_capabilities(isolation)
     lockdown.apply_rlimits(limits)
     off = limits.layers_off
     landlock_abi = 0 if "landlock" in off else landlock.restrict_to_reading(limits.read_dirs)

@@ -53,7 +53,10 @@ def module_dirs(names: frozenset[str]) -> tuple[str, ...]:
 
 
 # The layers a test may switch off one by one (`SandboxLimits.layers_off`).
-LAYERS = ("uid", "namespaces", "filesystem", "cgroup", "landlock", "seccomp", "audit_hook")
+LAYERS = (
+    "uid", "namespaces", "filesystem", "cgroup", "capabilities",
+    "landlock", "seccomp", "audit_hook",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
