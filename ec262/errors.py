@@ -66,28 +66,38 @@ class RemoteError(Ec262Error):
     traceback frames."""
 
     def __init__(
-        self, type_name: str, message: str, traceback: list[str] | None = None, *, chunk: str = ""
+        self,
+        type_name: str,
+        message: str,
+        traceback: list[str] | None = None,
+        *,
+        chunk: str = "",
+        output: str = "",
     ) -> None:
         self.type_name = type_name
         self.remote_message = message
         self.remote_traceback = list(traceback or [])
         self.chunk = chunk
+        self.remote_output = output  # the end of what the task printed
         frames = "".join(f"\n  {frame}" for frame in self.remote_traceback)
         where = f" in {chunk}" if chunk else ""
+        printed = "".join(f"\n  | {line}" for line in output.splitlines())
         super().__init__(
             f"{type_name}: {message}{where} (raised on the workers)"
             + (f"\nRemote traceback (most recent call last):{frames}" if frames else "")
+            + (f"\nThe task printed (the end of it):{printed}" if printed else "")
         )
 
     def __reduce__(self):
         return (
             _rebuild_remote_error,
-            (self.type_name, self.remote_message, self.remote_traceback, self.chunk),
-        )
+            (self.type_name, self.remote_message, self.remote_traceback, self.chunk,
+             self.remote_output),
+        )  # fmt: skip
 
 
-def _rebuild_remote_error(type_name, message, traceback, chunk):
-    return RemoteError(type_name, message, traceback, chunk=chunk)
+def _rebuild_remote_error(type_name, message, traceback, chunk, output=""):
+    return RemoteError(type_name, message, traceback, chunk=chunk, output=output)
 
 
 class JobFailed(Ec262Error):

@@ -489,7 +489,11 @@ class JobEngine:
         if isinstance(output, dict) and is_error_document(output):
             error = output["error"]
             raise RemoteError(
-                error["type"], error["message"], error["traceback"], chunk=attempt.chunk.label
+                error["type"],
+                error["message"],
+                error["traceback"],
+                chunk=attempt.chunk.label,
+                output=str(error.get("output", "")),
             )
         if is_map and isinstance(output, dict):  # an ordinary result with an "error" key
             output = plaintext

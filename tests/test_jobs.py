@@ -17,6 +17,7 @@ import pytest
 
 import ec262
 from ec262.identity import load_identity
+from ec262.limits import MAX_RESULT_BYTES
 from ec262.local_cluster import LocalCluster
 from ec262.v1 import foreman_pb2, foreman_pb2_grpc
 from tests.job_harness import (
@@ -179,6 +180,54 @@ def test_a_user_error_is_a_remote_error_with_the_users_message(cluster, tmp_path
     assert "walls are not allowed" in str(caught.value)
     assert time.monotonic() - started < 30
     assert_books_balance(cluster, before, tmp_path)
+
+
+def test_print_in_user_code_works_and_a_failure_shows_what_it_printed(cluster, tmp_path):
+    """print() never fails a task (the old main refused the write once the
+    buffer flushed); what a failing task printed comes back, bounded."""
+
+    def chatty(key, line):
+        for number in range(2000):  # far more than any stdout buffer holds
+            print(f"{key}: looking at word {number} of a line " * 4)
+        yield from split_words(key, line)
+
+    def chatty_then_fails(key, line):
+        print("about to fail on", key)
+        raise RuntimeError("failed after printing")
+
+    result = run(cluster, tmp_path, SMALL, mapper=chatty, reducer=sum_reducer, chunk_bytes=256)
+    assert result == run(cluster, tmp_path, SMALL, mapper=split_words, reducer=sum_reducer)
+    with pytest.raises(ec262.RemoteError) as caught:
+        run(cluster, tmp_path, SMALL, mapper=chatty_then_fails, reducer=sum_reducer)
+    assert "about to fail on line0" in caught.value.remote_output
+    assert "about to fail on line0" in str(caught.value)
+
+
+def big_value(key, size):
+    yield "big", "x" * size
+
+
+def first_value(key, values):
+    return values[0]
+
+
+def test_a_result_just_under_the_cap_arrives_and_one_over_it_is_a_remote_error(
+    cluster, tmp_path
+):
+    """The gRPC message limit is derived from the result cap (ec262/limits.py):
+    a result a little under the cap reaches the foreman and decrypts; one
+    over it is a ResultTooLarge naming both sizes, at once, not a message
+    gRPC drops while the job waits for its deadline."""
+    under = MAX_RESULT_BYTES - 1024
+    result = run(cluster, tmp_path, {"k": under}, mapper=big_value, reducer=first_value)
+    assert result == {"big": "x" * under}
+    started = time.monotonic()
+    with pytest.raises(ec262.RemoteError) as caught:
+        run(cluster, tmp_path, {"k": MAX_RESULT_BYTES}, mapper=big_value, reducer=first_value)
+    assert caught.value.type_name == "ResultTooLarge"
+    assert f"limit of {MAX_RESULT_BYTES} bytes" in caught.value.remote_message
+    assert str(MAX_RESULT_BYTES + len('[["big",[""]]]')) in caught.value.remote_message
+    assert time.monotonic() - started < 30
 
 
 def test_too_few_credits_fail_before_any_spending(tmp_path):
