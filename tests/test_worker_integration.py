@@ -75,6 +75,15 @@ def new_task(cluster):
     return task, [cluster.by_id(w.client_id) for w in task.workers]
 
 
+def test_a_worker_logs_its_sandbox_layers_at_start(cluster):
+    """Which layers are on, and why any is off, before the first task."""
+    for worker in cluster.workers:
+        line = worker.server.wait_for("sandbox layers:")
+        for layer in ("uid", "namespaces", "file system view", "capabilities", "cgroup",
+                      "Landlock", "seccomp"):  # fmt: skip
+            assert layer in line, line
+
+
 def test_three_workers_give_byte_identical_ciphertexts_that_decrypt_with_the_key(cluster):
     task, workers = new_task(cluster)
     for worker in workers:

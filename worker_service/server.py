@@ -121,6 +121,10 @@ def start_worker(config: WorkerConfig) -> RunningWorker:
         WorkerServicer(worker, address=address, runtime=this_runtime()), server
     )
     serving.add_standard_services(server, [SERVICE_NAME])
+    try:  # the layers in force, logged before any task arrives
+        pool.probe()
+    except RuntimeError as error:
+        logger.error("the sandbox does not start: %s", error)
     server.start()
     registrar.start()
     logger.info(

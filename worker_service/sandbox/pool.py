@@ -159,10 +159,11 @@ class SandboxPool:
     def probe(self) -> dict:
         """Start one sandbox (kept idle for the first task) so the layers in
         force are known and logged before any task arrives."""
+        if self.layers is not None:
+            return self.layers
         with self._capacity:
-            if self._take("") is not None or self.layers is not None:
-                self._discard(None)
-                return self.layers or {}
+            with self._lock:
+                self._live += 1
             try:
                 sandbox = self._start()
             except RuntimeError:

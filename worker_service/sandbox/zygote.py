@@ -4,9 +4,14 @@ The worker runs gRPC threads and holds its identity; forking it directly
 would copy both into the sandbox (and fork with threads is unsafe). Instead
 the worker starts this zygote once, with only the sandbox code and the
 allow-listed modules imported, and asks it for each new sandbox: the worker
-sends one end of a fresh socketpair (SCM_RIGHTS), the zygote forks, and the
-child locks itself down around that end. Sandboxes die with the zygote
-(PR_SET_PDEATHSIG), and the zygote dies with the worker (EOF on its socket).
+sends one end of a fresh socketpair (SCM_RIGHTS); the zygote makes the
+sandbox's control group and forks a keeper, which joins the group, enters
+new namespaces, takes the sandbox's uid and forks the sandbox (pid 1 of its
+own pid namespace) around that end, reports its pid and waits for it. The
+zygote reaps keepers and removes their groups. Sandboxes die with their
+keeper, keepers with the zygote (PR_SET_PDEATHSIG), and the zygote with the
+worker (EOF on its socket, when it kills what is left and removes the
+groups).
 
 Run as `python -m worker_service.sandbox.zygote FD LIMITS_JSON`.
 """
