@@ -5,7 +5,9 @@ Measures, in one run:
   2. a warm sandbox: one trivial map task through SandboxPool.run (pipe
      round trip, decode, run, encode), per task;
   3. a cold sandbox: a task for a function no sandbox holds yet (fork from
-     the zygote, lock down, load the payload, run);
+     the zygote, lock down, load the payload, run), every layer on; then
+     the same with each layer switched off in turn, interleaved, so each
+     layer's cost is the difference;
   4. the warm per-task overhead inside the worker: Worker.assign -> key ->
      sandbox -> seal -> submit, with the key source and submitter in process
      (no RPC), so only the worker's own work is timed;
@@ -19,6 +21,7 @@ Run: .venv/bin/python bench/worker_bench.py [--tasks 2000]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -35,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ec262.encoding import encode_pairs
 from ec262.envelope import open_sealed, seal
 from ec262.payload import digest, pack_functions
-from worker_service.sandbox.policy import SandboxLimits
+from worker_service.sandbox.policy import LAYERS, SandboxLimits
 from worker_service.sandbox.pool import SandboxPool
 from worker_service.tasks import checked_task
 from worker_service.worker import Worker
@@ -76,12 +79,12 @@ def bench_warm(pool: SandboxPool, tasks: int) -> list[float]:
     return times
 
 
-def bench_cold(pool: SandboxPool, count: int) -> list[float]:
+def bench_cold(pool: SandboxPool, count: int, tag: str = "") -> list[float]:
     times = []
     for number in range(count):
         namespace: dict = {}
         exec(
-            f"def cold_{number}(key, text):\n    yield key, {number}", namespace
+            f"def cold_{number}(key, text):\n    yield key, {str(number) + tag!r}", namespace
         )  # distinct digests
         payload = pack_functions(namespace[f"cold_{number}"])
         started = time.perf_counter()
@@ -89,6 +92,44 @@ def bench_cold(pool: SandboxPool, count: int) -> list[float]:
         times.append(time.perf_counter() - started)
         assert result.ok, result
     return times
+
+
+# Each row switches off one layer of the sandbox (worker_service/sandbox/
+# __init__.py lists them); its cost is the full stack's time minus the row's.
+LAYER_ROWS = (
+    ("every layer on", frozenset()),
+    ("without the cgroup", frozenset({"cgroup"})),
+    ("without namespaces and the view", frozenset({"namespaces", "filesystem"})),
+    ("without the file system view", frozenset({"filesystem"})),
+    ("without the own uid (so no namespaces)", frozenset({"uid"})),
+    ("without capability dropping", frozenset({"capabilities"})),
+    ("without Landlock", frozenset({"landlock"})),
+    ("without seccomp", frozenset({"seccomp"})),
+    ("without the audit hook", frozenset({"audit_hook"})),
+    ("every layer off (the old main's fork)", frozenset(LAYERS)),
+)
+
+
+def bench_layers(rounds: int, per_round: int, warm_tasks: int) -> list[tuple[str, float, float]]:
+    """(row, cold p50 ms, warm p50 ms) per LAYER_ROWS entry, measured in
+    interleaved rounds so the machine's drift hits every row alike."""
+    pools = [
+        SandboxPool(dataclasses.replace(SandboxLimits(), layers_off=off), size=per_round + 2)
+        for _, off in LAYER_ROWS
+    ]
+    cold: list[list[float]] = [[] for _ in LAYER_ROWS]
+    warm: list[list[float]] = [[] for _ in LAYER_ROWS]
+    try:
+        for pool in pools:
+            pool.run("warmup", pack_functions(trivial_map), 1, ROWS)  # the zygote
+        for number in range(rounds):
+            for index, pool in enumerate(pools):
+                cold[index] += bench_cold(pool, per_round, tag=f"{number}_{index}")
+                warm[index] += bench_warm(pool, warm_tasks)
+    finally:
+        for pool in pools:
+            pool.close()
+    return [(name, ms(cold[i]), ms(warm[i])) for i, (name, _) in enumerate(LAYER_ROWS)]
 
 
 def bench_worker_core(pool: SandboxPool, tasks: int) -> list[float]:
@@ -179,6 +220,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", type=int, default=2000)
     parser.add_argument("--cold", type=int, default=20)
+    parser.add_argument("--layer-rounds", type=int, default=10)
     args = parser.parse_args()
     seal_rate, open_rate = bench_envelope()
     pool = SandboxPool(SandboxLimits(), size=args.cold + 4)
@@ -191,6 +233,7 @@ def main() -> int:
         core = bench_worker_core(pool, args.tasks)
     finally:
         pool.close()
+    layers = bench_layers(args.layer_rounds, 5, 200)
     e2e, floor = bench_end_to_end(min(args.tasks, 500))
     rows = [
         ("envelope seal", f"{seal_rate:8.0f} MB/s", "target >= 100 MB/s"),
@@ -223,6 +266,14 @@ def main() -> int:
     print(f"\nworker benchmark ({args.tasks} tasks, {args.cold} cold starts)")
     for name, value, note in rows:
         print(f"  {name:38} {value}   {note}")
+    full_cold, full_warm = layers[0][1], layers[0][2]
+    print(f"\nwhat each sandbox layer costs ({args.layer_rounds} interleaved rounds)")
+    print(f"  {'':38} {'cold p50':>9} {'its cost':>9} {'warm p50':>9} {'its cost':>9}")
+    for name, cold_ms, warm_ms in layers:
+        print(
+            f"  {name:38} {cold_ms:7.2f}ms {full_cold - cold_ms:+7.2f}ms"
+            f" {warm_ms:7.3f}ms {full_warm - warm_ms:+7.3f}ms"
+        )
     print(f"\ncommand: {' '.join([sys.executable, *sys.argv])}")
     return 0
 
