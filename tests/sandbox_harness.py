@@ -242,20 +242,34 @@ class RemotePool:
 
 def as_other_user(command: list[str], uid: int) -> list[str]:
     """`command` run as `uid` (and its own gid, no groups). Where the
-    interpreter lives under a directory others may not enter (root's home),
-    a mount namespace of the command's own lays a readable directory over
-    it with only the interpreter's tree bound in; the host sees no change."""
+    interpreter, the virtualenv or this checkout lies under a directory
+    others may not enter (root's home), a mount namespace of the command's
+    own lays a readable tmpfs over that directory with only those trees
+    bound back in; the host sees no change."""
     drop = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--", *command]
-    blocked, inner = _closed_ancestor(os.path.realpath(sys.base_prefix))
-    if blocked is None:
+    needed = {os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, str(ROOT))}
+    blocked: dict[str, set[str]] = {}
+    for path in needed:
+        outer, inner = _closed_ancestor(path)
+        if outer is not None:
+            blocked.setdefault(outer, set()).add(inner)
+    if not blocked:
         return drop
-    script = (
-        'set -e; T=$(mktemp -d); mount --bind "$2" "$T"; '
-        'mount -t tmpfs -o mode=0755 ec262-test "$1"; mkdir -p "$2"; '
-        'mount --move "$T" "$2"; rmdir "$T"; shift 2; exec "$@"'
-    )
-    return ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh",
-            blocked, inner, *drop]  # fmt: skip
+    steps = ["set -e"]
+    for number, (outer, inners) in enumerate(sorted(blocked.items())):
+        inners_sorted = sorted(inners)
+        for index, inner in enumerate(inners_sorted):
+            steps.append(
+                f'T{number}_{index}=$(mktemp -d); mount --bind "{inner}" "$T{number}_{index}"'
+            )
+        steps.append(f'mount -t tmpfs -o mode=0755 ec262-test "{outer}"')
+        for index, inner in enumerate(inners_sorted):
+            steps.append(
+                f'mkdir -p "{inner}"; mount --move "$T{number}_{index}" "{inner}";'
+                f' rmdir "$T{number}_{index}"'
+            )
+    steps.append('exec "$@"')
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c", "; ".join(steps), "sh", *drop]
 
 
 def _closed_ancestor(path: str) -> tuple[str | None, str]:
