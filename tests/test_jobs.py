@@ -211,9 +211,7 @@ def first_value(key, values):
     return values[0]
 
 
-def test_a_result_just_under_the_cap_arrives_and_one_over_it_is_a_remote_error(
-    cluster, tmp_path
-):
+def test_a_result_just_under_the_cap_arrives_and_one_over_it_is_a_remote_error(cluster, tmp_path):
     """The gRPC message limit is derived from the result cap (ec262/limits.py):
     a result a little under the cap reaches the foreman and decrypts; one
     over it is a ResultTooLarge naming both sizes, at once, not a message

@@ -440,3 +440,57 @@ def test_no_timer_or_handler_survives_in_an_idle_sandbox(pool, target, outside):
     # (a failed one is never reused) and fails the same way
     second = pool.run("f/" + digest(payload), payload, MAP, target.rows())
     assert second.plaintext == first.plaintext
+
+
+# -- the control group -------------------------------------------------------------------
+
+
+def fork_once(key, value):
+    _disable_audit_hook()
+    os = _modules()["os"]
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    yield "forked", pid
+
+
+def test_a_cgroup_bounds_each_sandbox_and_goes_with_it():
+    """Where the worker can make control groups (root here): each sandbox is
+    born in a group of its own with the memory limit and a process count of
+    two (it and its keeper), so with seccomp switched off a fork still fails;
+    the groups go when the pool closes."""
+    from worker_service.sandbox.cgroups import SANDBOX_PIDS
+    from worker_service.sandbox.pool import SandboxPool
+
+    own = SandboxPool(dataclasses.replace(LIMITS, layers_off=frozenset({"seccomp"})), size=1)
+    target = Target(os.geteuid())
+    try:
+        from tests.sandbox_harness import assert_still_serving
+
+        assert_still_serving(own)
+        if not own.layers["cgroup"].startswith(("v1", "v2")):
+            pytest.skip(f"no cgroup for sandboxes here: {own.layers['cgroup']}")
+        (idle,) = own._idle.values()
+        with open(f"/proc/{idle.pid}/cgroup") as lines:
+            groups = [line.strip().split(":", 2) for line in lines]
+        mine = {name: path for _, name, path in groups if "ec262-sandboxes-" in path}
+        assert mine, groups
+        limits = {}
+        for names, path in mine.items():
+            root = "/sys/fs/cgroup/" + ("unified" if names == "" else names.split(",")[0])
+            for name in ("memory.limit_in_bytes", "memory.max", "pids.max"):
+                if os.path.exists(root + path + "/" + name):
+                    with open(root + path + "/" + name) as value:
+                        limits[name] = int(value.read())
+        assert limits.get("pids.max") == SANDBOX_PIDS, limits
+        memory = limits.get("memory.limit_in_bytes", limits.get("memory.max"))
+        assert memory == LIMITS.memory_limit_mb << 20, limits
+        result = run_attack(own, fork_once, target)
+        assert not result.ok
+        assert b"Resource temporarily unavailable" in result.plaintext, result.plaintext
+    finally:
+        own.close()
+        target.close()
+    for names, path in mine.items():
+        root = "/sys/fs/cgroup/" + ("unified" if names == "" else names.split(",")[0])
+        assert not os.path.exists(root + path), f"{root + path} outlived the pool"

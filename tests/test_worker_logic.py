@@ -171,8 +171,7 @@ def test_a_place_is_held_while_the_discovery_service_is_asked(stand_in):
 
     worker._fetch_key = slow_ledger
     offers = [
-        threading.Thread(target=worker.assign, args=(_task(n, FOREMAN_A, payload),))
-        for n in (1, 2)
+        threading.Thread(target=worker.assign, args=(_task(n, FOREMAN_A, payload),)) for n in (1, 2)
     ]
     for offer in offers:
         offer.start()
