@@ -407,13 +407,14 @@ def _settles_to(pid: int, state: str, timeout: float = 10.0) -> str:
     return seen
 
 
-def test_an_idle_sandbox_is_stopped_even_after_a_forged_reply(target):
+def test_an_idle_sandbox_is_stopped_even_after_a_forged_reply():
     """The pool stops every sandbox it holds idle (SIGSTOP) and wakes it
     for its next task: user code that forged its own reply and kept running
     is frozen, and then killed at the next task's deadline."""
     from worker_service.sandbox.pool import SandboxPool
 
     own = SandboxPool(LIMITS, size=1)
+    target = Target(os.geteuid())
     try:
         payload = pack_functions(forged_reply_then_spin)
         first = own.run(digest(payload), payload, MAP, target.rows())
@@ -425,6 +426,7 @@ def test_an_idle_sandbox_is_stopped_even_after_a_forged_reply(target):
         assert b"TimeoutError" in second.plaintext
     finally:
         own.close()
+        target.close()
 
 
 def test_no_timer_or_handler_survives_in_an_idle_sandbox(pool, target, outside):
