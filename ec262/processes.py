@@ -90,12 +90,15 @@ class PendingServer:
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         module: str = "ec262",
+        launcher: Sequence[str] = (),
     ) -> None:
+        """`launcher` goes before the interpreter (e.g. a command that runs
+        the server as another user)."""
         self.args = list(args)
         # Linux ties PDEATHSIG to the thread that forks: start servers from
         # a thread that lives as long as they should (not a pool thread).
         self.process = subprocess.Popen(
-            [sys.executable, "-m", module, *args],
+            [*launcher, sys.executable, "-m", module, *args],
             cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
