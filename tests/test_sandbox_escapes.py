@@ -783,3 +783,24 @@ def test_sandboxes_get_a_clean_environment_and_a_fixed_hash_seed(monkeypatch, ta
         assert produced["worker_secret_visible"] == [False]
         orders.append(produced["set_order"])
     assert orders[0] == orders[1]
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP])
+def test_a_dead_or_frozen_zygote_is_replaced_and_the_next_task_runs(target, how, monkeypatch):
+    """Whatever ends the zygote (the kernel's OOM killer, a bug, a signal),
+    or freezes it, the next task still runs: the pool starts another."""
+    from worker_service.sandbox import zygote as zygote_module
+
+    monkeypatch.setattr(zygote_module, "FORK_TIMEOUT", 2.0)  # a frozen zygote, found sooner
+    own = _new_pool()
+    try:
+        assert_still_serving(own, "first-foreman")
+        old = own.zygote_pid
+        os.kill(old, how)
+        assert_still_serving(own, "second-foreman")  # a new sandbox: a fork
+        assert own.zygote_pid != old
+        assert_still_serving(own, "first-foreman")  # the idle ones went with the old zygote
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old, signal.SIGKILL)
+        own.close()

@@ -26,7 +26,7 @@ from ec262.remote_errors import error_document
 from worker_service.sandbox import child as sandbox_child
 from worker_service.sandbox.policy import SandboxLimits
 from worker_service.sandbox.watchdog import Watchdog
-from worker_service.sandbox.zygote import Zygote
+from worker_service.sandbox.zygote import Zygote, ZygoteGone
 
 logger = logging.getLogger(__name__)
 
@@ -118,15 +118,44 @@ class SandboxPool:
 
     # -- lifecycle ------------------------------------------------------------
 
+    def _fork(self) -> tuple[int, Connection]:
+        """A sandbox from the zygote; a zygote that died (killed, OOM, a bug)
+        is replaced once, so no event inside one leaves the worker unable
+        to run tasks."""
+        for attempt in (1, 2):
+            with self._lock:
+                if self._zygote is not None and not self._zygote.alive:
+                    logger.warning(
+                        "the sandbox zygote exited (%s); starting a new one",
+                        self._zygote.process.returncode,
+                    )
+                    self._zygote.kill()
+                    self._zygote = None
+                    self._forget_idle()  # they died with it
+                if self._zygote is None:
+                    self._zygote = Zygote(self.limits)
+                zygote = self._zygote
+            try:
+                return zygote.fork()
+            except ZygoteGone as error:
+                with self._lock:
+                    self._forget_idle()
+                if attempt == 2:
+                    raise RuntimeError(str(error)) from None
+                logger.warning("%s; starting a new one", error)
+            except OSError as error:
+                raise RuntimeError(str(error)) from None
+        raise AssertionError("unreachable")
+
+    def _forget_idle(self) -> None:
+        """Drop the idle sandboxes (called with the lock held)."""
+        for sandbox in self._idle.values():
+            sandbox.kill()
+        self._live -= len(self._idle)
+        self._idle.clear()
+
     def _start(self) -> _Sandbox:
-        with self._lock:
-            if self._zygote is None:
-                self._zygote = Zygote(self.limits)
-            zygote = self._zygote
-        try:
-            pid, parent_end = zygote.fork()
-        except OSError as error:
-            raise RuntimeError(str(error)) from None
+        pid, parent_end = self._fork()
         sandbox = _Sandbox(pid, parent_end)
         try:
             if not parent_end.poll(START_TIMEOUT):

@@ -69,11 +69,20 @@ def _limits_from_json(text: str) -> SandboxLimits:
     return SandboxLimits(**data)
 
 
+class ZygoteGone(OSError):
+    """The zygote died or stopped answering; the pool starts another."""
+
+
+# How long the zygote may take to fork a keeper and hear back from it.
+FORK_TIMEOUT = 30.0
+
+
 class Zygote:
     """The worker's handle on its zygote process."""
 
     def __init__(self, limits: SandboxLimits) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours.settimeout(FORK_TIMEOUT)  # a frozen zygote must not hang the pool
         self._socket = ours
         self._lock = threading.Lock()
         self.process = subprocess.Popen(
@@ -93,12 +102,17 @@ class Zygote:
         theirs.close()
 
     def fork(self) -> tuple[int, Connection]:
-        """A new sandbox process: its pid and the worker's end of its pipe."""
+        """A new sandbox process: its pid and the worker's end of its pipe.
+        ZygoteGone if the zygote is dead or does not answer (it is killed)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             with self._lock:
                 socket.send_fds(self._socket, [b"F"], [theirs.fileno()])
                 reply = self._recv_exactly(_PID.size)
+        except OSError as error:
+            ours.close()
+            self.kill()
+            raise ZygoteGone(f"the sandbox zygote is gone ({error})") from None
         finally:
             theirs.close()
         (pid,) = _PID.unpack(reply)
@@ -115,6 +129,18 @@ class Zygote:
                 raise OSError("the sandbox zygote has died")
             data += chunk
         return data
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def kill(self) -> None:
+        """Its sandboxes die with it (PR_SET_PDEATHSIG down the line)."""
+        self._socket.close()
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=5)
 
     def close(self) -> None:
         self._socket.close()
