@@ -11,7 +11,9 @@ script stays deterministic for Redis's replication).
 
 Keys (under a prefix, "ec262:" by default): `c:<client id>` hash per client,
 `pool` (zset client id -> lease expiry), `t:<task id>` hash per open task,
-`texp` (zset task id -> expiry), `issued` (credits handed out, for audits).
+`texp` (zset task id -> expiry), `s:<task id>` hash per settle remembered
+for repeats (until the task's expiry: `sexp`, zset task id -> expiry),
+`issued` (credits handed out, for audits).
 Standalone Redis only: the scripts touch keys they compute, which a Redis
 Cluster would refuse.
 """
@@ -39,6 +41,7 @@ from discovery_service.store import (
     TaskRequest,
     WorkerRef,
     insufficient_credits,
+    settle_conflict,
 )
 from ec262.errors import InvalidRequest, ServiceUnavailable
 
@@ -60,6 +63,11 @@ local function expire(prefix, now)
       redis.call('DEL', t)
     end
     redis.call('ZREM', prefix .. 'texp', tid)
+  end
+  local remembered = redis.call('ZRANGEBYSCORE', prefix .. 'sexp', '-inf', now)
+  for _, tid in ipairs(remembered) do
+    redis.call('DEL', prefix .. 's:' .. tid)
+    redis.call('ZREM', prefix .. 'sexp', tid)
   end
   return #due
 end
@@ -159,15 +167,23 @@ return out
 """
 )
 
-# ARGV: prefix, foreman, task id, valid ('1' or '0'), now, missing (space-separated)
+# ARGV: prefix, foreman, task id, valid ('1' or '0'), now, missing (sorted,
+# space-separated; empty for an invalid settle)
 _SETTLE = (
     _EXPIRE
     + """
 local prefix, foreman, tid, valid, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1', ARGV[5]
 expire(prefix, now)
 local t = prefix .. 't:' .. tid
-local h = redis.call('HMGET', t, 'foreman_id', 'key', 'escrow', 'workers')
-if not h[1] or h[1] ~= foreman then return {'NOTFOUND'} end
+local h = redis.call('HMGET', t, 'foreman_id', 'key', 'escrow', 'workers', 'expiry_unix')
+if not h[1] or h[1] ~= foreman then
+  local s = redis.call('HMGET', prefix .. 's:' .. tid, 'foreman_id', 'valid', 'missing', 'key')
+  if not s[1] or s[1] ~= foreman then return {'NOTFOUND'} end
+  if s[2] ~= ARGV[4] or s[3] ~= ARGV[6] then return {'CONFLICT', s[2], s[3]} end
+  local balance = redis.call('HGET', prefix .. 'c:' .. foreman, 'credits')
+  if valid then return {'OK', balance, s[4]} end
+  return {'OK', balance}
+end
 local workers, list = {}, {}
 for w in string.gmatch(h[4], '%S+') do workers[w] = true; table.insert(list, w) end
 local missing, strangers = {}, {}
@@ -189,6 +205,10 @@ for _, w in ipairs(list) do
 end
 redis.call('DEL', t)
 redis.call('ZREM', prefix .. 'texp', tid)
+local s = prefix .. 's:' .. tid
+redis.call('HSET', s, 'foreman_id', foreman, 'valid', ARGV[4], 'missing', ARGV[6])
+if valid then redis.call('HSET', s, 'key', h[2]) end
+redis.call('ZADD', prefix .. 'sexp', h[5], tid)
 local after = redis.call('HINCRBY', prefix .. 'c:' .. foreman, 'credits', refund)
 if valid then return {'OK', after, h[2]} end
 return {'OK', after}
@@ -389,12 +409,14 @@ class RedisStore(LedgerStore):
                 task_id,
                 "1" if valid else "0",
                 self._now(now),
-                " ".join(sorted(missing)),
+                " ".join(sorted(missing)) if valid else "",
             ]
         )
         status = reply[0]
         if status == b"NOTFOUND":
             return None
+        if status == b"CONFLICT":
+            raise settle_conflict(task_id, reply[1] == b"1", reply[2].decode())
         if status == b"STRANGERS":
             raise InvalidRequest(
                 "missing names workers that are not assigned to task "

@@ -33,6 +33,7 @@ from discovery_service.store import (
     TaskRequest,
     WorkerRef,
     insufficient_credits,
+    settle_conflict,
 )
 from ec262.errors import InvalidRequest
 
@@ -66,6 +67,15 @@ CREATE TABLE IF NOT EXISTS tasks (
     workers     TEXT NOT NULL  -- the assigned workers' ids, space-separated
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_by_expiry ON tasks (expiry_unix);
+CREATE TABLE IF NOT EXISTS settled (  -- settles remembered, for repeats
+    task_id     TEXT PRIMARY KEY,
+    foreman_id  TEXT NOT NULL,
+    valid       INTEGER NOT NULL,
+    missing     TEXT NOT NULL,  -- sorted ids, space-separated
+    key         BLOB,
+    expiry_unix REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS settled_by_expiry ON settled (expiry_unix);
 """
 
 _CLIENT_COLUMNS = (
@@ -127,11 +137,12 @@ class SqliteStore(LedgerStore):
                 if statement.strip():
                     db.execute(statement)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            (earliest,) = db.execute("SELECT MIN(expiry_unix) FROM tasks").fetchone()
-        # The earliest expiry of any open task: until then no sweep is needed.
+            earliest = self._earliest_expiry(db)
+        # The earliest expiry of any open or remembered task: until then no
+        # sweep is needed.
         # The file has one front-end (several share Redis, not SQLite), so
         # this process sees every task made and can keep the mark itself.
-        self._next_expiry = math.inf if earliest is None else earliest
+        self._next_expiry = earliest
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -313,12 +324,14 @@ class SqliteStore(LedgerStore):
         with self._transaction() as db:
             self._expire(db, now)
             row = db.execute(
-                "SELECT key, escrow, workers FROM tasks WHERE task_id = ? AND foreman_id = ?",
+                "SELECT key, escrow, workers, expiry_unix FROM tasks"
+                " WHERE task_id = ? AND foreman_id = ?",
                 (task_id, foreman_id),
             ).fetchone()
+            wanted = " ".join(sorted(missing)) if valid else ""
             if row is None:
-                return None
-            key, escrow, worker_text = row
+                return self._repeated_settle(db, foreman_id, task_id, valid, wanted)
+            key, escrow, worker_text, expiry_unix = row
             workers = set(worker_text.split(" "))
             strangers = missing - workers
             if strangers:
@@ -342,11 +355,33 @@ class SqliteStore(LedgerStore):
                 self._update_each(db, "busy_slots = busy_slots - 1", workers)
                 refund = escrow
             db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
+            db.execute(
+                "INSERT INTO settled (task_id, foreman_id, valid, missing, key, expiry_unix)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (task_id, foreman_id, int(valid), wanted, key if valid else None, expiry_unix),
+            )
             (credits,) = db.execute(
                 "UPDATE clients SET credits = credits + ? WHERE client_id = ? RETURNING credits",
                 (refund, foreman_id),
             ).fetchone()
             return Settlement(key=key if valid else None, credits=credits)
+
+    @staticmethod
+    def _repeated_settle(
+        db: sqlite3.Connection, foreman_id: str, task_id: str, valid: bool, wanted: str
+    ) -> Settlement | None:
+        done = db.execute(
+            "SELECT valid, missing, key FROM settled WHERE task_id = ? AND foreman_id = ?",
+            (task_id, foreman_id),
+        ).fetchone()
+        if done is None:
+            return None
+        if (bool(done[0]), done[1]) != (valid, wanted):
+            raise settle_conflict(task_id, bool(done[0]), done[1])
+        (credits,) = db.execute(
+            "SELECT credits FROM clients WHERE client_id = ?", (foreman_id,)
+        ).fetchone()
+        return Settlement(key=done[2] if valid else None, credits=credits)
 
     @staticmethod
     def _update_each(db: sqlite3.Connection, assignments: str, client_ids: Iterable[str]) -> None:
@@ -361,6 +396,14 @@ class SqliteStore(LedgerStore):
     def expire_tasks(self, now: float) -> int:
         with self._transaction() as db:
             return self._expire(db, now)
+
+    @staticmethod
+    def _earliest_expiry(db: sqlite3.Connection) -> float:
+        (earliest,) = db.execute(
+            "SELECT MIN(e) FROM (SELECT MIN(expiry_unix) AS e FROM tasks"
+            " UNION ALL SELECT MIN(expiry_unix) FROM settled)"
+        ).fetchone()
+        return math.inf if earliest is None else earliest
 
     def _expire(self, db: sqlite3.Connection, now: float) -> int:
         """Refund the foremen of open tasks past their expiry and free the
@@ -378,8 +421,8 @@ class SqliteStore(LedgerStore):
                 "UPDATE clients SET credits = credits + ? WHERE client_id = ?",
                 (escrow, foreman_id),
             )
-        (earliest,) = db.execute("SELECT MIN(expiry_unix) FROM tasks").fetchone()
-        self._next_expiry = math.inf if earliest is None else earliest
+        db.execute("DELETE FROM settled WHERE expiry_unix <= ?", (now,))
+        self._next_expiry = self._earliest_expiry(db)
         if expired:
             logger.info("expired %d unsettled task(s); their credits went back", len(expired))
         return len(expired)

@@ -13,7 +13,7 @@ import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ec262.errors import InsufficientCredits
+from ec262.errors import InsufficientCredits, SettleConflict
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +68,17 @@ class TaskRequest:
 class Settlement:
     key: bytes | None
     credits: int
+
+
+def settle_conflict(task_id: str, valid: bool, missing: str) -> SettleConflict:
+    """The error for a settle that contradicts the one that took effect
+    (`missing` as stored: sorted ids, space-separated)."""
+    how = "valid" if valid else "invalid"
+    also = f" with missing {missing.replace(' ', ', ')}" if valid and missing else ""
+    return SettleConflict(
+        f"task {task_id} was already settled {how}{also}; a settle that contradicts it is"
+        " refused (the same settle again gets the same answer)"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +171,12 @@ class LedgerStore(abc.ABC):
     ) -> Settlement | None:
         """Pay or refund an open task of this foreman exactly once; None when
         there is no such task. Raises InvalidRequest, changing nothing, when
-        `missing` names a worker not assigned to the task."""
+        `missing` names a worker not assigned to the task.
+
+        A settle is remembered until the task's expiry: the owner repeating
+        it (a retry after a lost reply) gets the same key and its current
+        balance, and nothing moves; one that contradicts it (other
+        validity or other missing workers) raises SettleConflict."""
 
     @abc.abstractmethod
     def expire_tasks(self, now: float) -> int:

@@ -108,6 +108,11 @@ class JobFailed(Ec262Error):
         super().__init__(message)
 
 
+class SettleConflict(Ec262Error):
+    """A SettleTask that contradicts the settle that took effect (gRPC
+    FAILED_PRECONDITION); the same settle again gets the same answer."""
+
+
 class TaskConflict(Ec262Error):
     """A task id this worker has already taken, sent again with other
     contents (gRPC ALREADY_EXISTS): a task runs at most once per worker."""

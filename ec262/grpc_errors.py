@@ -28,6 +28,7 @@ from ec262.errors import (
     NoFreeSlot,
     PermissionDenied,
     ServiceUnavailable,
+    SettleConflict,
     TaskConflict,
     UnknownTask,
 )
@@ -48,6 +49,7 @@ _TABLE: tuple[tuple[type[Ec262Error], grpc.StatusCode, str], ...] = (
     (FunctionNotCached, grpc.StatusCode.FAILED_PRECONDITION, "FUNCTION_NOT_CACHED"),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED"),
     (TaskConflict, grpc.StatusCode.ALREADY_EXISTS, "TASK_CONFLICT"),
+    (SettleConflict, grpc.StatusCode.FAILED_PRECONDITION, "SETTLE_CONFLICT"),
 )
 _BY_REASON = {reason: cls for cls, _, reason in _TABLE}
 

@@ -11,6 +11,8 @@ from typing import TypeVar
 
 import grpc
 
+from ec262.errors import ServiceUnavailable
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -19,7 +21,9 @@ TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLI
 
 
 def is_transient(error: BaseException) -> bool:
-    """An RpcError worth retrying: the peer is down or slow, not refusing."""
+    """Worth retrying: the peer is down or slow (or its store is), not refusing."""
+    if isinstance(error, ServiceUnavailable):
+        return True
     return isinstance(error, grpc.RpcError) and error.code() in TRANSIENT_CODES
 
 

@@ -26,6 +26,7 @@ from ec262.errors import DecryptionError, EncodingError, JobFailed, RemoteError,
 from ec262.limits import MAX_MESSAGE_BYTES
 from ec262.payload import digest, pack_functions
 from ec262.remote_errors import is_error_document
+from ec262.retry import call_with_retry
 from ec262.v1 import worker_pb2, worker_pb2_grpc
 from foreman_service.inbox import ResultInbox
 from foreman_service.planning import DEFAULT_CHUNK_BYTES, input_rows, plan_job
@@ -40,6 +41,8 @@ PHASE_NAMES = {MAP: "map", REDUCE: "reduce"}
 # request; this slower poll only catches slots freed by others and workers
 # joining, without an empty RequestTasks after every assignment.
 BUSY_POLL_SECONDS = 0.25
+# How long a settle is retried while the discovery service is unreachable.
+SETTLE_RETRY_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -454,7 +457,7 @@ class JobEngine:
         results = self.inbox.results(attempt.task_id)
         disagreeing = {w for w in missing if w in results}
         self._finish(attempt)
-        settlement = self.discovery.settle_task(attempt.task_id, valid=True, missing=missing)
+        settlement = self._settle(attempt.task_id, valid=True, missing=missing)
         stats = self.stats
         stats.tasks_validated += 1
         stats.states["validated"] += 1
@@ -505,10 +508,20 @@ class JobEngine:
         for chunk, output in settled:
             on_result(chunk, output)
 
+    def _settle(self, task_id: str, *, valid: bool, missing: list[str] | None = None):
+        """SettleTask, retried while the discovery service is unreachable: a
+        repeated settle gets the same answer (docs/protocol.md section 9), so
+        a reply lost on the way costs nothing."""
+        return call_with_retry(
+            lambda: self.discovery.settle_task(task_id, valid=valid, missing=missing or []),
+            what=f"SettleTask({task_id})",
+            deadline=time.monotonic() + SETTLE_RETRY_SECONDS,
+        )
+
     def _settle_invalid(self, attempt: Attempt, pending: deque[Chunk], reason: str) -> None:
         self._finish(attempt)
         with contextlib.suppress(UnknownTask):  # expired: discovery refunded it already
-            self.discovery.settle_task(attempt.task_id, valid=False)
+            self._settle(attempt.task_id, valid=False)
         self.stats.tasks_invalid += 1
         self.stats.states["invalid"] += 1
         self.stats.credits_spent -= len(attempt.workers)

@@ -19,6 +19,7 @@ from ec262.v1 import discovery_pb2 as pb
 from tests.conftest import rpc_error
 
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
+FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 
 
 def assigned(response: pb.RequestTasksResponse) -> list[str]:
@@ -316,13 +317,53 @@ def test_settle_happens_once_by_the_owner_only(discovery):
         assert error.code() == NOT_FOUND
         assert isinstance(error_from_rpc(error), UnknownTask)
     discovery.settle(foreman, task.task_id, valid=True)
-    for valid in (True, False):
-        assert rpc_error(discovery.settle, foreman, task.task_id, valid=valid).code() == NOT_FOUND
+    for intruder in (stranger, workers[task.workers[0].client_id]):  # settled: still not theirs
+        assert rpc_error(discovery.settle, intruder, task.task_id, valid=True).code() == NOT_FOUND
     unknown = "0" * 32
     assert rpc_error(discovery.settle, foreman, unknown, valid=True).code() == NOT_FOUND
     assert discovery.credits(foreman) == 9
     assert discovery.credits(stranger) == 12
     assert discovery.total_credits() == discovery.issued_credits()
+
+
+def test_a_repeated_settle_gets_the_same_answer_and_moves_nothing(discovery):
+    """A foreman whose settle reply was lost can retry it (docs/protocol.md
+    section 9): the same settle answers the same key and moves no credit; a
+    contradicting one is FAILED_PRECONDITION and moves none either."""
+    foreman = discovery.client()
+    workers = [discovery.worker() for _ in range(3)]
+    task = discovery.request(foreman).tasks[0]
+    cheater = task.workers[2].client_id
+    first = discovery.settle(foreman, task.task_id, valid=True, missing=[cheater])
+    books = (discovery.total_credits(), [discovery.info(w) for w in workers])
+    again = discovery.settle(foreman, task.task_id, valid=True, missing=[cheater])
+    assert (again.key, again.credits) == (first.key, first.credits)
+    for valid, missing in ((False, []), (True, []), (True, [task.workers[0].client_id])):
+        error = rpc_error(discovery.settle, foreman, task.task_id, valid=valid, missing=missing)
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION, (valid, missing)
+        assert "already settled valid" in error.details()
+    assert (discovery.total_credits(), [discovery.info(w) for w in workers]) == books
+    assert discovery.credits(foreman) == first.credits == 10
+    invalid = discovery.request(foreman).tasks[0]
+    refunded = discovery.settle(foreman, invalid.task_id, valid=False)
+    assert discovery.settle(foreman, invalid.task_id, valid=False).credits == refunded.credits
+    error = rpc_error(discovery.settle, foreman, invalid.task_id, valid=True)
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "already settled invalid" in error.details()
+    assert discovery.total_credits() == discovery.issued_credits()
+
+
+def test_a_settle_is_remembered_until_the_task_would_have_expired(discovery_factory):
+    discovery = discovery_factory(LedgerConfig(task_ttl=600))
+    foreman = discovery.client()
+    for _ in range(3):
+        discovery.worker(ttl=3600)
+    task = discovery.request(foreman).tasks[0]
+    discovery.settle(foreman, task.task_id, valid=True)
+    discovery.clock.advance(599)
+    assert len(discovery.settle(foreman, task.task_id, valid=True).key) == 16
+    discovery.clock.advance(1)
+    assert rpc_error(discovery.settle, foreman, task.task_id, valid=True).code() == NOT_FOUND
 
 
 def test_fetch_key_is_for_assigned_workers_only(discovery):
@@ -454,8 +495,9 @@ def test_twenty_threads_settling_one_task_settle_it_once(discovery):
             20, lambda i, t=task: discovery.settle(foreman, t.task_id, valid=i % 2 == 0)
         )
         successes = [r for r in results if r[0] == "ok"]
-        assert len(successes) == 1
-        assert all(r == ("error", NOT_FOUND) for r in results if r[0] == "error")
+        # the settle that took effect, and its repeats; the others contradict it
+        assert len(successes) == 10
+        assert all(r == ("error", FAILED_PRECONDITION) for r in results if r[0] == "error")
         assert discovery.total_credits() == discovery.issued_credits()
     paid = sum(discovery.credits(w) - 12 for w in workers)
     assert discovery.credits(foreman) == 12 - paid
