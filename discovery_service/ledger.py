@@ -37,6 +37,7 @@ MAX_TASKS_PER_REQUEST = 1000
 MAX_LIST_LENGTH = 10_000
 MAX_SLOTS = 1024
 MAX_RUNTIME_LENGTH = 64
+MAX_REQUEST_ID_LENGTH = 64
 MAX_VERIFIED_CREDENTIALS = 100_000
 _RUNTIME = re.compile(r"[a-z][a-z0-9_]*-[0-9]{1,4}\.[0-9]{1,4}")
 
@@ -234,11 +235,21 @@ class Ledger:
     # -- tasks --------------------------------------------------------------
 
     def request_tasks(
-        self, foreman_id: str, *, n: int, exclude_workers: Sequence[str], runtime: str
+        self,
+        foreman_id: str,
+        *,
+        n: int,
+        exclude_workers: Sequence[str],
+        runtime: str,
+        request_id: str = "",
     ) -> tuple[list[Assignment], int]:
         if n < 0 or n > MAX_TASKS_PER_REQUEST:
             raise InvalidRequest(
                 f"n must be between 1 and {MAX_TASKS_PER_REQUEST} (0 means 1), not {n}"
+            )
+        if len(request_id) > MAX_REQUEST_ID_LENGTH or not request_id.isprintable():
+            raise InvalidRequest(
+                f"request_id must be 1 to {MAX_REQUEST_ID_LENGTH} printable characters"
             )
         now = self._clock()
         request = TaskRequest(
@@ -249,6 +260,7 @@ class Ledger:
             runtime=check_runtime(runtime),
             now=now,
             task_expiry_unix=now + self.config.task_ttl,
+            request_id=request_id,
         )
         tasks, credits = self.store.assign_tasks(request, choose_workers, _new_task)
         logger.debug(

@@ -13,7 +13,8 @@ Keys (under a prefix, "ec262:" by default): `c:<client id>` hash per client,
 `pool` (zset client id -> lease expiry), `t:<task id>` hash per open task,
 `texp` (zset task id -> expiry), `s:<task id>` hash per settle remembered
 for repeats (until the task's expiry: `sexp`, zset task id -> expiry),
-`issued` (credits handed out, for audits).
+`r:<foreman>:<request id>` hash per RequestTasks remembered for repeats
+(`rexp`, zset -> expiry), `issued` (credits handed out, for audits).
 Standalone Redis only: the scripts touch keys they compute, which a Redis
 Cluster would refuse.
 """
@@ -40,7 +41,9 @@ from discovery_service.store import (
     Settlement,
     TaskRequest,
     WorkerRef,
+    assignments_from_text,
     insufficient_credits,
+    request_mismatch,
     settle_conflict,
 )
 from ec262.errors import InvalidRequest, ServiceUnavailable
@@ -68,6 +71,11 @@ local function expire(prefix, now)
   for _, tid in ipairs(remembered) do
     redis.call('DEL', prefix .. 's:' .. tid)
     redis.call('ZREM', prefix .. 'sexp', tid)
+  end
+  local requests = redis.call('ZRANGEBYSCORE', prefix .. 'rexp', '-inf', now)
+  for _, rid in ipairs(requests) do
+    redis.call('DEL', prefix .. 'r:' .. rid)
+    redis.call('ZREM', prefix .. 'rexp', rid)
   end
   return #due
 end
@@ -111,16 +119,25 @@ return redis.call('HGETALL', c)
 )
 
 # ARGV: prefix, foreman, n, replication, now, task expiry, runtime, exclude
-# (space-separated), then n (task id, key) pairs, then n * replication
-# uniform random numbers in [0, 1).
+# (sorted, space-separated), request id ('' for none), then n (task id, key)
+# pairs, then n * replication uniform random numbers in [0, 1). A request id
+# seen before returns what that request made (store.assignments_text).
 _ASSIGN = (
     _EXPIRE
     + """
 local prefix, foreman = ARGV[1], ARGV[2]
 local n, r, now, texpiry = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], ARGV[6]
-local runtime, exclude = ARGV[7], ARGV[8]
+local runtime, exclude, rid = ARGV[7], ARGV[8], ARGV[9]
 expire(prefix, now)
 local fkey = prefix .. 'c:' .. foreman
+local rname = foreman .. ':' .. rid
+if rid ~= '' then
+  local seen = redis.call('HMGET', prefix .. 'r:' .. rname, 'n', 'exclude', 'reply', 'expiry')
+  if seen[1] then
+    if seen[1] ~= ARGV[3] or seen[2] ~= exclude then return {'MISMATCH', seen[1], seen[2]} end
+    return {'REPEAT', redis.call('HGET', fkey, 'credits'), seen[3], seen[4]}
+  end
+end
 local balance = tonumber(redis.call('HGET', fkey, 'credits'))
 if balance < n * r then return {'INSUFFICIENT', balance} end
 redis.call('ZREMRANGEBYSCORE', prefix .. 'pool', '-inf', now)
@@ -137,7 +154,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', prefix .. 'pool', '(' .. now, '+
   end
 end
 local out = {'OK', 0}
-local rnd = 9 + 2 * n
+local rnd = 10 + 2 * n
 local made = 0
 for i = 1, n do
   local avail = {}
@@ -150,7 +167,7 @@ for i = 1, n do
     avail[j], avail[k] = avail[k], avail[j]
     table.insert(chosen, avail[j]); table.insert(addresses, addr[avail[j]])
   end
-  local tid, key = ARGV[9 + 2 * (i - 1)], ARGV[10 + 2 * (i - 1)]
+  local tid, key = ARGV[10 + 2 * (i - 1)], ARGV[11 + 2 * (i - 1)]
   redis.call('HSET', prefix .. 't:' .. tid, 'foreman_id', foreman, 'key', key, 'escrow', r,
     'expiry_unix', texpiry, 'workers', table.concat(chosen, ' '))
   redis.call('ZADD', prefix .. 'texp', texpiry, tid)
@@ -163,6 +180,13 @@ for i = 1, n do
   table.insert(out, table.concat(addresses, ' '))
 end
 out[2] = redis.call('HINCRBY', fkey, 'credits', 0 - made * r)  -- never "-0"
+if rid ~= '' then
+  local lines = {}
+  for i = 3, #out, 3 do table.insert(lines, out[i] .. '\\t' .. out[i + 1] .. '\\t' .. out[i + 2]) end
+  redis.call('HSET', prefix .. 'r:' .. rname, 'n', ARGV[3], 'exclude', exclude,
+    'reply', table.concat(lines, '\\n'), 'expiry', texpiry)
+  redis.call('ZADD', prefix .. 'rexp', texpiry, rname)
+end
 return out
 """
 )
@@ -370,12 +394,17 @@ class RedisStore(LedgerStore):
             self._now(request.task_expiry_unix),
             request.runtime,
             " ".join(sorted(request.exclude_workers)),
+            request.request_id,
         ]
         for task_id, key in pairs:
             args += [task_id, key]
         reply = self._assign(args=args + draws)
         if reply[0] == b"INSUFFICIENT":
             raise insufficient_credits(request, int(reply[1]))
+        if reply[0] == b"MISMATCH":
+            raise request_mismatch(request, int(reply[1]), reply[2].decode())
+        if reply[0] == b"REPEAT":
+            return assignments_from_text(reply[2].decode(), _num(reply[3])), int(reply[1])
         assignments = []
         for index in range(2, len(reply), 3):
             ids = reply[index + 1].decode().split(" ")

@@ -91,6 +91,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
             n=request.n,
             exclude_workers=request.exclude_workers,
             runtime=request.runtime,
+            request_id=request.request_id,
         )
         return pb.RequestTasksResponse(
             tasks=[task_assignment(t) for t in tasks],

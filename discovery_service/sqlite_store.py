@@ -32,7 +32,10 @@ from discovery_service.store import (
     Settlement,
     TaskRequest,
     WorkerRef,
+    assignments_from_text,
+    assignments_text,
     insufficient_credits,
+    request_mismatch,
     settle_conflict,
 )
 from ec262.errors import InvalidRequest
@@ -76,6 +79,16 @@ CREATE TABLE IF NOT EXISTS settled (  -- settles remembered, for repeats
     expiry_unix REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS settled_by_expiry ON settled (expiry_unix);
+CREATE TABLE IF NOT EXISTS requests (  -- RequestTasks replies remembered, for repeats
+    foreman_id  TEXT NOT NULL,
+    request_id  TEXT NOT NULL,
+    n           INTEGER NOT NULL,
+    exclude     TEXT NOT NULL,  -- sorted ids, space-separated
+    reply       TEXT NOT NULL,  -- store.assignments_text
+    expiry_unix REAL NOT NULL,
+    PRIMARY KEY (foreman_id, request_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS requests_by_expiry ON requests (expiry_unix);
 """
 
 _CLIENT_COLUMNS = (
@@ -226,8 +239,22 @@ class SqliteStore(LedgerStore):
         self, request: TaskRequest, choose: ChooseWorkers, new_task: NewTask
     ) -> tuple[list[Assignment], int]:
         needed = request.n * request.replication
+        exclude = " ".join(sorted(request.exclude_workers))
         with self._transaction() as db:
             self._expire(db, request.now)
+            if request.request_id:
+                seen = db.execute(
+                    "SELECT n, exclude, reply, expiry_unix FROM requests"
+                    " WHERE foreman_id = ? AND request_id = ?",
+                    (request.foreman_id, request.request_id),
+                ).fetchone()
+                if seen is not None:
+                    if (seen[0], seen[1]) != (request.n, exclude):
+                        raise request_mismatch(request, seen[0], seen[1])
+                    (balance,) = db.execute(
+                        "SELECT credits FROM clients WHERE client_id = ?", (request.foreman_id,)
+                    ).fetchone()
+                    return assignments_from_text(seen[2], seen[3]), balance
             # Check and charge the whole request in one statement; refund
             # below whatever partial fill leaves unused.
             charged = db.execute(
@@ -300,6 +327,14 @@ class SqliteStore(LedgerStore):
                     " RETURNING credits",
                     (needed - spent, request.foreman_id),
                 ).fetchone()
+            if request.request_id:
+                db.execute(
+                    "INSERT INTO requests (foreman_id, request_id, n, exclude, reply, expiry_unix)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (request.foreman_id, request.request_id, request.n, exclude,
+                     assignments_text(assignments), request.task_expiry_unix),
+                )  # fmt: skip
+                self._next_expiry = min(self._next_expiry, request.task_expiry_unix)
             return assignments, balance
 
     def fetch_key(self, worker_id: str, task_id: str, now: float) -> tuple[bytes, str] | None:
@@ -401,7 +436,8 @@ class SqliteStore(LedgerStore):
     def _earliest_expiry(db: sqlite3.Connection) -> float:
         (earliest,) = db.execute(
             "SELECT MIN(e) FROM (SELECT MIN(expiry_unix) AS e FROM tasks"
-            " UNION ALL SELECT MIN(expiry_unix) FROM settled)"
+            " UNION ALL SELECT MIN(expiry_unix) FROM settled"
+            " UNION ALL SELECT MIN(expiry_unix) FROM requests)"
         ).fetchone()
         return math.inf if earliest is None else earliest
 
@@ -422,6 +458,7 @@ class SqliteStore(LedgerStore):
                 (escrow, foreman_id),
             )
         db.execute("DELETE FROM settled WHERE expiry_unix <= ?", (now,))
+        db.execute("DELETE FROM requests WHERE expiry_unix <= ?", (now,))
         self._next_expiry = self._earliest_expiry(db)
         if expired:
             logger.info("expired %d unsettled task(s); their credits went back", len(expired))

@@ -13,7 +13,7 @@ import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ec262.errors import InsufficientCredits, SettleConflict
+from ec262.errors import InsufficientCredits, InvalidRequest, SettleConflict
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +62,36 @@ class TaskRequest:
     runtime: str
     now: float
     task_expiry_unix: float
+    request_id: str = ""  # "" when the foreman did not ask for repeat safety
+
+
+def assignments_text(assignments: Sequence[Assignment]) -> str:
+    """The tasks a request made, as a store remembers them for repeats:
+    a line per task, `task id TAB worker ids TAB addresses` (space-separated;
+    ids and addresses hold neither)."""
+    return "\n".join(
+        f"{a.task_id}\t{' '.join(w.client_id for w in a.workers)}"
+        f"\t{' '.join(w.address for w in a.workers)}"
+        for a in assignments
+    )
+
+
+def assignments_from_text(text: str, expiry_unix: float) -> list[Assignment]:
+    made = []
+    for line in text.split("\n") if text else []:
+        task_id, ids, addresses = line.split("\t")
+        workers = tuple(
+            WorkerRef(w, a) for w, a in zip(ids.split(" "), addresses.split(" "), strict=True)
+        )
+        made.append(Assignment(task_id=task_id, workers=workers, expiry_unix=expiry_unix))
+    return made
+
+
+def request_mismatch(request: TaskRequest, n: int, exclude: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"request_id {request.request_id!r} was used for another request (n={n},"
+        f" {len(exclude.split())} excluded workers); a repeat must ask the same"
+    )
 
 
 @dataclass(frozen=True, slots=True)

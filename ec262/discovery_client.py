@@ -102,14 +102,22 @@ class DiscoveryClient:
         return self._call("RegisterWorker", pb.RegisterWorkerRequest(ttl_seconds=-1))
 
     def request_tasks(
-        self, n: int, *, exclude_workers: Sequence[str] = (), runtime: str | None = None
+        self,
+        n: int,
+        *,
+        exclude_workers: Sequence[str] = (),
+        runtime: str | None = None,
+        request_id: str = "",
     ) -> pb.RequestTasksResponse:
+        """`request_id` (1-64 characters) makes a repeat safe: the same
+        tasks again, nothing charged twice."""
         return self._call(
             "RequestTasks",
             pb.RequestTasksRequest(
                 n=n,
                 exclude_workers=list(exclude_workers),
                 runtime=this_runtime() if runtime is None else runtime,
+                request_id=request_id,
             ),
         )
 

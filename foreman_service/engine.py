@@ -41,7 +41,8 @@ PHASE_NAMES = {MAP: "map", REDUCE: "reduce"}
 # request; this slower poll only catches slots freed by others and workers
 # joining, without an empty RequestTasks after every assignment.
 BUSY_POLL_SECONDS = 0.25
-# How long a settle is retried while the discovery service is unreachable.
+# How long RequestTasks and SettleTask are retried while the discovery
+# service is unreachable (both are safe to repeat).
 SETTLE_RETRY_SECONDS = 60.0
 
 
@@ -317,7 +318,14 @@ class JobEngine:
         payload_digest: str,
         pending: deque[Chunk],
     ) -> int:
-        response = self.discovery.request_tasks(len(chunks), exclude_workers=sorted(exclude))
+        request_id = uuid.uuid4().hex  # makes the retries below safe (docs/protocol.md s. 9)
+        response = call_with_retry(
+            lambda: self.discovery.request_tasks(
+                len(chunks), exclude_workers=sorted(exclude), request_id=request_id
+            ),
+            what="RequestTasks",
+            deadline=time.monotonic() + SETTLE_RETRY_SECONDS,
+        )
         now = self._clock()
         attempts = []
         for chunk, task in zip(chunks, response.tasks, strict=False):

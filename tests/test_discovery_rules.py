@@ -366,6 +366,75 @@ def test_a_settle_is_remembered_until_the_task_would_have_expired(discovery_fact
     assert rpc_error(discovery.settle, foreman, task.task_id, valid=True).code() == NOT_FOUND
 
 
+def _assigned(response) -> list[tuple[str, list[tuple[str, str]]]]:
+    return [(t.task_id, [(w.client_id, w.address) for w in t.workers]) for t in response.tasks]
+
+
+def test_a_repeated_request_id_returns_the_same_tasks_and_charges_once(discovery):
+    """A RequestTasks whose reply was lost can be retried (docs/protocol.md
+    section 9): the same request_id returns the same tasks, charges nothing
+    more and takes no more slots."""
+    foreman, other = discovery.client(), discovery.client()
+    workers = [discovery.worker(slots=4) for _ in range(3)]
+    first = discovery.request(foreman, n=2, request_id="job-1/request-1")
+    assert len(first.tasks) == 2 and first.credits == 6
+    again = discovery.request(foreman, n=2, request_id="job-1/request-1")
+    assert _assigned(again) == _assigned(first)
+    assert again.credits == 6
+    assert [discovery.info(w).busy_slots for w in workers] == [2, 2, 2]
+    # scoped to the foreman: another one's same id is a request of its own
+    assert discovery.request(other, n=1, request_id="job-1/request-1").credits == 9
+    # and still answered the same after the tasks are settled
+    for task in first.tasks:
+        discovery.settle(foreman, task.task_id, valid=False)
+    assert _assigned(discovery.request(foreman, n=2, request_id="job-1/request-1")) == (
+        _assigned(first)
+    )
+    assert discovery.credits(foreman) == 12
+    assert discovery.total_credits() == discovery.issued_credits()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"n": 1}, {"exclude_workers": ["00000000-0000-4000-8000-000000000001"]}],
+    ids=["other-n", "other-exclusions"],
+)
+def test_a_request_id_reused_for_another_request_is_invalid_and_charges_nothing(
+    discovery, change
+):
+    foreman = discovery.client()
+    for _ in range(3):
+        discovery.worker(slots=4)
+    discovery.request(foreman, n=2, request_id="r1")
+    fields = {"n": 2, "request_id": "r1", **change}
+    error = rpc_error(discovery.request, foreman, **fields)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "r1" in error.details()
+    assert discovery.credits(foreman) == 6
+
+
+def test_a_request_id_is_at_most_64_printable_characters(discovery):
+    foreman = discovery.client()
+    for bad in ("x" * 65, "tab\there"):
+        error = rpc_error(discovery.request, foreman, n=1, request_id=bad)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert discovery.credits(foreman) == 12
+
+
+def test_a_request_id_is_remembered_for_the_task_ttl(discovery_factory):
+    discovery = discovery_factory(LedgerConfig(task_ttl=600))
+    foreman = discovery.client()
+    for _ in range(3):
+        discovery.worker(ttl=3600, slots=4)
+    first = discovery.request(foreman, n=1, request_id="r")
+    discovery.clock.advance(599)
+    assert _assigned(discovery.request(foreman, n=1, request_id="r")) == _assigned(first)
+    discovery.clock.advance(1)  # the task expired (refunded); the id is forgotten
+    later = discovery.request(foreman, n=1, request_id="r")
+    assert _assigned(later) != _assigned(first)
+    assert later.credits == 9
+
+
 def test_fetch_key_is_for_assigned_workers_only(discovery):
     foreman = discovery.client()
     for _ in range(3):

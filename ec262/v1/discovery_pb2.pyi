@@ -61,14 +61,16 @@ class GetClientRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RequestTasksRequest(_message.Message):
-    __slots__ = ("n", "exclude_workers", "runtime")
+    __slots__ = ("n", "exclude_workers", "runtime", "request_id")
     N_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_WORKERS_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     n: int
     exclude_workers: _containers.RepeatedScalarFieldContainer[str]
     runtime: str
-    def __init__(self, n: _Optional[int] = ..., exclude_workers: _Optional[_Iterable[str]] = ..., runtime: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, n: _Optional[int] = ..., exclude_workers: _Optional[_Iterable[str]] = ..., runtime: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class WorkerRef(_message.Message):
     __slots__ = ("client_id", "address")
