@@ -182,7 +182,9 @@ end
 out[2] = redis.call('HINCRBY', fkey, 'credits', 0 - made * r)  -- never "-0"
 if rid ~= '' then
   local lines = {}
-  for i = 3, #out, 3 do table.insert(lines, out[i] .. '\\t' .. out[i + 1] .. '\\t' .. out[i + 2]) end
+  for i = 3, #out, 3 do
+    table.insert(lines, out[i] .. '\\t' .. out[i + 1] .. '\\t' .. out[i + 2])
+  end
   redis.call('HSET', prefix .. 'r:' .. rname, 'n', ARGV[3], 'exclude', exclude,
     'reply', table.concat(lines, '\\n'), 'expiry', texpiry)
   redis.call('ZADD', prefix .. 'rexp', texpiry, rname)
