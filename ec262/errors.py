@@ -108,6 +108,11 @@ class JobFailed(Ec262Error):
         super().__init__(message)
 
 
+class ResultNotDelivered(Ec262Error):
+    """A worker gave up sending a result: the foreman refused it, stayed
+    unreachable, or the task closed meanwhile (said in the worker's log)."""
+
+
 class SettleConflict(Ec262Error):
     """A SettleTask that contradicts the settle that took effect (gRPC
     FAILED_PRECONDITION); the same settle again gets the same answer."""

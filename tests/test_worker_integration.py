@@ -242,6 +242,41 @@ def test_a_request_naming_another_foreman_is_permission_denied(cluster):
     cluster.discovery.settle(cluster.foreman, task.task_id, valid=False)
 
 
+def test_a_worker_stops_retrying_a_dead_foreman_once_the_task_is_closed(cluster):
+    """The worker retries SubmitResult while its foreman is unreachable, but
+    only while the discovery service still has the task open: settled (or
+    expired, or its foreman's lease gone), the slot is free within 5 s."""
+    task, workers = new_task(cluster)
+    worker = workers[0]
+    payload = pack_functions(word_count_mapper)
+    channel = grpc.insecure_channel(worker.address)
+    try:
+        worker_pb2_grpc.WorkerStub(channel).AssignTask(
+            worker_pb2.AssignTaskRequest(
+                task_id=task.task_id,
+                job_id="job-1",
+                phase=1,
+                function=payload,
+                function_sha256=digest(payload),
+                rows=encode_pairs(TEXT),
+                result_address="127.0.0.1:1",  # nobody listens there
+                foreman_id=cluster.foreman.client_id,
+                submit_token="t",
+            ),
+            timeout=10,
+        )
+    finally:
+        channel.close()
+    worker.server.wait_for(f"SubmitResult({task.task_id}) to 127.0.0.1:1 failed")
+    assert _status(worker).busy_slots == 1  # still retrying: the task is open
+    cluster.discovery.settle(cluster.foreman, task.task_id, valid=False)
+    closed = time.monotonic()
+    while _status(worker).busy_slots and time.monotonic() < closed + 5:
+        time.sleep(0.05)  # watching the slot, not waiting for it
+    assert _status(worker).busy_slots == 0, "the slot stayed busy after the task closed"
+    worker.server.wait_for(f"task {task.task_id} abandoned")
+
+
 def test_a_task_id_is_computed_once_whatever_the_rows(cluster):
     task, workers = new_task(cluster)
     worker = workers[0]

@@ -98,7 +98,8 @@ def start_worker(config: WorkerConfig) -> RunningWorker:
     stop = threading.Event()
     pool = SandboxPool(config.limits, size=config.slots + config.extra_sandboxes)
     discovery = DiscoveryClient(config.discovery)
-    submitter = ResultSubmitter(stop)
+    key_fetcher = KeyFetcher(discovery, stop)
+    submitter = ResultSubmitter(stop, key_fetcher.still_assigned)
     server = serving.new_server(max_workers=max(4, config.slots + 2))
     port = serving.bind(server, config.host, config.port)
     address = join_address(_advertised_host(config), port)
@@ -113,7 +114,7 @@ def start_worker(config: WorkerConfig) -> RunningWorker:
     worker = Worker(
         slots=config.slots,
         sandbox=pool,
-        fetch_key=KeyFetcher(discovery, stop),
+        fetch_key=key_fetcher,
         submit=submitter,
         client_id=registrar.client_id,
     )

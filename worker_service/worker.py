@@ -24,7 +24,13 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ec262.envelope import seal
-from ec262.errors import FunctionNotCached, NoFreeSlot, PermissionDenied, TaskConflict
+from ec262.errors import (
+    FunctionNotCached,
+    NoFreeSlot,
+    PermissionDenied,
+    ResultNotDelivered,
+    TaskConflict,
+)
 from worker_service.sandbox.pool import SandboxResult
 from worker_service.tasks import Task
 
@@ -218,6 +224,9 @@ class Worker:
                 "done" if result.ok else "failed (error result sent)",
                 (time.monotonic() - started) * 1000,
             )
+        except ResultNotDelivered:  # the submitter has said why
+            logger.info("task %s abandoned", task.task_id)
+            self._count(dropped=1)
         except Exception:
             logger.exception("task %s abandoned", task.task_id)
             self._count(dropped=1)
