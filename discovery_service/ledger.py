@@ -9,6 +9,7 @@ status codes.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import re
@@ -27,7 +28,7 @@ from discovery_service.store import (
 )
 from ec262 import auth
 from ec262.addresses import split_address
-from ec262.errors import AuthenticationError, InvalidRequest, UnknownTask
+from ec262.errors import AuthenticationError, InvalidRequest, ServiceUnavailable, UnknownTask
 from ec262.ids import is_client_id, is_task_id
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ MAX_SLOTS = 1024
 MAX_RUNTIME_LENGTH = 64
 MAX_REQUEST_ID_LENGTH = 64
 MAX_VERIFIED_CREDENTIALS = 100_000
+LEASE_RENEWAL_INTERVAL = 1.0  # seconds
+SWEEP_INTERVAL = 0.5  # seconds between the server's sweeps of expired tasks and leases
 _RUNTIME = re.compile(r"[a-z][a-z0-9_]*-[0-9]{1,4}\.[0-9]{1,4}")
 
 
@@ -51,6 +54,8 @@ class LedgerConfig:
     worker_ttl: int = 60
     task_ttl: int = 86_400
     max_worker_ttl: int = 86_400
+    # A foreman silent this long loses its open tasks (refunded, slots freed).
+    foreman_lease: int = 60
 
     def __post_init__(self) -> None:
         if self.starting_credits < 0:
@@ -61,6 +66,8 @@ class LedgerConfig:
             raise ValueError(f"worker TTL must be between 1 and {self.max_worker_ttl} seconds")
         if self.task_ttl < 1:
             raise ValueError("task TTL must be at least 1 second")
+        if self.foreman_lease < 1:
+            raise ValueError("the foreman lease must be at least 1 second")
 
 
 def check_task_id(task_id: str, *, field: str = "task_id") -> str:
@@ -162,6 +169,14 @@ class Ledger:
         # credential once verified stays valid: remember the whole header
         # value and skip parsing, the store read and hashing on later calls.
         self._verified: dict[str, str] = {}
+        # When this front-end last renewed each caller's lease: at most once
+        # a second per caller, so a call costs no store write most times.
+        self._renewed: dict[str, float] = {}
+        self._store_was_down = False
+        try:
+            self.store.restart_leases(self._clock() + self._lease_span())
+        except ServiceUnavailable:
+            self._store_was_down = True  # restarted by the first sweep that reaches it
 
     # -- identities ---------------------------------------------------------
 
@@ -175,9 +190,11 @@ class Ledger:
         return record, secret
 
     def authenticate(self, authorization: str | None) -> str:
-        """The caller's client id, from the `authorization` metadata value."""
+        """The caller's client id, from the `authorization` metadata value;
+        the call renews the caller's lease."""
         client_id = self._verified.get(authorization) if authorization else None
         if client_id is not None:
+            self._renew(client_id)
             return client_id
         client_id, secret = auth.parse_bearer(authorization)
         stored = self.store.secret_hash(client_id)
@@ -186,7 +203,22 @@ class Ledger:
         if len(self._verified) >= MAX_VERIFIED_CREDENTIALS:
             self._verified.clear()
         self._verified[authorization] = client_id
+        self._renew(client_id)
         return client_id
+
+    def _lease_span(self) -> float:
+        # +1: a renewal skipped within a second of the last one must not
+        # shorten the lease (docs/protocol.md section 9).
+        return self.config.foreman_lease + LEASE_RENEWAL_INTERVAL
+
+    def _renew(self, client_id: str) -> None:
+        now = self._clock()
+        if now - self._renewed.get(client_id, -math.inf) < LEASE_RENEWAL_INTERVAL:
+            return
+        self.store.renew_lease(client_id, now + self._lease_span())
+        if len(self._renewed) >= MAX_VERIFIED_CREDENTIALS:
+            self._renewed.clear()
+        self._renewed[client_id] = now
 
     def get_client(self, client_id: str) -> ClientRecord:
         record = self.store.get_client(client_id, self._clock())
@@ -300,6 +332,21 @@ class Ledger:
 
     def expire_tasks(self) -> int:
         return self.store.expire_tasks(self._clock())
+
+    def sweep(self) -> int:
+        """Run by the server every SWEEP_INTERVAL: close expired tasks and
+        those of foremen whose lease ended. After the store was unreachable
+        every lease restarts (nobody could call meanwhile)."""
+        try:
+            if self._store_was_down:
+                self.store.restart_leases(self._clock() + self._lease_span())
+                self._renewed.clear()
+                self._store_was_down = False
+                logger.info("the store is back; every foreman's lease starts again")
+            return self.expire_tasks()
+        except ServiceUnavailable:
+            self._store_was_down = True
+            return 0
 
 
 def _new_task() -> tuple[str, bytes]:

@@ -13,6 +13,8 @@ Keys (under a prefix, "ec262:" by default): `c:<client id>` hash per client,
 `pool` (zset client id -> lease expiry), `t:<task id>` hash per open task,
 `texp` (zset task id -> expiry), `s:<task id>` hash per settle remembered
 for repeats (until the task's expiry: `sexp`, zset task id -> expiry),
+`leases` (zset client id -> lease expiry), `ft:<foreman>` (set of its open
+task ids, so a foreman whose lease ends loses them),
 `r:<foreman>:<request id>` hash per RequestTasks remembered for repeats
 (`rexp`, zset -> expiry), `issued` (credits handed out, for audits).
 Standalone Redis only: the scripts touch keys they compute, which a Redis
@@ -53,19 +55,31 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _EXPIRE = """
+local function close_open(prefix, tid)
+  local t = prefix .. 't:' .. tid
+  local f = redis.call('HMGET', t, 'foreman_id', 'escrow', 'workers')
+  if f[1] then
+    redis.call('HINCRBY', prefix .. 'c:' .. f[1], 'credits', tonumber(f[2]))
+    for w in string.gmatch(f[3], '%S+') do
+      redis.call('HINCRBY', prefix .. 'c:' .. w, 'busy_slots', -1)
+    end
+    redis.call('DEL', t)
+    redis.call('SREM', prefix .. 'ft:' .. f[1], tid)
+  end
+  redis.call('ZREM', prefix .. 'texp', tid)
+  return f[1] and 1 or 0
+end
 local function expire(prefix, now)
   local due = redis.call('ZRANGEBYSCORE', prefix .. 'texp', '-inf', now)
-  for _, tid in ipairs(due) do
-    local t = prefix .. 't:' .. tid
-    local f = redis.call('HMGET', t, 'foreman_id', 'escrow', 'workers')
-    if f[1] then
-      redis.call('HINCRBY', prefix .. 'c:' .. f[1], 'credits', tonumber(f[2]))
-      for w in string.gmatch(f[3], '%S+') do
-        redis.call('HINCRBY', prefix .. 'c:' .. w, 'busy_slots', -1)
-      end
-      redis.call('DEL', t)
+  local closed = 0
+  for _, tid in ipairs(due) do closed = closed + close_open(prefix, tid) end
+  local gone = redis.call('ZRANGEBYSCORE', prefix .. 'leases', '-inf', now)
+  for _, foreman in ipairs(gone) do
+    for _, tid in ipairs(redis.call('SMEMBERS', prefix .. 'ft:' .. foreman)) do
+      closed = closed + close_open(prefix, tid)
     end
-    redis.call('ZREM', prefix .. 'texp', tid)
+    redis.call('DEL', prefix .. 'ft:' .. foreman)
+    redis.call('ZREM', prefix .. 'leases', foreman)
   end
   local remembered = redis.call('ZRANGEBYSCORE', prefix .. 'sexp', '-inf', now)
   for _, tid in ipairs(remembered) do
@@ -77,7 +91,7 @@ local function expire(prefix, now)
     redis.call('DEL', prefix .. 'r:' .. rid)
     redis.call('ZREM', prefix .. 'rexp', rid)
   end
-  return #due
+  return closed
 end
 """
 
@@ -171,6 +185,7 @@ for i = 1, n do
   redis.call('HSET', prefix .. 't:' .. tid, 'foreman_id', foreman, 'key', key, 'escrow', r,
     'expiry_unix', texpiry, 'workers', table.concat(chosen, ' '))
   redis.call('ZADD', prefix .. 'texp', texpiry, tid)
+  redis.call('SADD', prefix .. 'ft:' .. foreman, tid)
   for _, w in ipairs(chosen) do
     free[w] = free[w] - 1
     redis.call('HINCRBY', prefix .. 'c:' .. w, 'busy_slots', 1)
@@ -231,6 +246,7 @@ for _, w in ipairs(list) do
 end
 redis.call('DEL', t)
 redis.call('ZREM', prefix .. 'texp', tid)
+redis.call('SREM', prefix .. 'ft:' .. foreman, tid)
 local s = prefix .. 's:' .. tid
 redis.call('HSET', s, 'foreman_id', foreman, 'valid', ARGV[4], 'missing', ARGV[6])
 if valid then redis.call('HSET', s, 'key', h[2]) end
@@ -242,6 +258,13 @@ return {'OK', after}
 )
 
 _EXPIRE_ALL = _EXPIRE + "return expire(ARGV[1], ARGV[2])"
+
+# ARGV: prefix, expiry: every lease runs to at least that
+_RESTART_LEASES = """
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', ARGV[1] .. 'leases', '-inf', '(' .. ARGV[2])) do
+  redis.call('ZADD', ARGV[1] .. 'leases', ARGV[2], id)
+end
+"""
 
 
 def _unavailable_is_clear(method: Callable[..., T]) -> Callable[..., T]:
@@ -310,6 +333,7 @@ class RedisStore(LedgerStore):
         self._register = self._redis.register_script(_REGISTER)
         self._assign = self._redis.register_script(_ASSIGN)
         self._settle = self._redis.register_script(_SETTLE)
+        self._restart_leases = self._redis.register_script(_RESTART_LEASES)
         self._expire_all = self._redis.register_script(_EXPIRE_ALL)
         self._random = random.SystemRandom()
         try:
@@ -458,6 +482,14 @@ class RedisStore(LedgerStore):
     @_unavailable_is_clear
     def expire_tasks(self, now: float) -> int:
         return int(self._expire_all(args=[self.prefix, self._now(now)]))
+
+    @_unavailable_is_clear
+    def renew_lease(self, client_id: str, expiry_unix: float) -> None:
+        self._redis.zadd(f"{self.prefix}leases", {client_id: expiry_unix}, gt=True)
+
+    @_unavailable_is_clear
+    def restart_leases(self, expiry_unix: float) -> None:
+        self._restart_leases(args=[self.prefix, self._now(expiry_unix)])
 
     @_unavailable_is_clear
     def totals(self) -> LedgerTotals:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 
-from discovery_service.ledger import Ledger, LedgerConfig
+from discovery_service.ledger import SWEEP_INTERVAL, Ledger, LedgerConfig
 from discovery_service.servicer import DiscoveryServicer
 from discovery_service.stores import open_store
 from ec262 import serving
@@ -17,20 +18,48 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = discovery_pb2.DESCRIPTOR.services_by_name["Discovery"].full_name
 
 
+class Sweeper:
+    """A thread that runs `ledger.sweep()` every SWEEP_INTERVAL, so expired
+    tasks and those of silent foremen are closed even when nobody calls."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sweeper", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(SWEEP_INTERVAL):
+            try:
+                self._ledger.sweep()
+            except Exception:
+                logger.exception("sweeping expired tasks failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 @dataclass(frozen=True)
 class DiscoveryServer:
     server: BackgroundAioServer
     port: int
     ledger: Ledger
+    sweeper: Sweeper | None
 
     def stop(self, grace: float | None = None) -> None:
         self.server.stop(grace)
+        if self.sweeper is not None:
+            self.sweeper.stop()
         self.ledger.store.close()
 
 
-def build_server(ledger: Ledger, *, host: str = "127.0.0.1", port: int = 0) -> DiscoveryServer:
+def build_server(
+    ledger: Ledger, *, host: str = "127.0.0.1", port: int = 0, sweep: bool = True
+) -> DiscoveryServer:
     """A started discovery server on host:port (0 = ephemeral), with
-    reflection and health; `.port` is the port actually bound."""
+    reflection and health; `.port` is the port actually bound. `sweep=False`
+    leaves the sweeps to the caller (a test on a manual clock)."""
     servicer = DiscoveryServicer(ledger)
     server = BackgroundAioServer(
         lambda aio_server: discovery_pb2_grpc.add_DiscoveryServicer_to_server(servicer, aio_server),
@@ -38,7 +67,9 @@ def build_server(ledger: Ledger, *, host: str = "127.0.0.1", port: int = 0) -> D
         host=host,
         port=port,
     )
-    return DiscoveryServer(server=server, port=server.start(), ledger=ledger)
+    port = server.start()
+    sweeper = Sweeper(ledger) if sweep else None
+    return DiscoveryServer(server=server, port=port, ledger=ledger, sweeper=sweeper)
 
 
 def run(*, host: str, port: int, store_url: str, config: LedgerConfig) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import grpc
 
-from discovery_service.ledger import Ledger
+from discovery_service.ledger import Ledger, LedgerConfig
 from discovery_service.store import Assignment, ClientRecord
 from ec262.auth import AUTHORIZATION_KEY
 from ec262.grpc_errors import translate_errors
@@ -22,9 +22,10 @@ from ec262.v1 import discovery_pb2 as pb
 from ec262.v1 import discovery_pb2_grpc
 
 
-def client_info(record: ClientRecord, replication: int) -> pb.ClientInfo:
+def client_info(record: ClientRecord, config: LedgerConfig) -> pb.ClientInfo:
     return pb.ClientInfo(
-        replication=replication,
+        replication=config.replication,
+        foreman_lease_seconds=config.foreman_lease,
         client_id=record.client_id,
         credits=record.credits,
         address=record.address,
@@ -65,7 +66,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
         return pb.CreateClientResponse(
             client_id=record.client_id,
             secret=secret,
-            info=client_info(record, self._ledger.config.replication),
+            info=client_info(record, self._ledger.config),
         )
 
     @translate_errors
@@ -77,12 +78,12 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
             slots=request.slots,
             runtime=request.runtime,
         )
-        return client_info(record, self._ledger.config.replication)
+        return client_info(record, self._ledger.config)
 
     @translate_errors
     async def GetClient(self, request, context):
         caller = self._caller(context)
-        return client_info(self._ledger.get_client(caller), self._ledger.config.replication)
+        return client_info(self._ledger.get_client(caller), self._ledger.config)
 
     @translate_errors
     async def RequestTasks(self, request, context):

@@ -70,6 +70,12 @@ CREATE TABLE IF NOT EXISTS tasks (
     workers     TEXT NOT NULL  -- the assigned workers' ids, space-separated
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_by_expiry ON tasks (expiry_unix);
+CREATE INDEX IF NOT EXISTS tasks_by_foreman ON tasks (foreman_id);
+CREATE TABLE IF NOT EXISTS leases (  -- until when each client's calls keep its tasks
+    foreman_id  TEXT PRIMARY KEY,
+    expiry_unix REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS leases_by_expiry ON leases (expiry_unix);
 CREATE TABLE IF NOT EXISTS settled (  -- settles remembered, for repeats
     task_id     TEXT PRIMARY KEY,
     foreman_id  TEXT NOT NULL,
@@ -430,7 +436,46 @@ class SqliteStore(LedgerStore):
 
     def expire_tasks(self, now: float) -> int:
         with self._transaction() as db:
-            return self._expire(db, now)
+            return self._expire(db, now) + self._expire_leases(db, now)
+
+    def renew_lease(self, client_id: str, expiry_unix: float) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO leases (foreman_id, expiry_unix) VALUES (?, ?) ON CONFLICT"
+                " (foreman_id) DO UPDATE SET expiry_unix = MAX(expiry_unix, excluded.expiry_unix)",
+                (client_id, expiry_unix),
+            )
+
+    def restart_leases(self, expiry_unix: float) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE leases SET expiry_unix = ? WHERE expiry_unix < ?",
+                (expiry_unix, expiry_unix),
+            )
+
+    def _expire_leases(self, db: sqlite3.Connection, now: float) -> int:
+        """Refund the open tasks of foremen whose lease ended."""
+        gone = db.execute(
+            "DELETE FROM tasks WHERE foreman_id IN"
+            " (SELECT foreman_id FROM leases WHERE expiry_unix <= ?)"
+            " RETURNING foreman_id, escrow, workers",
+            (now,),
+        ).fetchall()
+        db.execute("DELETE FROM leases WHERE expiry_unix <= ?", (now,))
+        self._refund(db, gone)
+        if gone:
+            logger.info("%d task(s) of foremen whose lease ended went back to them", len(gone))
+        return len(gone)
+
+    def _refund(self, db: sqlite3.Connection, closed: list) -> None:
+        """Escrow back to the foremen and slots back to the workers of tasks
+        just deleted (rows of foreman_id, escrow, workers)."""
+        for foreman_id, escrow, worker_text in closed:
+            self._update_each(db, "busy_slots = busy_slots - 1", worker_text.split(" "))
+            db.execute(
+                "UPDATE clients SET credits = credits + ? WHERE client_id = ?",
+                (escrow, foreman_id),
+            )
 
     @staticmethod
     def _earliest_expiry(db: sqlite3.Connection) -> float:
@@ -451,12 +496,7 @@ class SqliteStore(LedgerStore):
             "DELETE FROM tasks WHERE expiry_unix <= ? RETURNING foreman_id, escrow, workers",
             (now,),
         ).fetchall()
-        for foreman_id, escrow, worker_text in expired:
-            self._update_each(db, "busy_slots = busy_slots - 1", worker_text.split(" "))
-            db.execute(
-                "UPDATE clients SET credits = credits + ? WHERE client_id = ?",
-                (escrow, foreman_id),
-            )
+        self._refund(db, expired)
         db.execute("DELETE FROM settled WHERE expiry_unix <= ?", (now,))
         db.execute("DELETE FROM requests WHERE expiry_unix <= ?", (now,))
         self._next_expiry = self._earliest_expiry(db)

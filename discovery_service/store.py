@@ -210,7 +210,17 @@ class LedgerStore(abc.ABC):
 
     @abc.abstractmethod
     def expire_tasks(self, now: float) -> int:
-        """Refund and close every open task past its expiry; returns how many."""
+        """Refund and close every open task past its expiry, and every open
+        task of a foreman whose lease ended; returns how many."""
+
+    @abc.abstractmethod
+    def renew_lease(self, client_id: str, expiry_unix: float) -> None:
+        """The client called: its lease runs to at least `expiry_unix`."""
+
+    @abc.abstractmethod
+    def restart_leases(self, expiry_unix: float) -> None:
+        """Every lease runs to at least `expiry_unix` (the service starts or
+        resumes serving: nobody could call while it was away)."""
 
     @abc.abstractmethod
     def totals(self) -> LedgerTotals: ...

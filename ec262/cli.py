@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=86_400,
         help="seconds before an unsettled task expires and is refunded",
     )
+    discovery.add_argument(
+        "--foreman-lease",
+        type=_positive,
+        default=60,
+        help="seconds a foreman may be silent before its open tasks are refunded"
+        " and their workers freed (a running foreman calls every third of it)",
+    )
     _add_logging_flags(discovery)
     discovery.set_defaults(handler=_run_discovery)
 
@@ -178,6 +185,7 @@ def _run_discovery(args: argparse.Namespace) -> int:
             worker_ttl=args.worker_ttl,
             task_ttl=args.task_ttl,
             max_worker_ttl=max(86_400, args.worker_ttl),
+            foreman_lease=args.foreman_lease,
         )
     except ValueError as error:
         print(f"ec262 discovery: {error}", file=sys.stderr)

@@ -29,6 +29,7 @@ class LocalCluster:
         starting_credits: int = LOCAL_STARTING_CREDITS,
         replication: int = 3,
         worker_args: tuple[str, ...] = (),
+        discovery_args: tuple[str, ...] = (),
     ) -> None:
         if workers < 1:
             raise ValueError("a local cluster needs at least one worker")
@@ -37,6 +38,7 @@ class LocalCluster:
         self.starting_credits = starting_credits
         self.replication = replication
         self.worker_args = worker_args
+        self.discovery_args = discovery_args
         self._owned_directory = directory is None
         self.directory = Path(directory or tempfile.mkdtemp(prefix="ec262-cluster-"))
         self.discovery: ServerProcess | None = None
@@ -64,6 +66,7 @@ class LocalCluster:
                     str(self.starting_credits),
                     "--replication",
                     str(self.replication),
+                    *self.discovery_args,
                 ]
             )
             self._start_workers(self.workers_wanted)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections import Counter, deque
@@ -124,6 +125,31 @@ class WorkerStubs:
         self._channels.clear()
 
 
+class LeaseKeepalive:
+    """Calls GetClient every third of the discovery service's foreman lease
+    while a job runs, so a job that waits long on its workers keeps its
+    tasks (docs/protocol.md section 9); a foreman that dies stops calling,
+    and its tasks go back within the lease."""
+
+    def __init__(self, discovery: DiscoveryClient, lease_seconds: int) -> None:
+        self._discovery = discovery
+        self._interval = max(0.5, lease_seconds / 3)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lease", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._discovery.get_client()
+            except Exception as error:  # the next call, or the job's own, will tell
+                logger.debug("lease keepalive failed: %s", error)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 class JobEngine:
     """Runs one job at a time for one foreman identity."""
 
@@ -184,6 +210,7 @@ class JobEngine:
             plan.credits_needed,
             info.credits,
         )
+        keepalive = LeaseKeepalive(self.discovery, info.foreman_lease_seconds or 60)
         try:
             if not plan.map_chunks:
                 return {}
@@ -212,6 +239,7 @@ class JobEngine:
             stats.phase = "failed"
             raise
         finally:
+            keepalive.stop()
             self._abandon_all()
             self._calls.shutdown(wait=True)
             self._stubs.close()

@@ -50,9 +50,10 @@ class Identity:
 class DiscoveryHarness:
     """A running discovery server and a stub connected to it."""
 
-    def __init__(self, server: DiscoveryServer, clock: ManualClock) -> None:
+    def __init__(self, server: DiscoveryServer, clock: ManualClock, location: str = "") -> None:
         self.server = server
         self.clock = clock
+        self.location = location
         self.address = f"127.0.0.1:{server.port}"
         self.channel = grpc.insecure_channel(self.address)
         self.stub = discovery_pb2_grpc.DiscoveryStub(self.channel)
@@ -65,7 +66,22 @@ class DiscoveryHarness:
         store = open_store(path) if "://" in path else SqliteStore(path)
         clock = ManualClock()
         ledger = Ledger(store, config or LedgerConfig(), clock=clock)
-        return cls(build_server(ledger), clock)
+        return cls(build_server(ledger, sweep=False), clock, path)
+
+    def restart(self) -> None:
+        """Stop the server and start another on the same store and clock
+        (a discovery service restarted), with its stub."""
+        config = self.config
+        self.stop()
+        store = open_store(self.location) if "://" in self.location else SqliteStore(self.location)
+        self.server = build_server(Ledger(store, config, clock=self.clock), sweep=False)
+        self.address = f"127.0.0.1:{self.server.port}"
+        self.channel = grpc.insecure_channel(self.address)
+        self.stub = discovery_pb2_grpc.DiscoveryStub(self.channel)
+
+    def sweep(self) -> int:
+        """What the server's sweeper does every half second, at the test's time."""
+        return self.server.ledger.sweep()
 
     def raw_ledger(self) -> bytes:
         """Everything the store holds, as bytes (to look for secrets)."""

@@ -605,3 +605,62 @@ def test_many_foremen_at_once_conserve_credits(discovery, n):
     assert all(r[0] == "ok" or r[1] == grpc.StatusCode.RESOURCE_EXHAUSTED for r in results)
     assert discovery.total_credits() == discovery.issued_credits()
     assert all(discovery.info(w).busy_slots == 0 for w in workers)
+
+
+# -- the foreman lease (docs/protocol.md section 9) -----------------------------
+
+
+def test_a_silent_foreman_loses_its_open_tasks_within_the_lease_and_two_seconds(
+    discovery_factory,
+):
+    discovery = discovery_factory(LedgerConfig(foreman_lease=60))
+    foreman, other = discovery.client(), discovery.client()
+    workers = [discovery.worker(ttl=3600, slots=2) for _ in range(3)]
+    mine = discovery.request(foreman, n=1).tasks[0]  # the foreman's last call
+    theirs = discovery.request(other, n=1).tasks[0]
+    worker = next(w for w in workers if w.client_id == mine.workers[0].client_id)
+    discovery.clock.advance(59)
+    discovery.info(other)  # the other foreman keeps calling; this one is silent
+    assert discovery.sweep() == 0
+    assert len(discovery.fetch_key(worker, mine.task_id).key) == 16  # still open at 59 s
+    discovery.clock.advance(3)  # 62 s after the foreman's last call
+    discovery.info(other)
+    discovery.sweep()
+    assert discovery.credits(foreman) == 12  # refunded
+    assert all(discovery.info(w).busy_slots == 1 for w in workers)  # only the other's task
+    assert all(discovery.info(w).credits == 12 for w in workers)
+    assert rpc_error(discovery.fetch_key, worker, mine.task_id).code() == NOT_FOUND
+    assert len(discovery.fetch_key(worker, theirs.task_id).key) == 16
+    assert rpc_error(discovery.settle, foreman, mine.task_id, valid=True).code() == NOT_FOUND
+    assert discovery.total_credits() == discovery.issued_credits()
+
+
+def test_a_foreman_calling_every_third_of_its_lease_keeps_its_tasks(discovery_factory):
+    discovery = discovery_factory(LedgerConfig(foreman_lease=30))
+    foreman = discovery.client()
+    for _ in range(3):
+        discovery.worker(ttl=3600)
+    task = discovery.request(foreman).tasks[0]
+    for _ in range(10):  # 100 s, more than three leases, with a GetClient every 10 s
+        discovery.clock.advance(10)
+        discovery.info(foreman)
+        assert discovery.sweep() == 0
+    assert len(discovery.settle(foreman, task.task_id, valid=True).key) == 16
+
+
+def test_leases_start_again_when_the_discovery_service_starts(discovery_factory):
+    """Nobody could call while the service was away: a restart on the same
+    store gives every foreman a whole lease again."""
+    discovery = discovery_factory(LedgerConfig(foreman_lease=60))
+    foreman = discovery.client()
+    for _ in range(3):
+        discovery.worker(ttl=3600)
+    task = discovery.request(foreman).tasks[0]
+    discovery.clock.advance(55)
+    discovery.restart()
+    discovery.clock.advance(30)  # 85 s after the last call, 30 s after the restart
+    discovery.sweep()
+    assert len(discovery.settle(foreman, task.task_id, valid=True).key) == 16
+    discovery.clock.advance(62)  # and a whole lease of silence after that settle
+    discovery.sweep()
+    assert discovery.credits(foreman) == 9

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ClientInfo(_message.Message):
-    __slots__ = ("client_id", "credits", "address", "expiry_unix", "slots", "tasks_completed", "tasks_failed", "runtime", "busy_slots", "replication")
+    __slots__ = ("client_id", "credits", "address", "expiry_unix", "slots", "tasks_completed", "tasks_failed", "runtime", "busy_slots", "replication", "foreman_lease_seconds")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     CREDITS_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class ClientInfo(_message.Message):
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
     BUSY_SLOTS_FIELD_NUMBER: _ClassVar[int]
     REPLICATION_FIELD_NUMBER: _ClassVar[int]
+    FOREMAN_LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     credits: int
     address: str
@@ -28,7 +29,8 @@ class ClientInfo(_message.Message):
     runtime: str
     busy_slots: int
     replication: int
-    def __init__(self, client_id: _Optional[str] = ..., credits: _Optional[int] = ..., address: _Optional[str] = ..., expiry_unix: _Optional[int] = ..., slots: _Optional[int] = ..., tasks_completed: _Optional[int] = ..., tasks_failed: _Optional[int] = ..., runtime: _Optional[str] = ..., busy_slots: _Optional[int] = ..., replication: _Optional[int] = ...) -> None: ...
+    foreman_lease_seconds: int
+    def __init__(self, client_id: _Optional[str] = ..., credits: _Optional[int] = ..., address: _Optional[str] = ..., expiry_unix: _Optional[int] = ..., slots: _Optional[int] = ..., tasks_completed: _Optional[int] = ..., tasks_failed: _Optional[int] = ..., runtime: _Optional[str] = ..., busy_slots: _Optional[int] = ..., replication: _Optional[int] = ..., foreman_lease_seconds: _Optional[int] = ...) -> None: ...
 
 class CreateClientRequest(_message.Message):
     __slots__ = ()
