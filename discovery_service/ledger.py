@@ -304,6 +304,12 @@ class Ledger:
         )
         return tasks, credits
 
+    def live_workers(self, foreman_id: str, runtime: str) -> int:
+        """Workers in the pool (of `runtime`, when set) other than the
+        foreman, busy or not: fewer than the replication means no task can
+        be made for it until more join."""
+        return self.store.live_workers(foreman_id, check_runtime(runtime), self._clock())
+
     def fetch_key(self, worker_id: str, task_id: str) -> tuple[bytes, str]:
         check_task_id(task_id)
         found = self.store.fetch_key(worker_id, task_id, self._clock())

@@ -445,6 +445,21 @@ class RedisStore(LedgerStore):
         return assignments, int(reply[1])
 
     @_unavailable_is_clear
+    def live_workers(self, foreman_id: str, runtime: str, now: float) -> int:
+        ids = [
+            i.decode()
+            for i in self._redis.zrangebyscore(f"{self.prefix}pool", f"({now!r}", "+inf")
+        ]
+        ids = [i for i in ids if i != foreman_id]
+        if not runtime or not ids:
+            return len(ids)
+        with self._redis.pipeline(transaction=False) as pipe:
+            for client_id in ids:
+                pipe.hget(f"{self.prefix}c:{client_id}", "runtime")
+            runtimes = pipe.execute()
+        return sum(1 for r in runtimes if r is not None and r.decode() == runtime)
+
+    @_unavailable_is_clear
     def fetch_key(self, worker_id: str, task_id: str, now: float) -> tuple[bytes, str] | None:
         key, foreman, expiry, workers = self._redis.hmget(
             f"{self.prefix}t:{task_id}", "key", "foreman_id", "expiry_unix", "workers"

@@ -87,17 +87,20 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
 
     @translate_errors
     async def RequestTasks(self, request, context):
+        caller = self._caller(context)
         tasks, credits = self._ledger.request_tasks(
-            self._caller(context),
+            caller,
             n=request.n,
             exclude_workers=request.exclude_workers,
             runtime=request.runtime,
             request_id=request.request_id,
         )
+        short = len(tasks) < max(1, request.n)
         return pb.RequestTasksResponse(
             tasks=[task_assignment(t) for t in tasks],
             credits=credits,
             replication=self._ledger.config.replication,
+            live_workers=self._ledger.live_workers(caller, request.runtime) if short else 0,
         )
 
     @translate_errors

@@ -343,6 +343,15 @@ class SqliteStore(LedgerStore):
                 self._next_expiry = min(self._next_expiry, request.task_expiry_unix)
             return assignments, balance
 
+    def live_workers(self, foreman_id: str, runtime: str, now: float) -> int:
+        query = "SELECT COUNT(*) FROM clients WHERE expiry_unix > ? AND client_id != ?"
+        args: tuple = (now, foreman_id)
+        if runtime:
+            query += " AND runtime = ?"
+            args += (runtime,)
+        with self._lock:
+            return self._db.execute(query, args).fetchone()[0]
+
     def fetch_key(self, worker_id: str, task_id: str, now: float) -> tuple[bytes, str] | None:
         with self._lock:
             row = self._db.execute(

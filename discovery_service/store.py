@@ -186,6 +186,10 @@ class LedgerStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    def live_workers(self, foreman_id: str, runtime: str, now: float) -> int:
+        """Live workers (of `runtime` unless empty) other than the foreman."""
+
+    @abc.abstractmethod
     def fetch_key(self, worker_id: str, task_id: str, now: float) -> tuple[bytes, str] | None:
         """(key, foreman_id) for an open task this worker is assigned to, else None."""
 

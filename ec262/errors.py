@@ -108,6 +108,21 @@ class JobFailed(Ec262Error):
         super().__init__(message)
 
 
+class NotEnoughWorkers(JobFailed):
+    """Fewer live workers than a task needs (its replication): no task can be
+    made until more join. Raised within seconds, before anything is spent
+    on the tasks it could not make."""
+
+    def __init__(self, live: int, needed: int, *, chunk: str = "") -> None:
+        self.live = live
+        self.needed = needed
+        super().__init__(
+            f"not enough workers: {live} live worker(s) other than this foreman, and a task"
+            f" needs {needed} distinct ones (the discovery service's replication)",
+            chunk=chunk,
+        )
+
+
 class ResultNotDelivered(Ec262Error):
     """A worker gave up sending a result: the foreman refused it, stayed
     unreachable, or the task closed meanwhile (said in the worker's log)."""

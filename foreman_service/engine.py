@@ -23,7 +23,14 @@ import grpc
 from ec262.discovery_client import DiscoveryClient
 from ec262.encoding import decode_result
 from ec262.envelope import open_sealed
-from ec262.errors import DecryptionError, EncodingError, JobFailed, RemoteError, UnknownTask
+from ec262.errors import (
+    DecryptionError,
+    EncodingError,
+    JobFailed,
+    NotEnoughWorkers,
+    RemoteError,
+    UnknownTask,
+)
 from ec262.limits import MAX_MESSAGE_BYTES
 from ec262.payload import digest, pack_functions
 from ec262.remote_errors import is_error_document
@@ -42,6 +49,9 @@ PHASE_NAMES = {MAP: "map", REDUCE: "reduce"}
 # request; this slower poll only catches slots freed by others and workers
 # joining, without an empty RequestTasks after every assignment.
 BUSY_POLL_SECONDS = 0.25
+# How long fewer live workers than a task needs are borne before
+# NotEnoughWorkers (a worker restarting comes back sooner).
+NOT_ENOUGH_WORKERS_SECONDS = 5.0
 # How long RequestTasks and SettleTask are retried while the discovery
 # service is unreachable (both are safe to repeat).
 SETTLE_RETRY_SECONDS = 60.0
@@ -180,6 +190,7 @@ class JobEngine:
         # milliseconds, so it waits until the freed workers have new tasks.
         self._settled: list[tuple[Chunk, Any]] = []
         self._fresh_starved_since: float | None = None
+        self._live_workers: int | None = None  # when the last short reply said
         # AssignTask calls run on these threads, a task's replicas in
         # parallel (grpc futures would start a thread per call).
         self._calls = ThreadPoolExecutor(max_workers=8, thread_name_prefix="assign")
@@ -290,7 +301,13 @@ class JobEngine:
                     if self._active:
                         next_request = min(next_request, now + BUSY_POLL_SECONDS)
                     starved_since = starved_since or now
-                    if not self._active and now - starved_since > self.config.task_timeout:
+                    live = self._live_workers
+                    if live is not None and live < self._replication:
+                        if now - starved_since > NOT_ENOUGH_WORKERS_SECONDS:
+                            raise NotEnoughWorkers(
+                                live, self._replication, chunk=pending[0].label
+                            )
+                    elif not self._active and now - starved_since > self.config.task_timeout:
                         raise JobFailed(
                             f"no workers available for {pending[0].label} for"
                             f" {self.config.task_timeout:g} s (a task needs {self._replication}"
@@ -354,6 +371,10 @@ class JobEngine:
             what="RequestTasks",
             deadline=time.monotonic() + SETTLE_RETRY_SECONDS,
         )
+        if len(response.tasks) < len(chunks):  # the service says how many workers are live
+            self._live_workers = response.live_workers
+        elif response.tasks:
+            self._live_workers = None
         now = self._clock()
         attempts = []
         for chunk, task in zip(chunks, response.tasks, strict=False):

@@ -17,6 +17,7 @@ from ec262.errors import InsufficientCredits, UnknownTask
 from ec262.grpc_errors import error_from_rpc
 from ec262.v1 import discovery_pb2 as pb
 from tests.conftest import rpc_error
+from tests.discovery_harness import RUNTIME
 
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
@@ -664,3 +665,20 @@ def test_leases_start_again_when_the_discovery_service_starts(discovery_factory)
     discovery.clock.advance(62)  # and a whole lease of silence after that settle
     discovery.sweep()
     assert discovery.credits(foreman) == 9
+
+
+def test_a_short_reply_says_how_many_workers_are_live(discovery):
+    """So a foreman can tell "busy, wait" from "too few, give up"
+    (ec262.NotEnoughWorkers)."""
+    foreman = discovery.client()
+    discovery.worker(slots=1)
+    discovery.worker(slots=1, runtime="cpython-3.12")
+    short = discovery.request(foreman, n=1, runtime=RUNTIME)
+    assert (len(short.tasks), short.live_workers) == (0, 1)  # the other runtime's not counted
+    assert discovery.request(foreman, n=1, runtime="").live_workers == 2
+    for _ in range(2):
+        discovery.worker(slots=1)
+    full = discovery.request(foreman, n=1, runtime=RUNTIME)
+    assert len(full.tasks) == 1
+    busy = discovery.request(foreman, n=1, runtime=RUNTIME)  # every worker of it busy now
+    assert (len(busy.tasks), busy.live_workers) == (0, 3)

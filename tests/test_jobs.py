@@ -385,6 +385,21 @@ def test_every_worker_gone_fails_the_job_in_time_and_refunds(tmp_path):
         assert load_identity(foreman) is not None
 
 
+def test_too_few_live_workers_is_not_enough_workers_within_seconds(tmp_path):
+    """2 workers at replication 3: no task can ever be made. The old main
+    waited the whole task timeout (120 s) in silence, then said JobFailed."""
+    with LocalCluster(workers=2, directory=str(tmp_path / "c")) as cluster:
+        foreman = tmp_path / "foreman.json"
+        started = time.monotonic()
+        with pytest.raises(ec262.NotEnoughWorkers) as caught:
+            run(cluster, tmp_path, SMALL, mapper=split_words, reducer=sum_reducer)
+        assert time.monotonic() - started < 15
+        assert (caught.value.live, caught.value.needed) == (2, 3)
+        assert "2 live worker(s)" in str(caught.value) and "needs 3" in str(caught.value)
+        assert isinstance(caught.value, ec262.JobFailed)  # what callers already catch
+        assert books(cluster.address, [foreman])[client_id(foreman)][0] == cluster.starting_credits
+
+
 class _AskGetJob:
     """A progress object that calls the foreman's GetJob while the job runs."""
 
