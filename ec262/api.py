@@ -8,9 +8,12 @@ jobs in one program explicitly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
@@ -109,6 +112,7 @@ def _run(job: Job, data: Any) -> JobResult:
     from foreman_service.server import start_foreman_server
 
     with ExitStack() as stack:
+        stack.enter_context(_sigterm_stops_the_job())
         address = job.discovery or os.environ.get(ENV_DISCOVERY)
         identity = Path(job.identity) if job.identity else None
         if not address:
@@ -134,6 +138,27 @@ def _run(job: Job, data: Any) -> JobResult:
         result = JobResult(engine.run(data, job.mapper, job.reducer, job.combiner))
         result.stats = engine.stats
         return result
+
+
+@contextlib.contextmanager
+def _sigterm_stops_the_job():
+    """SIGTERM (docker stop, timeout, a service manager) unwinds the job as
+    Ctrl-C does, so its open tasks are settled and refunded on the way out
+    (docs/protocol.md section 9): it raises SystemExit(143) in the main
+    thread. A handler the program set itself is left alone."""
+    in_main = threading.current_thread() is threading.main_thread()
+    if not in_main or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _find_marked(namespace: dict, role: str) -> Callable | None:

@@ -252,8 +252,11 @@ class JobEngine:
         finally:
             keepalive.stop()
             self._abandon_all()
-            self._calls.shutdown(wait=True)
+            # Channels first: calls still in flight (to a frozen worker, say)
+            # end at once instead of at their deadline, so a stopped job
+            # returns within moments.
             self._stubs.close()
+            self._calls.shutdown(wait=True)
             stats.seconds = self._clock() - started
             try:
                 stats.credits_spent = info.credits - self.discovery.get_client().credits

@@ -1,0 +1,106 @@
+"""A foreman stopped mid-job (docs/protocol.md section 9). SIGINT or SIGTERM:
+it settles its open tasks and exits within 2 s. SIGKILL: no refund of its
+own, so the discovery service's foreman lease does it. Either way its
+credits come back and every worker's slots are free, as both the discovery
+service and the workers report them."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ec262.discovery_client import DiscoveryClient
+from ec262.identity import load_identity
+from ec262.local_cluster import LocalCluster
+from ec262.v1 import worker_pb2, worker_pb2_grpc
+from tests.job_harness import books, identity_files
+from tests.processes import ROOT
+
+pytestmark = pytest.mark.slow
+
+LEASE = 3  # seconds: short, so the test is
+
+
+def _busy(cluster: LocalCluster) -> tuple[int, int]:
+    """(busy slots the discovery service counts, busy slots the workers report)."""
+    import grpc
+
+    ledger = worker_side = 0
+    for path in identity_files(cluster):
+        with DiscoveryClient(cluster.address, load_identity(path)) as client:
+            ledger += client.get_client().busy_slots
+    for worker in cluster.workers:
+        with grpc.insecure_channel(worker.address) as channel:
+            status = worker_pb2_grpc.WorkerStub(channel).GetStatus(
+                worker_pb2.GetStatusRequest(), timeout=10
+            )
+            worker_side += status.busy_slots
+    return ledger, worker_side
+
+
+def _start_slow_job(cluster: LocalCluster, identity) -> subprocess.Popen:
+    """A foreman process whose tasks take a second each, once they run."""
+    foreman = subprocess.Popen(
+        [sys.executable, "-m", "tests.foreman_script", cluster.address, str(identity),
+         "1.0", "12"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert foreman.stdout.readline().strip() == "starting"
+    deadline = time.monotonic() + 60
+    while _busy(cluster)[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)  # watching for the job's tasks, not waiting on them
+    assert _busy(cluster)[0] > 0, "the job never started"
+    return foreman
+
+
+def _slots_free_within(cluster: LocalCluster, seconds: float) -> float:
+    """Seconds until every slot is free (reading only the workers'
+    identities: a call with the foreman's would renew its lease)."""
+    started = time.monotonic()
+    while _busy(cluster) != (0, 0) and time.monotonic() < started + seconds:
+        time.sleep(0.1)  # watching the slots, not waiting for a fixed time
+    assert _busy(cluster) == (0, 0), f"slots still busy {seconds} s on"
+    return time.monotonic() - started
+
+
+def _assert_nothing_in_escrow(cluster: LocalCluster, identity) -> None:
+    balances = books(cluster.address, [identity, *identity_files(cluster)])
+    issued = cluster.starting_credits * len(balances)
+    assert sum(credits for credits, _, _ in balances.values()) == issued
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stopped_foreman_settles_its_tasks_and_exits_within_two_seconds(tmp_path, how):
+    with LocalCluster(workers=3, directory=str(tmp_path / "cluster")) as cluster:
+        identity = tmp_path / "foreman.json"
+        foreman = _start_slow_job(cluster, identity)
+        stopped = time.monotonic()
+        foreman.send_signal(how)
+        try:
+            foreman.wait(timeout=10)
+        finally:
+            foreman.kill()
+        exited_after = time.monotonic() - stopped
+        assert exited_after < 2, f"the foreman took {exited_after:.1f} s to stop"
+        assert foreman.returncode != 0
+        freed_after = _slots_free_within(cluster, 5)
+        _assert_nothing_in_escrow(cluster, identity)
+        print(f"{how.name}: exited in {exited_after:.2f} s, slots free {freed_after:.1f} s later")
+
+
+def test_a_killed_foreman_gives_back_its_credits_and_slots_within_the_lease(tmp_path):
+    with LocalCluster(
+        workers=3, directory=str(tmp_path / "cluster"),
+        discovery_args=("--foreman-lease", str(LEASE)),
+    ) as cluster:  # fmt: skip
+        identity = tmp_path / "foreman.json"
+        foreman = _start_slow_job(cluster, identity)
+        foreman.send_signal(signal.SIGKILL)
+        foreman.wait(timeout=10)
+        freed_after = _slots_free_within(cluster, LEASE + 5)
+        _assert_nothing_in_escrow(cluster, identity)
+        print(f"slots and credits back {freed_after:.1f} s after SIGKILL (lease {LEASE} s)")
