@@ -172,6 +172,7 @@ class Ledger:
         # When this front-end last renewed each caller's lease: at most once
         # a second per caller, so a call costs no store write most times.
         self._renewed: dict[str, float] = {}
+        self._ledger_id: str | None = None
         self._store_was_down = False
         try:
             self.store.restart_leases(self._clock() + self._lease_span())
@@ -219,6 +220,13 @@ class Ledger:
         if len(self._renewed) >= MAX_VERIFIED_CREDENTIALS:
             self._renewed.clear()
         self._renewed[client_id] = now
+
+    @property
+    def ledger_id(self) -> str:
+        """Read from the store once (every front-end of a ledger agrees)."""
+        if self._ledger_id is None:
+            self._ledger_id = self.store.ledger_id()
+        return self._ledger_id
 
     def get_client(self, client_id: str) -> ClientRecord:
         record = self.store.get_client(client_id, self._clock())

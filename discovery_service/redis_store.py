@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import uuid
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -443,6 +444,12 @@ class RedisStore(LedgerStore):
                 )
             )
         return assignments, int(reply[1])
+
+    @_unavailable_is_clear
+    def ledger_id(self) -> str:
+        key = f"{self.prefix}ledger_id"
+        self._redis.set(key, str(uuid.uuid4()), nx=True)
+        return self._redis.get(key).decode()
 
     @_unavailable_is_clear
     def live_workers(self, foreman_id: str, runtime: str, now: float) -> int:

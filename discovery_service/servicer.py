@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import grpc
 
-from discovery_service.ledger import Ledger, LedgerConfig
+from discovery_service.ledger import Ledger
 from discovery_service.store import Assignment, ClientRecord
 from ec262.auth import AUTHORIZATION_KEY
 from ec262.grpc_errors import translate_errors
@@ -22,8 +22,10 @@ from ec262.v1 import discovery_pb2 as pb
 from ec262.v1 import discovery_pb2_grpc
 
 
-def client_info(record: ClientRecord, config: LedgerConfig) -> pb.ClientInfo:
+def client_info(record: ClientRecord, ledger: Ledger) -> pb.ClientInfo:
+    config = ledger.config
     return pb.ClientInfo(
+        ledger_id=ledger.ledger_id,
         replication=config.replication,
         foreman_lease_seconds=config.foreman_lease,
         client_id=record.client_id,
@@ -66,7 +68,8 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
         return pb.CreateClientResponse(
             client_id=record.client_id,
             secret=secret,
-            info=client_info(record, self._ledger.config),
+            info=client_info(record, self._ledger),
+            ledger_id=self._ledger.ledger_id,
         )
 
     @translate_errors
@@ -78,12 +81,12 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
             slots=request.slots,
             runtime=request.runtime,
         )
-        return client_info(record, self._ledger.config)
+        return client_info(record, self._ledger)
 
     @translate_errors
     async def GetClient(self, request, context):
         caller = self._caller(context)
-        return client_info(self._ledger.get_client(caller), self._ledger.config)
+        return client_info(self._ledger.get_client(caller), self._ledger)
 
     @translate_errors
     async def RequestTasks(self, request, context):

@@ -17,6 +17,7 @@ import logging
 import math
 import sqlite3
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -71,6 +72,10 @@ CREATE TABLE IF NOT EXISTS tasks (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_by_expiry ON tasks (expiry_unix);
 CREATE INDEX IF NOT EXISTS tasks_by_foreman ON tasks (foreman_id);
+CREATE TABLE IF NOT EXISTS meta (  -- facts about the ledger itself
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS leases (  -- until when each client's calls keep its tasks
     foreman_id  TEXT PRIMARY KEY,
     expiry_unix REAL NOT NULL
@@ -342,6 +347,15 @@ class SqliteStore(LedgerStore):
                 )  # fmt: skip
                 self._next_expiry = min(self._next_expiry, request.task_expiry_unix)
             return assignments, balance
+
+    def ledger_id(self) -> str:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO meta (name, value) VALUES ('ledger_id', ?)",
+                (str(uuid.uuid4()),),
+            )
+            (value,) = db.execute("SELECT value FROM meta WHERE name = 'ledger_id'").fetchone()
+        return value
 
     def live_workers(self, foreman_id: str, runtime: str, now: float) -> int:
         query = "SELECT COUNT(*) FROM clients WHERE expiry_unix > ? AND client_id != ?"

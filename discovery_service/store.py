@@ -186,6 +186,11 @@ class LedgerStore(abc.ABC):
         """
 
     @abc.abstractmethod
+    def ledger_id(self) -> str:
+        """This ledger's id, made once (a random UUID) and kept with it:
+        every front-end of the ledger answers the same."""
+
+    @abc.abstractmethod
     def live_workers(self, foreman_id: str, runtime: str, now: float) -> int:
         """Live workers (of `runtime` unless empty) other than the foreman."""
 

@@ -235,7 +235,7 @@ def _run_status(args: argparse.Namespace) -> int:
     from ec262.identity import identity_path, load_identity
 
     path = identity_path(args.identity)
-    identity = load_identity(path)
+    identity = load_identity(path, args.discovery)
     if identity is None:
         print(f"no identity at {path} yet: it is made on first use (a job or a worker)")
         return 1

@@ -7,13 +7,14 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 
 from ec262.errors import AuthenticationError
 from ec262.grpc_errors import error_from_rpc
-from ec262.identity import Identity, load_identity, save_identity
+from ec262.identity import Identity, load_identities, save_identity
 from ec262.v1 import discovery_pb2 as pb
 from ec262.v1 import discovery_pb2_grpc
 
@@ -63,24 +64,57 @@ class DiscoveryClient:
 
     def create_client(self) -> Identity:
         made = self._call("CreateClient", pb.CreateClientRequest(), authenticated=False)
-        return Identity(made.client_id, made.secret, self.address)
+        return Identity(made.client_id, made.secret, self.address, made.ledger_id)
 
     def load_or_create_identity(self, path: Path) -> Identity:
-        """The identity stored at `path`, made (and saved, mode 0600) on
-        first use. Refuses an identity made for another discovery service
-        rather than silently starting a new account."""
-        identity = load_identity(path)
-        if identity is not None and identity.discovery not in ("", self.address):
-            raise ValueError(
-                f"identity {path} belongs to discovery {identity.discovery}, not {self.address};"
-                " pass another --identity (or EC262_IDENTITY) for this service"
+        """This service's ledger's identity from the file at `path`, made
+        (and added to the file, mode 0600) on first use.
+
+        A stored secret is sent only to an address it was used at before
+        (an unknown address might be anyone's). At an address new to the
+        file, a new identity is made; if it turns out to belong to a ledger
+        the file already has an identity for (another front-end of it), that
+        one is used instead and the new, empty one is left unused."""
+        identities = load_identities(path)
+        here = [
+            i for i in identities
+            if not i.addresses() or set(self.address.split(",")) & set(i.addresses())
+        ]  # fmt: skip
+        for identity in reversed(here):
+            try:
+                info = self._call_as(identity, "GetClient", pb.GetClientRequest())
+            except AuthenticationError:
+                continue  # this address serves another ledger now
+            known = replace(identity, ledger_id=info.ledger_id or identity.ledger_id)
+            return self._use(path, known.used_at(self.address), identity)
+        made = self.create_client()
+        same_ledger = [i for i in identities if made.ledger_id and i.ledger_id == made.ledger_id]
+        if same_ledger:
+            logger.info(
+                "%s is another front-end of ledger %s: using identity %s (the one just made,"
+                " %s, stays unused)",
+                self.address,
+                made.ledger_id,
+                same_ledger[-1].client_id,
+                made.client_id,
             )
-        if identity is None:
-            identity = self.create_client()
+            return self._use(path, same_ledger[-1].used_at(self.address), None)
+        logger.info("created identity %s in %s (ledger %s)", made.client_id, path, made.ledger_id)
+        return self._use(path, made, None)
+
+    def _use(self, path: Path, identity: Identity, stored: Identity | None) -> Identity:
+        if identity != stored:
             save_identity(path, identity)
-            logger.info("created identity %s in %s", identity.client_id, path)
         self.identity = identity
         return identity
+
+    def _call_as(self, identity: Identity, method: str, request):
+        try:
+            return getattr(self._stub, method)(
+                request, metadata=identity.metadata(), timeout=self.timeout
+            )
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None
 
     def get_client(self) -> pb.ClientInfo:
         return self._call("GetClient", pb.GetClientRequest())

@@ -1,5 +1,15 @@
-"""A client's identity file (docs/protocol.md section 6): where it lives, and
-making one on first use so credits survive restarts."""
+"""A client's identity file (docs/protocol.md sections 6 and 11): where it
+lives, and one identity per ledger in it, made on first use so credits
+survive restarts.
+
+The file is `{"identities": {ledger_id: {"client_id", "secret",
+"discovery"}}}`, where `discovery` lists the addresses (comma-separated) the
+identity has been used at. The single form of earlier versions,
+`{"client_id", "secret", "discovery"}`, is still read (its ledger unknown
+until it is next used). An identity is added for a new ledger, never
+replacing another, so pointing a client at another cluster never breaks the
+identity it has for the first.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +18,36 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 ENV_IDENTITY = "EC262_IDENTITY"
 DEFAULT_IDENTITY = Path("~/.config/ec262/identity.json")
+UNKNOWN_LEDGER = ""  # the single form's identity, until its ledger is known
 
 
 @dataclass(frozen=True)
 class Identity:
     client_id: str
     secret: str
-    discovery: str
+    discovery: str  # the addresses it has been used at, comma-separated
+    ledger_id: str = UNKNOWN_LEDGER
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         from ec262.auth import bearer_metadata
 
         return bearer_metadata(self.client_id, self.secret)
+
+    def addresses(self) -> list[str]:
+        return [a for a in self.discovery.split(",") if a]
+
+    def used_at(self, address: str) -> Identity:
+        """The same identity, with `address` among its addresses."""
+        known = self.addresses()
+        new = [a for a in address.split(",") if a and a not in known]
+        return replace(self, discovery=",".join(known + new)) if new else self
 
 
 def identity_path(explicit: str | os.PathLike | None = None) -> Path:
@@ -35,34 +56,66 @@ def identity_path(explicit: str | os.PathLike | None = None) -> Path:
     return Path(chosen).expanduser()
 
 
-def load_identity(path: Path) -> Identity | None:
+def load_identities(path: Path) -> list[Identity]:
+    """Every identity in the file, oldest first; [] when there is no file."""
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        return None
+        return []
     except (OSError, ValueError) as error:
         raise ValueError(f"identity file {path} is unreadable: {error}") from None
     try:
-        return Identity(str(data["client_id"]), str(data["secret"]), str(data.get("discovery", "")))
-    except (KeyError, TypeError):
-        raise ValueError(f"identity file {path} lacks client_id or secret") from None
+        if isinstance(data, dict) and "identities" in data:
+            return [
+                Identity(
+                    str(e["client_id"]),
+                    str(e["secret"]),
+                    str(e.get("discovery", "")),
+                    UNKNOWN_LEDGER if ledger.startswith("unknown:") else ledger,
+                )
+                for ledger, e in data["identities"].items()
+            ]
+        discovery = str(data.get("discovery", ""))
+        return [Identity(str(data["client_id"]), str(data["secret"]), discovery)]
+    except (KeyError, TypeError, AttributeError):
+        raise ValueError(f"identity file {path} lacks a client_id or secret") from None
+
+
+def load_identity(path: Path, discovery: str | None = None) -> Identity | None:
+    """The identity to use at `discovery`: the one used there before, else
+    (when the file holds one, or no address is given) the newest."""
+    identities = load_identities(path)
+    if discovery:
+        wanted = set(discovery.split(","))
+        for identity in identities:
+            if wanted & set(identity.addresses()):
+                return identity
+    return identities[-1] if identities else None
 
 
 def save_identity(path: Path, identity: Identity) -> None:
-    """Write atomically with mode 0600: the secret is worth credits."""
+    """Add or update `identity` (by its ledger) in the file, keeping every
+    other ledger's; written atomically with mode 0600: a secret is worth
+    credits."""
+    kept = [
+        i
+        for i in load_identities(path)
+        if i.ledger_id != identity.ledger_id and i.client_id != identity.client_id
+    ]
+    entries = {
+        i.ledger_id or f"unknown:{i.client_id}": {
+            "client_id": i.client_id,
+            "secret": i.secret,
+            "discovery": i.discovery,
+        }
+        for i in [*kept, identity]
+    }
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".identity-")
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w") as handle:
-            json.dump(
-                {
-                    "client_id": identity.client_id,
-                    "secret": identity.secret,
-                    "discovery": identity.discovery,
-                },
-                handle,
-            )
+            json.dump({"identities": entries}, handle, indent=1)
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ClientInfo(_message.Message):
-    __slots__ = ("client_id", "credits", "address", "expiry_unix", "slots", "tasks_completed", "tasks_failed", "runtime", "busy_slots", "replication", "foreman_lease_seconds")
+    __slots__ = ("client_id", "credits", "address", "expiry_unix", "slots", "tasks_completed", "tasks_failed", "runtime", "busy_slots", "replication", "foreman_lease_seconds", "ledger_id")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     CREDITS_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class ClientInfo(_message.Message):
     BUSY_SLOTS_FIELD_NUMBER: _ClassVar[int]
     REPLICATION_FIELD_NUMBER: _ClassVar[int]
     FOREMAN_LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LEDGER_ID_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     credits: int
     address: str
@@ -30,21 +31,24 @@ class ClientInfo(_message.Message):
     busy_slots: int
     replication: int
     foreman_lease_seconds: int
-    def __init__(self, client_id: _Optional[str] = ..., credits: _Optional[int] = ..., address: _Optional[str] = ..., expiry_unix: _Optional[int] = ..., slots: _Optional[int] = ..., tasks_completed: _Optional[int] = ..., tasks_failed: _Optional[int] = ..., runtime: _Optional[str] = ..., busy_slots: _Optional[int] = ..., replication: _Optional[int] = ..., foreman_lease_seconds: _Optional[int] = ...) -> None: ...
+    ledger_id: str
+    def __init__(self, client_id: _Optional[str] = ..., credits: _Optional[int] = ..., address: _Optional[str] = ..., expiry_unix: _Optional[int] = ..., slots: _Optional[int] = ..., tasks_completed: _Optional[int] = ..., tasks_failed: _Optional[int] = ..., runtime: _Optional[str] = ..., busy_slots: _Optional[int] = ..., replication: _Optional[int] = ..., foreman_lease_seconds: _Optional[int] = ..., ledger_id: _Optional[str] = ...) -> None: ...
 
 class CreateClientRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class CreateClientResponse(_message.Message):
-    __slots__ = ("client_id", "secret", "info")
+    __slots__ = ("client_id", "secret", "info", "ledger_id")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SECRET_FIELD_NUMBER: _ClassVar[int]
     INFO_FIELD_NUMBER: _ClassVar[int]
+    LEDGER_ID_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     secret: str
     info: ClientInfo
-    def __init__(self, client_id: _Optional[str] = ..., secret: _Optional[str] = ..., info: _Optional[_Union[ClientInfo, _Mapping]] = ...) -> None: ...
+    ledger_id: str
+    def __init__(self, client_id: _Optional[str] = ..., secret: _Optional[str] = ..., info: _Optional[_Union[ClientInfo, _Mapping]] = ..., ledger_id: _Optional[str] = ...) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
     __slots__ = ("address", "ttl_seconds", "slots", "runtime")
