@@ -142,7 +142,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--discovery",
         default=os.environ.get("EC262_DISCOVERY", DEFAULT_DISCOVERY),
-        help="HOST:PORT of the discovery service (default: $EC262_DISCOVERY or %(default)s)",
+        help="HOST:PORT of the discovery service, or several front-ends of one ledger"
+        " (HOST:PORT,HOST:PORT) (default: $EC262_DISCOVERY or %(default)s)",
     )
     parser.add_argument("--slots", type=_positive, default=1, help="tasks run at once")
     parser.add_argument(
@@ -198,7 +199,8 @@ def _run_worker(args: argparse.Namespace) -> int:
     from ec262.addresses import split_address
     from worker_service.server import WorkerConfig, run
 
-    split_address(args.discovery)
+    for address in args.discovery.split(","):
+        split_address(address.strip())
     config = WorkerConfig(
         host=args.host,
         port=args.port,

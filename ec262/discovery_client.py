@@ -15,6 +15,7 @@ import grpc
 from ec262.errors import AuthenticationError
 from ec262.grpc_errors import error_from_rpc
 from ec262.identity import Identity, load_identities, save_identity
+from ec262.retry import TRANSIENT_CODES
 from ec262.v1 import discovery_pb2 as pb
 from ec262.v1 import discovery_pb2_grpc
 
@@ -29,19 +30,50 @@ def this_runtime() -> str:
 
 
 class DiscoveryClient:
-    """One channel to a discovery service, acting as one identity."""
+    """A discovery service, acting as one identity. `address` may list
+    several front-ends of one ledger, `HOST:PORT,HOST:PORT`: a call that finds
+    the current one unreachable moves on to the next (docs/protocol.md
+    section 9); the callers' retries do the waiting."""
 
     def __init__(
         self, address: str, identity: Identity | None = None, *, timeout: float = DEFAULT_TIMEOUT
     ) -> None:
-        self.address = address
+        self.addresses = [a.strip() for a in address.split(",") if a.strip()]
+        if not self.addresses:
+            raise ValueError("a discovery address is HOST:PORT (or several, comma-separated)")
+        self.address = ",".join(self.addresses)
         self.identity = identity
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address)
-        self._stub = discovery_pb2_grpc.DiscoveryStub(self._channel)
+        self._current = 0
+        self._channels: dict[str, grpc.Channel] = {}
+
+    @property
+    def _stub(self) -> discovery_pb2_grpc.DiscoveryStub:
+        address = self.addresses[self._current]
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.insecure_channel(address)
+        return discovery_pb2_grpc.DiscoveryStub(channel)
+
+    def _next_front_end(self, error: grpc.RpcError) -> bool:
+        """Move to the next address after a transient failure; False when
+        there is no other."""
+        if len(self.addresses) < 2 or error.code() not in TRANSIENT_CODES:
+            return False
+        failed = self.addresses[self._current]
+        self._current = (self._current + 1) % len(self.addresses)
+        logger.info(
+            "discovery %s unreachable (%s); trying %s",
+            failed,
+            error.code().name,
+            self.addresses[self._current],
+        )
+        return True
 
     def close(self) -> None:
-        self._channel.close()
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
 
     def __enter__(self) -> DiscoveryClient:
         return self
@@ -55,12 +87,16 @@ class DiscoveryClient:
             if self.identity is None:
                 raise AuthenticationError("this client has no identity yet")
             metadata = self.identity.metadata()
-        try:
-            return getattr(self._stub, method)(
-                request, metadata=metadata, timeout=timeout or self.timeout
-            )
-        except grpc.RpcError as error:
-            raise error_from_rpc(error) from None
+        for attempt in range(len(self.addresses)):
+            try:
+                return getattr(self._stub, method)(
+                    request, metadata=metadata, timeout=timeout or self.timeout
+                )
+            except grpc.RpcError as error:
+                if attempt + 1 < len(self.addresses) and self._next_front_end(error):
+                    continue
+                raise error_from_rpc(error) from None
+        raise AssertionError("unreachable")
 
     def create_client(self) -> Identity:
         made = self._call("CreateClient", pb.CreateClientRequest(), authenticated=False)
@@ -109,12 +145,11 @@ class DiscoveryClient:
         return identity
 
     def _call_as(self, identity: Identity, method: str, request):
+        saved, self.identity = self.identity, identity
         try:
-            return getattr(self._stub, method)(
-                request, metadata=identity.metadata(), timeout=self.timeout
-            )
-        except grpc.RpcError as error:
-            raise error_from_rpc(error) from None
+            return self._call(method, request)
+        finally:
+            self.identity = saved
 
     def get_client(self) -> pb.ClientInfo:
         return self._call("GetClient", pb.GetClientRequest())

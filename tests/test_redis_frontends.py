@@ -293,3 +293,19 @@ def test_an_unreachable_redis_is_a_clear_unavailable_and_changes_nothing(tmp_pat
             assert error.code() == grpc.StatusCode.UNAVAILABLE
             assert "Redis" in error.details() and "unreachable" in error.details()
         assert server.stop() == 0
+
+
+def test_a_client_given_both_front_ends_carries_on_when_one_dies(frontends, tmp_path):
+    """`HOST:PORT,HOST:PORT`: calls move to the next front-end of the ledger
+    when the current one is unreachable (docs/protocol.md section 9)."""
+    from ec262.discovery_client import DiscoveryClient
+
+    a, b = frontends
+    with DiscoveryClient(f"{a.server.address},{b.server.address}") as client:
+        identity = client.load_or_create_identity(tmp_path / "identity.json")
+        before = client.get_client().credits
+        a.server.process.send_signal(signal.SIGKILL)
+        a.server.process.wait(timeout=10)
+        assert client.get_client().credits == before  # answered by b
+        assert client.addresses[client._current] == b.server.address
+        assert client.identity == identity
