@@ -104,3 +104,50 @@ def test_a_killed_foreman_gives_back_its_credits_and_slots_within_the_lease(tmp_
         freed_after = _slots_free_within(cluster, LEASE + 5)
         _assert_nothing_in_escrow(cluster, identity)
         print(f"slots and credits back {freed_after:.1f} s after SIGKILL (lease {LEASE} s)")
+
+
+def test_a_job_survives_a_discovery_restart_mid_job(tmp_path):
+    """The discovery service SIGKILLed mid-job and back on the same port and
+    store 2 s later: the job still returns the right result (its RequestTasks
+    and SettleTask calls are retried, safe to repeat), and nothing is left
+    busy or in escrow. The old main lost the job with a raw UNAVAILABLE."""
+    import threading
+
+    import ec262
+    from ec262.processes import spawn_server
+    from tests.job_harness import sequential, stdlib_text, sum_reducer, word_mapper
+
+    with LocalCluster(workers=3, directory=str(tmp_path / "cluster")) as cluster:
+        identity = tmp_path / "foreman.json"
+        data = stdlib_text(2)
+        outcome: dict = {}
+
+        def job() -> None:
+            try:
+                outcome["result"] = ec262.Job(
+                    discovery=cluster.address, identity=identity, progress=False,
+                    chunk_bytes=8192, mapper=word_mapper, reducer=sum_reducer,
+                ).run(data)  # fmt: skip
+            except BaseException as error:
+                outcome["result"] = error
+
+        runner = threading.Thread(target=job, daemon=True)
+        runner.start()
+        deadline = time.monotonic() + 60
+        while _busy(cluster)[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)  # watching for the job's tasks
+        assert runner.is_alive(), "the job ended before the fault"
+        port = cluster.address.rsplit(":", 1)[1]
+        cluster.discovery.process.send_signal(signal.SIGKILL)
+        cluster.discovery.process.wait(timeout=10)
+        time.sleep(2)  # the outage itself
+        cluster.discovery = spawn_server(
+            ["discovery", "--port", port, "--store",
+             f"sqlite:///{cluster.directory / 'ledger.sqlite3'}",
+             "--starting-credits", str(cluster.starting_credits)],
+        )  # fmt: skip
+        runner.join(120)
+        assert not runner.is_alive()
+        assert outcome["result"] == sequential(data, word_mapper, sum_reducer), outcome["result"]
+        _slots_free_within(cluster, 5)
+        _assert_nothing_in_escrow(cluster, identity)
