@@ -27,7 +27,7 @@ from ec262.remote_errors import is_error_document
 from tests.processes import ROOT
 from worker_service.mapreduce import MAP
 from worker_service.sandbox.policy import SandboxLimits
-from worker_service.sandbox.pool import SandboxPool, SandboxResult
+from worker_service.sandbox.pool import ReportsLayers, SandboxPool, SandboxResult
 from worker_service.sandbox.zygote import _limits_to_json
 
 TASK_TIMEOUT = 3.0
@@ -188,7 +188,7 @@ def _disable_audit_hook():
 UNPRIVILEGED_UID = 65534  # nobody
 
 
-class RemotePool:
+class RemotePool(ReportsLayers):
     """A SandboxPool in a process of another uid, with the same methods the
     tests use."""
 
@@ -223,14 +223,6 @@ class RemotePool:
             info["pid"],
             info["zygote_pid"],
         )
-
-    @property
-    def seccomp_active(self) -> bool | None:
-        return None if self.layers is None else bool(self.layers.get("seccomp"))
-
-    @property
-    def landlock_abi(self) -> int:
-        return 0 if self.layers is None else int(self.layers.get("landlock", 0))
 
     def close(self) -> None:
         with contextlib.suppress(OSError, EOFError):

@@ -217,24 +217,8 @@ def test_a_request_naming_another_foreman_is_permission_denied(cluster):
     task, workers = new_task(cluster)
     worker = workers[0]
     impostor = "00000000-0000-4000-8000-0000000000ff"
-    channel = grpc.insecure_channel(worker.address)
-    try:
-        payload = pack_functions(word_count_mapper)
-        request = worker_pb2.AssignTaskRequest(
-            task_id=task.task_id,
-            job_id="job-1",
-            phase=1,
-            function=payload,
-            function_sha256=digest(payload),
-            rows=encode_pairs(TEXT),
-            result_address=cluster.foreman_address,
-            foreman_id=impostor,
-            submit_token="t",
-        )
-        with pytest.raises(grpc.RpcError) as caught:
-            worker_pb2_grpc.WorkerStub(channel).AssignTask(request, timeout=10)
-    finally:
-        channel.close()
+    with pytest.raises(grpc.RpcError) as caught:
+        cluster.assign(worker, task.task_id, word_count_mapper, rows=TEXT, foreman_id=impostor)
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert impostor in caught.value.details()
     worker.server.wait_for(f"refused task {task.task_id}")
@@ -248,25 +232,8 @@ def test_a_worker_stops_retrying_a_dead_foreman_once_the_task_is_closed(cluster)
     expired, or its foreman's lease gone), the slot is free within 5 s."""
     task, workers = new_task(cluster)
     worker = workers[0]
-    payload = pack_functions(word_count_mapper)
-    channel = grpc.insecure_channel(worker.address)
-    try:
-        worker_pb2_grpc.WorkerStub(channel).AssignTask(
-            worker_pb2.AssignTaskRequest(
-                task_id=task.task_id,
-                job_id="job-1",
-                phase=1,
-                function=payload,
-                function_sha256=digest(payload),
-                rows=encode_pairs(TEXT),
-                result_address="127.0.0.1:1",  # nobody listens there
-                foreman_id=cluster.foreman.client_id,
-                submit_token="t",
-            ),
-            timeout=10,
-        )
-    finally:
-        channel.close()
+    # nobody listens at 127.0.0.1:1
+    cluster.assign(worker, task.task_id, word_count_mapper, rows=TEXT, result_address="127.0.0.1:1")
     worker.server.wait_for(f"SubmitResult({task.task_id}) to 127.0.0.1:1 failed")
     assert _status(worker).busy_slots == 1  # still retrying: the task is open
     cluster.discovery.settle(cluster.foreman, task.task_id, valid=False)

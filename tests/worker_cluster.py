@@ -59,6 +59,8 @@ class Cluster:
         send_payload: bool = True,
         token=None,
         combiner=None,
+        foreman_id: str | None = None,
+        result_address: str | None = None,
     ) -> worker_pb2.AssignTaskResponse:
         payload = payload if payload is not None else pack_functions(function, combiner)
         token = token or secrets.token_hex(8)
@@ -73,8 +75,8 @@ class Cluster:
                 function=payload if send_payload else b"",
                 function_sha256=digest(payload),
                 rows=encode_pairs(rows),
-                result_address=self.foreman_address,
-                foreman_id=self.foreman.client_id,
+                result_address=result_address or self.foreman_address,
+                foreman_id=foreman_id or self.foreman.client_id,
                 submit_token=token,
             ),
             timeout=10,

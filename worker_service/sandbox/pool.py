@@ -101,7 +101,21 @@ def log_layers(layers: dict) -> None:
         logger.warning("sandbox layer unavailable: %s", problem)
 
 
-class SandboxPool:
+class ReportsLayers:
+    """What a pool's first sandbox said of its layers, read two common ways."""
+
+    layers: dict | None
+
+    @property
+    def seccomp_active(self) -> bool | None:
+        return None if self.layers is None else bool(self.layers.get("seccomp"))
+
+    @property
+    def landlock_abi(self) -> int:
+        return 0 if self.layers is None else int(self.layers.get("landlock", 0))
+
+
+class SandboxPool(ReportsLayers):
     """At most `size` sandbox processes; idle ones kept per digest."""
 
     def __init__(self, limits: SandboxLimits, *, size: int = 2) -> None:
@@ -176,14 +190,6 @@ class SandboxPool:
     @property
     def zygote_pid(self) -> int | None:
         return None if self._zygote is None else self._zygote.process.pid
-
-    @property
-    def seccomp_active(self) -> bool | None:
-        return None if self.layers is None else bool(self.layers.get("seccomp"))
-
-    @property
-    def landlock_abi(self) -> int:
-        return 0 if self.layers is None else int(self.layers.get("landlock", 0))
 
     def probe(self) -> dict:
         """Start one sandbox (kept idle for the first task) so the layers in
