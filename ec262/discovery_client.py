@@ -81,12 +81,22 @@ class DiscoveryClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: str, request, *, authenticated: bool = True, timeout=None):
+    def _call(
+        self,
+        method: str,
+        request,
+        *,
+        authenticated: bool = True,
+        timeout=None,
+        identity: Identity | None = None,
+    ):
+        """`identity` (default: the client's own) signs the call."""
         metadata = None
         if authenticated:
-            if self.identity is None:
+            identity = identity or self.identity
+            if identity is None:
                 raise AuthenticationError("this client has no identity yet")
-            metadata = self.identity.metadata()
+            metadata = identity.metadata()
         for attempt in range(len(self.addresses)):
             try:
                 return getattr(self._stub, method)(
@@ -118,7 +128,7 @@ class DiscoveryClient:
         ]  # fmt: skip
         for identity in reversed(here):
             try:
-                info = self._call_as(identity, "GetClient", pb.GetClientRequest())
+                info = self._call("GetClient", pb.GetClientRequest(), identity=identity)
             except AuthenticationError:
                 continue  # this address serves another ledger now
             known = replace(identity, ledger_id=info.ledger_id or identity.ledger_id)
@@ -143,13 +153,6 @@ class DiscoveryClient:
             save_identity(path, identity)
         self.identity = identity
         return identity
-
-    def _call_as(self, identity: Identity, method: str, request):
-        saved, self.identity = self.identity, identity
-        try:
-            return self._call(method, request)
-        finally:
-            self.identity = saved
 
     def get_client(self) -> pb.ClientInfo:
         return self._call("GetClient", pb.GetClientRequest())

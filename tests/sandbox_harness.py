@@ -183,6 +183,17 @@ def _disable_audit_hook():
     raise AssertionError("could not find the audit hook")
 
 
+def unhooked_fork(key, value):
+    """A fork with the audit hook out of the way: seccomp, or else the
+    cgroup's process count, must refuse it."""
+    _disable_audit_hook()
+    os = _modules()["os"]
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    yield "forked", pid
+
+
 # -- pools: this process's, or one of another uid --------------------------------
 
 UNPRIVILEGED_UID = 65534  # nobody

@@ -400,9 +400,7 @@ def test_a_repeated_request_id_returns_the_same_tasks_and_charges_once(discovery
     [{"n": 1}, {"exclude_workers": ["00000000-0000-4000-8000-000000000001"]}],
     ids=["other-n", "other-exclusions"],
 )
-def test_a_request_id_reused_for_another_request_is_invalid_and_charges_nothing(
-    discovery, change
-):
+def test_a_request_id_reused_for_another_request_is_invalid_and_charges_nothing(discovery, change):
     foreman = discovery.client()
     for _ in range(3):
         discovery.worker(slots=4)

@@ -54,6 +54,7 @@ from tests.sandbox_harness import (
     pool_owner,
     run_attack,
     start_pool,
+    unhooked_fork,
 )
 from worker_service.mapreduce import MAP
 from worker_service.sandbox.pool import SandboxPool
@@ -387,15 +388,6 @@ def unhooked_os_open_creat(key, value):
     os = _modules()["os"]
     fd = os.open(value["dir"] + "/pwned", os.O_WRONLY | os.O_CREAT, 0o644)
     yield "fd", fd
-
-
-def unhooked_fork(key, value):
-    _disable_audit_hook()
-    os = _modules()["os"]
-    pid = os.fork()
-    if pid == 0:
-        os._exit(0)
-    yield "forked", pid
 
 
 def unhooked_execv(key, value):

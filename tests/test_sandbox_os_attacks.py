@@ -18,6 +18,7 @@ worker's (tests/sandbox_harness.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import platform
@@ -36,11 +37,13 @@ from tests.sandbox_harness import (
     _modules,
     assert_contained,
     assert_nothing_outside_changed,
+    assert_still_serving,
     outside_state,
     pool_kinds,
     pool_owner,
     run_attack,
     start_pool,
+    unhooked_fork,
 )
 from worker_service.mapreduce import MAP
 
@@ -68,8 +71,6 @@ def target(pool):
 def outside(pool):
     """The state outside the sandbox, taken with a sandbox already started
     (so the zygote exists), and checked again after the test."""
-    from tests.sandbox_harness import assert_still_serving
-
     assert_still_serving(pool)
     before = outside_state(pool)
     yield before
@@ -302,49 +303,43 @@ def test_as_measured_with_the_hook_off(pool, target, outside, attack):
 # -- layers one at a time ---------------------------------------------------------------
 
 
-def _layer_pool(pool, *off: str):
+@contextlib.contextmanager
+def _without_seccomp(pool, namespace: str):
+    """A pool like `pool` (root's or not) with seccomp off, started, skipping
+    the test where the kernel gave no `namespace` namespace; closed after."""
     kind = "root" if pool_owner(pool) == 0 else "unprivileged"
-    return start_pool(kind, dataclasses.replace(LIMITS, layers_off=frozenset(off)))
+    layer_pool = start_pool(kind, dataclasses.replace(LIMITS, layers_off=frozenset({"seccomp"})))
+    try:
+        assert_still_serving(layer_pool)
+        if namespace not in layer_pool.layers["namespaces"]:
+            pytest.skip(f"no {namespace} namespace here: {layer_pool.layers['problems']}")
+        yield layer_pool
+    finally:
+        layer_pool.close()
 
 
 def test_ipc_namespace_alone_keeps_shared_memory_off_the_host(pool, target):
     """With seccomp switched off, shmget succeeds, but in the sandbox's own
     IPC namespace: the host never sees a segment, and it dies with the
     sandbox."""
-    layer_pool = _layer_pool(pool, "seccomp")
-    try:
-        from tests.sandbox_harness import assert_still_serving
-
-        assert_still_serving(layer_pool)
-        if "ipc" not in layer_pool.layers["namespaces"]:
-            pytest.skip(f"no IPC namespace here: {layer_pool.layers['problems']}")
+    with _without_seccomp(pool, "ipc") as layer_pool:
         before = outside_state(layer_pool)
         aim_at(target, layer_pool, megabytes=50)
         result = run_attack(layer_pool, sysv_shared_memory, target)
         error = assert_contained(layer_pool, target, result)
         assert "tampering detected" in error["message"], error
         assert_nothing_outside_changed(before, layer_pool)
-    finally:
-        layer_pool.close()
 
 
 def test_pid_namespace_alone_hides_the_worker(pool, target):
     """With seccomp switched off, kill(2) is allowed, but the worker and the
     zygote do not exist in the sandbox's pid namespace."""
-    layer_pool = _layer_pool(pool, "seccomp")
-    try:
-        from tests.sandbox_harness import assert_still_serving
-
-        assert_still_serving(layer_pool)
-        if "pid" not in layer_pool.layers["namespaces"]:
-            pytest.skip(f"no pid namespace here: {layer_pool.layers['problems']}")
+    with _without_seccomp(pool, "pid") as layer_pool:
         before = outside_state(layer_pool)
         aim_at(target, layer_pool, nr=62, args=[ZYGOTE, signal.SIGKILL], name="kill")
         error = assert_contained(layer_pool, target, run_attack(layer_pool, raw_syscall, target))
         assert "kill: No such process" in error["message"], error
         assert_nothing_outside_changed(before, layer_pool)
-    finally:
-        layer_pool.close()
 
 
 @pytest.mark.parametrize("name", ["reboot", "settimeofday", "fanotify_init", "syslog"])
@@ -361,8 +356,6 @@ def test_no_capabilities_alone_refuses_privileged_calls(name):
     for off, refused in ((weakened, True), (weakened | {"capabilities"}, False)):
         weak = start_pool("root", dataclasses.replace(LIMITS, layers_off=frozenset(off)))
         try:
-            from tests.sandbox_harness import assert_still_serving
-
             assert_still_serving(weak)
             aim_at(target, weak, nr=nr, args=args, name=name)
             result = run_attack(weak, raw_syscall, target)
@@ -447,15 +440,6 @@ def test_no_timer_or_handler_survives_in_an_idle_sandbox(pool, target, outside):
 # -- the control group -------------------------------------------------------------------
 
 
-def fork_once(key, value):
-    _disable_audit_hook()
-    os = _modules()["os"]
-    pid = os.fork()
-    if pid == 0:
-        os._exit(0)
-    yield "forked", pid
-
-
 def test_a_cgroup_bounds_each_sandbox_and_goes_with_it():
     """Where the worker can make control groups (root here): each sandbox is
     born in a group of its own with the memory limit and a process count of
@@ -467,8 +451,6 @@ def test_a_cgroup_bounds_each_sandbox_and_goes_with_it():
     own = SandboxPool(dataclasses.replace(LIMITS, layers_off=frozenset({"seccomp"})), size=1)
     target = Target(os.geteuid())
     try:
-        from tests.sandbox_harness import assert_still_serving
-
         assert_still_serving(own)
         if not own.layers["cgroup"].startswith(("v1", "v2")):
             pytest.skip(f"no cgroup for sandboxes here: {own.layers['cgroup']}")
@@ -487,7 +469,7 @@ def test_a_cgroup_bounds_each_sandbox_and_goes_with_it():
         assert limits.get("pids.max") == SANDBOX_PIDS, limits
         memory = limits.get("memory.limit_in_bytes", limits.get("memory.max"))
         assert memory == LIMITS.memory_limit_mb << 20, limits
-        result = run_attack(own, fork_once, target)
+        result = run_attack(own, unhooked_fork, target)
         assert not result.ok
         assert b"Resource temporarily unavailable" in result.plaintext, result.plaintext
     finally:

@@ -48,26 +48,26 @@ class _Sandbox:
         self.failure: SandboxResult | None = None
         self.timed_out = False
 
+    def _signal(self, number: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, number)
+
     def expire(self) -> None:
         """The watchdog's action: the task ran out of time."""
         self.timed_out = True
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
+        self._signal(signal.SIGKILL)
 
     def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
+        self._signal(signal.SIGKILL)
         self.conn.close()
 
     def pause(self) -> None:
         """An idle sandbox does not run: whatever user code left behind
         (a loop after a forged reply) stops until the next task."""
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGSTOP)
+        self._signal(signal.SIGSTOP)
 
     def resume(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGCONT)
+        self._signal(signal.SIGCONT)
 
 
 def _failure(type_name: str, message: str) -> SandboxResult:
