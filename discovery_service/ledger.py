@@ -23,8 +23,10 @@ from discovery_service.store import (
     Candidate,
     ClientRecord,
     LedgerStore,
+    ReplicaRequest,
     Settlement,
     TaskRequest,
+    WorkerRef,
 )
 from ec262 import auth
 from ec262.addresses import split_address
@@ -40,6 +42,9 @@ MAX_SLOTS = 1024
 MAX_RUNTIME_LENGTH = 64
 MAX_REQUEST_ID_LENGTH = 64
 MAX_VERIFIED_CREDENTIALS = 100_000
+# A task holds at most this many times the replication in workers at once
+# (speculative replicas beside slow ones), so AddReplica cannot grow it for ever.
+MAX_WORKERS_PER_REPLICA = 2
 LEASE_RENEWAL_INTERVAL = 1.0  # seconds
 SWEEP_INTERVAL = 0.5  # seconds between the server's sweeps of expired tasks and leases
 _RUNTIME = re.compile(r"[a-z][a-z0-9_]*-[0-9]{1,4}\.[0-9]{1,4}")
@@ -89,6 +94,14 @@ def check_client_ids(ids: Iterable[str], *, field: str) -> frozenset[str]:
         shown = client_id if len(client_id) <= 40 else client_id[:40] + "..."
         raise InvalidRequest(f"{field} entry {shown!r} is not a client id (a lowercase UUID)")
     return frozenset(ids)
+
+
+def check_request_id(request_id: str) -> str:
+    if len(request_id) > MAX_REQUEST_ID_LENGTH or not request_id.isprintable():
+        raise InvalidRequest(
+            f"request_id must be 1 to {MAX_REQUEST_ID_LENGTH} printable characters"
+        )
+    return request_id
 
 
 def check_runtime(runtime: str) -> str:
@@ -287,10 +300,7 @@ class Ledger:
             raise InvalidRequest(
                 f"n must be between 1 and {MAX_TASKS_PER_REQUEST} (0 means 1), not {n}"
             )
-        if len(request_id) > MAX_REQUEST_ID_LENGTH or not request_id.isprintable():
-            raise InvalidRequest(
-                f"request_id must be 1 to {MAX_REQUEST_ID_LENGTH} printable characters"
-            )
+        check_request_id(request_id)
         now = self._clock()
         request = TaskRequest(
             foreman_id=foreman_id,
@@ -325,13 +335,67 @@ class Ledger:
             raise UnknownTask(f"no open task {task_id} is assigned to you")
         return found
 
+    def add_replica(
+        self,
+        foreman_id: str,
+        task_id: str,
+        *,
+        exclude_workers: Sequence[str],
+        release_workers: Sequence[str],
+        runtime: str,
+        request_id: str = "",
+    ) -> tuple[WorkerRef | None, int]:
+        """One more worker for an open task (docs/protocol.md section 9):
+        the foreman releases the replicas that never started or that it
+        cancelled, and gets a replacement; None when no worker is free."""
+        check_task_id(task_id)
+        check_request_id(request_id)
+        request = ReplicaRequest(
+            foreman_id=foreman_id,
+            task_id=task_id,
+            exclude_workers=check_client_ids(exclude_workers, field="exclude_workers"),
+            release_workers=check_client_ids(release_workers, field="release_workers"),
+            runtime=check_runtime(runtime),
+            now=self._clock(),
+            max_workers=MAX_WORKERS_PER_REPLICA * self.config.replication,
+            request_id=request_id,
+        )
+        found = self.store.add_replica(request, choose_workers)
+        if found is None:
+            raise UnknownTask(f"you have no open task {task_id} to add a replica to")
+        worker, credits = found
+        logger.debug(
+            "task %s: released %s, added %s",
+            task_id,
+            sorted(request.release_workers) or "none",
+            worker.client_id if worker else "none (no free worker)",
+        )
+        return worker, credits
+
     def settle_task(
-        self, foreman_id: str, task_id: str, *, valid: bool, missing: Sequence[str]
+        self,
+        foreman_id: str,
+        task_id: str,
+        *,
+        valid: bool,
+        missing: Sequence[str],
+        released: Sequence[str] = (),
     ) -> Settlement:
         check_task_id(task_id)
         missing_ids = check_client_ids(missing, field="missing")
+        released_ids = check_client_ids(released, field="released")
+        if missing_ids & released_ids:
+            raise InvalidRequest(
+                "a worker cannot be both missing and released: "
+                + ", ".join(sorted(missing_ids & released_ids))
+            )
         settlement = self.store.settle_task(
-            foreman_id, task_id, valid=valid, missing=missing_ids, now=self._clock()
+            foreman_id,
+            task_id,
+            valid=valid,
+            missing=missing_ids,
+            now=self._clock(),
+            released=released_ids,
         )
         if settlement is None:
             raise UnknownTask(f"you have no open task {task_id} to settle")

@@ -41,15 +41,17 @@ from discovery_service.store import (
     LedgerStore,
     LedgerTotals,
     NewTask,
+    ReplicaRequest,
     Settlement,
     TaskRequest,
     WorkerRef,
     assignments_from_text,
     insufficient_credits,
+    not_assigned,
     request_mismatch,
     settle_conflict,
 )
-from ec262.errors import InvalidRequest, ServiceUnavailable
+from ec262.errors import InsufficientCredits, InvalidRequest, ServiceUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -209,8 +211,8 @@ return out
 """
 )
 
-# ARGV: prefix, foreman, task id, valid ('1' or '0'), now, missing (sorted,
-# space-separated; empty for an invalid settle)
+# ARGV: prefix, foreman, task id, valid ('1' or '0'), now, missing and
+# released (each sorted, space-separated; empty for an invalid settle)
 _SETTLE = (
     _EXPIRE
     + """
@@ -221,22 +223,31 @@ local h = redis.call('HMGET', t, 'foreman_id', 'key', 'escrow', 'workers', 'expi
 if not h[1] or h[1] ~= foreman then
   local s = redis.call('HMGET', prefix .. 's:' .. tid, 'foreman_id', 'valid', 'missing', 'key')
   if not s[1] or s[1] ~= foreman then return {'NOTFOUND'} end
-  if s[2] ~= ARGV[4] or s[3] ~= ARGV[6] then return {'CONFLICT', s[2], s[3]} end
+  local let_go = redis.call('HGET', prefix .. 's:' .. tid, 'released') or ''
+  if s[2] ~= ARGV[4] or s[3] ~= ARGV[6] or let_go ~= ARGV[7] then
+    return {'CONFLICT', s[2], s[3]}
+  end
   local balance = redis.call('HGET', prefix .. 'c:' .. foreman, 'credits')
   if valid then return {'OK', balance, s[4]} end
   return {'OK', balance}
 end
 local workers, list = {}, {}
 for w in string.gmatch(h[4], '%S+') do workers[w] = true; table.insert(list, w) end
-local missing, strangers = {}, {}
+local missing, released, strangers = {}, {}, {}
 for w in string.gmatch(ARGV[6], '%S+') do
   if workers[w] then missing[w] = true else table.insert(strangers, w) end
 end
-if #strangers > 0 then return {'STRANGERS', table.concat(strangers, ' ')} end
+if #strangers > 0 then return {'STRANGERS', 'missing', table.concat(strangers, ' ')} end
+for w in string.gmatch(ARGV[7], '%S+') do
+  if workers[w] then released[w] = true else table.insert(strangers, w) end
+end
+if #strangers > 0 then return {'STRANGERS', 'released', table.concat(strangers, ' ')} end
 local refund = tonumber(h[3])
 for _, w in ipairs(list) do
   local c = prefix .. 'c:' .. w
-  if valid and missing[w] then
+  if valid and released[w] then
+    -- neither paid nor failed: its credit stays in the refund
+  elseif valid and missing[w] then
     redis.call('HINCRBY', c, 'tasks_failed', 1)
   elseif valid then
     redis.call('HINCRBY', c, 'credits', 1)
@@ -249,12 +260,83 @@ redis.call('DEL', t)
 redis.call('ZREM', prefix .. 'texp', tid)
 redis.call('SREM', prefix .. 'ft:' .. foreman, tid)
 local s = prefix .. 's:' .. tid
-redis.call('HSET', s, 'foreman_id', foreman, 'valid', ARGV[4], 'missing', ARGV[6])
+redis.call('HSET', s, 'foreman_id', foreman, 'valid', ARGV[4], 'missing', ARGV[6],
+  'released', ARGV[7])
 if valid then redis.call('HSET', s, 'key', h[2]) end
 redis.call('ZADD', prefix .. 'sexp', h[5], tid)
 local after = redis.call('HINCRBY', prefix .. 'c:' .. foreman, 'credits', refund)
 if valid then return {'OK', after, h[2]} end
 return {'OK', after}
+"""
+)
+
+# ARGV: prefix, foreman, task id, now, runtime, exclude and release (each
+# sorted, space-separated), request id ('' for none), the remembered form of
+# the request, the most workers a task holds, one uniform random number.
+_REPLICA = (
+    _EXPIRE
+    + """
+local prefix, foreman, tid, now, runtime = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local rid, remembered, most = ARGV[8], ARGV[9], tonumber(ARGV[10])
+expire(prefix, now)
+local fkey = prefix .. 'c:' .. foreman
+local rname = foreman .. ':' .. rid
+if rid ~= '' then
+  local seen = redis.call('HMGET', prefix .. 'r:' .. rname, 'exclude', 'reply')
+  if seen[1] then
+    if seen[1] ~= remembered then return {'MISMATCH'} end
+    return {'REPEAT', redis.call('HGET', fkey, 'credits'), seen[2]}
+  end
+end
+local t = prefix .. 't:' .. tid
+local h = redis.call('HMGET', t, 'foreman_id', 'escrow', 'workers', 'expiry_unix')
+if not h[1] or h[1] ~= foreman then return {'NOTFOUND'} end
+local in_task, kept, excluded = {}, {}, {}
+for w in string.gmatch(h[3], '%S+') do in_task[w] = true; excluded[w] = true end
+for w in string.gmatch(ARGV[6], '%S+') do excluded[w] = true end
+local release, strangers, released = {}, {}, 0
+for w in string.gmatch(ARGV[7], '%S+') do
+  if in_task[w] then release[w] = true else table.insert(strangers, w) end
+end
+if #strangers > 0 then return {'STRANGERS', table.concat(strangers, ' ')} end
+for w in string.gmatch(h[3], '%S+') do
+  if release[w] then released = released + 1 else table.insert(kept, w) end
+end
+local balance = tonumber(redis.call('HGET', fkey, 'credits'))
+if balance + released < 1 then return {'INSUFFICIENT', balance} end
+for w, _ in pairs(release) do redis.call('HINCRBY', prefix .. 'c:' .. w, 'busy_slots', -1) end
+local chosen, address = '', ''
+if #kept < most then
+  redis.call('ZREMRANGEBYSCORE', prefix .. 'pool', '-inf', now)
+  local avail, addr = {}, {}
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', prefix .. 'pool', '(' .. now, '+inf')) do
+    if id ~= foreman and not excluded[id] then
+      local c = redis.call('HMGET', prefix .. 'c:' .. id, 'slots', 'busy_slots', 'address',
+        'runtime')
+      if tonumber(c[1]) > tonumber(c[2]) and (runtime == '' or c[4] == runtime) then
+        table.insert(avail, id); addr[id] = c[3]
+      end
+    end
+  end
+  if #avail > 0 then
+    chosen = avail[1 + math.floor(tonumber(ARGV[11]) * #avail)]
+    address = addr[chosen]
+    table.insert(kept, chosen)
+    redis.call('HINCRBY', prefix .. 'c:' .. chosen, 'busy_slots', 1)
+  end
+end
+local added = chosen ~= '' and 1 or 0
+redis.call('HSET', t, 'escrow', tonumber(h[2]) - released + added, 'workers',
+  table.concat(kept, ' '))
+local after = redis.call('HINCRBY', fkey, 'credits', released - added)
+if rid ~= '' then
+  local reply = ''
+  if chosen ~= '' then reply = tid .. '\\t' .. chosen .. '\\t' .. address end
+  redis.call('HSET', prefix .. 'r:' .. rname, 'n', '0', 'exclude', remembered, 'reply', reply,
+    'expiry', h[4])
+  redis.call('ZADD', prefix .. 'rexp', h[4], rname)
+end
+return {'OK', after, chosen, address}
 """
 )
 
@@ -334,6 +416,7 @@ class RedisStore(LedgerStore):
         self._register = self._redis.register_script(_REGISTER)
         self._assign = self._redis.register_script(_ASSIGN)
         self._settle = self._redis.register_script(_SETTLE)
+        self._replica = self._redis.register_script(_REPLICA)
         self._restart_leases = self._redis.register_script(_RESTART_LEASES)
         self._expire_all = self._redis.register_script(_EXPIRE_ALL)
         self._random = random.SystemRandom()
@@ -454,8 +537,7 @@ class RedisStore(LedgerStore):
     @_unavailable_is_clear
     def live_workers(self, foreman_id: str, runtime: str, now: float) -> int:
         ids = [
-            i.decode()
-            for i in self._redis.zrangebyscore(f"{self.prefix}pool", f"({now!r}", "+inf")
+            i.decode() for i in self._redis.zrangebyscore(f"{self.prefix}pool", f"({now!r}", "+inf")
         ]
         ids = [i for i in ids if i != foreman_id]
         if not runtime or not ids:
@@ -471,13 +553,20 @@ class RedisStore(LedgerStore):
         key, foreman, expiry, workers = self._redis.hmget(
             f"{self.prefix}t:{task_id}", "key", "foreman_id", "expiry_unix", "workers"
         )
-        if key is None or _num(expiry) <= now or worker_id not in workers.decode().split(" "):
+        if key is None or _num(expiry) <= now or worker_id not in workers.decode().split():
             return None
         return key, foreman.decode()
 
     @_unavailable_is_clear
     def settle_task(
-        self, foreman_id: str, task_id: str, *, valid: bool, missing: frozenset[str], now: float
+        self,
+        foreman_id: str,
+        task_id: str,
+        *,
+        valid: bool,
+        missing: frozenset[str],
+        now: float,
+        released: frozenset[str] = frozenset(),
     ) -> Settlement | None:
         reply = self._settle(
             args=[
@@ -487,6 +576,7 @@ class RedisStore(LedgerStore):
                 "1" if valid else "0",
                 self._now(now),
                 " ".join(sorted(missing)) if valid else "",
+                " ".join(sorted(released)) if valid else "",
             ]
         )
         status = reply[0]
@@ -495,11 +585,44 @@ class RedisStore(LedgerStore):
         if status == b"CONFLICT":
             raise settle_conflict(task_id, reply[1] == b"1", reply[2].decode())
         if status == b"STRANGERS":
-            raise InvalidRequest(
-                "missing names workers that are not assigned to task "
-                f"{task_id}: {', '.join(sorted(reply[1].decode().split(' ')))}"
-            )
+            raise not_assigned(task_id, reply[1].decode(), reply[2].decode().split())
         return Settlement(key=reply[2] if valid else None, credits=int(reply[1]))
+
+    @_unavailable_is_clear
+    def add_replica(
+        self, request: ReplicaRequest, choose: ChooseWorkers
+    ) -> tuple[WorkerRef | None, int] | None:
+        # `choose` is the SQLite store's draw; here a uniform draw runs in
+        # the script, as for RequestTasks.
+        reply = self._replica(
+            args=[
+                self.prefix,
+                request.foreman_id,
+                request.task_id,
+                self._now(request.now),
+                request.runtime,
+                " ".join(sorted(request.exclude_workers)),
+                " ".join(sorted(request.release_workers)),
+                request.request_id,
+                request.remembered_as(),
+                request.max_workers,
+                repr(self._random.random()),
+            ]
+        )
+        status = reply[0]
+        if status == b"NOTFOUND":
+            return None
+        if status == b"MISMATCH":
+            raise InvalidRequest(f"request_id {request.request_id!r} was used for another request")
+        if status == b"STRANGERS":
+            raise not_assigned(request.task_id, "release_workers", reply[1].decode().split())
+        if status == b"INSUFFICIENT":
+            raise InsufficientCredits(1, int(reply[1]), "not enough credits: a replica costs 1")
+        if status == b"REPEAT":
+            made = assignments_from_text(reply[2].decode(), 0.0)
+            return (made[0].workers[0] if made else None), int(reply[1])
+        chosen = reply[2].decode()
+        return (WorkerRef(chosen, reply[3].decode()) if chosen else None), int(reply[1])
 
     @_unavailable_is_clear
     def expire_tasks(self, now: float) -> int:

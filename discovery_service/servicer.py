@@ -118,5 +118,20 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
             request.task_id,
             valid=request.valid,
             missing=request.missing,
+            released=request.released,
         )
         return pb.SettleTaskResponse(key=settlement.key or b"", credits=settlement.credits)
+
+    @translate_errors
+    async def AddReplica(self, request, context):
+        worker, _ = self._ledger.add_replica(
+            self._caller(context),
+            request.task_id,
+            exclude_workers=request.exclude_workers,
+            release_workers=request.release_workers,
+            runtime=request.runtime,
+            request_id=request.request_id,
+        )
+        if worker is None:
+            return pb.WorkerRef()
+        return pb.WorkerRef(client_id=worker.client_id, address=worker.address)

@@ -30,20 +30,22 @@ from discovery_service.store import (
     LedgerStore,
     LedgerTotals,
     NewTask,
+    ReplicaRequest,
     Settlement,
     TaskRequest,
     WorkerRef,
     assignments_from_text,
     assignments_text,
     insufficient_credits,
+    not_assigned,
     request_mismatch,
     settle_conflict,
 )
-from ec262.errors import InvalidRequest
+from ec262.errors import InsufficientCredits, InvalidRequest
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: settled.released
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 _SCHEMA = """
@@ -86,6 +88,7 @@ CREATE TABLE IF NOT EXISTS settled (  -- settles remembered, for repeats
     foreman_id  TEXT NOT NULL,
     valid       INTEGER NOT NULL,
     missing     TEXT NOT NULL,  -- sorted ids, space-separated
+    released    TEXT NOT NULL DEFAULT '',  -- sorted ids, space-separated
     key         BLOB,
     expiry_unix REAL NOT NULL
 ) WITHOUT ROWID;
@@ -160,6 +163,8 @@ class SqliteStore(LedgerStore):
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
+            if version == 1:
+                db.execute("ALTER TABLE settled ADD COLUMN released TEXT NOT NULL DEFAULT ''")
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             earliest = self._earliest_expiry(db)
         # The earliest expiry of any open or remembered task: until then no
@@ -278,19 +283,9 @@ class SqliteStore(LedgerStore):
                     "SELECT credits FROM clients WHERE client_id = ?", (request.foreman_id,)
                 ).fetchone()
                 raise insufficient_credits(request, balance)
-            query = (
-                "SELECT client_id, address, slots - busy_slots FROM clients"
-                " WHERE expiry_unix > ? AND busy_slots < slots AND client_id != ?"
+            candidates = self._candidates(
+                db, request.now, request.foreman_id, request.runtime, request.exclude_workers
             )
-            args: tuple = (request.now, request.foreman_id)
-            if request.runtime:
-                query += " AND runtime = ?"
-                args += (request.runtime,)
-            candidates = [
-                Candidate(*row)
-                for row in db.execute(query, args)
-                if row[0] not in request.exclude_workers
-            ]
             groups = choose(candidates, request.n, request.replication)
             assignments: list[Assignment] = []
             rows = []
@@ -348,6 +343,97 @@ class SqliteStore(LedgerStore):
                 self._next_expiry = min(self._next_expiry, request.task_expiry_unix)
             return assignments, balance
 
+    @staticmethod
+    def _candidates(
+        db: sqlite3.Connection, now: float, foreman_id: str, runtime: str, exclude: frozenset[str]
+    ) -> list[Candidate]:
+        """Live workers with a free slot, of `runtime` when set."""
+        query = (
+            "SELECT client_id, address, slots - busy_slots FROM clients"
+            " WHERE expiry_unix > ? AND busy_slots < slots AND client_id != ?"
+        )
+        args: tuple = (now, foreman_id)
+        if runtime:
+            query += " AND runtime = ?"
+            args += (runtime,)
+        return [Candidate(*row) for row in db.execute(query, args) if row[0] not in exclude]
+
+    def add_replica(
+        self, request: ReplicaRequest, choose: ChooseWorkers
+    ) -> tuple[WorkerRef | None, int] | None:
+        remembered = request.remembered_as()
+        with self._transaction() as db:
+            self._expire(db, request.now)
+            balance = self._balance(db, request.foreman_id)
+            if request.request_id:
+                seen = db.execute(
+                    "SELECT exclude, reply FROM requests WHERE foreman_id = ? AND request_id = ?",
+                    (request.foreman_id, request.request_id),
+                ).fetchone()
+                if seen is not None:
+                    if seen[0] != remembered:
+                        raise InvalidRequest(
+                            f"request_id {request.request_id!r} was used for another request"
+                        )
+                    made = assignments_from_text(seen[1], 0.0)
+                    return (made[0].workers[0] if made else None), balance
+            row = db.execute(
+                "SELECT escrow, workers, expiry_unix FROM tasks"
+                " WHERE task_id = ? AND foreman_id = ?",
+                (request.task_id, request.foreman_id),
+            ).fetchone()
+            if row is None:
+                return None
+            escrow, worker_text, expiry_unix = row
+            workers = worker_text.split()
+            strangers = request.release_workers - set(workers)
+            if strangers:
+                raise not_assigned(request.task_id, "release_workers", strangers)
+            kept = [w for w in workers if w not in request.release_workers]
+            if balance + len(request.release_workers) < 1:
+                raise InsufficientCredits(1, balance, "not enough credits: a replica costs 1")
+            released = len(workers) - len(kept)
+            self._update_each(db, "busy_slots = busy_slots - 1", request.release_workers)
+            chosen = None
+            if len(kept) < request.max_workers:
+                exclude = request.exclude_workers | set(workers)
+                candidates = self._candidates(
+                    db, request.now, request.foreman_id, request.runtime, exclude
+                )
+                group = choose(candidates, 1, 1)
+                if group:
+                    chosen = WorkerRef(group[0][0].client_id, group[0][0].address)
+                    kept.append(chosen.client_id)
+                    self._update_each(db, "busy_slots = busy_slots + 1", [chosen.client_id])
+            added = 1 if chosen else 0
+            db.execute(
+                "UPDATE tasks SET escrow = ?, workers = ? WHERE task_id = ?",
+                (escrow - released + added, " ".join(kept), request.task_id),
+            )
+            (balance,) = db.execute(
+                "UPDATE clients SET credits = credits + ? WHERE client_id = ? RETURNING credits",
+                (released - added, request.foreman_id),
+            ).fetchone()
+            if request.request_id:
+                reply = (
+                    assignments_text([Assignment(request.task_id, (chosen,), expiry_unix)])
+                    if chosen
+                    else ""
+                )
+                db.execute(
+                    "INSERT INTO requests (foreman_id, request_id, n, exclude, reply, expiry_unix)"
+                    " VALUES (?, ?, 0, ?, ?, ?)",
+                    (request.foreman_id, request.request_id, remembered, reply, expiry_unix),
+                )
+            return chosen, balance
+
+    @staticmethod
+    def _balance(db: sqlite3.Connection, client_id: str) -> int:
+        (balance,) = db.execute(
+            "SELECT credits FROM clients WHERE client_id = ?", (client_id,)
+        ).fetchone()
+        return balance
+
     def ledger_id(self) -> str:
         with self._transaction() as db:
             db.execute(
@@ -372,7 +458,7 @@ class SqliteStore(LedgerStore):
                 "SELECT key, foreman_id, workers FROM tasks WHERE task_id = ? AND expiry_unix > ?",
                 (task_id, now),
             ).fetchone()
-        if row is None or worker_id not in row[2].split(" "):
+        if row is None or worker_id not in row[2].split():
             return None
         return row[0], row[1]
 
@@ -384,6 +470,7 @@ class SqliteStore(LedgerStore):
         valid: bool,
         missing: frozenset[str],
         now: float,
+        released: frozenset[str] = frozenset(),
     ) -> Settlement | None:
         with self._transaction() as db:
             self._expire(db, now)
@@ -393,18 +480,17 @@ class SqliteStore(LedgerStore):
                 (task_id, foreman_id),
             ).fetchone()
             wanted = " ".join(sorted(missing)) if valid else ""
+            let_go = " ".join(sorted(released)) if valid else ""
             if row is None:
-                return self._repeated_settle(db, foreman_id, task_id, valid, wanted)
+                return self._repeated_settle(db, foreman_id, task_id, valid, wanted, let_go)
             key, escrow, worker_text, expiry_unix = row
-            workers = set(worker_text.split(" "))
-            strangers = missing - workers
-            if strangers:
-                raise InvalidRequest(
-                    "missing names workers that are not assigned to task "
-                    f"{task_id}: {', '.join(sorted(strangers))}"
-                )
+            workers = set(worker_text.split())
+            for what, named in (("missing", missing), ("released", released)):
+                if named - workers:
+                    raise not_assigned(task_id, what, named - workers)
             if valid:
-                paid = workers - missing
+                self._update_each(db, "busy_slots = busy_slots - 1", released)
+                paid = workers - missing - released
                 self._update_each(
                     db,
                     "credits = credits + 1, tasks_completed = tasks_completed + 1,"
@@ -420,9 +506,17 @@ class SqliteStore(LedgerStore):
                 refund = escrow
             db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
             db.execute(
-                "INSERT INTO settled (task_id, foreman_id, valid, missing, key, expiry_unix)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (task_id, foreman_id, int(valid), wanted, key if valid else None, expiry_unix),
+                "INSERT INTO settled (task_id, foreman_id, valid, missing, released, key,"
+                " expiry_unix) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    task_id,
+                    foreman_id,
+                    int(valid),
+                    wanted,
+                    let_go,
+                    key if valid else None,
+                    expiry_unix,
+                ),
             )
             (credits,) = db.execute(
                 "UPDATE clients SET credits = credits + ? WHERE client_id = ? RETURNING credits",
@@ -432,20 +526,25 @@ class SqliteStore(LedgerStore):
 
     @staticmethod
     def _repeated_settle(
-        db: sqlite3.Connection, foreman_id: str, task_id: str, valid: bool, wanted: str
+        db: sqlite3.Connection,
+        foreman_id: str,
+        task_id: str,
+        valid: bool,
+        wanted: str,
+        let_go: str,
     ) -> Settlement | None:
         done = db.execute(
-            "SELECT valid, missing, key FROM settled WHERE task_id = ? AND foreman_id = ?",
+            "SELECT valid, missing, released, key FROM settled"
+            " WHERE task_id = ? AND foreman_id = ?",
             (task_id, foreman_id),
         ).fetchone()
         if done is None:
             return None
-        if (bool(done[0]), done[1]) != (valid, wanted):
+        if (bool(done[0]), done[1], done[2]) != (valid, wanted, let_go):
             raise settle_conflict(task_id, bool(done[0]), done[1])
-        (credits,) = db.execute(
-            "SELECT credits FROM clients WHERE client_id = ?", (foreman_id,)
-        ).fetchone()
-        return Settlement(key=done[2] if valid else None, credits=credits)
+        return Settlement(
+            key=done[3] if valid else None, credits=SqliteStore._balance(db, foreman_id)
+        )
 
     @staticmethod
     def _update_each(db: sqlite3.Connection, assignments: str, client_ids: Iterable[str]) -> None:
@@ -494,7 +593,7 @@ class SqliteStore(LedgerStore):
         """Escrow back to the foremen and slots back to the workers of tasks
         just deleted (rows of foreman_id, escrow, workers)."""
         for foreman_id, escrow, worker_text in closed:
-            self._update_each(db, "busy_slots = busy_slots - 1", worker_text.split(" "))
+            self._update_each(db, "busy_slots = busy_slots - 1", worker_text.split())
             db.execute(
                 "UPDATE clients SET credits = credits + ? WHERE client_id = ?",
                 (escrow, foreman_id),

@@ -10,7 +10,7 @@ in `ledger.py`, so every store shares them.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from ec262.errors import InsufficientCredits, InvalidRequest, SettleConflict
@@ -63,6 +63,35 @@ class TaskRequest:
     now: float
     task_expiry_unix: float
     request_id: str = ""  # "" when the foreman did not ask for repeat safety
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaRequest:
+    """What AddReplica asks of a store, already validated: release some of
+    the task's workers, then add one more (docs/protocol.md section 9)."""
+
+    foreman_id: str
+    task_id: str
+    exclude_workers: frozenset[str]
+    release_workers: frozenset[str]
+    runtime: str
+    now: float
+    max_workers: int  # workers a task may hold at once (replication x 2)
+    request_id: str = ""
+
+    def remembered_as(self) -> str:
+        """How a repeat is recognised (kept in the `exclude` of a request)."""
+        return (
+            f"replica {self.task_id} {' '.join(sorted(self.exclude_workers))}"
+            f" / {' '.join(sorted(self.release_workers))}"
+        )
+
+
+def not_assigned(task_id: str, what: str, strangers: Iterable[str]) -> InvalidRequest:
+    return InvalidRequest(
+        f"{what} names workers that are not assigned to task {task_id}:"
+        f" {', '.join(sorted(strangers))}"
+    )
 
 
 def assignments_text(assignments: Sequence[Assignment]) -> str:
@@ -207,15 +236,30 @@ class LedgerStore(abc.ABC):
         valid: bool,
         missing: frozenset[str],
         now: float,
+        released: frozenset[str] = frozenset(),
     ) -> Settlement | None:
         """Pay or refund an open task of this foreman exactly once; None when
         there is no such task. Raises InvalidRequest, changing nothing, when
-        `missing` names a worker not assigned to the task.
+        `missing` or `released` names a worker not assigned to the task.
+        Released workers (valid settles only) are neither paid nor counted
+        failed; their credit goes back and their slot is freed.
 
         A settle is remembered until the task's expiry: the owner repeating
         it (a retry after a lost reply) gets the same key and its current
         balance, and nothing moves; one that contradicts it (other
         validity or other missing workers) raises SettleConflict."""
+
+    @abc.abstractmethod
+    def add_replica(
+        self, request: ReplicaRequest, choose: ChooseWorkers
+    ) -> tuple[WorkerRef | None, int] | None:
+        """Release `release_workers` from an open task of this foreman, then
+        add one live worker with a free slot that is not already in the task,
+        excluded or released, charging 1 credit into the task's escrow.
+        Returns (the worker, or None when none is free; the balance after),
+        or None when the foreman has no such open task. Raises
+        InsufficientCredits or InvalidRequest changing nothing. A repeat of
+        a request id returns the first answer and changes nothing."""
 
     @abc.abstractmethod
     def expire_tasks(self, now: float) -> int:

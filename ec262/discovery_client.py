@@ -197,8 +197,37 @@ class DiscoveryClient:
         return self._call("FetchKey", pb.FetchKeyRequest(task_id=task_id))
 
     def settle_task(
-        self, task_id: str, *, valid: bool, missing: Sequence[str] = ()
+        self,
+        task_id: str,
+        *,
+        valid: bool,
+        missing: Sequence[str] = (),
+        released: Sequence[str] = (),
     ) -> pb.SettleTaskResponse:
         return self._call(
-            "SettleTask", pb.SettleTaskRequest(task_id=task_id, valid=valid, missing=list(missing))
+            "SettleTask",
+            pb.SettleTaskRequest(
+                task_id=task_id, valid=valid, missing=list(missing), released=list(released)
+            ),
+        )
+
+    def add_replica(
+        self,
+        task_id: str,
+        *,
+        exclude_workers: Sequence[str] = (),
+        release_workers: Sequence[str] = (),
+        request_id: str = "",
+    ) -> pb.WorkerRef:
+        """One more worker for an open task of ours; an empty `client_id`
+        when none is free now (the releases took effect all the same)."""
+        return self._call(
+            "AddReplica",
+            pb.AddReplicaRequest(
+                task_id=task_id,
+                exclude_workers=list(exclude_workers),
+                release_workers=list(release_workers),
+                request_id=request_id,
+                runtime=this_runtime(),
+            ),
         )

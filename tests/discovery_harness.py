@@ -140,10 +140,18 @@ class DiscoveryHarness:
         return self.stub.FetchKey(pb.FetchKeyRequest(task_id=task_id), metadata=worker.metadata)
 
     def settle(
-        self, foreman: Identity, task_id: str, *, valid: bool, missing=()
+        self, foreman: Identity, task_id: str, *, valid: bool, missing=(), released=()
     ) -> pb.SettleTaskResponse:
         return self.stub.SettleTask(
-            pb.SettleTaskRequest(task_id=task_id, valid=valid, missing=list(missing)),
+            pb.SettleTaskRequest(
+                task_id=task_id, valid=valid, missing=list(missing), released=list(released)
+            ),
+            metadata=foreman.metadata,
+        )
+
+    def add_replica(self, foreman: Identity, task_id: str, **fields) -> pb.WorkerRef:
+        return self.stub.AddReplica(
+            pb.AddReplicaRequest(task_id=task_id, runtime=RUNTIME, **fields),
             metadata=foreman.metadata,
         )
 

@@ -354,6 +354,156 @@ def test_a_repeated_settle_gets_the_same_answer_and_moves_nothing(discovery):
     assert discovery.total_credits() == discovery.issued_credits()
 
 
+# -- releasing and adding replicas (docs/protocol.md section 9) ---------------
+
+
+def _workers_by_id(discovery, count: int, **fields) -> dict:
+    return {w.client_id: w for w in (discovery.worker(**fields) for _ in range(count))}
+
+
+def test_add_replica_releases_a_worker_and_adds_another_for_one_credit(discovery):
+    foreman = discovery.client()
+    workers = _workers_by_id(discovery, 4)
+    task = discovery.request(foreman).tasks[0]
+    members = [w.client_id for w in task.workers]
+    (outside,) = set(workers) - set(members)
+    refused = members[0]  # say its AssignTask was refused: it never started
+    added = discovery.add_replica(foreman, task.task_id, release_workers=[refused])
+    assert added.client_id == outside
+    assert added.address.startswith("127.0.0.1:")
+    assert discovery.credits(foreman) == 9  # 3 escrowed, 1 back, 1 more in
+    assert discovery.info(workers[refused]).busy_slots == 0
+    assert discovery.info(workers[outside]).busy_slots == 1
+    assert rpc_error(discovery.fetch_key, workers[refused], task.task_id).code() == NOT_FOUND
+    assert discovery.fetch_key(workers[outside], task.task_id).foreman_id == foreman.client_id
+    settled = discovery.settle(foreman, task.task_id, valid=True)
+    assert settled.credits == 9
+    released = discovery.info(workers[refused])
+    assert (released.credits, released.tasks_completed, released.tasks_failed) == (12, 0, 0)
+    for client_id in set(members[1:]) | {outside}:
+        info = discovery.info(workers[client_id])
+        assert (info.credits, info.tasks_completed, info.busy_slots) == (13, 1, 0)
+    assert discovery.total_credits() == discovery.issued_credits()
+
+
+def test_a_replica_never_repeats_a_member_an_excluded_or_a_released_worker(discovery):
+    foreman = discovery.client()
+    workers = _workers_by_id(discovery, 5, slots=4)
+    task = discovery.request(foreman).tasks[0]
+    members = {w.client_id for w in task.workers}
+    excluded = sorted(set(workers) - members)[0]
+    first = discovery.add_replica(foreman, task.task_id, exclude_workers=[excluded])
+    assert first.client_id not in members | {excluded}
+    second = discovery.add_replica(
+        foreman, task.task_id, exclude_workers=[excluded], release_workers=[first.client_id]
+    )
+    assert second.client_id == ""  # every other worker is a member, excluded or released
+    assert discovery.info(workers[first.client_id]).busy_slots == 0
+    assert discovery.credits(foreman) == 9
+    discovery.settle(foreman, task.task_id, valid=False)
+    assert discovery.credits(foreman) == 12
+    assert all(discovery.info(w).busy_slots == 0 for w in workers.values())
+    assert discovery.total_credits() == discovery.issued_credits()
+
+
+def test_a_task_holds_at_most_twice_the_replication_in_workers(discovery):
+    foreman = discovery.client()
+    _workers_by_id(discovery, 9)
+    task = discovery.request(foreman).tasks[0]
+    replication = discovery.config.replication
+    added = [discovery.add_replica(foreman, task.task_id).client_id for _ in range(5)]
+    assert all(added[:replication]) and added[replication:] == ["", ""]
+    assert discovery.credits(foreman) == 12 - 2 * replication
+    discovery.settle(foreman, task.task_id, valid=True)
+    assert discovery.total_credits() == discovery.issued_credits()
+
+
+def test_a_repeated_add_replica_returns_the_same_worker_and_charges_once(discovery):
+    foreman = discovery.client()
+    _workers_by_id(discovery, 6)
+    task = discovery.request(foreman).tasks[0]
+    first = discovery.add_replica(foreman, task.task_id, request_id="r-1")
+    again = discovery.add_replica(foreman, task.task_id, request_id="r-1")
+    assert (again.client_id, again.address) == (first.client_id, first.address) != ("", "")
+    assert discovery.credits(foreman) == 8
+    error = rpc_error(
+        discovery.add_replica,
+        foreman,
+        task.task_id,
+        request_id="r-1",
+        exclude_workers=[first.client_id],
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert discovery.credits(foreman) == 8
+
+
+def test_add_replica_is_for_the_owner_of_an_open_task_only(discovery):
+    foreman = discovery.client()
+    stranger = discovery.client()
+    workers = _workers_by_id(discovery, 4)
+    task = discovery.request(foreman).tasks[0]
+    assert rpc_error(discovery.add_replica, stranger, task.task_id).code() == NOT_FOUND
+    outsider = sorted(set(workers) - {w.client_id for w in task.workers})[0]
+    error = rpc_error(discovery.add_replica, foreman, task.task_id, release_workers=[outsider])
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not assigned" in error.details()
+    discovery.settle(foreman, task.task_id, valid=True)
+    assert rpc_error(discovery.add_replica, foreman, task.task_id).code() == NOT_FOUND
+    assert discovery.credits(foreman) == 9 and discovery.credits(stranger) == 12
+    assert discovery.total_credits() == discovery.issued_credits()
+
+
+def test_add_replica_needs_a_credit(discovery_factory):
+    discovery = discovery_factory(LedgerConfig(starting_credits=3))
+    foreman = discovery.client()
+    _workers_by_id(discovery, 4)
+    task = discovery.request(foreman).tasks[0]
+    error = rpc_error(discovery.add_replica, foreman, task.task_id)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert discovery.credits(foreman) == 0
+    swapped = discovery.add_replica(
+        foreman, task.task_id, release_workers=[task.workers[0].client_id]
+    )
+    assert swapped.client_id  # the released worker's credit pays for its replacement
+    assert discovery.credits(foreman) == 0
+    assert discovery.total_credits() == discovery.issued_credits()
+
+
+def test_released_workers_at_settle_are_neither_paid_nor_failed(discovery):
+    foreman = discovery.client()
+    workers = _workers_by_id(discovery, 4)
+    task = discovery.request(foreman).tasks[0]
+    extra = discovery.add_replica(foreman, task.task_id).client_id
+    late = task.workers[0].client_id  # cancelled after the quorum
+    wrong = task.workers[1].client_id
+    settled = discovery.settle(foreman, task.task_id, valid=True, missing=[wrong], released=[late])
+    assert settled.credits == 12 - 4 + 2
+    expected = {late: (12, 0, 0), wrong: (12, 0, 1)}
+    for client_id, worker in workers.items():
+        info = discovery.info(worker)
+        got = (info.credits, info.tasks_completed, info.tasks_failed)
+        assert got == expected.get(client_id, (13, 1, 0)), client_id
+        assert info.busy_slots == 0
+    again = discovery.settle(foreman, task.task_id, valid=True, missing=[wrong], released=[late])
+    assert again.credits == settled.credits
+    error = rpc_error(discovery.settle, foreman, task.task_id, valid=True, missing=[wrong])
+    assert error.code() == FAILED_PRECONDITION
+    assert extra in workers
+    assert discovery.total_credits() == discovery.issued_credits()
+
+
+def test_a_worker_cannot_be_both_missing_and_released(discovery):
+    foreman = discovery.client()
+    _workers_by_id(discovery, 3)
+    task = discovery.request(foreman).tasks[0]
+    both = task.workers[0].client_id
+    error = rpc_error(
+        discovery.settle, foreman, task.task_id, valid=True, missing=[both], released=[both]
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert discovery.credits(foreman) == 9
+
+
 def test_a_settle_is_remembered_until_the_task_would_have_expired(discovery_factory):
     discovery = discovery_factory(LedgerConfig(task_ttl=600))
     foreman = discovery.client()
@@ -502,6 +652,9 @@ def _every_authenticated_call(discovery, task_id: str):
         "FetchKey": lambda md: stub.FetchKey(pb.FetchKeyRequest(task_id=task_id), metadata=md),
         "SettleTask": lambda md: stub.SettleTask(
             pb.SettleTaskRequest(task_id=task_id, valid=True), metadata=md
+        ),
+        "AddReplica": lambda md: stub.AddReplica(
+            pb.AddReplicaRequest(task_id=task_id), metadata=md
         ),
     }
 

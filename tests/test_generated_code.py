@@ -52,9 +52,10 @@ def test_every_protocol_name_is_in_the_protos():
                 "RequestTasks",
                 "FetchKey",
                 "SettleTask",
+                "AddReplica",
             },
         ),
-        worker_pb2: ("Worker", {"AssignTask", "GetStatus"}),
+        worker_pb2: ("Worker", {"AssignTask", "CancelTask", "GetStatus"}),
         foreman_pb2: ("Foreman", {"SubmitResult", "GetJob"}),
     }
     for module, (name, methods) in services.items():
@@ -68,6 +69,9 @@ def test_every_protocol_name_is_in_the_protos():
         discovery_pb2.RequestTasksResponse: {"tasks", "credits"},
         discovery_pb2.TaskAssignment: {"task_id", "workers"},
         discovery_pb2.WorkerRef: {"client_id", "address"},
+        discovery_pb2.AddReplicaRequest: {"task_id", "exclude_workers"},
+        worker_pb2.CancelTaskRequest: {"task_id", "submit_token"},
+        worker_pb2.CancelTaskResponse: {"cancelled"},
         discovery_pb2.FetchKeyRequest: {"task_id"},
         discovery_pb2.FetchKeyResponse: {"key", "foreman_id"},
         discovery_pb2.SettleTaskRequest: {"task_id", "valid", "missing"},

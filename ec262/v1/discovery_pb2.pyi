@@ -123,14 +123,30 @@ class FetchKeyResponse(_message.Message):
     def __init__(self, key: _Optional[bytes] = ..., foreman_id: _Optional[str] = ...) -> None: ...
 
 class SettleTaskRequest(_message.Message):
-    __slots__ = ("task_id", "valid", "missing")
+    __slots__ = ("task_id", "valid", "missing", "released")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     VALID_FIELD_NUMBER: _ClassVar[int]
     MISSING_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     valid: bool
     missing: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, task_id: _Optional[str] = ..., valid: _Optional[bool] = ..., missing: _Optional[_Iterable[str]] = ...) -> None: ...
+    released: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, task_id: _Optional[str] = ..., valid: _Optional[bool] = ..., missing: _Optional[_Iterable[str]] = ..., released: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AddReplicaRequest(_message.Message):
+    __slots__ = ("task_id", "exclude_workers", "release_workers", "request_id", "runtime")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    exclude_workers: _containers.RepeatedScalarFieldContainer[str]
+    release_workers: _containers.RepeatedScalarFieldContainer[str]
+    request_id: str
+    runtime: str
+    def __init__(self, task_id: _Optional[str] = ..., exclude_workers: _Optional[_Iterable[str]] = ..., release_workers: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., runtime: _Optional[str] = ...) -> None: ...
 
 class SettleTaskResponse(_message.Message):
     __slots__ = ("key", "credits")

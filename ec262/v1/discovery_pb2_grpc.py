@@ -64,6 +64,11 @@ class DiscoveryStub:
                 request_serializer=ec262_dot_v1_dot_discovery__pb2.SettleTaskRequest.SerializeToString,
                 response_deserializer=ec262_dot_v1_dot_discovery__pb2.SettleTaskResponse.FromString,
                 _registered_method=True)
+        self.AddReplica = channel.unary_unary(
+                '/ec262.v1.Discovery/AddReplica',
+                request_serializer=ec262_dot_v1_dot_discovery__pb2.AddReplicaRequest.SerializeToString,
+                response_deserializer=ec262_dot_v1_dot_discovery__pb2.WorkerRef.FromString,
+                _registered_method=True)
 
 
 class DiscoveryServicer:
@@ -111,6 +116,14 @@ class DiscoveryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddReplica(self, request, context):
+        """One more worker for an open task of the caller's (a replica that never
+        started, was cancelled, or is late), 1 credit escrowed with the task.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DiscoveryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +156,11 @@ def add_DiscoveryServicer_to_server(servicer, server):
                     servicer.SettleTask,
                     request_deserializer=ec262_dot_v1_dot_discovery__pb2.SettleTaskRequest.FromString,
                     response_serializer=ec262_dot_v1_dot_discovery__pb2.SettleTaskResponse.SerializeToString,
+            ),
+            'AddReplica': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddReplica,
+                    request_deserializer=ec262_dot_v1_dot_discovery__pb2.AddReplicaRequest.FromString,
+                    response_serializer=ec262_dot_v1_dot_discovery__pb2.WorkerRef.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +325,33 @@ class Discovery:
             '/ec262.v1.Discovery/SettleTask',
             ec262_dot_v1_dot_discovery__pb2.SettleTaskRequest.SerializeToString,
             ec262_dot_v1_dot_discovery__pb2.SettleTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddReplica(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ec262.v1.Discovery/AddReplica',
+            ec262_dot_v1_dot_discovery__pb2.AddReplicaRequest.SerializeToString,
+            ec262_dot_v1_dot_discovery__pb2.WorkerRef.FromString,
             options,
             channel_credentials,
             insecure,

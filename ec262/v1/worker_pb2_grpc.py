@@ -39,6 +39,11 @@ class WorkerStub:
                 request_serializer=ec262_dot_v1_dot_worker__pb2.AssignTaskRequest.SerializeToString,
                 response_deserializer=ec262_dot_v1_dot_worker__pb2.AssignTaskResponse.FromString,
                 _registered_method=True)
+        self.CancelTask = channel.unary_unary(
+                '/ec262.v1.Worker/CancelTask',
+                request_serializer=ec262_dot_v1_dot_worker__pb2.CancelTaskRequest.SerializeToString,
+                response_deserializer=ec262_dot_v1_dot_worker__pb2.CancelTaskResponse.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/ec262.v1.Worker/GetStatus',
                 request_serializer=ec262_dot_v1_dot_worker__pb2.GetStatusRequest.SerializeToString,
@@ -51,6 +56,13 @@ class WorkerServicer:
 
     def AssignTask(self, request, context):
         """Take a task; returns at once, the work continues in the background.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelTask(self, request, context):
+        """Drop a task taken with this submit token: the slot is free at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -70,6 +82,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.AssignTask,
                     request_deserializer=ec262_dot_v1_dot_worker__pb2.AssignTaskRequest.FromString,
                     response_serializer=ec262_dot_v1_dot_worker__pb2.AssignTaskResponse.SerializeToString,
+            ),
+            'CancelTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelTask,
+                    request_deserializer=ec262_dot_v1_dot_worker__pb2.CancelTaskRequest.FromString,
+                    response_serializer=ec262_dot_v1_dot_worker__pb2.CancelTaskResponse.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -104,6 +121,33 @@ class Worker:
             '/ec262.v1.Worker/AssignTask',
             ec262_dot_v1_dot_worker__pb2.AssignTaskRequest.SerializeToString,
             ec262_dot_v1_dot_worker__pb2.AssignTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ec262.v1.Worker/CancelTask',
+            ec262_dot_v1_dot_worker__pb2.CancelTaskRequest.SerializeToString,
+            ec262_dot_v1_dot_worker__pb2.CancelTaskResponse.FromString,
             options,
             channel_credentials,
             insecure,
