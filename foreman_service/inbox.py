@@ -1,60 +1,56 @@
 """Where workers' results land while a job runs: which worker may submit
-for which task (and with which token), what each has sent, and a condition
-the job engine waits on instead of polling."""
+for which task (and with which token), and each accepted result handed to
+the job engine as an event the moment it arrives."""
 
 from __future__ import annotations
 
 import secrets
 import threading
-import time
-from collections.abc import Iterable
+from collections.abc import Callable
 
 from ec262.errors import PermissionDenied, UnknownTask
+
+# (task id, worker id, ciphertext) of an accepted result.
+OnResult = Callable[[str, str, str], None]
 
 
 class ResultInbox:
     def __init__(self) -> None:
-        self.changed = threading.Condition()
+        self._lock = threading.Lock()
         self._tokens: dict[str, dict[str, str]] = {}  # task -> worker -> token
-        self._results: dict[str, dict[str, str]] = {}  # task -> worker -> ciphertext
-        self._arrived: dict[str, float] = {}  # task -> time of the latest result
-        self.dirty: set[str] = set()  # tasks with news since the engine last looked
+        self._answered: dict[str, set[str]] = {}  # task -> workers that sent theirs
+        self._on_result: OnResult = lambda task_id, worker_id, ciphertext: None
 
-    def open_task(self, task_id: str, workers: Iterable[str]) -> dict[str, str]:
-        """Expect one result per worker; returns each worker's submit token."""
-        tokens = {worker: secrets.token_urlsafe(18) for worker in workers}
-        with self.changed:
-            self._tokens[task_id] = tokens
-            self._results[task_id] = {}
-        return tokens
+    def listen(self, on_result: OnResult) -> None:
+        """Where accepted results go (the engine's event queue)."""
+        self._on_result = on_result
+
+    def expect(self, task_id: str, worker_id: str, token: str) -> None:
+        """Accept one result for `task_id` from this worker, with this token."""
+        with self._lock:
+            self._tokens.setdefault(task_id, {})[worker_id] = token
+            self._answered.setdefault(task_id, set())
 
     def close_task(self, task_id: str) -> None:
-        with self.changed:
+        """No more results for this task (it is being settled)."""
+        with self._lock:
             self._tokens.pop(task_id, None)
-            self._results.pop(task_id, None)
-            self._arrived.pop(task_id, None)
-            self.dirty.discard(task_id)
+            self._answered.pop(task_id, None)
 
     def submit(self, task_id: str, worker_id: str, token: str, ciphertext: str) -> None:
         """A worker's result: accepted once per assigned worker, with its token."""
-        with self.changed:
+        with self._lock:
             tokens = self._tokens.get(task_id)
             if tokens is None or worker_id not in tokens:
                 raise UnknownTask(f"this foreman expects no result from {worker_id} for {task_id}")
             if not secrets.compare_digest(tokens[worker_id], token):
                 raise PermissionDenied("wrong submit token for this task and worker")
-            results = self._results[task_id]
-            if worker_id in results:
+            answered = self._answered[task_id]
+            if worker_id in answered:
                 raise UnknownTask(f"a result for {task_id} from {worker_id} was already accepted")
-            results[worker_id] = ciphertext
-            self._arrived[task_id] = time.monotonic()
-            self.dirty.add(task_id)
-            self.changed.notify_all()
-
-    def results(self, task_id: str) -> dict[str, str]:
-        with self.changed:
-            return dict(self._results.get(task_id, {}))
+            answered.add(worker_id)
+        self._on_result(task_id, worker_id, ciphertext)
 
     def open_tasks(self) -> int:
-        with self.changed:
+        with self._lock:
             return len(self._tokens)

@@ -23,6 +23,14 @@ class JobStats:
     seconds: float = 0.0
     phase_seconds: dict[str, float] = field(default_factory=dict)
     states: Counter = field(default_factory=Counter)
+    retry_reasons: Counter = field(default_factory=Counter)
+    # Replicas that never started (refused: full or unreachable), added
+    # (replacements and speculative ones), speculative ones asked for, and
+    # cancelled (late after the quorum, or the job stopped).
+    replicas_released: int = 0
+    replicas_added: int = 0
+    speculative_replicas: int = 0
+    replicas_cancelled: int = 0
 
     @property
     def cheaters_seen(self) -> int:

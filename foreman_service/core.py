@@ -1,0 +1,828 @@
+"""The job engine's decisions, as a pure state machine (after dask's
+`worker_state_machine`): events in, commands out, no sockets, no threads,
+no clock of its own. `foreman_service/engine.py` drives it and
+`foreman_service/outbound.py` carries its commands out and brings the
+answers back as events. Every rule of docs/protocol.md section 9 that is
+the foreman's lives here, so each is tested on a manual clock
+(tests/test_engine_core.py).
+
+One phase (map or reduce) runs at a time: its chunks become replicated
+tasks; a task is settled valid once a quorum of identical ciphertexts has
+arrived and the rest had their grace; settled invalid (and its chunk
+retried on other workers) when no quorum is possible or its deadline
+passes. Replicas that never started, and late ones after the quorum, are
+released from the task (never counted failed); a replica silent for longer
+than the job's usual task time gets a speculative replica beside it.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import statistics
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ec262.encoding import decode_result
+from ec262.envelope import open_sealed
+from ec262.errors import (
+    DecryptionError,
+    EncodingError,
+    InsufficientCredits,
+    JobFailed,
+    NotEnoughWorkers,
+    RemoteError,
+    UnknownTask,
+)
+from ec262.remote_errors import is_error_document
+from ec262.v1 import worker_pb2
+from foreman_service.planning import DEFAULT_CHUNK_BYTES
+from foreman_service.stats import JobStats
+
+MAP, REDUCE = worker_pb2.MAP, worker_pb2.REDUCE
+PHASE_NAMES = {MAP: "map", REDUCE: "reduce"}
+# While tasks of ours run, their settles free slots and trigger the next
+# request; this slower poll only catches slots freed by others and workers
+# joining, without an empty RequestTasks after every assignment.
+BUSY_POLL_SECONDS = 0.25
+# How long fewer live workers than a task needs are borne before
+# NotEnoughWorkers (a worker restarting comes back sooner).
+NOT_ENOUGH_WORKERS_SECONDS = 5.0
+# A replica silent this long (or 3 x the job's median task time, if longer)
+# gets a speculative replica beside it (docs/protocol.md section 9).
+SPECULATE_AFTER_SECONDS = 5.0
+SPECULATE_MEDIAN_FACTOR = 3.0
+# How often a task whose AddReplica found no free worker asks again.
+REPLICA_RETRY_SECONDS = 0.5
+
+# A worker whose AssignTask went unanswered is left out of new requests for
+# this long (a killed or frozen worker stays in the pool until its lease ends).
+UNREACHABLE_EXCLUDED_SECONDS = 30.0
+
+# AssignTask answers that mean the replica never started: it is released
+# from the task and replaced, and costs the job no attempt.
+NEVER_STARTED = frozenset({"RESOURCE_EXHAUSTED", "UNAVAILABLE"})
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    task_timeout: float = 120.0  # no quorum by then: settle invalid, retry
+    max_attempts: int = 4  # per chunk, then JobFailed
+    # After quorum, the remaining replicas get as long again as the quorum
+    # took (honest replicas run the same code on the same rows), within
+    # [grace_min, grace_max] seconds; then they are cancelled and released.
+    grace_fraction: float = 1.0
+    grace_min: float = 0.05
+    grace_max: float = 3.0
+    batch: int = 64  # tasks asked for in one RequestTasks
+    assign_timeout: float = 10.0
+
+
+# -- events ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Granted:
+    """RequestTasks answered: (task id, {worker id: address}) per task made,
+    in the order of the request's chunks."""
+
+    request_id: str
+    tasks: list[tuple[str, dict[str, str]]]
+    live_workers: int = 0
+
+
+@dataclass(frozen=True)
+class RequestFailed:
+    request_id: str
+    error: BaseException
+
+
+@dataclass(frozen=True)
+class AssignAnswered:
+    """`code` is the gRPC status name ("OK" when the worker took the task)."""
+
+    task_id: str
+    worker_id: str
+    code: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ResultArrived:
+    task_id: str
+    worker_id: str
+    ciphertext: str
+
+
+@dataclass(frozen=True)
+class ReplicaAdded:
+    """AddReplica answered: the new worker, or None when none was free."""
+
+    task_id: str
+    worker: tuple[str, str] | None
+
+
+@dataclass(frozen=True)
+class ReplicaFailed:
+    task_id: str
+    error: BaseException
+
+
+@dataclass(frozen=True)
+class Settled:
+    task_id: str
+    key: bytes | None
+
+
+@dataclass(frozen=True)
+class SettleFailed:
+    task_id: str
+    error: BaseException
+
+
+Event = (
+    Granted
+    | RequestFailed
+    | AssignAnswered
+    | ResultArrived
+    | ReplicaAdded
+    | ReplicaFailed
+    | Settled
+    | SettleFailed
+)
+
+
+# -- commands -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RequestTasks:
+    request_id: str
+    n: int
+    exclude: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Assign:
+    """AssignTask; the result inbox expects `token` from this worker first."""
+
+    task_id: str
+    chunk: Chunk
+    worker_id: str
+    address: str
+    token: str
+    send_payload: bool
+
+
+@dataclass(frozen=True)
+class Cancel:
+    task_id: str
+    worker_id: str
+    address: str
+    token: str
+
+
+@dataclass(frozen=True)
+class AddReplica:
+    task_id: str
+    request_id: str
+    exclude: frozenset[str]
+    release: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Settle:
+    """SettleTask; the inbox takes no more results for the task."""
+
+    task_id: str
+    valid: bool
+    missing: frozenset[str] = frozenset()
+    released: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Deliver:
+    """A validated output, for the shuffle (map) or the result (reduce)."""
+
+    chunk: Chunk
+    output: Any
+
+
+@dataclass(frozen=True)
+class Fail:
+    error: BaseException
+
+
+Command = RequestTasks | Assign | Cancel | AddReplica | Settle | Deliver | Fail
+
+
+# -- state ----------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Chunk:
+    phase: int
+    index: int
+    rows: bytes
+    attempts: int = 0
+    suspects: set[str] = field(default_factory=set)
+
+    @property
+    def label(self) -> str:
+        return f"{PHASE_NAMES[self.phase]} chunk {self.index}"
+
+
+# A replica's life: assigning -> running -> answered; or released (never
+# started, or let go after the quorum), or failed (refused the task).
+ASSIGNING, RUNNING, ANSWERED, RELEASED, FAILED = (
+    "assigning",
+    "running",
+    "answered",
+    "released",
+    "failed",
+)
+
+
+@dataclass(eq=False)
+class Replica:
+    worker_id: str
+    address: str
+    token: str
+    assigned_at: float
+    state: str = ASSIGNING
+    payload_sent: bool = False
+    speculated: bool = False  # a replica was asked for beside it
+    result: str | None = None
+    answered_in: float = 0.0  # seconds from assignment to result
+    released_at_discovery: bool = False  # by AddReplica: not in the task any more
+
+
+@dataclass(eq=False)
+class Task:
+    task_id: str
+    chunk: Chunk
+    replicas: dict[str, Replica]
+    started: float
+    deadline: float
+    quorum_at: float | None = None
+    to_release: set[str] = field(default_factory=set)  # for the next AddReplica
+    replicas_wanted: int = 0  # replacements and speculative replicas to ask for
+    add_in_flight: bool = False
+    next_add_at: float = 0.0
+    settling: Settle | None = None
+    winner: str | None = None
+
+    def live(self) -> list[Replica]:
+        """Replicas that may still send a result."""
+        return [r for r in self.replicas.values() if r.state in (ASSIGNING, RUNNING)]
+
+    def votes(self) -> Counter:
+        return Counter(r.result for r in self.replicas.values() if r.state == ANSWERED)
+
+
+def open_output(phase: int, ciphertext: str, key: bytes) -> Any:
+    """The agreed plaintext: a map output stays canonical text for the
+    shuffle unless it is an error document; anything else is decoded.
+    Raises DecryptionError or EncodingError for garbage."""
+    plaintext = open_sealed(ciphertext, key)
+    if phase == MAP and not plaintext.startswith(b'[["error",'):
+        return plaintext
+    output = decode_result(plaintext)
+    if phase == MAP and isinstance(output, dict) and not is_error_document(output):
+        return plaintext  # an ordinary map output with an "error" key
+    return output
+
+
+class JobCore:
+    """The decisions of one job, phase after phase. `handle(event, now)` and
+    `tick(now)` return the commands to carry out; `wake_at()` says when the
+    next tick is due."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        replication: int,
+        stats: JobStats | None = None,
+        new_token: Callable[[], str] = lambda: secrets.token_urlsafe(18),
+        new_request_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+    ) -> None:
+        self.config = config
+        self.replication = replication
+        self.quorum = replication // 2 + 1
+        self.stats = stats or JobStats()
+        self._new_token = new_token
+        self._new_request_id = new_request_id
+        self.cheaters: set[str] = set()
+        self._holders: dict[str, set[str]] = {}  # payload digest -> workers holding it
+        self._task_seconds: list[float] = []  # assignment to matching result, per replica
+        self._phase = MAP
+        self._digest = ""
+        self._pending: deque[Chunk] = deque()
+        self._tasks: dict[str, Task] = {}
+        self._request: tuple[str, list[Chunk], frozenset[str]] | None = None
+        self._next_request_at = 0.0
+        self._empty_requests = 0
+        self._starved_since: float | None = None
+        self._relaxed_at: dict[int, float] = {}  # id(chunk) -> when its exclusions went
+        self._fresh_starved_since: float | None = None
+        self._suspects_turn = False
+        self._unreachable: dict[str, float] = {}  # worker -> excluded until
+        self._failed = False
+
+    # -- phases -------------------------------------------------------------------
+
+    def start_phase(self, phase: int, chunks: list[Chunk], digest: str, now: float) -> list:
+        self._phase, self._digest = phase, digest
+        self._pending = deque(chunks)
+        self._next_request_at = now
+        self._starved_since = None
+        self.stats.phase = PHASE_NAMES[phase]
+        if phase == MAP:
+            self.stats.map_tasks = len(chunks)
+        else:
+            self.stats.reduce_tasks = len(chunks)
+        return self.tick(now)
+
+    @property
+    def phase_done(self) -> bool:
+        return not self._pending and not self._tasks and self._request is None
+
+    @property
+    def open_tasks(self) -> int:
+        return len(self._tasks)
+
+    # -- the clock ----------------------------------------------------------------
+
+    def wake_at(self) -> float:
+        """When a tick next has something to decide (inf: only events will)."""
+        times = [math.inf]
+        if self._pending and self._request is None:
+            times.append(self._next_request_at)
+        for task in self._tasks.values():
+            if task.settling:
+                continue
+            times.append(task.deadline)
+            if task.quorum_at is not None:
+                times.append(task.quorum_at + self._grace(task))
+            if task.replicas_wanted and not task.add_in_flight:
+                times.append(task.next_add_at)
+            for replica in task.live():
+                if not replica.speculated and task.quorum_at is None:
+                    times.append(replica.assigned_at + self.speculate_after())
+        return min(times)
+
+    def speculate_after(self) -> float:
+        """max(5 s, 3 x the median task time so far; 5 s before the first)."""
+        if not self._task_seconds:
+            return SPECULATE_AFTER_SECONDS
+        median = statistics.median(self._task_seconds)
+        return max(SPECULATE_AFTER_SECONDS, SPECULATE_MEDIAN_FACTOR * median)
+
+    def tick(self, now: float) -> list:
+        commands: list = []
+        if self._failed:
+            return commands
+        for task in list(self._tasks.values()):
+            self._speculate(task, now)
+            self._ask_replicas(task, now, commands)
+            self._decide(task, now, commands)
+        self._maybe_request(now, commands)
+        return self._checked(commands)
+
+    # -- events -------------------------------------------------------------------
+
+    def handle_all(self, events: list, now: float) -> list:
+        """Every event of a batch, then one tick."""
+        commands: list = []
+        for event in events:
+            commands += self.handle(event, now)
+        return commands + self.tick(now)
+
+    def handle(self, event: Event, now: float) -> list:
+        """One event's immediate commands (decisions that depend on time
+        come from `tick`, which `handle_all` runs after a batch)."""
+        commands: list = []
+        if self._failed:
+            return commands
+        match event:
+            case Granted():
+                self._granted(event, now, commands)
+            case RequestFailed():
+                self._request = None
+                commands.append(Fail(event.error))
+            case AssignAnswered():
+                self._assign_answered(event, now, commands)
+            case ResultArrived():
+                self._result(event, now)
+            case ReplicaAdded():
+                self._replica_added(event, now, commands)
+            case ReplicaFailed():
+                self._replica_failed(event, now)
+            case Settled():
+                self._settled(event, commands)
+            case SettleFailed():
+                self._settle_failed(event, commands)
+        return self._checked(commands)
+
+    def _checked(self, commands: list) -> list:
+        if any(isinstance(c, Fail) for c in commands):
+            self._failed = True
+        return commands
+
+    # -- requesting tasks ------------------------------------------------------------
+
+    def _maybe_request(self, now: float, commands: list) -> None:
+        if not self._pending or self._request is not None or now < self._next_request_at:
+            return
+        fresh = [c for c in self._pending if not c.suspects]
+        suspect = [c for c in self._pending if c.suspects]
+        use_suspect = suspect and (not fresh or self._suspects_turn)
+        self._suspects_turn = not use_suspect
+        relax_after = min(5.0, max(1.0, 0.05 * self.config.task_timeout))
+        if use_suspect:
+            chunk = suspect[0]
+            chunks = [chunk]
+            since = self._relaxed_at.get(id(chunk))
+            if since is not None and now - since > relax_after:
+                chunk.suspects.clear()  # nobody else came: an honest majority still outvotes
+                self._relaxed_at.pop(id(chunk), None)
+                exclude = frozenset()
+            else:
+                exclude = frozenset(chunk.suspects | self.cheaters | self._unreachable_now(now))
+        else:
+            chunks = fresh[: self.config.batch]
+            exclude = frozenset(self.cheaters | self._unreachable_now(now))
+            if (
+                self._fresh_starved_since is not None
+                and now - self._fresh_starved_since > relax_after
+            ):
+                exclude = frozenset()
+        request_id = self._new_request_id()
+        self._request = (request_id, chunks, exclude)
+        commands.append(RequestTasks(request_id, len(chunks), exclude))
+
+    def _unreachable_now(self, now: float) -> set[str]:
+        for worker_id in [w for w, until in self._unreachable.items() if until <= now]:
+            del self._unreachable[worker_id]
+        return set(self._unreachable)
+
+    def _granted(self, event: Granted, now: float, commands: list) -> None:
+        if self._request is None or self._request[0] != event.request_id:
+            return
+        _, chunks, exclude = self._request
+        self._request = None
+        made = list(zip(chunks, event.tasks, strict=False))
+        for chunk, (task_id, workers) in made:
+            self._pending.remove(chunk)
+            self._relaxed_at.pop(id(chunk), None)
+            task = Task(
+                task_id=task_id,
+                chunk=chunk,
+                replicas={},
+                started=now,
+                deadline=now + self.config.task_timeout,
+            )
+            self._tasks[task_id] = task
+            self.stats.states["assigned"] += 1
+            self.stats.credits_spent += len(workers)  # escrowed; refunds come back below
+            for worker_id, address in workers.items():
+                self._assign(task, worker_id, address, now, commands)
+        self._pace(now, made, chunks, exclude, event.live_workers, commands)
+
+    def _pace(self, now, made, chunks, exclude, live_workers, commands) -> None:
+        if made:
+            self._starved_since, self._empty_requests = None, 0
+            if exclude and not chunks[0].suspects:
+                self._fresh_starved_since = None
+            # Still pending means every free slot is taken: ask again when
+            # a settle of ours frees one, or after a while for slots freed
+            # by others and workers joining.
+            self._next_request_at = now + BUSY_POLL_SECONDS if self._pending else now
+        else:
+            self._empty_requests += 1
+            delay = min(1.0, 0.025 * 2**self._empty_requests)
+            if self._tasks:
+                delay = min(delay, BUSY_POLL_SECONDS)
+            self._next_request_at = now + delay
+            self._starved_since = self._starved_since or now
+            if chunks[0].suspects:
+                self._relaxed_at.setdefault(id(chunks[0]), now)
+            elif exclude:
+                self._fresh_starved_since = self._fresh_starved_since or now
+        self._check_starved(now, live_workers if len(made) < len(chunks) else None, commands)
+
+    def _check_starved(self, now: float, live: int | None, commands: list) -> None:
+        if self._starved_since is None:
+            return
+        waited = now - self._starved_since
+        label = self._pending[0].label if self._pending else ""
+        if live is not None and live < self.replication:
+            if waited > NOT_ENOUGH_WORKERS_SECONDS:
+                commands.append(Fail(NotEnoughWorkers(live, self.replication, chunk=label)))
+        elif not self._tasks and waited > self.config.task_timeout:
+            commands.append(
+                Fail(
+                    JobFailed(
+                        f"no workers available for {label} for {self.config.task_timeout:g} s"
+                        f" (a task needs {self.replication} distinct live workers with a free"
+                        " slot, other than this foreman)",
+                        chunk=label,
+                    )
+                )
+            )
+
+    # -- assigning --------------------------------------------------------------------
+
+    def _assign(self, task: Task, worker_id: str, address: str, now: float, commands) -> None:
+        holders = self._holders.setdefault(self._digest, set())
+        replica = Replica(worker_id, address, self._new_token(), assigned_at=now)
+        replica.payload_sent = worker_id not in holders
+        task.replicas[worker_id] = replica
+        commands.append(
+            Assign(
+                task.task_id, task.chunk, worker_id, address, replica.token, replica.payload_sent
+            )
+        )
+
+    def _assign_answered(self, event: AssignAnswered, now: float, commands: list) -> None:
+        task = self._tasks.get(event.task_id)
+        replica = task.replicas.get(event.worker_id) if task else None
+        if replica is None or replica.state != ASSIGNING:
+            return
+        if event.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+            self._unreachable[event.worker_id] = now + UNREACHABLE_EXCLUDED_SECONDS
+        if event.code == "OK":
+            replica.state = RUNNING
+            self._holders.setdefault(self._digest, set()).add(event.worker_id)
+        elif event.code == "FAILED_PRECONDITION" and not replica.payload_sent:
+            replica.payload_sent = True  # it no longer holds the function: send it
+            commands.append(
+                Assign(
+                    task.task_id,
+                    task.chunk,
+                    replica.worker_id,
+                    replica.address,
+                    replica.token,
+                    True,
+                )
+            )
+        elif event.code in NEVER_STARTED:
+            # Momentarily full, or unreachable: never started. Released
+            # and replaced; the chunk spends no attempt on it.
+            replica.state = RELEASED
+            task.to_release.add(replica.worker_id)
+            task.replicas_wanted += 1
+            self.stats.replicas_released += 1
+        elif event.code == "DEADLINE_EXCEEDED":
+            # Frozen, perhaps with the task taken: it stays, and the
+            # speculative replica rule covers it.
+            replica.state = RUNNING
+        else:
+            replica.state = FAILED
+
+    # -- replicas ------------------------------------------------------------------
+
+    def _speculate(self, task: Task, now: float) -> None:
+        if task.settling or task.quorum_at is not None:
+            return
+        after = self.speculate_after()
+        for replica in task.live():
+            if not replica.speculated and now >= replica.assigned_at + after:
+                replica.speculated = True
+                task.replicas_wanted += 1
+                self.stats.speculative_replicas += 1
+
+    def _ask_replicas(self, task: Task, now: float, commands: list) -> None:
+        if task.settling or task.add_in_flight or not task.replicas_wanted:
+            return
+        if task.quorum_at is not None or now < task.next_add_at:
+            return
+        task.add_in_flight = True
+        release, task.to_release = frozenset(task.to_release), set()
+        for worker_id in release:
+            task.replicas[worker_id].released_at_discovery = True
+            self.stats.credits_spent -= 1
+        commands.append(
+            AddReplica(
+                task.task_id,
+                self._new_request_id(),
+                # Never a worker this task had before (refused, unreachable,
+                # or released), nor one that cannot be reached just now.
+                exclude=frozenset(
+                    self.cheaters
+                    | task.chunk.suspects
+                    | set(task.replicas)
+                    | self._unreachable_now(now)
+                ),
+                release=release,
+            )
+        )
+
+    def _replica_added(self, event: ReplicaAdded, now: float, commands: list) -> None:
+        task = self._tasks.get(event.task_id)
+        if task is None:
+            return
+        task.add_in_flight = False
+        if event.worker is None:
+            task.next_add_at = now + REPLICA_RETRY_SECONDS  # none free yet
+            return
+        worker_id, address = event.worker
+        task.replicas_wanted = max(0, task.replicas_wanted - 1)
+        self.stats.credits_spent += 1
+        self.stats.replicas_added += 1
+        if task.settling or worker_id in task.replicas:
+            return  # settled meanwhile (not possible in order) or a repeat
+        self._assign(task, worker_id, address, now, commands)
+
+    def _replica_failed(self, event: ReplicaFailed, now: float) -> None:
+        task = self._tasks.get(event.task_id)
+        if task is None:
+            return
+        task.add_in_flight = False
+        if isinstance(event.error, InsufficientCredits | UnknownTask):
+            task.replicas_wanted = 0  # no replica is coming: decide with what there is
+        else:
+            task.next_add_at = now + REPLICA_RETRY_SECONDS
+
+    # -- results and decisions ---------------------------------------------------------
+
+    def _result(self, event: ResultArrived, now: float) -> None:
+        task = self._tasks.get(event.task_id)
+        replica = task.replicas.get(event.worker_id) if task else None
+        if replica is None or replica.state not in (ASSIGNING, RUNNING) or task.settling:
+            return
+        replica.state = ANSWERED
+        replica.result = event.ciphertext
+        replica.answered_in = now - replica.assigned_at
+
+    def _grace(self, task: Task) -> float:
+        took = (task.quorum_at or task.started) - task.started
+        config = self.config
+        return min(config.grace_max, max(config.grace_min, config.grace_fraction * took))
+
+    def _decide(self, task: Task, now: float, commands: list) -> None:
+        if task.settling:
+            return
+        votes = task.votes()
+        winner, count = votes.most_common(1)[0] if votes else (None, 0)
+        live = task.live()
+        if count >= self.quorum:
+            if task.quorum_at is None:
+                task.quorum_at = now
+            if live and now < task.quorum_at + self._grace(task):
+                return
+            if task.add_in_flight:
+                return  # its worker joins the task first; then it is released too
+            self._settle_valid(task, winner, commands)
+            return
+        if now >= task.deadline:
+            self._settle_invalid(task, "deadline passed", commands)
+        elif count + len(live) + task.replicas_wanted < self.quorum and not task.add_in_flight:
+            self._settle_invalid(task, "no quorum possible", commands)
+
+    def _let_go(self, task: Task, commands: list) -> frozenset[str]:
+        """Cancel the replicas still working; all of them, and those released
+        before that the discovery service still counts, are released."""
+        released = set()
+        for replica in task.replicas.values():
+            if replica.state in (ASSIGNING, RUNNING):
+                commands.append(
+                    Cancel(task.task_id, replica.worker_id, replica.address, replica.token)
+                )
+                replica.state = RELEASED
+                self.stats.replicas_cancelled += 1
+            if replica.state == RELEASED and not replica.released_at_discovery:
+                released.add(replica.worker_id)
+        return frozenset(released)
+
+    def _settle_valid(self, task: Task, winner: str, commands: list) -> None:
+        agreeing = {r.worker_id for r in task.replicas.values() if r.result == winner}
+        disagreeing = frozenset(
+            r.worker_id
+            for r in task.replicas.values()
+            if r.state == ANSWERED and r.result != winner
+        )
+        failed = frozenset(r.worker_id for r in task.replicas.values() if r.state == FAILED)
+        released = self._let_go(task, commands)
+        task.winner = winner
+        task.settling = Settle(task.task_id, True, disagreeing | failed, released)
+        commands.append(task.settling)
+        for replica in task.replicas.values():
+            if replica.worker_id in agreeing:
+                self._task_seconds.append(replica.answered_in)
+        stats = self.stats
+        stats.missing_reports += len(disagreeing | failed)
+        stats.credits_spent -= len(disagreeing | failed | released)
+        if disagreeing:
+            stats.cheaters |= disagreeing
+            self.cheaters |= disagreeing
+
+    def _settle_invalid(self, task: Task, reason: str, commands: list) -> None:
+        self._let_go(task, commands)
+        task.settling = Settle(task.task_id, False)
+        commands.append(task.settling)
+        kept = [r for r in task.replicas.values() if not r.released_at_discovery]
+        self.stats.credits_spent -= len(kept)
+        self.stats.tasks_invalid += 1
+        self.stats.states["invalid"] += 1
+        self._retry(task, reason, commands)
+
+    def _retry(self, task: Task, reason: str, commands: list) -> None:
+        chunk = task.chunk
+        chunk.attempts += 1
+        if chunk.attempts >= self.config.max_attempts:
+            commands.append(
+                Fail(
+                    JobFailed(
+                        f"no quorum for {chunk.label} after {chunk.attempts} attempts"
+                        f" (last: {reason})",
+                        chunk=chunk.label,
+                    )
+                )
+            )
+            return
+        chunk.suspects |= {
+            r.worker_id
+            for r in task.replicas.values()
+            if r.state in (ANSWERED, FAILED) or r.speculated
+        }
+        self.stats.retries += 1
+        self.stats.retry_reasons[reason] += 1
+        self._pending.append(chunk)
+
+    def _settled(self, event: Settled, commands: list) -> None:
+        task = self._tasks.pop(event.task_id, None)
+        if task is None or task.settling is None:
+            return
+        self._next_request_at = 0.0  # its workers' slots are free: ask at once
+        if not task.settling.valid:
+            return
+        try:
+            output = open_output(task.chunk.phase, task.winner, event.key or b"")
+        except (DecryptionError, EncodingError):
+            # The agreeing workers sent the same garbage: they were paid, but
+            # their result is useless; run the chunk again without them.
+            agreeing = {r.worker_id for r in task.replicas.values() if r.result == task.winner}
+            self.cheaters |= agreeing
+            self.stats.cheaters |= agreeing
+            self._retry(task, "the agreed result does not decrypt or decode", commands)
+            return
+        if isinstance(output, dict) and is_error_document(output):
+            error = output["error"]
+            commands.append(
+                Fail(
+                    RemoteError(
+                        error["type"],
+                        error["message"],
+                        error["traceback"],
+                        chunk=task.chunk.label,
+                        output=str(error.get("output", "")),
+                    )
+                )
+            )
+            return
+        self.stats.tasks_validated += 1
+        self.stats.states["validated"] += 1
+        commands.append(Deliver(task.chunk, output))
+
+    def _settle_failed(self, event: SettleFailed, commands: list) -> None:
+        task = self._tasks.pop(event.task_id, None)
+        if task is None or task.settling is None:
+            return
+        if isinstance(event.error, UnknownTask) and not task.settling.valid:
+            return  # expired meanwhile: the discovery service refunded it already
+        commands.append(
+            Fail(
+                JobFailed(
+                    f"could not settle the task of {task.chunk.label}: {event.error}",
+                    chunk=task.chunk.label,
+                )
+            )
+        )
+
+    # -- stopping ---------------------------------------------------------------------
+
+    def stop(self) -> list:
+        """The job ends early (failed, Ctrl-C, SIGTERM): settle every open
+        task (valid where a quorum already arrived, so those who did the
+        work are paid; else invalid) and cancel every replica in flight."""
+        self._failed = True
+        commands: list = []
+        for task in list(self._tasks.values()):
+            if task.settling:
+                continue
+            votes = task.votes()
+            winner, count = votes.most_common(1)[0] if votes else (None, 0)
+            if count >= self.quorum and not task.add_in_flight:
+                self._settle_valid(task, winner, commands)
+            else:
+                self._let_go(task, commands)
+                task.settling = Settle(task.task_id, False)
+                commands.append(task.settling)
+        self._pending.clear()
+        return commands

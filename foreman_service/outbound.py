@@ -1,0 +1,296 @@
+"""The foreman's calls out, for the job core (`foreman_service/core.py`):
+each command becomes a call that does not block the engine, and each
+answer comes back as an event on the engine's queue. The counterpart of
+`worker_service/outbound.py`.
+
+Worker calls are gRPC futures: one channel per worker address, so a frozen
+worker delays nobody else (docs/protocol.md section 9, liveness).
+Discovery calls run on a few threads and are retried with backoff while
+the service is unreachable, which is safe because every one of them is
+idempotent (request ids; a repeated settle gets the same answer).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any
+
+import grpc
+
+from ec262.discovery_client import DiscoveryClient
+from ec262.limits import MAX_MESSAGE_BYTES
+from ec262.retry import call_with_retry
+from ec262.v1 import worker_pb2, worker_pb2_grpc
+from foreman_service.core import (
+    AddReplica,
+    Assign,
+    AssignAnswered,
+    Cancel,
+    Granted,
+    ReplicaAdded,
+    ReplicaFailed,
+    RequestFailed,
+    RequestTasks,
+    ResultArrived,
+    Settle,
+    Settled,
+    SettleFailed,
+)
+from foreman_service.inbox import ResultInbox
+
+logger = logging.getLogger(__name__)
+
+# How long a discovery call is retried while the service is unreachable
+# (docs/protocol.md section 9: a job survives a 60 s outage).
+DISCOVERY_RETRY_SECONDS = 65.0
+CANCEL_DEADLINE = 2.0
+DISCOVERY_THREADS = 4
+
+
+class EventQueue:
+    """Answers and results, from any thread, for the engine's loop."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+
+    def put(self, event: Any) -> None:
+        self._queue.put(event)
+
+    def take(self, timeout: float | None) -> list:
+        """Every event there is, waiting up to `timeout` for the first."""
+        try:
+            events = [self._queue.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                events.append(self._queue.get_nowait())
+            except queue.Empty:
+                return events
+
+
+class WorkerChannels:
+    """One channel per worker address, for the length of a job."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.Channel] = {}
+
+    def stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.insecure_channel(
+                address, options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+            )
+        return worker_pb2_grpc.WorkerStub(channel)
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
+
+
+class ForemanOutbound:
+    """Carries out the core's commands for one job."""
+
+    def __init__(
+        self,
+        discovery: DiscoveryClient,
+        inbox: ResultInbox,
+        events: EventQueue,
+        *,
+        assign_timeout: float,
+    ) -> None:
+        self._discovery = discovery
+        self._inbox = inbox
+        self._events = events
+        self._assign_timeout = assign_timeout
+        self._channels = WorkerChannels()
+        self._pool = ThreadPoolExecutor(DISCOVERY_THREADS, thread_name_prefix="discovery")
+        self._stop = threading.Event()
+        self._pending_lock = threading.Lock()
+        self._pending: set = set()  # settles and cancels still under way
+        self._drained = threading.Condition(self._pending_lock)
+        self.job_id = ""
+        self.result_address = ""
+        self._phase_payload = (b"", "")
+        inbox.listen(lambda task, worker, text: events.put(ResultArrived(task, worker, text)))
+
+    def begin_phase(self, payload: bytes, digest: str) -> None:
+        self._phase_payload = (payload, digest)
+
+    # -- carrying out ---------------------------------------------------------------
+
+    def execute(self, command: Any) -> None:
+        match command:
+            case RequestTasks():
+                self._in_thread(self._request_tasks, command)
+            case Assign():
+                self._assign(command)
+            case Cancel():
+                self._cancel(command)
+            case AddReplica():
+                self._in_thread(self._add_replica, command)
+            case Settle():
+                self._inbox.close_task(command.task_id)
+                self._tracked(self._pool.submit(self._settle, command, DISCOVERY_RETRY_SECONDS))
+            case _:
+                raise TypeError(f"not a command for the outbound layer: {command!r}")
+
+    def _in_thread(self, call: Callable, command: Any) -> None:
+        self._pool.submit(call, command)
+
+    def _retrying(self, call: Callable, what: str, seconds: float):
+        return call_with_retry(
+            call, what=what, deadline=time.monotonic() + seconds, stop=self._stop
+        )
+
+    def _request_tasks(self, command: RequestTasks) -> None:
+        try:
+            response = self._retrying(
+                lambda: self._discovery.request_tasks(
+                    command.n,
+                    exclude_workers=sorted(command.exclude),
+                    request_id=command.request_id,
+                ),
+                "RequestTasks",
+                DISCOVERY_RETRY_SECONDS,
+            )
+        except Exception as error:
+            self._events.put(RequestFailed(command.request_id, error))
+            return
+        tasks = [(t.task_id, {w.client_id: w.address for w in t.workers}) for t in response.tasks]
+        self._events.put(Granted(command.request_id, tasks, response.live_workers))
+
+    def _add_replica(self, command: AddReplica) -> None:
+        try:
+            ref = self._retrying(
+                lambda: self._discovery.add_replica(
+                    command.task_id,
+                    exclude_workers=sorted(command.exclude),
+                    release_workers=sorted(command.release),
+                    request_id=command.request_id,
+                ),
+                f"AddReplica({command.task_id})",
+                DISCOVERY_RETRY_SECONDS,
+            )
+        except Exception as error:
+            self._events.put(ReplicaFailed(command.task_id, error))
+            return
+        worker = (ref.client_id, ref.address) if ref.client_id else None
+        self._events.put(ReplicaAdded(command.task_id, worker))
+
+    def _settle(self, command: Settle, seconds: float) -> None:
+        try:
+            response = self._retrying(
+                lambda: self._discovery.settle_task(
+                    command.task_id,
+                    valid=command.valid,
+                    missing=sorted(command.missing),
+                    released=sorted(command.released),
+                ),
+                f"SettleTask({command.task_id})",
+                seconds,
+            )
+        except Exception as error:
+            self._events.put(SettleFailed(command.task_id, error))
+            return
+        self._events.put(Settled(command.task_id, response.key or None))
+
+    def _assign(self, command: Assign) -> None:
+        payload, digest = self._phase_payload
+        self._inbox.expect(command.task_id, command.worker_id, command.token)
+        request = worker_pb2.AssignTaskRequest(
+            task_id=command.task_id,
+            job_id=self.job_id,
+            phase=command.chunk.phase,
+            function=payload if command.send_payload else b"",
+            function_sha256=digest,
+            rows=command.chunk.rows,
+            result_address=self.result_address,
+            foreman_id=self._discovery.identity.client_id,
+            submit_token=command.token,
+        )
+        future = self._channels.stub(command.address).AssignTask.future(
+            request, timeout=self._assign_timeout
+        )
+
+        def answered(call: grpc.Future) -> None:
+            code = call.code()
+            if code != grpc.StatusCode.OK:
+                logger.info(
+                    "worker %s did not take %s (%s: %s)",
+                    command.worker_id[:8],
+                    command.chunk.label,
+                    code.name,
+                    call.details(),
+                )
+            self._events.put(
+                AssignAnswered(command.task_id, command.worker_id, code.name, call.details() or "")
+            )
+
+        future.add_done_callback(answered)
+
+    def _cancel(self, command: Cancel) -> None:
+        future = self._channels.stub(command.address).CancelTask.future(
+            worker_pb2.CancelTaskRequest(task_id=command.task_id, submit_token=command.token),
+            timeout=CANCEL_DEADLINE,
+        )
+        self._tracked(future)
+
+        def answered(call: grpc.Future) -> None:
+            if call.code() != grpc.StatusCode.OK:
+                logger.debug(
+                    "CancelTask(%s) to %s: %s",
+                    command.task_id,
+                    command.worker_id[:8],
+                    call.code().name,
+                )
+
+        future.add_done_callback(answered)
+
+    def _tracked(self, future) -> None:
+        with self._pending_lock:
+            self._pending.add(future)
+
+        def done(_: Any) -> None:
+            with self._pending_lock:
+                self._pending.discard(future)
+                self._drained.notify_all()
+
+        future.add_done_callback(done)
+
+    # -- the end of a job -------------------------------------------------------------
+
+    def finish(self, commands: list, within: float) -> None:
+        """Carry out the core's last commands (settles and cancels as a job
+        stops) and wait up to `within` seconds for them and for those still
+        under way; discovery retries stop at that deadline."""
+        deadline = time.monotonic() + within
+        extra = ThreadPoolExecutor(max(1, len(commands)), thread_name_prefix="stop")
+        futures = []
+        for command in commands:
+            if isinstance(command, Settle):
+                self._inbox.close_task(command.task_id)
+                futures.append(extra.submit(self._settle, command, within))
+            elif isinstance(command, Cancel):
+                self._cancel(command)
+        wait(futures, timeout=max(0.0, deadline - time.monotonic()))
+        extra.shutdown(wait=False)
+        self.drain(max(0.0, deadline - time.monotonic()))
+
+    def drain(self, within: float) -> None:
+        """Wait up to `within` seconds for settles and cancels under way."""
+        with self._drained:
+            self._drained.wait_for(lambda: not self._pending, timeout=within)
+
+    def close(self) -> None:
+        """Stop retries, close the channels (calls still in flight, to a
+        frozen worker say, end at once) and the threads."""
+        self._stop.set()
+        self._channels.close()
+        self._pool.shutdown(wait=True, cancel_futures=True)
