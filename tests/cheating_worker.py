@@ -40,8 +40,8 @@ class Tampering:
     inner: object
     shift: int
 
-    def run(self, digest, payload, phase, rows) -> SandboxResult:
-        honest = self.inner.run(digest, payload, phase, rows)
+    def run(self, digest, payload, phase, rows, cancel=None) -> SandboxResult:
+        honest = self.inner.run(digest, payload, phase, rows, cancel=cancel)
         pairs = [(k, _shift(v, self.shift)) for k, v in decode_pairs(honest.plaintext)]
         return SandboxResult(honest.ok, encode_pairs(pairs))
 
@@ -62,7 +62,7 @@ def main() -> int:
         WorkerConfig(port=0, discovery=args.discovery, identity=args.identity, slots=2)
     )
     if args.mode == "silent":
-        running.worker._submit = lambda task, worker_id, ciphertext: None
+        running.worker._submit = lambda task, worker_id, ciphertext, cancel=None: None
     else:
         running.worker._sandbox = Tampering(running.pool, 1 if args.mode == "wrong" else 2)
     serving.announce("127.0.0.1", running.port)

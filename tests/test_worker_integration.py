@@ -310,6 +310,59 @@ def test_a_busy_worker_still_judges_the_next_offer_on_its_merits(cluster):
     cluster.discovery.settle(cluster.foreman, task.task_id, valid=False)
 
 
+def spinning_mapper(key, seconds):
+    import time
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+    yield key, seconds
+
+
+def _cancel(worker, task_id: str, token: str) -> worker_pb2.CancelTaskResponse:
+    request = worker_pb2.CancelTaskRequest(task_id=task_id, submit_token=token)
+    return worker.stub().CancelTask(request, timeout=10)
+
+
+def test_a_cancelled_task_stops_at_once_sends_nothing_and_frees_its_slot(cluster):
+    """A task spinning for 30 s is cancelled: the slot is free on the reply,
+    no result ever reaches the foreman, and the worker's one slot runs the
+    next task at once (its sandbox was killed, not left to spin)."""
+    task, workers = new_task(cluster)
+    worker = workers[0]
+    cluster.assign(worker, task.task_id, spinning_mapper, rows=[("spin", 30)], token="first")
+    assert _cancel(worker, task.task_id, "first").cancelled
+    assert _status(worker).busy_slots == 0
+    worker.server.wait_for(f"task {task.task_id} cancelled while")
+    assert _cancel(worker, task.task_id, "first").cancelled  # harmless to repeat
+    cluster.discovery.settle(cluster.foreman, task.task_id, valid=False)
+    following, _ = new_task(cluster)
+    cluster.assign(worker, following.task_id, word_count_mapper, rows=TEXT, token="second")
+    cluster.recorder.wait_for(following.task_id, 1, timeout=20)  # before the spin could end
+    # one slot, so the cancelled task's thread ended before the next one ran
+    assert not [k for k in cluster.recorder.results if k[0] == task.task_id]
+    assert not [r for r in cluster.recorder.rejected if r[0] == task.task_id]
+    worker.server.wait_for(f"task {following.task_id} done")
+    assert not _cancel(worker, following.task_id, "second").cancelled  # it had finished
+    assert _status(worker).busy_slots == 0
+    cluster.discovery.settle(cluster.foreman, following.task_id, valid=False)
+
+
+def test_cancel_task_needs_the_assignments_token_and_a_well_formed_id(cluster):
+    task, workers = new_task(cluster)
+    worker = workers[0]
+    cluster.assign(worker, task.task_id, word_count_mapper, rows=TEXT, token="right")
+    for task_id, token in [(task.task_id, "wrong"), (task.task_id, ""), ("cd" * 16, "right")]:
+        error = rpc_error(_cancel, worker, task_id, token)
+        assert error.code() == grpc.StatusCode.NOT_FOUND, error.details()
+    for task_id in ("nope", "AB" * 16, ""):
+        error = rpc_error(_cancel, worker, task_id, "right")
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+        assert "task_id" in error.details()
+    assert cluster.recorder.wait_for(task.task_id, 1)  # none of those stopped it
+    cluster.discovery.settle(cluster.foreman, task.task_id, valid=False)
+
+
 @pytest.mark.parametrize(
     ("field", "value", "fragment"),
     [

@@ -1,22 +1,32 @@
 """The worker's task logic without gRPC: the key source (the discovery
 service's FetchKey) and the submitter are plain functions; the sandbox is a
 real pool where a test needs one, a counting stand-in where it only asks
-what ran."""
+what ran, and a gated one (each run ends when the test says) for CancelTask."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import threading
+from dataclasses import dataclass, field
 
 import pytest
 
-from ec262.encoding import encode_pairs
+from ec262.encoding import decode_pairs, encode_pairs
 from ec262.envelope import decrypt_data
-from ec262.errors import FunctionNotCached, NoFreeSlot, PermissionDenied, TaskConflict, UnknownTask
+from ec262.errors import (
+    FunctionNotCached,
+    NoFreeSlot,
+    PermissionDenied,
+    ResultNotDelivered,
+    TaskConflict,
+    UnknownTask,
+)
 from ec262.payload import digest, pack_functions
 from worker_service import worker as worker_module
 from worker_service.sandbox.policy import SandboxLimits
-from worker_service.sandbox.pool import SandboxPool, SandboxResult
+from worker_service.sandbox.pool import Cancellation, Cancelled, SandboxPool, SandboxResult
 from worker_service.tasks import checked_task
 from worker_service.worker import Worker
 
@@ -50,33 +60,85 @@ class CountingSandbox:
     def __init__(self) -> None:
         self.runs: list[tuple[str, bytes]] = []
 
-    def run(self, digest, payload, phase, rows) -> SandboxResult:
+    def run(self, digest, payload, phase, rows, cancel=None) -> SandboxResult:
         self.runs.append((digest, rows))
         return SandboxResult(True, b"[]")
+
+
+@dataclass
+class Gate:
+    """One run of GatedSandbox: which task, and the test's hand on it."""
+
+    task_id: str
+    go: threading.Event = field(default_factory=threading.Event)
+
+
+class GatedSandbox:
+    """Each run waits until the test opens its gate. Obeying cancels (as the
+    pool does, killing the sandbox), a cancel opens the gate and the run
+    raises Cancelled; not obeying, the run notices nothing and returns a
+    result, as a sandbox does whose reply was read just before the cancel."""
+
+    def __init__(self, *, obey_cancel: bool = True) -> None:
+        self.obey_cancel = obey_cancel
+        self.entered: queue.Queue[Gate] = queue.Queue()
+        self.ran: list[str] = []
+
+    def run(self, digest, payload, phase, rows, cancel=None) -> SandboxResult:
+        gate = Gate(_task_id_of(rows))
+        self.ran.append(gate.task_id)
+        if self.obey_cancel:
+            with cancel.on_cancel(gate.go.set):
+                self.entered.put(gate)
+                assert gate.go.wait(10), f"task {gate.task_id}'s gate was never opened"
+            if cancel.cancelled:
+                raise Cancelled("cancelled")
+        else:
+            self.entered.put(gate)
+            assert gate.go.wait(10), f"task {gate.task_id}'s gate was never opened"
+        return SandboxResult(True, b"[]")
+
+    def next(self) -> Gate:
+        return self.entered.get(timeout=10)
 
 
 class Submissions:
     def __init__(self) -> None:
         self.results: dict[str, dict] = {}
+        self.order: list[str] = []
         self.done = threading.Semaphore(0)
 
-    def __call__(self, task, worker_id, ciphertext) -> None:
+    def __call__(self, task, worker_id, ciphertext, cancel=None) -> None:
         self.results[task.task_id] = decrypt_data(ciphertext, KEY)
+        self.order.append(task.task_id)
         self.done.release()
 
 
-def _task(number: int, foreman: str, payload: bytes, *, rows: bytes | None = None, send=True):
+def _task(
+    number: int,
+    foreman: str,
+    payload: bytes,
+    *,
+    rows: bytes | None = None,
+    send=True,
+    token: str = "t",
+):
     return checked_task(
         task_id=f"{number:032x}",
         job_id="j",
         phase=1,
         function=payload if send else b"",
         function_sha256=digest(payload),
-        rows=rows or encode_pairs([("k", "v")]),
+        rows=rows or encode_pairs([("task", f"{number:032x}")]),
         result_address="127.0.0.1:1",
         foreman_id=foreman,
-        submit_token="t",
+        submit_token=token,
     )
+
+
+def _task_id_of(rows: bytes) -> str:
+    """The id `_task` wrote into its default rows."""
+    return dict(decode_pairs(rows))["task"]
 
 
 @pytest.fixture
@@ -198,3 +260,212 @@ def test_the_payload_cache_is_bounded_in_bytes(stand_in, monkeypatch):
     assert digest(payloads[-1]) in cached
     assert digest(payloads[0]) not in cached
     assert sum(len(p) for p in payloads if digest(p) in cached) <= 3_000_000
+
+
+# -- CancelTask --------------------------------------------------------------
+
+
+@pytest.fixture
+def gated(request):
+    """A one-slot worker whose sandbox runs each task until the test lets it
+    end (obeying cancels unless the test's parameter says False)."""
+    ledger, submitted = Ledger(), Submissions()
+    sandbox = GatedSandbox(obey_cancel=getattr(request, "param", True))
+    worker = Worker(
+        slots=1, sandbox=sandbox, fetch_key=ledger, submit=submitted, client_id=lambda: "w"
+    )
+    yield worker, ledger, sandbox, submitted
+    worker.close()
+
+
+def _assign(worker, ledger, number: int, **options):
+    task = _task(number, FOREMAN_A, pack_functions(counting), **options)
+    ledger.owners[task.task_id] = FOREMAN_A
+    worker.assign(task)
+    return task
+
+
+def _sent(submitted, count: int, worker) -> list[str]:
+    """The ids submitted, once `count` have been and the worker is idle."""
+    for _ in range(count):
+        assert submitted.done.acquire(timeout=10)
+    assert worker.wait_idle(10)
+    return submitted.order
+
+
+def _nothing_failed(worker) -> None:
+    assert worker.counters.tasks_failed == 0
+    assert worker.counters.tasks_dropped == 0
+    assert worker.snapshot().tasks_failed == 0
+
+
+def test_a_queued_task_cancelled_never_runs(gated):
+    worker, ledger, sandbox, submitted = gated
+    running = _assign(worker, ledger, 1)
+    gate = sandbox.next()
+    queued = _assign(worker, ledger, 2)
+    assert worker.snapshot().busy_slots == 2
+    assert worker.cancel(queued.task_id, "t") is True
+    assert worker.snapshot().busy_slots == 1
+    later = _assign(worker, ledger, 3)  # the place in the queue is free again
+    gate.go.set()
+    gate = sandbox.next()
+    assert gate.task_id == later.task_id  # not the cancelled one
+    gate.go.set()
+    assert _sent(submitted, 2, worker) == [running.task_id, later.task_id]
+    assert sandbox.ran == [running.task_id, later.task_id]
+    assert worker.counters.tasks_cancelled == 1
+    _nothing_failed(worker)
+
+
+def test_a_running_task_cancelled_is_stopped_and_sends_nothing(gated, caplog):
+    worker, ledger, sandbox, submitted = gated
+    task = _assign(worker, ledger, 1)
+    gate = sandbox.next()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="worker_service.worker"):
+        assert worker.cancel(task.task_id, "t") is True
+    assert gate.go.is_set()  # the cancel reached the run (the pool kills its sandbox)
+    assert worker.snapshot().busy_slots == 0
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert logged == [("INFO", f"task {task.task_id} cancelled while running")]
+    assert worker.cancel(task.task_id, "t") is True  # a repeat: the same answer
+    later = _assign(worker, ledger, 2)
+    gate = sandbox.next()  # its turn comes once the cancelled run's thread has ended
+    assert gate.task_id == later.task_id
+    gate.go.set()
+    assert _sent(submitted, 1, worker) == [later.task_id]
+    assert worker.counters.tasks_cancelled == 1  # the repeat counts nothing more
+    assert (worker.counters.tasks_done, worker.counters.submitted) == (1, 1)
+    _nothing_failed(worker)
+
+
+@pytest.mark.parametrize("gated", [False], indirect=True)
+def test_the_slot_is_free_when_cancel_returns_though_the_run_has_not_noticed(gated):
+    """The run goes on after the cancel (a killed sandbox takes a moment to
+    be seen dead) and even returns a result: the slot was free at once, the
+    result is never sent, and the run's end frees nothing more."""
+    worker, ledger, sandbox, submitted = gated
+    task = _assign(worker, ledger, 1)
+    stuck = sandbox.next()
+    assert worker.cancel(task.task_id, "t") is True
+    assert not stuck.go.is_set()
+    assert worker.snapshot().busy_slots == 0
+    second, third = _assign(worker, ledger, 2), _assign(worker, ledger, 3)  # a slot, a queue place
+    with pytest.raises(NoFreeSlot):
+        _assign(worker, ledger, 4)
+    stuck.go.set()
+    gate = sandbox.next()  # the cancelled run's thread has ended
+    assert gate.task_id == second.task_id
+    assert worker.snapshot().busy_slots == 2
+    gate.go.set()
+    sandbox.next().go.set()
+    assert _sent(submitted, 2, worker) == [second.task_id, third.task_id]
+    assert worker.counters.tasks_cancelled == 1
+    assert (worker.counters.tasks_done, worker.counters.submitted) == (2, 2)
+    _nothing_failed(worker)
+
+
+def test_a_cancel_once_the_result_is_sent_is_false_and_harmless(stand_in):
+    worker, ledger, _, submitted = stand_in
+    task = _assign(worker, ledger, 1)
+    assert _sent(submitted, 1, worker) == [task.task_id]
+    assert worker.cancel(task.task_id, "t") is False
+    assert worker.cancel(task.task_id, "t") is False
+    assert worker.counters.tasks_cancelled == 0
+    assert worker.counters.tasks_done == 1
+
+
+def test_a_cancel_once_the_task_was_abandoned_is_false(stand_in):
+    worker, ledger, _, _ = stand_in
+    given_up = threading.Event()
+
+    def refused(task, worker_id, ciphertext, cancel=None):
+        given_up.set()
+        raise ResultNotDelivered("refused")
+
+    worker._submit = refused
+    task = _assign(worker, ledger, 1)
+    assert given_up.wait(10) and worker.wait_idle(10)
+    assert worker.cancel(task.task_id, "t") is False
+    assert (worker.counters.tasks_dropped, worker.counters.tasks_cancelled) == (1, 0)
+
+
+def test_a_cancel_with_another_token_or_for_an_unknown_task_is_unknown_task(gated):
+    worker, ledger, sandbox, submitted = gated
+    task = _assign(worker, ledger, 1, token="right")
+    gate = sandbox.next()
+    tries = [(task.task_id, t) for t in ("wrong", "", "righ", "right ", "rïght")]
+    for task_id, token in [*tries, (f"{2:032x}", "right")]:
+        with pytest.raises(UnknownTask):
+            worker.cancel(task_id, token)
+    assert not gate.go.is_set()
+    assert worker.snapshot().busy_slots == 1
+    gate.go.set()
+    assert _sent(submitted, 1, worker) == [task.task_id]
+    assert worker.counters.tasks_cancelled == 0
+
+
+def test_a_cancelled_task_assigned_again_is_accepted_and_not_run(gated):
+    worker, ledger, sandbox, submitted = gated
+    task = _assign(worker, ledger, 1)
+    sandbox.next()
+    assert worker.cancel(task.task_id, "t") is True
+    worker.assign(task)  # the same request again (a lost reply): accepted, not run
+    assert worker.snapshot().busy_slots == 0
+    other_rows = _task(1, FOREMAN_A, pack_functions(counting), rows=encode_pairs([("k", "x")]))
+    with pytest.raises(TaskConflict, match="at most once"):
+        worker.assign(other_rows)
+    later = _assign(worker, ledger, 2)
+    gate = sandbox.next()
+    assert gate.task_id == later.task_id
+    gate.go.set()
+    assert _sent(submitted, 1, worker) == [later.task_id]
+    assert sandbox.ran == [task.task_id, later.task_id]
+    assert ledger.asked == [task.task_id, later.task_id]
+
+
+def looping(key, value):
+    while True:
+        pass
+    yield key, value
+
+
+class ArmedCancellation(Cancellation):
+    """Says when the pool has attached a sandbox to it (entered `on_cancel`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = threading.Event()
+
+    @contextlib.contextmanager
+    def on_cancel(self, action):
+        with super().on_cancel(action):
+            self.armed.set()
+            yield
+
+
+def test_the_pool_kills_a_cancelled_tasks_sandbox_at_once_and_runs_the_next_task():
+    pool = SandboxPool(SandboxLimits(task_timeout=60), size=1)
+    payload, rows = pack_functions(looping), encode_pairs([("k", 1)])
+    cancel, outcome = ArmedCancellation(), queue.Queue()
+
+    def run():
+        try:
+            outcome.put(pool.run("loop", payload, 1, rows, cancel=cancel))
+        except Cancelled as error:
+            outcome.put(error)
+
+    try:
+        threading.Thread(target=run, daemon=True).start()
+        assert cancel.armed.wait(30)
+        assert cancel.cancel() is True
+        assert isinstance(outcome.get(timeout=10), Cancelled)  # long before the 60 s timeout
+        assert cancel.cancel() is False
+        with pytest.raises(Cancelled):  # a cancelled task never starts
+            pool.run("loop", payload, 1, rows, cancel=cancel)
+        counted = pool.run("count", pack_functions(counting), 1, rows, cancel=Cancellation())
+        assert counted.ok  # in a new sandbox
+        assert pool._live == 1  # that one, idle: the killed one is not counted
+    finally:
+        pool.close()

@@ -1,13 +1,15 @@
 """The worker's calls out: the task key from discovery, the result to the
-foreman. Both retry transient failures with backoff."""
+foreman. Both retry transient failures with backoff; sending a result also
+stops when its task is cancelled."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import grpc
 
@@ -16,6 +18,7 @@ from ec262.errors import ResultNotDelivered, ServiceUnavailable, UnknownTask
 from ec262.limits import MAX_MESSAGE_BYTES
 from ec262.retry import call_with_retry, is_transient
 from ec262.v1 import foreman_pb2, foreman_pb2_grpc
+from worker_service.sandbox.pool import Cancellation, Cancelled
 from worker_service.tasks import Task
 
 logger = logging.getLogger(__name__)
@@ -70,12 +73,49 @@ class KeyFetcher:
         return True
 
 
+class _Attempts:
+    """One result's SubmitResult attempts, as `call_with_retry` makes them,
+    stoppable from another thread: once `cancel` runs, the attempt in
+    flight is cancelled, no other starts, and `halt` ends the wait between
+    two (the worker's stop sets `halt` too, which only ends the waits)."""
+
+    def __init__(self, send: Callable[[], grpc.Future]) -> None:
+        self._send = send
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._in_flight: grpc.Future | None = None
+        self.halt = threading.Event()
+
+    def cancel(self) -> None:
+        """The task's cancel action (quick: it runs under the task's lock)."""
+        with self._lock:
+            self._cancelled = True
+            in_flight = self._in_flight
+        self.halt.set()
+        if in_flight is not None:
+            in_flight.cancel()
+
+    def __call__(self) -> object:
+        with self._lock:
+            if self._cancelled:
+                raise Cancelled("the task was cancelled before this attempt")
+            self._in_flight = future = self._send()
+        try:
+            return future.result()
+        except grpc.FutureCancelledError:
+            raise Cancelled("the task was cancelled during this attempt") from None
+        finally:
+            with self._lock:
+                self._in_flight = None
+
+
 class ResultSubmitter:
     """SubmitResult to each task's foreman, over one cached channel per
     foreman address (a job sends many tasks to the same foreman), retried
     while the foreman is unreachable and the task still open: once the
     discovery service no longer has it (settled, expired, its foreman gone),
-    the worker gives up and its slot is free for the next task."""
+    the worker gives up and its slot is free for the next task. A task's
+    cancel ends its sending at once."""
 
     def __init__(
         self, stop: threading.Event, still_assigned: Callable[[str], bool] = lambda _: True
@@ -84,6 +124,31 @@ class ResultSubmitter:
         self._still_assigned = still_assigned
         self._lock = threading.Lock()
         self._channels: OrderedDict[str, grpc.Channel] = OrderedDict()
+        self._halts: set[threading.Event] = set()
+        self._stopped = False
+        threading.Thread(target=self._relay_stop, name="submit-stop", daemon=True).start()
+
+    def _relay_stop(self) -> None:
+        """Each result waits between attempts on its own event, which its
+        cancel sets; this sets them all when the worker stops, as waiting
+        on `stop` itself did."""
+        self._stop.wait()
+        with self._lock:
+            self._stopped = True
+            for halt in self._halts:
+                halt.set()
+
+    @contextlib.contextmanager
+    def _halted_on_stop(self, halt: threading.Event) -> Iterator[None]:
+        with self._lock:
+            if self._stopped:
+                halt.set()
+            self._halts.add(halt)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._halts.discard(halt)
 
     def _stub(self, address: str) -> foreman_pb2_grpc.ForemanStub:
         with self._lock:
@@ -99,7 +164,11 @@ class ResultSubmitter:
             self._channels.move_to_end(address)
             return foreman_pb2_grpc.ForemanStub(channel)
 
-    def __call__(self, task: Task, worker_id: str, ciphertext: str) -> None:
+    def __call__(
+        self, task: Task, worker_id: str, ciphertext: str, cancel: Cancellation | None = None
+    ) -> None:
+        """Send the result; ResultNotDelivered when the worker gave up,
+        Cancelled when `cancel` was flipped first."""
         request = foreman_pb2.SubmitResultRequest(
             task_id=task.task_id,
             worker_id=worker_id,
@@ -107,15 +176,24 @@ class ResultSubmitter:
             ciphertext=ciphertext,
         )
         stub = self._stub(task.result_address)
+        attempts = _Attempts(
+            lambda: stub.SubmitResult.future(request, timeout=_attempt_seconds(ciphertext))
+        )
+        cancel = cancel if cancel is not None else Cancellation()
         try:
-            call_with_retry(
-                lambda: stub.SubmitResult(request, timeout=_attempt_seconds(ciphertext)),
-                what=f"SubmitResult({task.task_id}) to {task.result_address}",
-                deadline=time.monotonic() + SUBMIT_DEADLINE,
-                stop=self._stop,
-                retry_if=lambda error: is_transient(error) and self._still_assigned(task.task_id),
-            )
+            with self._halted_on_stop(attempts.halt), cancel.on_cancel(attempts.cancel):
+                call_with_retry(
+                    attempts,
+                    what=f"SubmitResult({task.task_id}) to {task.result_address}",
+                    deadline=time.monotonic() + SUBMIT_DEADLINE,
+                    stop=attempts.halt,
+                    retry_if=lambda error: (
+                        is_transient(error) and self._still_assigned(task.task_id)
+                    ),
+                )
         except grpc.RpcError as error:
+            if cancel.cancelled:
+                raise Cancelled(f"task {task.task_id} was cancelled while it was sent") from None
             if is_transient(error):
                 logger.warning(
                     "gave up sending task %s's result to %s (%s): the task is closed"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ec262.grpc_errors import translate_errors
 from ec262.v1 import worker_pb2 as pb
 from ec262.v1 import worker_pb2_grpc
-from worker_service.tasks import checked_task
+from worker_service.tasks import checked_task, checked_task_id
 from worker_service.worker import Worker
 
 
@@ -30,6 +30,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
         )
         self._worker.assign(task)
         return pb.AssignTaskResponse(accepted=True)
+
+    @translate_errors
+    def CancelTask(self, request, context):
+        cancelled = self._worker.cancel(checked_task_id(request.task_id), request.submit_token)
+        return pb.CancelTaskResponse(cancelled=cancelled)
 
     @translate_errors
     def GetStatus(self, request, context):

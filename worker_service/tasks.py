@@ -30,6 +30,14 @@ class Task:
     submit_token: str
 
 
+def checked_task_id(task_id: str) -> str:
+    """`task_id`, or InvalidRequest if it is not a task id (AssignTask's
+    and CancelTask's one check of it)."""
+    if not is_task_id(task_id):
+        raise InvalidRequest(f"task_id {task_id[:40]!r} is not a task id (32 lowercase hex digits)")
+    return task_id
+
+
 def checked_task(
     *,
     task_id: str,
@@ -43,8 +51,7 @@ def checked_task(
     submit_token: str,
 ) -> Task:
     """A Task, or InvalidRequest saying which field is wrong."""
-    if not is_task_id(task_id):
-        raise InvalidRequest(f"task_id {task_id[:40]!r} is not a task id (32 lowercase hex digits)")
+    checked_task_id(task_id)
     if len(job_id) > MAX_JOB_ID_LENGTH:
         raise InvalidRequest(f"job_id is longer than {MAX_JOB_ID_LENGTH} characters")
     if phase not in (MAP, REDUCE):

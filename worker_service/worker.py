@@ -5,15 +5,18 @@ sandbox, encrypt, and submit.
 Nothing is cached, reserved for long or computed for a task the discovery
 service has not confirmed as this worker's (FetchKey succeeds and names the
 same foreman as the request), and a task id runs at most once
-(docs/protocol.md section 2, Worker). Its collaborators come in through the
-constructor (a key source, a sandbox runner, a submitter) so the state
-machine is testable with plain objects and the servicer only translates
-protos.
+(docs/protocol.md section 2, Worker). The foreman may cancel a task it no
+longer needs (section 9): its slot is free when the cancel returns, and no
+attempt to send its result starts after it. Its collaborators come in
+through the constructor (a key source, a sandbox runner, a submitter) so
+the state machine is testable with plain objects and the servicer only
+translates protos.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 import zlib
@@ -30,8 +33,9 @@ from ec262.errors import (
     PermissionDenied,
     ResultNotDelivered,
     TaskConflict,
+    UnknownTask,
 )
-from worker_service.sandbox.pool import SandboxResult
+from worker_service.sandbox.pool import Cancellation, Cancelled, SandboxResult
 from worker_service.tasks import Task
 
 logger = logging.getLogger(__name__)
@@ -47,6 +51,11 @@ MAX_CACHED_PAYLOAD_BYTES = 256 * 1024 * 1024
 # could run only while the discovery service still confirms the task).
 MAX_REMEMBERED_TASKS = 65_536
 
+# The stages of a task taken; a cancel stops it in any of the first three.
+QUEUED, RUNNING, SUBMITTING = "queued", "running", "submitting"
+FINISHED, CANCELLED = "finished", "cancelled"
+_STOPPABLE = (QUEUED, RUNNING, SUBMITTING)
+
 
 class KeySource(Protocol):
     def __call__(self, task_id: str) -> tuple[bytes, str]:
@@ -56,11 +65,26 @@ class KeySource(Protocol):
 
 
 class SandboxRunner(Protocol):
-    def run(self, digest: str, payload: bytes | None, phase: int, rows: bytes) -> SandboxResult: ...
+    def run(
+        self,
+        digest: str,
+        payload: bytes | None,
+        phase: int,
+        rows: bytes,
+        cancel: Cancellation | None = None,
+    ) -> SandboxResult:
+        """The task's result; Cancelled once `cancel` is flipped (the task
+        then never starts, or its sandbox is killed)."""
+        ...
 
 
 class Submitter(Protocol):
-    def __call__(self, task: Task, worker_id: str, ciphertext: str) -> None: ...
+    def __call__(
+        self, task: Task, worker_id: str, ciphertext: str, cancel: Cancellation | None = None
+    ) -> None:
+        """Send the result; Cancelled once `cancel` is flipped (no attempt
+        starts after it, the one in flight is cancelled)."""
+        ...
 
 
 def _fingerprint(task: Task) -> tuple:
@@ -78,11 +102,24 @@ def _fingerprint(task: Task) -> tuple:
     )
 
 
+@dataclass(eq=False, slots=True)
+class _Taken:
+    """What the worker keeps of a task id it took (never its rows): enough
+    to tell a repeat from a conflict, check a cancel's token, and stop it."""
+
+    task_id: str
+    fingerprint: tuple
+    submit_token: str
+    stage: str = QUEUED
+    cancel: Cancellation = field(default_factory=Cancellation)
+
+
 @dataclass
 class WorkerCounters:
     tasks_done: int = 0
     tasks_failed: int = 0
     tasks_dropped: int = 0
+    tasks_cancelled: int = 0  # neither failed nor dropped
     submitted: int = 0
 
 
@@ -116,10 +153,10 @@ class Worker:
         self._submit = submit
         self._client_id = client_id
         self._lock = threading.Lock()
-        self._running: set[str] = set()  # confirmed, or being confirmed
+        self._running: set[str] = set()  # being confirmed, or taken and not ended
         self._payloads: OrderedDict[str, bytes] = OrderedDict()
         self._payload_bytes = 0
-        self._taken: OrderedDict[str, tuple] = OrderedDict()  # task id -> fingerprint
+        self._taken: OrderedDict[str, _Taken] = OrderedDict()
         self._executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="task")
         self.counters = WorkerCounters()
         self._idle = threading.Condition(self._lock)
@@ -137,7 +174,7 @@ class Worker:
         with self._lock:
             taken = self._taken.get(task.task_id)
             if taken is not None:
-                if taken == fingerprint:
+                if taken.fingerprint == fingerprint:
                     logger.info("task %s assigned again; it runs once", task.task_id)
                     return
                 raise TaskConflict(
@@ -174,15 +211,17 @@ class Worker:
                 self._idle.notify_all()
             raise
         with self._lock:
-            self._remember(task.task_id, fingerprint)
+            taken = self._remember(task, fingerprint)
             payload = self._cache(task)
         logger.debug("task %s (%s) accepted", task.task_id, "map" if task.phase == 1 else "reduce")
-        self._executor.submit(self._work, task, payload, key)
+        self._executor.submit(self._work, task, payload, key, taken)
 
-    def _remember(self, task_id: str, fingerprint: tuple) -> None:
-        self._taken[task_id] = fingerprint
+    def _remember(self, task: Task, fingerprint: tuple) -> _Taken:
+        taken = _Taken(task.task_id, fingerprint, task.submit_token)
+        self._taken[task.task_id] = taken
         while len(self._taken) > MAX_REMEMBERED_TASKS:
             self._taken.popitem(last=False)
+        return taken
 
     def _cache(self, task: Task) -> bytes:
         """The task's payload, kept for later tasks of the same function
@@ -205,44 +244,97 @@ class Worker:
             self._payload_bytes -= len(evicted)
         return payload
 
+    # -- cancelling a task (called by the servicer) ------------------------------
+
+    def cancel(self, task_id: str, submit_token: str) -> bool:
+        """Stop a task this worker took with `submit_token`: True when it was
+        queued, running or sending its result (it never will now, and its
+        slot is free on return), or was cancelled already; False when it
+        had finished. UnknownTask for an id not taken here or another
+        token, alike, so a stranger learns nothing of the task."""
+        with self._lock:
+            taken = self._taken.get(task_id)
+            if taken is None or not secrets.compare_digest(
+                taken.submit_token.encode(), submit_token.encode()
+            ):
+                raise UnknownTask(f"task {task_id} was not taken here with that submit token")
+            stage = taken.stage
+            if stage in _STOPPABLE:
+                taken.stage = CANCELLED
+                self.counters.tasks_cancelled += 1
+                self._running.discard(task_id)  # the slot: free before the reply
+                self._idle.notify_all()
+                taken.cancel.cancel()  # kills its sandbox, stops its retries
+        if stage in _STOPPABLE:
+            logger.info("task %s cancelled while %s", task_id, stage)
+        else:
+            logger.info("task %s: cancel asked, the task is %s already", task_id, stage)
+        return stage != FINISHED
+
     # -- the background life of a task ---------------------------------------
 
-    def _work(self, task: Task, payload: bytes, key: bytes) -> None:
+    def _work(self, task: Task, payload: bytes, key: bytes, taken: _Taken) -> None:
+        """Run, seal and submit one task. A cancel may end it anywhere; then
+        nothing is sent, nothing counted but the cancel, and the slot (which
+        the cancel freed) is left alone."""
         started = time.monotonic()
         try:
+            if not self._advance(taken, RUNNING):
+                return
             # A sandbox is reused only for the same function *and* the same
             # foreman: whatever a task leaves in its process (module state)
             # must not reach another foreman's tasks, even with the same code.
             sandbox_key = f"{task.foreman_id}/{task.function_sha256}"
-            result = self._sandbox.run(sandbox_key, payload, task.phase, task.rows)
-            ciphertext = seal(result.plaintext, key)
-            self._submit(task, self._client_id(), ciphertext)
-            self._count(done=int(result.ok), failed=int(not result.ok), submitted=1)
-            logger.info(
-                "task %s %s in %.1f ms",
-                task.task_id,
-                "done" if result.ok else "failed (error result sent)",
-                (time.monotonic() - started) * 1000,
+            result = self._sandbox.run(
+                sandbox_key, payload, task.phase, task.rows, cancel=taken.cancel
             )
+            ciphertext = seal(result.plaintext, key)
+            if not self._advance(taken, SUBMITTING):
+                return
+            self._submit(task, self._client_id(), ciphertext, cancel=taken.cancel)
+            if self._finish(taken, done=int(result.ok), failed=int(not result.ok), submitted=1):
+                logger.info(
+                    "task %s %s in %.1f ms",
+                    task.task_id,
+                    "done" if result.ok else "failed (error result sent)",
+                    (time.monotonic() - started) * 1000,
+                )
+        except Cancelled:  # the cancel has said so
+            pass
         except ResultNotDelivered:  # the submitter has said why
-            logger.info("task %s abandoned", task.task_id)
-            self._count(dropped=1)
+            if self._finish(taken, dropped=1):
+                logger.info("task %s abandoned", task.task_id)
         except Exception:
-            logger.exception("task %s abandoned", task.task_id)
-            self._count(dropped=1)
+            if self._finish(taken, dropped=1):
+                logger.exception("task %s abandoned", task.task_id)
         finally:
-            with self._lock:
-                self._running.discard(task.task_id)
-                self._idle.notify_all()
+            self._finish(taken)
 
-    def _count(
-        self, *, done: int = 0, failed: int = 0, dropped: int = 0, submitted: int = 0
-    ) -> None:
+    def _advance(self, taken: _Taken, stage: str) -> bool:
+        """Move a task on to `stage`; False if it was cancelled meanwhile."""
         with self._lock:
+            if taken.stage == CANCELLED:
+                return False
+            taken.stage = stage
+            return True
+
+    def _finish(
+        self, taken: _Taken, *, done: int = 0, failed: int = 0, dropped: int = 0, submitted: int = 0
+    ) -> bool:
+        """Count a task's end and free its slot, once: False if it ended
+        already, or was cancelled (the cancel counted it and freed the
+        slot, which may hold another task by now)."""
+        with self._lock:
+            if taken.stage in (FINISHED, CANCELLED):
+                return False
+            taken.stage = FINISHED
             self.counters.tasks_done += done
             self.counters.tasks_failed += failed
             self.counters.tasks_dropped += dropped
             self.counters.submitted += submitted
+            self._running.discard(taken.task_id)
+            self._idle.notify_all()
+            return True
 
     # -- introspection and shutdown --------------------------------------------
 

@@ -6,7 +6,8 @@ clean, single-threaded process (never from the worker with its gRPC
 threads and identity), and start in a few milliseconds with the sandbox
 code and the allow-listed modules already imported. Whatever user code does
 (raise, loop, exhaust memory, crash, flood), `run` returns a result or an
-error document; a sandbox that misbehaved is killed, never reused.
+error document; a sandbox that misbehaved is killed, never reused. A
+task's `Cancellation` kills the sandbox running it at once.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import signal
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -39,6 +41,59 @@ class SandboxResult:
     plaintext: bytes  # canonical result, or a canonical error document
 
 
+class Cancelled(Exception):
+    """The task was cancelled: it has no result, and nothing is sent for it."""
+
+
+class Cancellation:
+    """One task's cancel switch, shared by the worker (which flips it), the
+    pool (which kills the sandbox running the task) and the submitter
+    (which stops its retries).
+
+    Actions run under the switch's lock, and a block leaves `on_cancel`
+    under it too, so an action never runs once its block has left: a pool
+    that finds the task not cancelled on leaving knows its sandbox was not
+    killed.
+    """
+
+    __slots__ = ("_actions", "_cancelled", "_lock")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._actions: list[Callable[[], None]] = []
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self) -> bool:
+        """Flip the switch and run the actions of the blocks inside
+        `on_cancel` now; True the first time, False on a repeat."""
+        with self._lock:
+            if self._cancelled:
+                return False
+            self._cancelled = True
+            for action in self._actions:
+                action()
+            return True
+
+    @contextlib.contextmanager
+    def on_cancel(self, action: Callable[[], None]) -> Iterator[None]:
+        """Within the block, a cancel runs `action` (it must be quick: a
+        signal, an event); Cancelled at once if the task was cancelled
+        already."""
+        with self._lock:
+            if self._cancelled:
+                raise Cancelled("the task was cancelled")
+            self._actions.append(action)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._actions.remove(action)
+
+
 class _Sandbox:
     def __init__(self, pid: int, conn: Connection) -> None:
         self.pid = pid
@@ -55,6 +110,12 @@ class _Sandbox:
     def expire(self) -> None:
         """The watchdog's action: the task ran out of time."""
         self.timed_out = True
+        self._signal(signal.SIGKILL)
+
+    def abort(self) -> None:
+        """A cancel's action: killed now, from another thread. The conn is
+        left to the thread running the task (it reads EOF and discards the
+        sandbox), so no file descriptor closes under its read."""
         self._signal(signal.SIGKILL)
 
     def kill(self) -> None:
@@ -296,37 +357,72 @@ class SandboxPool(ReportsLayers):
         sandbox.failure = _failure("SandboxError", "the sandbox sent a malformed reply")
         return None
 
-    def run(self, digest: str, payload: bytes | None, phase: int, rows: bytes) -> SandboxResult:
+    def _ready(self, digest: str, payload: bytes | None) -> _Sandbox | SandboxResult:
+        """A running sandbox for `digest`: an idle one holding it, else a
+        blank or new one for `payload` (loaded by `_load_and_run`); a failure
+        result when none starts."""
+        sandbox = self._take(digest)
+        if sandbox is not None:
+            sandbox.resume()
+            return sandbox
+        if payload is None:
+            self._discard(None)
+            raise LookupError(f"no sandbox holds function {digest}")
+        try:
+            sandbox = self._take_blank()
+            if sandbox is None:
+                return self._start()
+            sandbox.resume()
+            return sandbox
+        except RuntimeError as error:
+            self._discard(None)
+            logger.error("%s", error)
+            return _failure("SandboxError", "the worker could not start a sandbox")
+
+    def _load_and_run(
+        self, sandbox: _Sandbox, digest: str, payload: bytes | None, phase: int, rows: bytes
+    ) -> SandboxResult | None:
+        """Load `payload` unless the sandbox holds `digest` already, then
+        run the task; None as `_exchange` means it."""
+        timeout = self.limits.task_timeout
+        if sandbox.digest != digest:
+            loaded = self._exchange(sandbox, sandbox_child.LOAD + (payload or b""), timeout)
+            if loaded is None or not loaded.ok:
+                return loaded
+            sandbox.digest = digest
+        return self._exchange(sandbox, sandbox_child.RUN + bytes((phase,)) + rows, timeout)
+
+    def run(
+        self,
+        digest: str,
+        payload: bytes | None,
+        phase: int,
+        rows: bytes,
+        cancel: Cancellation | None = None,
+    ) -> SandboxResult:
         """Run one task in a sandbox holding `digest` (loading `payload`
-        into a fresh one when none is idle)."""
+        into a fresh one when none is idle).
+
+        Cancelled when `cancel` is flipped: before the task starts (it never
+        does), or while it runs (its sandbox is killed at once and discarded,
+        and the pool starts another when one is next needed)."""
+        cancel = cancel if cancel is not None else Cancellation()
+        if cancel.cancelled:
+            raise Cancelled("the task was cancelled before it started")
         with self._capacity:
-            sandbox = self._take(digest)
-            if sandbox is not None:
-                sandbox.resume()
-            else:
-                if payload is None:
-                    self._discard(None)
-                    raise LookupError(f"no sandbox holds function {digest}")
-                try:
-                    sandbox = self._take_blank()
-                    if sandbox is not None:
-                        sandbox.resume()
-                    else:
-                        sandbox = self._start()
-                except RuntimeError as error:
-                    self._discard(None)
-                    logger.error("%s", error)
-                    return _failure("SandboxError", "the worker could not start a sandbox")
-                loaded = self._exchange(
-                    sandbox, sandbox_child.LOAD + payload, self.limits.task_timeout
-                )
-                if loaded is None or not loaded.ok:
-                    self._discard(sandbox)
-                    return loaded if loaded is not None else sandbox.failure
-                sandbox.digest = digest
-            result = self._exchange(
-                sandbox, sandbox_child.RUN + bytes((phase,)) + rows, self.limits.task_timeout
-            )
+            sandbox = self._ready(digest, payload)
+            if isinstance(sandbox, SandboxResult):
+                return sandbox
+            try:
+                with cancel.on_cancel(sandbox.abort):
+                    result = self._load_and_run(sandbox, digest, payload, phase, rows)
+            except Cancelled:  # before the block: the sandbox is untouched
+                sandbox.pause()
+                self._give_back(sandbox)
+                raise
+            if cancel.cancelled:  # in the block (killed) or just after: not reused
+                self._discard(sandbox)
+                raise Cancelled("the task was cancelled while it ran")
             if result is None or not result.ok:
                 # A sandbox that failed may hold anything (a half-done escape,
                 # a broken interpreter): it is not reused.
