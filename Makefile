@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo protos lint bench bench-discovery bench-worker redis clean
+.PHONY: install test chaos demo protos lint bench bench-discovery bench-worker redis clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ redis:
 test: $(STAMP) redis
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+# Long fault runs (a 60 s discovery outage, a soak of freezing and dying
+# workers); `make test` runs a representative subset.
+chaos: $(STAMP) redis
+	$(PY) -m pytest -q -s -m chaos
 
 demo: $(STAMP)
 	$(PY) example.py

@@ -411,6 +411,11 @@ class Ledger:
     def expire_tasks(self) -> int:
         return self.store.expire_tasks(self._clock())
 
+    def resume(self) -> None:
+        """The service did not run for a while (frozen): the next sweep
+        restarts every lease first, as after a store outage."""
+        self._store_was_down = True
+
     def sweep(self) -> int:
         """Run by the server every SWEEP_INTERVAL: close expired tasks and
         those of foremen whose lease ended. After the store was unreachable
@@ -420,7 +425,7 @@ class Ledger:
                 self.store.restart_leases(self._clock() + self._lease_span())
                 self._renewed.clear()
                 self._store_was_down = False
-                logger.info("the store is back; every foreman's lease starts again")
+                logger.info("serving again; every foreman's lease starts again")
             return self.expire_tasks()
         except ServiceUnavailable:
             self._store_was_down = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 from discovery_service.ledger import SWEEP_INTERVAL, Ledger, LedgerConfig
@@ -18,6 +19,10 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = discovery_pb2.DESCRIPTOR.services_by_name["Discovery"].full_name
 
 
+# A gap this long between two sweeps means the process did not run.
+FROZEN_GAP_SECONDS = 5.0
+
+
 class Sweeper:
     """A thread that runs `ledger.sweep()` every SWEEP_INTERVAL, so expired
     tasks and those of silent foremen are closed even when nobody calls."""
@@ -29,7 +34,15 @@ class Sweeper:
         self._thread.start()
 
     def _run(self) -> None:
+        last = time.time()
         while not self._stop.wait(SWEEP_INTERVAL):
+            now = time.time()
+            if now - last > FROZEN_GAP_SECONDS:
+                # This process was stopped (SIGSTOP, a frozen VM): nobody
+                # could call it meanwhile, so no lease may end for that.
+                logger.warning("the service was frozen for %.0f s", now - last)
+                self._ledger.resume()
+            last = now
             try:
                 self._ledger.sweep()
             except Exception:

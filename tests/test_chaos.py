@@ -1,0 +1,103 @@
+"""Long fault runs (`make chaos`; not in `make test`, which runs a
+representative subset: tests/test_worker_faults.py, tests/test_foreman_faults.py,
+tests/test_redis_frontends.py). Each job must return the right result and
+leave the books balanced and every slot free (docs/protocol.md section 9)."""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+
+import pytest
+
+from ec262.local_cluster import LocalCluster
+from tests.job_harness import sequential, sum_reducer
+from tests.test_foreman_faults import _assert_nothing_in_escrow, _busy, _slots_free_within
+from tests.test_worker_faults import RECORDS, _run, split_words
+
+pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(900)]
+
+EXPECTED = sequential(RECORDS, split_words, sum_reducer)
+
+
+def _in_background(cluster: LocalCluster, identity) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+
+    def job() -> None:
+        try:
+            outcome["result"] = _run(cluster, identity)
+        except BaseException as error:
+            outcome["result"] = error
+
+    runner = threading.Thread(target=job, daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 60
+    while _busy(cluster)[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)  # watching for the job's tasks
+    return runner, outcome
+
+
+def test_a_job_survives_a_sixty_second_discovery_outage(tmp_path):
+    with LocalCluster(workers=4, slots=1, directory=str(tmp_path / "c")) as cluster:
+        identity = tmp_path / "foreman.json"
+        runner, outcome = _in_background(cluster, identity)
+        discovery = cluster.discovery.process
+        discovery.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        try:
+            runner.join(60)
+            assert runner.is_alive(), f"the job ended during the outage: {outcome}"
+        finally:
+            discovery.send_signal(signal.SIGCONT)
+        runner.join(180)
+        print(f"60 s outage: the job ended {time.monotonic() - started - 60:.1f} s after it")
+        assert outcome["result"] == EXPECTED, outcome
+        _slots_free_within(cluster, 5)
+        _assert_nothing_in_escrow(cluster, identity)
+
+
+def test_jobs_in_a_row_while_workers_freeze_thaw_and_die(tmp_path):
+    """A soak: a seeded chaos thread stops, resumes, kills and replaces
+    workers while jobs run one after another on the same cluster."""
+    rng = random.Random(262)
+    with LocalCluster(workers=5, slots=1, directory=str(tmp_path / "c")) as cluster:
+        stop = threading.Event()
+        frozen: list = []
+
+        def chaos() -> None:
+            while not stop.wait(rng.uniform(0.2, 1.0)):
+                live = [w for w in cluster.workers if w.process.poll() is None]
+                action = rng.choice(["freeze", "thaw", "kill"])
+                if action == "freeze" and len(live) > 3:
+                    victim = rng.choice(live)
+                    victim.process.send_signal(signal.SIGSTOP)
+                    frozen.append(victim)
+                elif action == "thaw" and frozen:
+                    frozen.pop(0).process.send_signal(signal.SIGCONT)
+                elif action == "kill" and len(live) - len(frozen) > 3:
+                    victim = rng.choice([w for w in live if w not in frozen])
+                    victim.process.send_signal(signal.SIGKILL)
+                    victim.process.wait(timeout=10)
+                    cluster.workers.remove(victim)
+                    cluster.add_workers(1)
+
+        thread = threading.Thread(target=chaos, daemon=True)
+        thread.start()
+        try:
+            for round_ in range(6):
+                identity = tmp_path / f"foreman{round_}.json"
+                started = time.monotonic()
+                result = _run(cluster, identity)
+                assert result == EXPECTED
+                print(f"round {round_}: {time.monotonic() - started:.1f} s,"
+                      f" {result.stats.replicas_released} released,"
+                      f" {result.stats.replicas_cancelled} cancelled,"
+                      f" {result.stats.speculative_replicas} speculative")  # fmt: skip
+        finally:
+            stop.set()
+            thread.join(10)
+            for worker in frozen:
+                worker.process.send_signal(signal.SIGCONT)
+        _slots_free_within(cluster, 10)
