@@ -43,6 +43,7 @@ class LocalCluster:
         self.directory = Path(directory or tempfile.mkdtemp(prefix="ec262-cluster-"))
         self.discovery: ServerProcess | None = None
         self.workers: list[ServerProcess] = []
+        self._launched = 0
 
     @property
     def address(self) -> str:
@@ -81,7 +82,9 @@ class LocalCluster:
         return self._start_workers(count)
 
     def _start_workers(self, count: int) -> list[ServerProcess]:
-        first = len(self.workers)
+        # Numbered by launches, not by workers running: a worker started
+        # after one died must not take a live worker's identity file.
+        first, self._launched = self._launched, self._launched + count
         pending = [self._launch_worker(n) for n in range(first, first + count)]
         added = []
         try:

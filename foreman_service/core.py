@@ -330,6 +330,7 @@ class JobCore:
         self._starved_since: float | None = None
         self._relaxed_at: dict[int, float] = {}  # id(chunk) -> when its exclusions went
         self._fresh_starved_since: float | None = None
+        self._relax_fresh = False  # the next fresh request goes without exclusions
         self._suspects_turn = False
         self._unreachable: dict[str, float] = {}  # worker -> excluded until
         self._failed = False
@@ -366,13 +367,19 @@ class JobCore:
         for task in self._tasks.values():
             if task.settling:
                 continue
-            times.append(task.deadline)
             if task.quorum_at is not None:
-                times.append(task.quorum_at + self._grace(task))
+                # Settled when its grace ends, or when its AddReplica is
+                # answered (an event); its deadline, replicas wanted and
+                # speculation no longer apply, and a time already past
+                # would make the engine's loop spin until then.
+                if not task.add_in_flight:
+                    times.append(task.quorum_at + self._grace(task))
+                continue
+            times.append(task.deadline)
             if task.replicas_wanted and not task.add_in_flight:
                 times.append(task.next_add_at)
             for replica in task.live():
-                if not replica.speculated and task.quorum_at is None:
+                if not replica.speculated:
                     times.append(replica.assigned_at + self.speculate_after())
         return min(times)
 
@@ -443,7 +450,7 @@ class JobCore:
         suspect = [c for c in self._pending if c.suspects]
         use_suspect = suspect and (not fresh or self._suspects_turn)
         self._suspects_turn = not use_suspect
-        relax_after = min(5.0, max(1.0, 0.05 * self.config.task_timeout))
+        relax_after = self._relax_after()
         if use_suspect:
             chunk = suspect[0]
             chunks = [chunk]
@@ -457,14 +464,19 @@ class JobCore:
         else:
             chunks = fresh[: self.config.batch]
             exclude = frozenset(self.cheaters | self._unreachable_now(now))
-            if (
-                self._fresh_starved_since is not None
-                and now - self._fresh_starved_since > relax_after
-            ):
+            if self._relax_fresh:
+                # The last request with these exclusions starved for long:
+                # this one goes without them (an honest majority still
+                # outvotes a cheater); the next one tries them again.
+                self._relax_fresh = False
                 exclude = frozenset()
         request_id = self._new_request_id()
         self._request = (request_id, chunks, exclude)
         commands.append(RequestTasks(request_id, len(chunks), exclude))
+
+    def _relax_after(self) -> float:
+        """How long exclusions may leave requests empty before they go."""
+        return min(5.0, max(1.0, 0.05 * self.config.task_timeout))
 
     def _unreachable_now(self, now: float) -> set[str]:
         for worker_id in [w for w, until in self._unreachable.items() if until <= now]:
@@ -514,6 +526,9 @@ class JobCore:
                 self._relaxed_at.setdefault(id(chunks[0]), now)
             elif exclude:
                 self._fresh_starved_since = self._fresh_starved_since or now
+                if now - self._fresh_starved_since > self._relax_after():
+                    self._relax_fresh = True
+                    self._next_request_at = now
         self._check_starved(now, live_workers if len(made) < len(chunks) else None, commands)
 
     def _check_starved(self, now: float, live: int | None, commands: list) -> None:
@@ -824,5 +839,9 @@ class JobCore:
                 self._let_go(task, commands)
                 task.settling = Settle(task.task_id, False)
                 commands.append(task.settling)
+                # Refunded, as by any invalid settle (those released at
+                # discovery were refunded then).
+                kept = [r for r in task.replicas.values() if not r.released_at_discovery]
+                self.stats.credits_spent -= len(kept)
         self._pending.clear()
         return commands

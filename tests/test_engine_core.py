@@ -1,0 +1,830 @@
+"""The job engine's rules (docs/protocol.md section 9) on the pure core,
+`foreman_service/core.py`: no sockets, no threads, a manual clock. Each
+test drives a `Driver` (the core, a fake "now", every command it gave) with
+real task keys and real sealed results, so a Deliver carries the real
+decoded output, and asserts on exact commands and on the job's stats."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+
+import pytest
+
+from ec262.encoding import encode_result
+from ec262.envelope import seal
+from ec262.errors import (
+    JobFailed,
+    NotEnoughWorkers,
+    RemoteError,
+    ServiceUnavailable,
+    UnknownTask,
+)
+from ec262.remote_errors import error_document
+from foreman_service.core import (
+    BUSY_POLL_SECONDS,
+    MAP,
+    NOT_ENOUGH_WORKERS_SECONDS,
+    REDUCE,
+    REPLICA_RETRY_SECONDS,
+    SPECULATE_AFTER_SECONDS,
+    UNREACHABLE_EXCLUDED_SECONDS,
+    AddReplica,
+    Assign,
+    AssignAnswered,
+    Cancel,
+    Chunk,
+    Deliver,
+    EngineConfig,
+    Fail,
+    Granted,
+    JobCore,
+    ReplicaAdded,
+    RequestFailed,
+    RequestTasks,
+    ResultArrived,
+    Settle,
+    Settled,
+    SettleFailed,
+)
+from foreman_service.stats import JobStats
+
+NONE: frozenset[str] = frozenset()
+OUTPUT = {"apple": [1, 1], "pear": [1]}
+WRONG = {"apple": [9]}
+OTHER = {"apple": [7]}
+
+
+def ws(*workers: str) -> frozenset[str]:
+    return frozenset(workers)
+
+
+def addr(worker: str) -> str:
+    return f"{worker}.example:7000"
+
+
+def key_of(task_id: str) -> bytes:
+    """The task's key, as the discovery service's SettleTask would give it."""
+    return hashlib.sha256(task_id.encode()).digest()[:16]
+
+
+def sealed(task_id: str, output: dict | bytes) -> str:
+    """A worker's result for the task: the canonical plaintext, sealed."""
+    plaintext = output if isinstance(output, bytes) else encode_result(output)
+    return seal(plaintext, key_of(task_id))
+
+
+def only(commands: list, kind: type) -> list:
+    return [c for c in commands if isinstance(c, kind)]
+
+
+class Driver:
+    """One JobCore on a manual clock, with deterministic tokens ("tok1", ...)
+    and request ids ("req1", ...); task ids are "t0", "t1", ... in grant
+    order. Every command is kept in `log`, every Assign in `assigns`.
+
+    After every tick, until the job fails or stops, `wake_at()` must lie
+    ahead: a time already past would spin the engine's loop (it sleeps
+    until then, i.e. not at all)."""
+
+    def __init__(
+        self,
+        chunks: int = 1,
+        *,
+        replication: int = 3,
+        phase: int = MAP,
+        digest: str = "map-digest",
+        **config,
+    ) -> None:
+        self.now = 0.0
+        self.stats = JobStats()
+        tokens, requests = itertools.count(1), itertools.count(1)
+        self.core = JobCore(
+            EngineConfig(**config),
+            replication=replication,
+            stats=self.stats,
+            new_token=lambda: f"tok{next(tokens)}",
+            new_request_id=lambda: f"req{next(requests)}",
+        )
+        self._task_numbers = itertools.count()
+        self.log: list = []
+        self.stopped = False
+        self.granted: list[str] = []  # the task ids of the last grant
+        self.assigns: dict[tuple[str, str], Assign] = {}
+        self.first = self.start_phase(phase, chunks, digest)
+
+    # -- the clock and the core -------------------------------------------------------
+
+    def start_phase(self, phase: int, chunks: int, digest: str) -> list:
+        self.chunks = [Chunk(phase, i, b'[["row",%d]]' % i) for i in range(chunks)]
+        return self._ticked(self.core.start_phase(phase, self.chunks, digest, self.now))
+
+    def at(self, now: float) -> Driver:
+        assert now >= self.now, "the clock only goes forward"
+        self.now = now
+        return self
+
+    def events(self, *events) -> list:
+        """A batch of events, then one tick (as the engine's loop does)."""
+        return self._ticked(self.core.handle_all(list(events), self.now))
+
+    def tick(self) -> list:
+        return self._ticked(self.core.tick(self.now))
+
+    def stop(self) -> list:
+        self.stopped = True
+        return self._kept(self.core.stop())
+
+    def _ticked(self, commands: list) -> list:
+        self._kept(commands)
+        if not self.stopped and not only(self.log, Fail):
+            assert self.core.wake_at() > self.now, "wake_at() is past: a busy loop"
+        return commands
+
+    def wake(self) -> list:
+        """Move the clock to `wake_at()` and tick."""
+        return self.at(self.core.wake_at()).tick()
+
+    def _kept(self, commands: list) -> list:
+        self.log += commands
+        for command in commands:
+            if isinstance(command, Assign):
+                self.assigns[command.task_id, command.worker_id] = command
+        return commands
+
+    # -- answers ------------------------------------------------------------------
+
+    def request(self) -> RequestTasks:
+        """The last RequestTasks the core gave."""
+        return only(self.log, RequestTasks)[-1]
+
+    def grant(
+        self, request: RequestTasks | None, workers_per_task: list[list[str]], live: int = 10
+    ) -> list:
+        request = request or self.request()
+        tasks = [
+            (f"t{next(self._task_numbers)}", {w: addr(w) for w in workers})
+            for workers in workers_per_task
+        ]
+        self.granted = [task_id for task_id, _ in tasks]
+        return self.events(Granted(request.request_id, tasks, live_workers=live))
+
+    def answer(self, task_id: str, worker: str, code: str = "OK") -> list:
+        return self.events(AssignAnswered(task_id, worker, code))
+
+    def accept_all(self, task_id: str) -> list:
+        workers = [w for (t, w) in self.assigns if t == task_id]
+        return self.events(*(AssignAnswered(task_id, w, "OK") for w in workers))
+
+    def result(self, task_id: str, worker: str, ciphertext: str) -> list:
+        return self.events(ResultArrived(task_id, worker, ciphertext))
+
+    def results(self, task_id: str, **by_worker: dict | bytes | str) -> list:
+        """Several results in one batch; a dict or bytes is sealed for the task."""
+        return self.events(
+            *(
+                ResultArrived(task_id, w, out if isinstance(out, str) else sealed(task_id, out))
+                for w, out in by_worker.items()
+            )
+        )
+
+    def settle_answer(self, task_id: str, key: bytes | None = None) -> list:
+        return self.events(Settled(task_id, key or key_of(task_id)))
+
+    def added(self, task_id: str, worker: str | None) -> list:
+        return self.events(ReplicaAdded(task_id, (worker, addr(worker)) if worker else None))
+
+    def assign(self, task_id: str, worker: str, token: str, send_payload: bool = True) -> Assign:
+        """The Assign the core is expected to give."""
+        return Assign(task_id, self.chunk_of(task_id), worker, addr(worker), token, send_payload)
+
+    def cancel(self, task_id: str, worker: str) -> Cancel:
+        token = self.assigns[task_id, worker].token
+        return Cancel(task_id, worker, addr(worker), token)
+
+    def chunk_of(self, task_id: str) -> Chunk:
+        return next(a.chunk for (t, _), a in self.assigns.items() if t == task_id)
+
+    def running(self, workers: list[str], request: RequestTasks | None = None) -> str:
+        """Grant one task to `workers`, all of whom take it; its id."""
+        self.grant(request, [workers])
+        [task_id] = self.granted
+        self.accept_all(task_id)
+        return task_id
+
+
+# -- 1. requests and assignments ------------------------------------------------------
+
+
+def test_a_phase_asks_for_one_batch_and_assigns_each_worker_with_its_own_token():
+    d = Driver(chunks=3, batch=2)
+    assert d.first == [RequestTasks("req1", 2, NONE)]
+    first = d.grant(None, [["w1", "w2", "w3"], ["w1", "w4", "w5"]])
+    assert first == [
+        d.assign("t0", "w1", "tok1"),
+        d.assign("t0", "w2", "tok2"),
+        d.assign("t0", "w3", "tok3"),
+        d.assign("t1", "w1", "tok4"),  # w1 has not answered yet: the payload again
+        d.assign("t1", "w4", "tok5"),
+        d.assign("t1", "w5", "tok6"),
+    ]
+    assert [a.chunk for a in first] == [d.chunks[0]] * 3 + [d.chunks[1]] * 3
+    assert d.accept_all("t0") == []
+
+    assert d.at(BUSY_POLL_SECONDS).tick() == [RequestTasks("req2", 1, NONE)]
+    assert d.grant(None, [["w1", "w2", "w6"]]) == [
+        d.assign("t2", "w1", "tok7", send_payload=False),  # it answered OK for this digest
+        d.assign("t2", "w2", "tok8", send_payload=False),
+        d.assign("t2", "w6", "tok9", send_payload=True),
+    ]
+    # w1 lost the function (restarted, cache evicted): the same assignment
+    # again, with the payload; refused once more, it is a failed replica.
+    assert d.answer("t2", "w1", "FAILED_PRECONDITION") == [d.assign("t2", "w1", "tok7", True)]
+    assert d.answer("t2", "w1", "FAILED_PRECONDITION") == []
+    assert d.stats.states["assigned"] == 3 and d.stats.map_tasks == 3
+
+
+# -- 2. quorum, then grace ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "quorum_at", "grace"),
+    [
+        ({}, 2.0, 2.0),  # as long again as the quorum took
+        ({}, 0.01, 0.05),  # grace_min
+        ({}, 4.0, 3.0),  # grace_max
+        ({"grace_fraction": 0.5}, 2.0, 1.0),
+        ({"grace_max": 0.5}, 2.0, 0.5),
+    ],
+)
+def test_after_the_quorum_the_last_replica_gets_its_grace_then_is_released(
+    config, quorum_at, grace
+):
+    d = Driver(**config)
+    task = d.running(["w1", "w2", "w3"])
+    assert d.at(quorum_at / 2).results(task, w1=OUTPUT) == []
+    assert d.at(quorum_at).results(task, w2=OUTPUT) == []
+    assert d.core.wake_at() == pytest.approx(quorum_at + grace)
+    assert d.at(quorum_at + grace * 0.99).tick() == []
+    assert d.wake() == [d.cancel(task, "w3"), Settle(task, True, NONE, ws("w3"))]
+    assert d.stats.missing_reports == 0 and d.stats.replicas_cancelled == 1
+    assert d.core.cheaters == set() and d.stats.cheaters == set()
+    assert d.stats.credits_spent == 2  # 3 escrowed, the late one released
+    assert d.settle_answer(task) == [Deliver(d.chunks[0], encode_result(OUTPUT))]
+
+
+def test_a_third_result_matching_within_the_grace_settles_at_once():
+    d = Driver()
+    task = d.running(["w1", "w2", "w3"])
+    assert d.at(1).results(task, w1=OUTPUT, w2=OUTPUT) == []
+    assert d.core.wake_at() == 2.0
+    assert d.at(1.5).results(task, w3=OUTPUT) == [Settle(task, True, NONE, NONE)]
+    assert d.stats.credits_spent == 3 and d.stats.replicas_cancelled == 0
+
+
+# -- 3. a disagreeing replica -------------------------------------------------------
+
+
+def test_a_disagreeing_replica_is_reported_missing_and_excluded_later():
+    d = Driver(chunks=2, batch=1)
+    task = d.running(["w1", "w2", "w3"])
+    assert d.at(0.1).results(task, w1=OUTPUT, w3=WRONG, w2=OUTPUT) == [
+        Settle(task, True, ws("w3"), NONE)
+    ]
+    assert d.stats.missing_reports == 1 and d.stats.cheaters == {"w3"}
+    assert d.core.cheaters == {"w3"}
+    assert d.stats.credits_spent == 2
+    assert d.at(0.2).settle_answer(task) == [
+        Deliver(d.chunks[0], encode_result(OUTPUT)),
+        RequestTasks("req2", 1, ws("w3")),
+    ]
+
+
+# -- 4. no quorum possible: retries, the attempt limit, relaxed exclusions -----------
+
+
+def test_no_quorum_possible_retries_elsewhere_until_the_attempt_limit():
+    d = Driver(max_attempts=3)
+    groups = [["w1", "w2", "w3"], ["w4", "w5", "w6"], ["w7", "w8", "w9"]]
+    excluded: set[str] = set()
+    for attempt, workers in enumerate(groups):
+        assert d.request().exclude == excluded
+        task = d.running(workers)
+        d.at(attempt + 0.5)
+        assert d.results(task, **{workers[0]: OUTPUT, workers[1]: WRONG}) == []
+        commands = d.results(task, **{workers[2]: OTHER})
+        assert commands[0] == Settle(task, False)
+        excluded |= set(workers)
+        if attempt < 2:
+            assert commands[1:] == [RequestTasks(f"req{attempt + 2}", 1, frozenset(excluded))]
+            assert d.chunks[0].attempts == attempt + 1
+    assert len(commands) == 2 and isinstance(commands[1], Fail)
+    error = commands[1].error
+    assert type(error) is JobFailed and error.chunk == "map chunk 0"
+    assert str(error) == "no quorum for map chunk 0 after 3 attempts (last: no quorum possible)"
+    assert d.stats.tasks_invalid == 3 and d.stats.retries == 2
+    assert d.stats.retry_reasons == {"no quorum possible": 2}
+    assert d.stats.credits_spent == 0
+    assert d.at(10).tick() == []  # failed: nothing more
+
+
+def test_a_starving_retried_chunk_drops_its_exclusions_so_a_majority_can_outvote():
+    d = Driver()  # relax_after: min(5, max(1, 0.05 x 120 s)) = 5 s
+    task = d.running(["w1", "w2", "w3"])
+    d.at(1).results(task, w1=OUTPUT, w2=WRONG)
+    assert d.results(task, w3=OTHER)[1:] == [RequestTasks("req2", 1, ws("w1", "w2", "w3"))]
+    assert d.settle_answer(task) == []
+    starved_at = d.now
+    while True:
+        request = d.request()
+        if not request.exclude:
+            break
+        assert d.now - starved_at <= 5.0
+        assert request.exclude == ws("w1", "w2", "w3")
+        assert d.grant(request, [], live=6) == []  # the three others are busy
+        assert len(d.wake()) == 1
+    assert d.now - starved_at > 5.0
+    assert d.chunks[0].suspects == set()
+    retry = d.running(["w1", "w2", "w4"], request)
+    assert d.at(d.now + 1).results(retry, w1=OUTPUT, w2=WRONG, w4=OUTPUT) == [
+        Settle(retry, True, ws("w2"), NONE)
+    ]
+    assert d.settle_answer(retry) == [Deliver(d.chunks[0], encode_result(OUTPUT))]
+    assert d.core.phase_done
+
+
+def test_fresh_chunks_go_without_the_cheaters_only_while_excluding_them_starves():
+    """A cheater's exclusion is dropped for one request at a time once it
+    has left requests empty for relax_after; the next request tries it
+    again, so the cheater is not let back for the rest of the job."""
+    d = Driver(chunks=3, batch=1)
+    task = d.running(["w1", "w2", "w3"])
+    assert d.at(0.1).results(task, w1=OUTPUT, w2=OUTPUT, w3=WRONG)[0] == Settle(
+        task, True, ws("w3"), NONE
+    )
+    d.at(0.2).settle_answer(task)
+    starved_at = d.now
+    while d.request().exclude:
+        request = d.request()
+        assert request.exclude == ws("w3")
+        d.grant(request, [], live=6)  # nobody but the cheater is free
+        if d.request() is request:  # not relaxed yet: the next try after a backoff
+            d.wake()
+    assert d.now - starved_at > 5.0  # relax_after: min(5, max(1, 0.05 x 120 s))
+    relaxed = d.request()
+    assert relaxed.exclude == frozenset()
+    second = d.running(["w3", "w4", "w5"], relaxed)
+    assert d.request().exclude == frozenset(), "no new request while this one runs"
+    d.at(d.now + 0.1).results(second, w3=OUTPUT, w4=OUTPUT, w5=OUTPUT)
+    d.at(d.now + 0.1).settle_answer(second)
+    assert d.request().exclude == ws("w3"), "the exclusion is tried again"
+
+
+# -- 5. the deadline ---------------------------------------------------------------
+
+
+def test_no_quorum_by_the_deadline_settles_invalid_and_retries():
+    d = Driver(task_timeout=4.0)  # before the 5 s speculation
+    task = d.running(["w1", "w2", "w3"])
+    assert d.at(1).results(task, w1=OUTPUT, w2=WRONG) == []
+    assert d.core.wake_at() == 4.0
+    assert d.at(3.99).tick() == []
+    assert d.wake() == [
+        d.cancel(task, "w3"),
+        Settle(task, False),
+        RequestTasks("req2", 1, ws("w1", "w2")),  # those who answered
+    ]
+    assert d.stats.retry_reasons == {"deadline passed": 1}
+    assert d.chunks[0].attempts == 1 and d.stats.credits_spent == 0
+
+
+# -- 6. opening the agreed result -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("phase", "output", "delivered"),
+    [
+        (MAP, OUTPUT, encode_result(OUTPUT)),  # canonical text, for the shuffle
+        (MAP, {"error": [1, 2]}, encode_result({"error": [1, 2]})),  # not an error document
+        (REDUCE, {"apple": 2, "pear": 1}, {"apple": 2, "pear": 1}),
+    ],
+)
+def test_a_valid_settle_delivers_the_decrypted_output(phase, output, delivered):
+    d = Driver(phase=phase)
+    task = d.running(["w1", "w2", "w3"])
+    assert d.at(1).results(task, w1=output, w2=output, w3=output) == [Settle(task, True)]
+    assert d.settle_answer(task) == [Deliver(d.chunks[0], delivered)]
+    assert d.stats.tasks_validated == 1 and d.stats.states["validated"] == 1
+    assert d.core.phase_done
+
+
+@pytest.mark.parametrize("phase", [MAP, REDUCE])
+def test_an_agreed_error_document_fails_the_job_with_the_remote_error(phase):
+    frames = ['File "job.py", line 3, in mapper']
+    document = error_document("ZeroDivisionError", "division by zero", frames)
+    d = Driver(phase=phase)
+    task = d.running(["w1", "w2", "w3"])
+    d.at(1).results(task, w1=document, w2=document, w3=document)
+    [fail] = d.settle_answer(task)
+    error = fail.error
+    assert isinstance(error, RemoteError)
+    assert (error.type_name, error.remote_message, error.remote_traceback) == (
+        "ZeroDivisionError",
+        "division by zero",
+        frames,
+    )
+    assert error.chunk == d.chunks[0].label
+    assert d.at(2).tick() == [] and d.stats.tasks_validated == 0
+
+
+@pytest.mark.parametrize(
+    ("phase", "garbage"),
+    [
+        (MAP, seal(encode_result(OUTPUT), bytes(16))),  # sealed under another key
+        (MAP, "not a ciphertext"),
+        (REDUCE, b"not json"),  # decrypts, does not decode
+    ],
+)
+def test_an_agreed_result_that_does_not_open_makes_cheaters_and_a_retry(phase, garbage):
+    d = Driver(phase=phase)
+    task = d.running(["w1", "w2", "w3"])
+    if isinstance(garbage, bytes):
+        garbage = sealed(task, garbage)
+    d.at(1).results(task, w1=garbage, w2=garbage, w3=garbage)
+    assert d.settle_answer(task) == [RequestTasks("req2", 1, ws("w1", "w2", "w3"))]
+    assert d.core.cheaters == {"w1", "w2", "w3"} == d.stats.cheaters
+    assert d.chunks[0].attempts == 1 and d.stats.tasks_validated == 0
+    assert d.stats.retry_reasons == {"the agreed result does not decrypt or decode": 1}
+
+
+# -- 7. credits -------------------------------------------------------------------
+
+
+def test_credits_follow_escrow_refunds_and_replicas():
+    d = Driver(chunks=2, batch=2)
+    d.grant(None, [["w1", "w2", "w3"], ["w4", "w5", "w6"]])
+    assert d.stats.credits_spent == 6  # replication per granted task
+    d.events(*(AssignAnswered(t, w, "OK") for (t, w) in d.assigns if w != "w3"))
+    assert only(d.answer("t0", "w3", "RESOURCE_EXHAUSTED"), AddReplica)
+    assert d.stats.credits_spent == 5  # released at discovery
+    assert d.added("t0", "w7") == [d.assign("t0", "w7", "tok7")]
+    assert d.stats.credits_spent == 6  # +1 per replica added
+    assert d.at(1).results("t0", w1=OUTPUT, w7=OUTPUT, w2=WRONG) == [
+        Settle("t0", True, ws("w2"), NONE)
+    ]
+    assert d.stats.credits_spent == 5  # the missing one refunded
+    assert d.results("t1", w4=OUTPUT, w5=WRONG, w6=OTHER)[0] == Settle("t1", False)
+    assert d.stats.credits_spent == 2  # an invalid settle refunds all
+    retry = d.running(["w8", "w9", "w10"])
+    assert d.stats.credits_spent == 5
+    d.at(2).results(retry, w8=OUTPUT, w9=OUTPUT)
+    assert d.wake() == [d.cancel(retry, "w10"), Settle(retry, True, NONE, ws("w10"))]
+    assert d.stats.credits_spent == 4  # paid: w1 and w7, w8 and w9
+
+
+# -- 8. replicas that never started ------------------------------------------------
+
+
+@pytest.mark.parametrize("code", ["RESOURCE_EXHAUSTED", "UNAVAILABLE"])
+def test_a_replica_that_never_started_is_released_and_replaced(code):
+    d = Driver()
+    d.grant(None, [["w1", "w2", "w3"]])
+    d.answer("t0", "w1")
+    d.answer("t0", "w2")
+    assert d.answer("t0", "w3", code) == [AddReplica("t0", "req2", ws("w1", "w2", "w3"), ws("w3"))]
+    assert d.chunks[0].attempts == 0 and d.stats.replicas_released == 1
+
+    assert d.at(0.1).added("t0", None) == []  # no worker free yet
+    assert d.core.wake_at() == pytest.approx(0.1 + REPLICA_RETRY_SECONDS)
+    assert d.at(0.59).tick() == []
+    assert d.wake() == [AddReplica("t0", "req3", ws("w1", "w2", "w3"), NONE)]
+    assert d.at(0.7).added("t0", "w4") == [d.assign("t0", "w4", "tok4")]
+    assert d.stats.replicas_added == 1
+    d.answer("t0", "w4")
+
+    assert d.at(1).results("t0", w1=OUTPUT, w4=OUTPUT) == []
+    assert d.wake() == [d.cancel("t0", "w2"), Settle("t0", True, NONE, ws("w2"))]
+    assert d.chunks[0].attempts == 0 and d.stats.missing_reports == 0
+    assert d.stats.credits_spent == 2  # w1 and w4
+    assert d.settle_answer("t0") == [Deliver(d.chunks[0], encode_result(OUTPUT))]
+
+
+# -- 9. unreachable workers ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", ["UNAVAILABLE", "DEADLINE_EXCEEDED"])
+def test_an_unreachable_worker_is_left_out_of_requests_for_a_while(code):
+    d = Driver(chunks=4, batch=1)
+    d.grant(None, [["w1", "w2", "w3"]])
+    d.answer("t0", "w3", code)
+    until = UNREACHABLE_EXCLUDED_SECONDS
+
+    def asked(commands: list) -> list:
+        return [(r.n, r.exclude) for r in only(commands, RequestTasks)]
+
+    assert asked(d.at(1).tick()) == [(1, ws("w3"))]
+    d.grant(None, [["w4", "w5", "w6"]])
+    commands = d.at(until - 0.01).tick()
+    assert asked(commands) == [(1, ws("w3"))]
+    # Nor is it asked for as a replica meanwhile (t1's replicas are silent).
+    assert [a.exclude for a in only(commands, AddReplica) if a.task_id == "t1"] == [
+        ws("w3", "w4", "w5", "w6")
+    ]
+    assert d.grant(None, [], live=10) == []  # everyone else busy: asked again in 50 ms
+    assert asked(d.at(until + 0.05).tick()) == [(1, NONE)]
+
+
+# -- 10. speculative replicas ----------------------------------------------------------
+
+
+def test_a_silent_replica_gets_a_speculative_one_and_is_released_at_the_settle():
+    d = Driver()
+    task = d.running(["w1", "w2", "w3"])
+    assert d.at(1).results(task, w1=OUTPUT, w2=WRONG) == []
+    assert d.core.wake_at() == SPECULATE_AFTER_SECONDS  # w3 is silent, nothing completed yet
+    assert d.at(4.99).tick() == []
+    assert d.wake() == [AddReplica(task, "req2", ws("w1", "w2", "w3"), NONE)]
+    assert d.stats.speculative_replicas == 1
+    assert d.at(5.1).added(task, "w4") == [d.assign(task, "w4", "tok4")]
+    d.answer(task, "w4")
+    assert d.at(6).results(task, w4=OUTPUT) == []  # the quorum: w1 and w4
+    assert d.core.wake_at() == 9.0  # grace: min(3 s, the 6 s the quorum took)
+    assert d.wake() == [d.cancel(task, "w3"), Settle(task, True, ws("w2"), ws("w3"))]
+    assert d.stats.credits_spent == 2  # w1 and w4: 3 + 1 added - w2 missing - w3 released
+    assert d.settle_answer(task) == [Deliver(d.chunks[0], encode_result(OUTPUT))]
+
+
+@pytest.mark.parametrize(("took", "after"), [(1.0, 5.0), (4.0, 12.0)])
+def test_speculation_waits_three_times_the_median_task_time(took, after):
+    d = Driver(chunks=2, batch=2)
+    d.grant(None, [["w1", "w2", "w3"], ["w4", "w5", "w6"]])
+    d.accept_all("t0")
+    d.accept_all("t1")
+    assert d.at(took).results("t0", w1=OUTPUT, w2=OUTPUT, w3=OUTPUT) == [Settle("t0", True)]
+    assert d.core.speculate_after() == after
+    assert d.core.wake_at() == after  # t1's replicas, assigned at 0, all silent
+    assert only(d.at(after - 0.01).tick(), AddReplica) == []
+    assert d.wake() == [AddReplica("t1", "req2", ws("w4", "w5", "w6"), NONE)]
+    assert d.stats.speculative_replicas == 3
+
+
+def test_a_replica_still_wanted_when_the_quorum_forms_is_not_asked_for():
+    d = Driver()
+    task = d.running(["w1", "w2", "w3"])
+    d.at(1).results(task, w1=OUTPUT)
+    assert d.at(5).tick() == [AddReplica(task, "req2", ws("w1", "w2", "w3"), NONE)]
+    assert d.stats.speculative_replicas == 2  # w2 and w3 silent
+    assert d.at(5.1).added(task, "w4") == [
+        d.assign(task, "w4", "tok4"),
+        AddReplica(task, "req3", ws("w1", "w2", "w3", "w4"), NONE),  # the second one
+    ]
+    assert d.at(5.2).added(task, None) == []  # asks again at 5.7 ...
+    assert d.at(5.5).results(task, w4=OUTPUT) == []  # ... but the quorum is there
+    assert d.core.wake_at() == 8.5  # its grace: 3 s
+    assert d.at(6).tick() == []
+    assert d.wake() == [
+        d.cancel(task, "w2"),
+        d.cancel(task, "w3"),
+        Settle(task, True, NONE, ws("w2", "w3")),
+    ]
+
+
+# -- 11. an AddReplica under way ----------------------------------------------------
+
+
+def test_a_quorum_waits_for_the_add_replica_under_way_and_releases_its_worker():
+    d = Driver()
+    d.grant(None, [["w1", "w2", "w3"]])
+    d.answer("t0", "w1")
+    d.answer("t0", "w2")
+    assert only(d.answer("t0", "w3", "RESOURCE_EXHAUSTED"), AddReplica)
+    assert d.at(1).results("t0", w1=OUTPUT, w2=OUTPUT) == []  # quorum, nobody live
+    assert d.at(3).tick() == []  # well after the grace: still waiting for the answer
+    assert d.core.wake_at() == math.inf  # only that answer moves it: no busy loop
+    assert d.added("t0", "w4") == [
+        d.assign("t0", "w4", "tok4"),
+        d.cancel("t0", "w4"),
+        Settle("t0", True, NONE, ws("w4")),  # added to the task: released, not paid
+    ]
+    assert d.stats.credits_spent == 2
+
+
+def test_a_quorum_settles_once_the_add_replica_finds_nobody():
+    d = Driver()
+    d.grant(None, [["w1", "w2", "w3"]])
+    d.answer("t0", "w1")
+    d.answer("t0", "w2")
+    d.answer("t0", "w3", "UNAVAILABLE")
+    assert d.at(1).results("t0", w1=OUTPUT, w2=OUTPUT) == []
+    assert d.at(1.2).added("t0", None) == [Settle("t0", True, NONE, NONE)]
+    assert d.stats.credits_spent == 2
+
+
+# -- 12. too few workers ------------------------------------------------------------
+
+
+def starve(d: Driver, live: int) -> tuple[list[float], BaseException]:
+    """Answer every request with no task until the core fails; the times
+    of the requests and the error."""
+    times = []
+    while True:
+        times.append(d.now)
+        commands = d.grant(None, [], live=live)
+        if commands:
+            [fail] = commands
+            return times, fail.error
+        assert d.wake() == [RequestTasks(f"req{len(times) + 1}", 1, NONE)]
+
+
+def test_too_few_live_workers_fail_the_job_only_after_some_seconds():
+    d = Driver()
+    times, error = starve(d, live=2)
+    # Backoff from 50 ms, doubling, at most 1 s apart.
+    assert times == pytest.approx([0, 0.05, 0.15, 0.35, 0.75, 1.55, 2.55, 3.55, 4.55, 5.55])
+    assert times[-2] <= NOT_ENOUGH_WORKERS_SECONDS < times[-1]
+    assert isinstance(error, NotEnoughWorkers)
+    assert (error.live, error.needed, error.chunk) == (2, 3, "map chunk 0")
+    assert d.stats.credits_spent == 0
+    assert d.at(10).tick() == []
+
+
+def test_busy_workers_fail_the_job_only_after_the_task_timeout():
+    d = Driver(task_timeout=10.0)
+    times, error = starve(d, live=5)
+    assert times[-2] <= 10.0 < times[-1] == pytest.approx(10.55)
+    assert type(error) is JobFailed
+    assert str(error).startswith("no workers available for map chunk 0 for 10 s")
+
+
+# -- 13. pacing of requests --------------------------------------------------------
+
+
+def test_a_settle_asks_for_the_next_tasks_at_once():
+    d = Driver(chunks=2, batch=1)
+    assert d.at(5).tick() == []  # the first request is still under way
+    assert d.events(Granted("req0", [("t9", {"w9": addr("w9")})], 10)) == []  # not ours
+    task = d.running(["w1", "w2", "w3"])
+    assert d.core.wake_at() == 5 + BUSY_POLL_SECONDS
+    assert d.at(5.1).results(task, w1=OUTPUT, w2=OUTPUT, w3=OUTPUT) == [Settle(task, True)]
+    assert d.at(5.15).settle_answer(task) == [
+        Deliver(d.chunks[0], encode_result(OUTPUT)),
+        RequestTasks("req2", 1, NONE),
+    ]
+
+
+def test_requests_are_paced_while_our_tasks_run_with_one_in_flight():
+    d = Driver(chunks=3, batch=1)
+    task = d.running(["w1", "w2", "w3"])
+    assert d.at(BUSY_POLL_SECONDS - 0.01).tick() == []
+    assert d.wake() == [RequestTasks("req2", 1, NONE)]
+    assert d.now == BUSY_POLL_SECONDS
+    # A settle while that request is under way asks nothing more.
+    assert d.results(task, w1=OUTPUT, w2=OUTPUT, w3=OUTPUT) == [Settle(task, True)]
+    assert d.settle_answer(task) == [Deliver(d.chunks[0], encode_result(OUTPUT))]
+    d.running(["w4", "w5", "w6"])
+    assert d.wake() == [RequestTasks("req3", 1, NONE)]
+    assert d.now == 2 * BUSY_POLL_SECONDS
+    # Empty answers while t1 runs: backoff, but never slower than the busy poll.
+    gaps = []
+    for _ in range(5):
+        asked_at = d.now
+        assert d.grant(None, [], live=6) == []
+        assert len(d.wake()) == 1
+        gaps.append(d.now - asked_at)
+    assert gaps == pytest.approx([0.05, 0.1, 0.2, 0.25, 0.25])
+
+
+# -- 14. failed calls ------------------------------------------------------------------
+
+
+def test_a_failed_request_fails_the_job():
+    d = Driver()
+    error = ServiceUnavailable("discovery unreachable for 65 s")
+    assert d.events(RequestFailed("req1", error)) == [Fail(error)]
+    assert d.at(1).tick() == []
+
+
+def test_a_failed_settle_is_ignored_only_for_an_expired_invalid_task():
+    d = Driver(chunks=2, batch=2)
+    d.grant(None, [["w1", "w2", "w3"], ["w4", "w5", "w6"]])
+    d.at(1).results("t0", w1=OUTPUT, w2=WRONG, w3=OTHER)
+    assert d.events(SettleFailed("t0", UnknownTask("t0"))) == []
+    assert d.request() == RequestTasks("req2", 1, ws("w1", "w2", "w3"))  # the retry goes on
+    d.results("t1", w4=OUTPUT, w5=OUTPUT, w6=OUTPUT)
+    [fail] = d.events(SettleFailed("t1", UnknownTask("t1")))
+    assert type(fail.error) is JobFailed
+    assert str(fail.error).startswith("could not settle the task of map chunk 1: ")
+
+
+def test_a_failed_invalid_settle_for_another_reason_fails_the_job():
+    d = Driver()
+    task = d.running(["w1", "w2", "w3"])
+    d.at(1).results(task, w1=OUTPUT, w2=WRONG, w3=OTHER)
+    [fail] = d.events(SettleFailed(task, ServiceUnavailable("gone")))
+    assert type(fail.error) is JobFailed
+
+
+# -- 15. stopping ---------------------------------------------------------------------
+
+
+def test_stop_settles_open_tasks_and_cancels_every_replica_in_flight():
+    d = Driver(chunks=2, batch=2, replication=5)
+    d.grant(None, [["w1", "w2", "w3", "w4", "w5"], ["w6", "w7", "w8", "w9", "w10"]])
+    d.accept_all("t0")
+    d.events(*(AssignAnswered("t1", w, "OK") for w in ["w6", "w7", "w8"]))
+    assert only(d.answer("t1", "w10", "RESOURCE_EXHAUSTED"), AddReplica)  # still under way
+    d.at(1).results("t0", w1=OUTPUT, w2=OUTPUT, w3=OUTPUT, w4=WRONG)  # quorum of 3, in grace
+    d.results("t1", w6=OUTPUT, w7=WRONG)
+    assert d.stats.credits_spent == 9
+    assert d.at(1.5).stop() == [
+        d.cancel("t0", "w5"),
+        Settle("t0", True, ws("w4"), ws("w5")),
+        d.cancel("t1", "w8"),
+        d.cancel("t1", "w9"),
+        Settle("t1", False),
+    ]
+    assert d.stats.credits_spent == 3  # w1, w2 and w3: the invalid task refunded
+    assert d.stats.missing_reports == 1 and d.stats.replicas_cancelled == 3
+    assert d.results("t1", w8=OUTPUT) == []
+    assert d.added("t1", "w11") == []
+    assert d.settle_answer("t0") == []
+    assert d.at(100).tick() == []
+
+
+# -- 16. results to ignore ------------------------------------------------------------
+
+
+def test_results_from_strangers_repeats_and_after_the_settle_are_ignored():
+    d = Driver()
+    task = d.running(["w1", "w2", "w3"])
+    good = sealed(task, OUTPUT)
+    assert (
+        d.at(1).events(
+            ResultArrived(task, "w9", good),  # not in the task
+            ResultArrived(task, "w1", good),
+            ResultArrived(task, "w1", good),  # a repeat counts once
+            ResultArrived("t-other", "w2", good),
+        )
+        == []
+    )
+    assert d.core.wake_at() == SPECULATE_AFTER_SECONDS  # no quorum (it would be 2 s)
+    assert d.at(1.5).result(task, "w2", good) == []
+    assert d.wake() == [d.cancel(task, "w3"), Settle(task, True, NONE, ws("w3"))]
+    late = sealed(task, WRONG)
+    assert d.result(task, "w3", late) == []
+    assert d.settle_answer(task) == [Deliver(d.chunks[0], encode_result(OUTPUT))]
+    assert d.result(task, "w3", late) == []
+    assert d.stats.cheaters == set() and d.stats.missing_reports == 0
+
+
+def test_a_result_from_a_replica_released_from_the_task_is_ignored():
+    d = Driver()
+    d.grant(None, [["w1", "w2", "w3"]])
+    d.answer("t0", "w1")
+    d.answer("t0", "w2")
+    d.answer("t0", "w3", "UNAVAILABLE")
+    d.added("t0", None)
+    assert d.at(0.2).results("t0", w3=OUTPUT, w1=OUTPUT) == []  # w3 is not in the task now
+    assert d.at(0.3).results("t0", w2=WRONG) == []  # no quorum yet: a replacement is due
+    assert d.wake() == [AddReplica("t0", "req3", ws("w1", "w2", "w3"), NONE)]
+    assert d.at(0.6).added("t0", "w4") == [d.assign("t0", "w4", "tok4")]
+    assert d.at(0.7).results("t0", w4=OUTPUT) == [Settle("t0", True, ws("w2"), NONE)]
+
+
+# -- 17. phases --------------------------------------------------------------------------
+
+
+def test_phase_done_and_a_reduce_phase_after_the_map_phase():
+    d = Driver(batch=1)
+    assert not d.core.phase_done  # a request under way
+    task = d.running(["w1", "w2", "w3"])
+    assert not d.core.phase_done
+    d.at(1).results(task, w1=OUTPUT, w2=OUTPUT, w3=WRONG)
+    assert not d.core.phase_done  # settling
+    d.settle_answer(task)
+    assert d.core.phase_done
+
+    assert d.start_phase(REDUCE, 2, "reduce-digest") == [RequestTasks("req2", 1, ws("w3"))]
+    assert d.stats.phase == "reduce" and (d.stats.map_tasks, d.stats.reduce_tasks) == (1, 2)
+    assert not d.core.phase_done
+    # Knowing the map functions says nothing about the reduce function.
+    assert d.grant(None, [["w1", "w2", "w4"]]) == [
+        d.assign("t1", "w1", "tok4"),
+        d.assign("t1", "w2", "tok5"),
+        d.assign("t1", "w4", "tok6"),
+    ]
+    d.accept_all("t1")
+    assert d.wake() == [RequestTasks("req3", 1, ws("w3"))]
+    assert d.grant(None, [["w1", "w5", "w6"]]) == [
+        d.assign("t2", "w1", "tok7", send_payload=False),
+        d.assign("t2", "w5", "tok8"),
+        d.assign("t2", "w6", "tok9"),
+    ]
+    d.accept_all("t2")
+    d.at(2).results("t1", w1={"apple": 2}, w2={"apple": 2}, w4={"apple": 2})
+    d.results("t2", w1={"pear": 1}, w5={"pear": 1}, w6={"pear": 1})
+    assert d.settle_answer("t1") == [Deliver(d.chunks[0], {"apple": 2})]
+    assert not d.core.phase_done
+    assert d.settle_answer("t2") == [Deliver(d.chunks[1], {"pear": 1})]
+    assert d.core.phase_done
