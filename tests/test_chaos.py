@@ -12,14 +12,27 @@ import time
 
 import pytest
 
+import ec262
 from ec262.local_cluster import LocalCluster
 from tests.job_harness import sequential, sum_reducer
 from tests.test_foreman_faults import _assert_nothing_in_escrow, _busy, _slots_free_within
-from tests.test_worker_faults import RECORDS, _run, split_words
+from tests.test_worker_faults import RECORDS, TASK_TIMEOUT, _run, split_words
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(900)]
 
 EXPECTED = sequential(RECORDS, split_words, sum_reducer)
+
+
+def slow_split(key, line):
+    import time
+
+    time.sleep(0.2)  # long enough for the chaos to land mid-task
+    yield from ((word, 1) for word in line.split())
+
+
+def _alive(cluster: LocalCluster) -> None:
+    """Forget the workers that died (a killed one cannot report slots)."""
+    cluster.workers = [w for w in cluster.workers if w.process.poll() is None]
 
 
 def _in_background(cluster: LocalCluster, identity) -> tuple[threading.Thread, dict]:
@@ -63,33 +76,42 @@ def test_jobs_in_a_row_while_workers_freeze_thaw_and_die(tmp_path):
     workers while jobs run one after another on the same cluster."""
     rng = random.Random(262)
     with LocalCluster(workers=5, slots=1, directory=str(tmp_path / "c")) as cluster:
-        stop = threading.Event()
+        stop, idle, leave = threading.Event(), threading.Event(), threading.Event()
         frozen: list = []
 
         def chaos() -> None:
             while not stop.wait(rng.uniform(0.2, 1.0)):
                 live = [w for w in cluster.workers if w.process.poll() is None]
                 action = rng.choice(["freeze", "thaw", "kill"])
-                if action == "freeze" and len(live) > 3:
-                    victim = rng.choice(live)
+                awake = [w for w in live if w not in frozen]
+                if action == "freeze" and len(awake) > 3:  # 3 awake make a task
+                    victim = rng.choice(awake)
                     victim.process.send_signal(signal.SIGSTOP)
                     frozen.append(victim)
                 elif action == "thaw" and frozen:
                     frozen.pop(0).process.send_signal(signal.SIGCONT)
-                elif action == "kill" and len(live) - len(frozen) > 3:
-                    victim = rng.choice([w for w in live if w not in frozen])
+                elif action == "kill" and len(awake) > 3:
+                    victim = rng.choice(awake)
                     victim.process.send_signal(signal.SIGKILL)
                     victim.process.wait(timeout=10)
                     cluster.workers.remove(victim)
                     cluster.add_workers(1)
+            idle.set()
+            # Workers started here die with this thread (their parent-death
+            # signal is the thread's, a Linux rule): it waits for the end.
+            leave.wait()
 
         thread = threading.Thread(target=chaos, daemon=True)
         thread.start()
         try:
-            for round_ in range(6):
+            for round_ in range(8):
                 identity = tmp_path / f"foreman{round_}.json"
                 started = time.monotonic()
-                result = _run(cluster, identity)
+                result = ec262.Job(
+                    discovery=cluster.address, identity=identity, progress=False,
+                    chunk_bytes=64, mapper=slow_split, reducer=sum_reducer,
+                    task_timeout=TASK_TIMEOUT,
+                ).run(RECORDS)  # fmt: skip
                 assert result == EXPECTED
                 print(f"round {round_}: {time.monotonic() - started:.1f} s,"
                       f" {result.stats.replicas_released} released,"
@@ -97,7 +119,41 @@ def test_jobs_in_a_row_while_workers_freeze_thaw_and_die(tmp_path):
                       f" {result.stats.speculative_replicas} speculative")  # fmt: skip
         finally:
             stop.set()
-            thread.join(10)
+            assert idle.wait(30), "the chaos thread did not stop"
             for worker in frozen:
                 worker.process.send_signal(signal.SIGCONT)
-        _slots_free_within(cluster, 10)
+        try:
+            _alive(cluster)
+            _slots_free_within(cluster, 10)
+        finally:
+            leave.set()
+            thread.join(10)
+
+
+def test_a_job_survives_its_redis_store_frozen_for_twenty_seconds(tmp_path):
+    """The ledger's redis-server SIGSTOPped mid-job: every discovery call is
+    UNAVAILABLE (Redis's socket timeout) until it thaws; nothing is lost."""
+    import uuid
+
+    from tests.redis_server import RedisServer
+
+    redis = RedisServer()
+    try:
+        store = redis.url(f"chaos{uuid.uuid4().hex[:8]}:")
+        with LocalCluster(
+            workers=4, slots=1, directory=str(tmp_path / "c"), discovery_args=("--store", store)
+        ) as cluster:
+            identity = tmp_path / "foreman.json"
+            runner, outcome = _in_background(cluster, identity)
+            redis.process.send_signal(signal.SIGSTOP)
+            try:
+                runner.join(20)
+                assert runner.is_alive(), f"the job ended during the outage: {outcome}"
+            finally:
+                redis.process.send_signal(signal.SIGCONT)
+            runner.join(180)
+            assert outcome["result"] == EXPECTED, outcome
+            _slots_free_within(cluster, 5)
+            _assert_nothing_in_escrow(cluster, identity)
+    finally:
+        redis.stop()
