@@ -283,6 +283,21 @@ def test_a_third_result_matching_within_the_grace_settles_at_once():
     assert d.stats.credits_spent == 3 and d.stats.replicas_cancelled == 0
 
 
+def test_a_replica_that_never_answered_its_assign_gets_no_grace():
+    """A frozen worker does not answer AssignTask: the quorum of the others
+    settles at once (a grace would add to every such task's time)."""
+    d = Driver()
+    d.grant(None, [["w1", "w2", "w3"]])
+    [task] = d.granted
+    d.answer(task, "w1")
+    d.answer(task, "w2")
+    assert d.at(1).results(task, w1=OUTPUT, w2=OUTPUT) == [
+        d.cancel(task, "w3"),
+        Settle(task, True, NONE, ws("w3")),
+    ]
+    assert d.stats.replicas_cancelled == 1 and d.stats.missing_reports == 0
+
+
 # -- 3. a disagreeing replica -------------------------------------------------------
 
 
@@ -508,6 +523,22 @@ def test_a_replica_that_never_started_is_released_and_replaced(code):
     assert d.chunks[0].attempts == 0 and d.stats.missing_reports == 0
     assert d.stats.credits_spent == 2  # w1 and w4
     assert d.settle_answer("t0") == [Deliver(d.chunks[0], encode_result(OUTPUT))]
+
+
+def test_a_replacement_that_found_nobody_is_asked_again_when_a_task_of_ours_settles():
+    """Our settle frees its workers' slots: the replica asked for in vain
+    goes again at once, not after REPLICA_RETRY_SECONDS."""
+    d = Driver(chunks=2, batch=2)
+    d.grant(None, [["w1", "w2", "w3"], ["w4", "w5", "w6"]])
+    for worker in ("w1", "w2", "w3", "w4", "w5"):
+        d.answer("t0" if worker < "w4" else "t1", worker)
+    d.answer("t1", "w6", "RESOURCE_EXHAUSTED")
+    assert d.at(0.1).added("t1", None) == []
+    assert d.at(0.2).results("t0", w1=OUTPUT, w2=OUTPUT, w3=OUTPUT) == [
+        Settle("t0", True, NONE, NONE)
+    ]
+    commands = d.at(0.3).settle_answer("t0")
+    assert only(commands, AddReplica) == [AddReplica("t1", "req3", ws("w4", "w5", "w6"), NONE)]
 
 
 # -- 9. unreachable workers ----------------------------------------------------------
