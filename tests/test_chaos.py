@@ -15,8 +15,8 @@ import pytest
 import ec262
 from ec262.local_cluster import LocalCluster
 from tests.job_harness import sequential, sum_reducer
-from tests.test_foreman_faults import _assert_nothing_in_escrow, _busy, _slots_free_within
-from tests.test_worker_faults import RECORDS, TASK_TIMEOUT, _run, split_words
+from tests.test_foreman_faults import _assert_nothing_in_escrow, _slots_free_within
+from tests.test_worker_faults import RECORDS, TASK_TIMEOUT, job_in_background, split_words
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -35,27 +35,10 @@ def _alive(cluster: LocalCluster) -> None:
     cluster.workers = [w for w in cluster.workers if w.process.poll() is None]
 
 
-def _in_background(cluster: LocalCluster, identity) -> tuple[threading.Thread, dict]:
-    outcome: dict = {}
-
-    def job() -> None:
-        try:
-            outcome["result"] = _run(cluster, identity)
-        except BaseException as error:
-            outcome["result"] = error
-
-    runner = threading.Thread(target=job, daemon=True)
-    runner.start()
-    deadline = time.monotonic() + 60
-    while _busy(cluster)[0] == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)  # watching for the job's tasks
-    return runner, outcome
-
-
 def test_a_job_survives_a_sixty_second_discovery_outage(tmp_path):
     with LocalCluster(workers=4, slots=1, directory=str(tmp_path / "c")) as cluster:
         identity = tmp_path / "foreman.json"
-        runner, outcome = _in_background(cluster, identity)
+        runner, outcome = job_in_background(cluster, identity)
         discovery = cluster.discovery.process
         discovery.send_signal(signal.SIGSTOP)
         started = time.monotonic()
@@ -144,7 +127,7 @@ def test_a_job_survives_its_redis_store_frozen_for_twenty_seconds(tmp_path):
             workers=4, slots=1, directory=str(tmp_path / "c"), discovery_args=("--store", store)
         ) as cluster:
             identity = tmp_path / "foreman.json"
-            runner, outcome = _in_background(cluster, identity)
+            runner, outcome = job_in_background(cluster, identity)
             redis.process.send_signal(signal.SIGSTOP)
             try:
                 runner.join(20)

@@ -45,6 +45,25 @@ def _timed(cluster: LocalCluster, identity) -> tuple[ec262.JobResult, float]:
     return result, time.monotonic() - started
 
 
+def job_in_background(cluster: LocalCluster, identity) -> tuple[threading.Thread, dict]:
+    """The job on a thread, returned once its first tasks are out;
+    `outcome["result"]` is its result or its exception."""
+    outcome: dict = {}
+
+    def job() -> None:
+        try:
+            outcome["result"] = _run(cluster, identity)
+        except BaseException as error:
+            outcome["result"] = error
+
+    runner = threading.Thread(target=job, daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 60
+    while _busy(cluster)[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)  # watching for the job's tasks
+    return runner, outcome
+
+
 def test_a_frozen_worker_delays_no_task_by_more_than_the_speculation_delay(tmp_path):
     with LocalCluster(workers=4, slots=1, directory=str(tmp_path / "c")) as cluster:
         identity = tmp_path / "foreman.json"
@@ -100,19 +119,7 @@ def test_a_job_survives_its_discovery_service_frozen_for_twenty_seconds(tmp_path
     replacements asked for again until the service is back."""
     with LocalCluster(workers=4, slots=1, directory=str(tmp_path / "c")) as cluster:
         identity = tmp_path / "foreman.json"
-        outcome: dict = {}
-
-        def job() -> None:
-            try:
-                outcome["result"] = _run(cluster, identity)
-            except BaseException as error:
-                outcome["result"] = error
-
-        runner = threading.Thread(target=job, daemon=True)
-        runner.start()
-        deadline = time.monotonic() + 60
-        while _busy(cluster)[0] == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)  # watching for the job's tasks
+        runner, outcome = job_in_background(cluster, identity)
         discovery = cluster.discovery.process
         discovery.send_signal(signal.SIGSTOP)
         try:
