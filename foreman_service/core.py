@@ -258,6 +258,7 @@ class Replica:
     speculated: bool = False  # a replica was asked for beside it
     result: str | None = None
     answered_in: float = 0.0  # seconds from assignment to result
+    assign_timed_out: bool = False  # AssignTask answered DEADLINE_EXCEEDED
     released_at_discovery: bool = False  # by AddReplica: not in the task any more
 
 
@@ -395,7 +396,7 @@ class JobCore:
         if self._failed:
             return commands
         for task in list(self._tasks.values()):
-            self._speculate(task, now)
+            self._speculate(task, now, commands)
             self._ask_replicas(task, now, commands)
             self._decide(task, now, commands)
         self._maybe_request(now, commands)
@@ -569,7 +570,7 @@ class JobCore:
         replica = task.replicas.get(event.worker_id) if task else None
         if replica is None or replica.state != ASSIGNING:
             return
-        if event.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
+        if event.code == "UNAVAILABLE":
             self._unreachable[event.worker_id] = now + UNREACHABLE_EXCLUDED_SECONDS
         if event.code == "OK":
             replica.state = RUNNING
@@ -594,15 +595,19 @@ class JobCore:
             task.replicas_wanted += 1
             self.stats.replicas_released += 1
         elif event.code == "DEADLINE_EXCEEDED":
-            # Frozen, perhaps with the task taken: it stays, and the
-            # speculative replica rule covers it.
+            # Frozen, or held up by a frozen discovery service, perhaps with
+            # the task taken: it stays until the speculative replica rule
+            # replaces it, and then it is let go.
             replica.state = RUNNING
+            replica.assign_timed_out = True
+            if replica.speculated:
+                self._let_go_straggler(task, replica, commands)
         else:
             replica.state = FAILED
 
     # -- replicas ------------------------------------------------------------------
 
-    def _speculate(self, task: Task, now: float) -> None:
+    def _speculate(self, task: Task, now: float, commands: list) -> None:
         if task.settling or task.quorum_at is not None:
             return
         after = self.speculate_after()
@@ -611,6 +616,18 @@ class JobCore:
                 replica.speculated = True
                 task.replicas_wanted += 1
                 self.stats.speculative_replicas += 1
+                if replica.assign_timed_out:
+                    self._let_go_straggler(task, replica, commands)
+
+    def _let_go_straggler(self, task: Task, replica: Replica, commands: list) -> None:
+        """A replica whose AssignTask timed out and that a speculative one
+        replaces: released with the next AddReplica, so its worker's slot
+        is not held by a task it may never have taken (in a small pool
+        those slots can be all there are)."""
+        replica.state = RELEASED
+        task.to_release.add(replica.worker_id)
+        commands.append(Cancel(task.task_id, replica.worker_id, replica.address, replica.token))
+        self.stats.replicas_cancelled += 1
 
     def _ask_replicas(self, task: Task, now: float, commands: list) -> None:
         if task.settling or task.add_in_flight or not task.replicas_wanted:
@@ -626,12 +643,13 @@ class JobCore:
             AddReplica(
                 task.task_id,
                 self._new_request_id(),
-                # Never a worker this task had before (refused, unreachable,
-                # or released), nor one that cannot be reached just now.
+                # Never a worker that refused this task, nor one that cannot
+                # be reached just now (the discovery service skips the
+                # task's own workers, those released here included).
                 exclude=frozenset(
                     self.cheaters
                     | task.chunk.suspects
-                    | set(task.replicas)
+                    | {r.worker_id for r in task.replicas.values() if r.state == FAILED}
                     | self._unreachable_now(now)
                 ),
                 release=release,
