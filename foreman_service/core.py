@@ -58,8 +58,9 @@ SPECULATE_MEDIAN_FACTOR = 3.0
 # How often a task whose AddReplica found no free worker asks again.
 REPLICA_RETRY_SECONDS = 0.5
 
-# A worker whose AssignTask went unanswered is left out of new requests for
-# this long (a killed or frozen worker stays in the pool until its lease ends).
+# A worker whose AssignTask found nobody listening is not drawn as a
+# replacement replica for this long (a killed worker stays in the pool until
+# its lease ends).
 UNREACHABLE_EXCLUDED_SECONDS = 30.0
 
 # AssignTask answers that mean the replica never started: it is released
@@ -461,10 +462,14 @@ class JobCore:
                 self._relaxed_at.pop(id(chunk), None)
                 exclude = frozenset()
             else:
-                exclude = frozenset(chunk.suspects | self.cheaters | self._unreachable_now(now))
+                exclude = frozenset(chunk.suspects | self.cheaters)
         else:
             chunks = fresh[: self.config.batch]
-            exclude = frozenset(self.cheaters | self._unreachable_now(now))
+            # Unreachable workers are not left out here: in a small pool
+            # that would starve every request until the exclusions were
+            # relaxed (5 s; measured: 2 of 4 workers dead took the job from
+            # 2.8 s to 8.4 s); a task they are in releases and replaces them.
+            exclude = frozenset(self.cheaters)
             if self._relax_fresh:
                 # The last request with these exclusions starved for long:
                 # this one goes without them (an honest majority still

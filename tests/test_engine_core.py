@@ -546,24 +546,23 @@ def test_a_replacement_that_found_nobody_is_asked_again_when_a_task_of_ours_sett
 # -- 9. unreachable workers ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("code", ["UNAVAILABLE"])
-def test_an_unreachable_worker_is_left_out_of_requests_for_a_while(code):
+def test_an_unreachable_worker_is_no_replacement_for_a_while_but_stays_in_requests():
     d = Driver(chunks=4, batch=1)
     d.grant(None, [["w1", "w2", "w3"]])
-    d.answer("t0", "w3", code)
+    d.answer("t0", "w3", "UNAVAILABLE")
     until = UNREACHABLE_EXCLUDED_SECONDS
 
     def asked(commands: list) -> list:
         return [(r.n, r.exclude) for r in only(commands, RequestTasks)]
 
-    assert asked(d.at(1).tick()) == [(1, ws("w3"))]
+    assert asked(d.at(1).tick()) == [(1, NONE)]  # a task it is in replaces it
     d.grant(None, [["w4", "w5", "w6"]])
     commands = d.at(until - 0.01).tick()
-    assert asked(commands) == [(1, ws("w3"))]
-    # Nor is it asked for as a replica meanwhile (t1's replicas are silent).
+    # Not asked for as a replica meanwhile (t1's replicas are silent) ...
     assert [a.exclude for a in only(commands, AddReplica) if a.task_id == "t1"] == [ws("w3")]
-    assert d.grant(None, [], live=10) == []  # everyone else busy: asked again in 50 ms
-    assert asked(d.at(until + 0.05).tick()) == [(1, NONE)]
+    d.added("t1", None)
+    # ... and again a candidate once the time is over.
+    assert [a.exclude for a in only(d.wake(), AddReplica) if a.task_id == "t1"] == [NONE]
 
 
 # -- 10. speculative replicas ----------------------------------------------------------
