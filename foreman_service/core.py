@@ -58,8 +58,8 @@ SPECULATE_MEDIAN_FACTOR = 3.0
 # How often a task whose AddReplica found no free worker asks again.
 REPLICA_RETRY_SECONDS = 0.5
 
-# A worker whose AssignTask found nobody listening is not drawn as a
-# replacement replica for this long (a killed worker stays in the pool until
+# A worker whose AssignTask found nobody listening is left out of requests
+# and replacements for this long (a killed worker stays in the pool until
 # its lease ends).
 UNREACHABLE_EXCLUDED_SECONDS = 30.0
 
@@ -333,6 +333,7 @@ class JobCore:
         self._relaxed_at: dict[int, float] = {}  # id(chunk) -> when its exclusions went
         self._fresh_starved_since: float | None = None
         self._relax_fresh = False  # the next fresh request goes without exclusions
+        self._without_unreachable = False  # ... without the unreachable workers
         self._suspects_turn = False
         self._unreachable: dict[str, float] = {}  # worker -> excluded until
         self._failed = False
@@ -465,11 +466,14 @@ class JobCore:
                 exclude = frozenset(chunk.suspects | self.cheaters)
         else:
             chunks = fresh[: self.config.batch]
-            # Unreachable workers are not left out here: in a small pool
-            # that would starve every request until the exclusions were
-            # relaxed (5 s; measured: 2 of 4 workers dead took the job from
-            # 2.8 s to 8.4 s); a task they are in releases and replaces them.
+            # Unreachable workers are left out while that leaves anyone to
+            # ask: a request it leaves empty goes again at once without them
+            # (waiting the 5 s relax time took a job with 2 of 4 workers
+            # dead from 2.8 s to 8.4 s); a task they are in replaces them.
             exclude = frozenset(self.cheaters)
+            if not self._without_unreachable:
+                exclude |= self._unreachable_now(now)
+            self._without_unreachable = False
             if self._relax_fresh:
                 # The last request with these exclusions starved for long:
                 # this one goes without them (an honest majority still
@@ -530,6 +534,9 @@ class JobCore:
             self._starved_since = self._starved_since or now
             if chunks[0].suspects:
                 self._relaxed_at.setdefault(id(chunks[0]), now)
+            elif exclude - self.cheaters:
+                self._without_unreachable = True  # at once, without them
+                self._next_request_at = now
             elif exclude:
                 self._fresh_starved_since = self._fresh_starved_since or now
                 if now - self._fresh_starved_since > self._relax_after():
