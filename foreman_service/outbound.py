@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 DISCOVERY_RETRY_SECONDS = 65.0
 CANCEL_DEADLINE = 2.0
 DISCOVERY_THREADS = 4
+STOP_THREADS = 16  # settles in parallel as a job stops
 
 
 class EventQueue:
@@ -271,7 +272,9 @@ class ForemanOutbound:
         stops) and wait up to `within` seconds for them and for those still
         under way; discovery retries stop at that deadline."""
         deadline = time.monotonic() + within
-        extra = ThreadPoolExecutor(max(1, len(commands)), thread_name_prefix="stop")
+        # Their own threads: the job's may be stuck retrying an unreachable
+        # discovery service for a minute.
+        extra = ThreadPoolExecutor(STOP_THREADS, thread_name_prefix="stop")
         futures = []
         for command in commands:
             if isinstance(command, Settle):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -40,6 +41,25 @@ def _busy(cluster: LocalCluster) -> tuple[int, int]:
             )
             worker_side += status.busy_slots
     return ledger, worker_side
+
+
+def in_background(cluster: LocalCluster, run) -> tuple[threading.Thread, dict]:
+    """`run()` on a thread, returned once the job's first tasks are out;
+    `outcome["result"]` is its result or its exception."""
+    outcome: dict = {}
+
+    def job() -> None:
+        try:
+            outcome["result"] = run()
+        except BaseException as error:
+            outcome["result"] = error
+
+    runner = threading.Thread(target=job, daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 60
+    while _busy(cluster)[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)  # watching for the job's tasks
+    return runner, outcome
 
 
 def _start_slow_job(cluster: LocalCluster, identity) -> subprocess.Popen:
@@ -111,8 +131,6 @@ def test_a_job_survives_a_discovery_restart_mid_job(tmp_path):
     store 2 s later: the job still returns the right result (its RequestTasks
     and SettleTask calls are retried, safe to repeat), and nothing is left
     busy or in escrow. The old main lost the job with a raw UNAVAILABLE."""
-    import threading
-
     import ec262
     from ec262.processes import spawn_server
     from tests.job_harness import sequential, stdlib_text, sum_reducer, word_mapper
@@ -120,22 +138,11 @@ def test_a_job_survives_a_discovery_restart_mid_job(tmp_path):
     with LocalCluster(workers=3, directory=str(tmp_path / "cluster")) as cluster:
         identity = tmp_path / "foreman.json"
         data = stdlib_text(2)
-        outcome: dict = {}
-
-        def job() -> None:
-            try:
-                outcome["result"] = ec262.Job(
-                    discovery=cluster.address, identity=identity, progress=False,
-                    chunk_bytes=8192, mapper=word_mapper, reducer=sum_reducer,
-                ).run(data)  # fmt: skip
-            except BaseException as error:
-                outcome["result"] = error
-
-        runner = threading.Thread(target=job, daemon=True)
-        runner.start()
-        deadline = time.monotonic() + 60
-        while _busy(cluster)[0] == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)  # watching for the job's tasks
+        job = ec262.Job(
+            discovery=cluster.address, identity=identity, progress=False,
+            chunk_bytes=8192, mapper=word_mapper, reducer=sum_reducer,
+        )  # fmt: skip
+        runner, outcome = in_background(cluster, lambda: job.run(data))
         assert runner.is_alive(), "the job ended before the fault"
         port = cluster.address.rsplit(":", 1)[1]
         cluster.discovery.process.send_signal(signal.SIGKILL)

@@ -17,7 +17,11 @@ import pytest
 import ec262
 from ec262.local_cluster import LocalCluster
 from tests.job_harness import sequential, sum_reducer
-from tests.test_foreman_faults import _assert_nothing_in_escrow, _busy, _slots_free_within
+from tests.test_foreman_faults import (
+    _assert_nothing_in_escrow,
+    _slots_free_within,
+    in_background,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -46,22 +50,8 @@ def _timed(cluster: LocalCluster, identity) -> tuple[ec262.JobResult, float]:
 
 
 def job_in_background(cluster: LocalCluster, identity) -> tuple[threading.Thread, dict]:
-    """The job on a thread, returned once its first tasks are out;
-    `outcome["result"]` is its result or its exception."""
-    outcome: dict = {}
-
-    def job() -> None:
-        try:
-            outcome["result"] = _run(cluster, identity)
-        except BaseException as error:
-            outcome["result"] = error
-
-    runner = threading.Thread(target=job, daemon=True)
-    runner.start()
-    deadline = time.monotonic() + 60
-    while _busy(cluster)[0] == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)  # watching for the job's tasks
-    return runner, outcome
+    """This file's job, in the background (see `in_background`)."""
+    return in_background(cluster, lambda: _run(cluster, identity))
 
 
 def test_a_frozen_worker_delays_no_task_by_more_than_the_speculation_delay(tmp_path):
