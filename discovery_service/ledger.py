@@ -16,7 +16,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from discovery_service.store import (
     Assignment,
@@ -29,9 +29,16 @@ from discovery_service.store import (
     WorkerRef,
 )
 from ec262 import auth
-from ec262.addresses import split_address
-from ec262.errors import AuthenticationError, InvalidRequest, ServiceUnavailable, UnknownTask
+from ec262.addresses import is_loopback, split_address
+from ec262.errors import (
+    AddressRefused,
+    AuthenticationError,
+    InvalidRequest,
+    ServiceUnavailable,
+    UnknownTask,
+)
 from ec262.ids import is_client_id, is_task_id
+from ec262.tls import check_peer_certificate
 
 logger = logging.getLogger(__name__)
 
@@ -249,8 +256,48 @@ class Ledger:
 
     # -- the worker pool ----------------------------------------------------
 
+    def needs_probe(
+        self, client_id: str, *, address: str, tls_certificate: str, peer_host: str | None
+    ) -> bool:
+        """Whether a registration's address must be shown to answer before
+        it joins the pool (docs/protocol.md section 8): a non-loopback
+        address that is new for this worker, or presented with a new
+        certificate. Refuses at once what no foreman could use: a
+        plaintext worker off loopback, a loopback address sent from
+        another host."""
+        host = split_address(address)[0]
+        if tls_certificate:
+            check_peer_certificate(tls_certificate)
+        if is_loopback(host):
+            if peer_host is not None and not is_loopback(peer_host):
+                raise AddressRefused(
+                    f"worker address {address} is loopback, but this registration came from"
+                    f" {peer_host}: foremen elsewhere cannot reach it there; start the worker"
+                    " with --advertise ADDRESS (one that reaches it from other machines)"
+                )
+            return False
+        if not tls_certificate:
+            raise AddressRefused(
+                f"worker address {address} is not loopback but the worker sent no"
+                " tls_certificate: off loopback every worker serves TLS"
+            )
+        record = self.store.get_client(client_id, self._clock())
+        return (
+            record is None
+            or record.address != address
+            or record.tls_certificate != tls_certificate
+            or record.expiry_unix <= self._clock()
+        )
+
     def register_worker(
-        self, client_id: str, *, address: str, ttl_seconds: int, slots: int, runtime: str
+        self,
+        client_id: str,
+        *,
+        address: str,
+        ttl_seconds: int,
+        slots: int,
+        runtime: str,
+        tls_certificate: str = "",
     ) -> ClientRecord:
         now = self._clock()
         if ttl_seconds < 0:
@@ -258,6 +305,8 @@ class Ledger:
             logger.info("worker %s left the pool", client_id)
             return record
         split_address(address)
+        if tls_certificate:
+            check_peer_certificate(tls_certificate)
         if ttl_seconds > self.config.max_worker_ttl:
             raise InvalidRequest(
                 f"ttl_seconds {ttl_seconds} is too long; at most {self.config.max_worker_ttl}"
@@ -275,6 +324,7 @@ class Ledger:
             runtime=runtime,
             expiry_unix=now + (ttl_seconds or self.config.worker_ttl),
             now=now,
+            tls_certificate=tls_certificate,
         )
         logger.debug(
             "worker %s at %s, %d slot(s), lease to %.0f",
@@ -313,6 +363,7 @@ class Ledger:
             request_id=request_id,
         )
         tasks, credits = self.store.assign_tasks(request, choose_workers, _new_task)
+        tasks = self._with_certificates(tasks)
         logger.debug(
             "foreman %s asked %d task(s), got %d; %d credits left",
             foreman_id,
@@ -321,6 +372,22 @@ class Ledger:
             credits,
         )
         return tasks, credits
+
+    def _with_certificates(self, tasks: list[Assignment]) -> list[Assignment]:
+        """Each worker's registered certificate, for the foreman to check it
+        by (docs/protocol.md section 8)."""
+        pems = self.store.certificates(w.client_id for t in tasks for w in t.workers)
+        if not pems:
+            return tasks
+        return [
+            replace(
+                task,
+                workers=tuple(
+                    replace(w, tls_certificate=pems.get(w.client_id, "")) for w in task.workers
+                ),
+            )
+            for task in tasks
+        ]
 
     def live_workers(self, foreman_id: str, runtime: str) -> int:
         """Workers in the pool (of `runtime`, when set) other than the
@@ -364,6 +431,9 @@ class Ledger:
         if found is None:
             raise UnknownTask(f"you have no open task {task_id} to add a replica to")
         worker, credits = found
+        if worker is not None:
+            pem = self.store.certificates([worker.client_id]).get(worker.client_id, "")
+            worker = replace(worker, tls_certificate=pem)
         logger.debug(
             "task %s: released %s, added %s",
             task_id,

@@ -27,7 +27,7 @@ import functools
 import logging
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 import redis
@@ -128,7 +128,7 @@ if ARGV[4] == 'leave' then
   redis.call('ZREM', prefix .. 'pool', id)
 else
   redis.call('HSET', c, 'address', ARGV[5], 'slots', ARGV[6], 'runtime', ARGV[7],
-    'expiry_unix', ARGV[8])
+    'expiry_unix', ARGV[8], 'tls_certificate', ARGV[9])
   redis.call('ZADD', prefix .. 'pool', ARGV[8], id)
 end
 return redis.call('HGETALL', c)
@@ -384,6 +384,7 @@ def _record(client_id: str, fields: list) -> ClientRecord | None:
         tasks_completed=int(data[b"tasks_completed"]),
         tasks_failed=int(data[b"tasks_failed"]),
         runtime=data[b"runtime"].decode(),
+        tls_certificate=data.get(b"tls_certificate", b"").decode(),
     )
 
 
@@ -460,6 +461,7 @@ class RedisStore(LedgerStore):
         runtime: str,
         expiry_unix: float,
         now: float,
+        tls_certificate: str = "",
     ) -> ClientRecord:
         fields = self._register(
             args=[
@@ -471,9 +473,20 @@ class RedisStore(LedgerStore):
                 slots,
                 runtime,
                 self._now(expiry_unix),
+                tls_certificate,
             ]
         )
         return self._require(client_id, fields)
+
+    @_unavailable_is_clear
+    def certificates(self, client_ids: Iterable[str]) -> dict[str, str]:
+        ids = list(dict.fromkeys(client_ids))
+        if not ids:
+            return {}
+        pipe = self._redis.pipeline(transaction=False)
+        for client_id in ids:
+            pipe.hget(f"{self.prefix}c:{client_id}", "tls_certificate")
+        return {i: pem.decode() for i, pem in zip(ids, pipe.execute(), strict=True) if pem}
 
     @_unavailable_is_clear
     def leave_pool(self, client_id: str, now: float) -> ClientRecord:

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 from discovery_service.ledger import SWEEP_INTERVAL, Ledger, LedgerConfig
 from discovery_service.servicer import DiscoveryServicer
-from discovery_service.stores import open_store
+from discovery_service.stores import open_store, store_directory
 from ec262 import serving
 from ec262.aio_serving import BackgroundAioServer
+from ec262.tls import ServerCertificate, server_certificate
 from ec262.v1 import discovery_pb2, discovery_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -68,28 +69,52 @@ class DiscoveryServer:
 
 
 def build_server(
-    ledger: Ledger, *, host: str = "127.0.0.1", port: int = 0, sweep: bool = True
+    ledger: Ledger,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    sweep: bool = True,
+    certificate: ServerCertificate | None = None,
 ) -> DiscoveryServer:
     """A started discovery server on host:port (0 = ephemeral), with
-    reflection and health; `.port` is the port actually bound. `sweep=False`
-    leaves the sweeps to the caller (a test on a manual clock)."""
+    reflection and health, TLS with `certificate` when given; `.port` is
+    the port actually bound. `sweep=False` leaves the sweeps to the caller
+    (a test on a manual clock)."""
     servicer = DiscoveryServicer(ledger)
     server = BackgroundAioServer(
         lambda aio_server: discovery_pb2_grpc.add_DiscoveryServicer_to_server(servicer, aio_server),
         [SERVICE_NAME],
         host=host,
         port=port,
+        certificate=certificate,
     )
     port = server.start()
     sweeper = Sweeper(ledger) if sweep else None
     return DiscoveryServer(server=server, port=port, ledger=ledger, sweeper=sweeper)
 
 
-def run(*, host: str, port: int, store_url: str, config: LedgerConfig) -> None:
-    """`ec262 discovery`: serve until SIGINT/SIGTERM."""
+def run(
+    *,
+    host: str,
+    port: int,
+    store_url: str,
+    config: LedgerConfig,
+    tls: bool = False,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+) -> None:
+    """`ec262 discovery`: serve until SIGINT/SIGTERM; TLS off loopback or
+    with `tls` (docs/protocol.md section 8)."""
+    certificate = server_certificate(
+        host,
+        forced=tls,
+        cert_path=tls_cert,
+        key_path=tls_key,
+        directory=store_directory(store_url),
+    )
     ledger = Ledger(open_store(store_url), config)
     try:
-        running = build_server(ledger, host=host, port=port)
+        running = build_server(ledger, host=host, port=port, certificate=certificate)
     except BaseException:
         ledger.store.close()
         raise
@@ -101,6 +126,6 @@ def run(*, host: str, port: int, store_url: str, config: LedgerConfig) -> None:
         config.starting_credits,
         config.replication,
     )
-    serving.announce(host, running.port)
+    serving.announce(host, running.port, certificate)
     serving.wait_for_signal(lambda: running.stop(grace=2.0))
     logger.info("discovery stopped")

@@ -15,7 +15,8 @@ from __future__ import annotations
 import grpc
 
 from discovery_service.ledger import Ledger
-from discovery_service.store import Assignment, ClientRecord
+from discovery_service.probe import probe_worker
+from discovery_service.store import Assignment, ClientRecord, WorkerRef
 from ec262.auth import AUTHORIZATION_KEY
 from ec262.grpc_errors import translate_errors
 from ec262.v1 import discovery_pb2 as pb
@@ -40,10 +41,27 @@ def client_info(record: ClientRecord, ledger: Ledger) -> pb.ClientInfo:
     )
 
 
+def worker_ref(worker: WorkerRef) -> pb.WorkerRef:
+    return pb.WorkerRef(
+        client_id=worker.client_id, address=worker.address, tls_certificate=worker.tls_certificate
+    )
+
+
+def peer_host(context: grpc.aio.ServicerContext) -> str | None:
+    """The caller's IP address (`ipv4:1.2.3.4:5678`, `ipv6:[::1]:5678`), or
+    None for other transports."""
+    peer = context.peer() or ""
+    kind, _, rest = peer.partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return None
+    host = rest.rpartition(":")[0]
+    return host.strip("[]") or None
+
+
 def task_assignment(task: Assignment) -> pb.TaskAssignment:
     return pb.TaskAssignment(
         task_id=task.task_id,
-        workers=[pb.WorkerRef(client_id=w.client_id, address=w.address) for w in task.workers],
+        workers=[worker_ref(w) for w in task.workers],
         expiry_unix=int(task.expiry_unix),
     )
 
@@ -74,12 +92,21 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
 
     @translate_errors
     async def RegisterWorker(self, request, context):
+        caller = self._caller(context)
+        if request.ttl_seconds >= 0 and self._ledger.needs_probe(
+            caller,
+            address=request.address,
+            tls_certificate=request.tls_certificate,
+            peer_host=peer_host(context),
+        ):
+            await probe_worker(request.address, request.tls_certificate)
         record = self._ledger.register_worker(
-            self._caller(context),
+            caller,
             address=request.address,
             ttl_seconds=request.ttl_seconds,
             slots=request.slots,
             runtime=request.runtime,
+            tls_certificate=request.tls_certificate,
         )
         return client_info(record, self._ledger)
 
@@ -132,6 +159,4 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
             runtime=request.runtime,
             request_id=request.request_id,
         )
-        if worker is None:
-            return pb.WorkerRef()
-        return pb.WorkerRef(client_id=worker.client_id, address=worker.address)
+        return pb.WorkerRef() if worker is None else worker_ref(worker)

@@ -45,7 +45,7 @@ from ec262.errors import InsufficientCredits, InvalidRequest
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: settled.released
+SCHEMA_VERSION = 3  # 2: settled.released; 3: clients.tls_certificate
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 _SCHEMA = """
@@ -56,6 +56,7 @@ CREATE TABLE IF NOT EXISTS clients (
     starting_credits INTEGER NOT NULL,
     address          TEXT NOT NULL DEFAULT '',
     runtime          TEXT NOT NULL DEFAULT '',
+    tls_certificate  TEXT NOT NULL DEFAULT '',  -- PEM, a TLS worker's own
     expiry_unix      REAL NOT NULL DEFAULT 0,
     slots            INTEGER NOT NULL DEFAULT 0,
     busy_slots       INTEGER NOT NULL DEFAULT 0 CHECK (busy_slots >= 0),
@@ -107,7 +108,7 @@ CREATE INDEX IF NOT EXISTS requests_by_expiry ON requests (expiry_unix);
 
 _CLIENT_COLUMNS = (
     "client_id, credits, address, expiry_unix, slots, busy_slots,"
-    " tasks_completed, tasks_failed, runtime"
+    " tasks_completed, tasks_failed, runtime, tls_certificate"
 )
 
 
@@ -163,8 +164,12 @@ class SqliteStore(LedgerStore):
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     db.execute(statement)
-            if version == 1:
+            if version in (1,):
                 db.execute("ALTER TABLE settled ADD COLUMN released TEXT NOT NULL DEFAULT ''")
+            if version in (1, 2):
+                db.execute(
+                    "ALTER TABLE clients ADD COLUMN tls_certificate TEXT NOT NULL DEFAULT ''"
+                )
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             earliest = self._earliest_expiry(db)
         # The earliest expiry of any open or remembered task: until then no
@@ -227,15 +232,28 @@ class SqliteStore(LedgerStore):
         runtime: str,
         expiry_unix: float,
         now: float,
+        tls_certificate: str = "",
     ) -> ClientRecord:
         with self._transaction() as db:
             self._expire(db, now)
             db.execute(
-                "UPDATE clients SET address = ?, slots = ?, runtime = ?, expiry_unix = ?"
-                " WHERE client_id = ?",
-                (address, slots, runtime, expiry_unix, client_id),
+                "UPDATE clients SET address = ?, slots = ?, runtime = ?, expiry_unix = ?,"
+                " tls_certificate = ? WHERE client_id = ?",
+                (address, slots, runtime, expiry_unix, tls_certificate, client_id),
             )
             return self._require_client(db, client_id)
+
+    def certificates(self, client_ids: Iterable[str]) -> dict[str, str]:
+        ids = list(dict.fromkeys(client_ids))
+        if not ids:
+            return {}
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT client_id, tls_certificate FROM clients"
+                f" WHERE client_id IN ({_placeholders(len(ids))}) AND tls_certificate != ''",
+                ids,
+            ).fetchall()
+        return dict(rows)
 
     def leave_pool(self, client_id: str, now: float) -> ClientRecord:
         with self._transaction() as db:

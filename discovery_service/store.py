@@ -27,6 +27,7 @@ class ClientRecord:
     tasks_completed: int = 0
     tasks_failed: int = 0
     runtime: str = ""
+    tls_certificate: str = ""  # PEM, "" for a plaintext (loopback) worker
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +43,7 @@ class Candidate:
 class WorkerRef:
     client_id: str
     address: str
+    tls_certificate: str = ""  # filled in by the ledger (store.certificates)
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,8 +196,13 @@ class LedgerStore(abc.ABC):
         runtime: str,
         expiry_unix: float,
         now: float,
+        tls_certificate: str = "",
     ) -> ClientRecord:
         """Join or refresh the pool; busy slots and credits are kept."""
+
+    @abc.abstractmethod
+    def certificates(self, client_ids: Iterable[str]) -> dict[str, str]:
+        """The TLS certificate each worker last registered (absent: none)."""
 
     @abc.abstractmethod
     def leave_pool(self, client_id: str, now: float) -> ClientRecord:

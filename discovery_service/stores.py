@@ -7,7 +7,17 @@ from urllib.parse import parse_qs, urlsplit
 
 from discovery_service.store import LedgerStore
 
-DEFAULT_STORE = "sqlite:///" + str(Path.home() / ".local/share/ec262/ledger.sqlite3")
+DATA_DIRECTORY = Path.home() / ".local/share/ec262"
+DEFAULT_STORE = "sqlite:///" + str(DATA_DIRECTORY / "ledger.sqlite3")
+
+
+def store_directory(url: str) -> Path:
+    """Where a discovery service keeps its files beside the store (its TLS
+    certificate): the SQLite file's folder, else DATA_DIRECTORY."""
+    parts = urlsplit(url)
+    if parts.scheme == "sqlite" and not parts.netloc and parts.path not in ("/:memory:", ""):
+        return Path(parts.path[1:]).parent.absolute()
+    return DATA_DIRECTORY
 
 
 def open_store(url: str) -> LedgerStore:

@@ -11,6 +11,7 @@ from ec262.api import Job, JobResult, combiner, mapper, reducer, run_job
 from ec262.envelope import decrypt_data, encrypt_data
 from ec262.errors import (
     AuthenticationError,
+    CertificateMismatch,
     DecryptionError,
     Ec262Error,
     EncodingError,
@@ -20,6 +21,7 @@ from ec262.errors import (
     NotEnoughWorkers,
     RemoteError,
     ServiceUnavailable,
+    TrustError,
     UnknownTask,
 )
 
@@ -40,6 +42,7 @@ def run_worker(port: int = 11235, **options) -> None:
 
 __all__ = [
     "AuthenticationError",
+    "CertificateMismatch",
     "DecryptionError",
     "Ec262Error",
     "EncodingError",
@@ -51,6 +54,7 @@ __all__ = [
     "NotEnoughWorkers",
     "RemoteError",
     "ServiceUnavailable",
+    "TrustError",
     "UnknownTask",
     "__version__",
     "combiner",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import socket
 
 from ec262.errors import InvalidRequest
 
@@ -46,3 +48,48 @@ def split_address(address: str) -> tuple[str, int]:
 def join_address(host: str, port: int) -> str:
     """`host:port`, bracketing IPv6 literals so the result splits back."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+_WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]"})
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or `localhost`. A wildcard (0.0.0.0, ::) is not:
+    it listens on every interface."""
+    host = host.strip("[]")
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def is_wildcard(host: str) -> bool:
+    return host in _WILDCARDS
+
+
+def address_is_loopback(address: str) -> bool:
+    return is_loopback(split_address(address)[0])
+
+
+def outgoing_address(destination: str) -> str:
+    """The local address this machine sends from to reach `destination` (a
+    host): a UDP socket's connect, which sends nothing. OSError when there
+    is no route."""
+    host = destination.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    infos = socket.getaddrinfo(host, 9, family, socket.SOCK_DGRAM)
+    with socket.socket(infos[0][0], socket.SOCK_DGRAM) as probe:
+        probe.connect(infos[0][4])
+        return str(probe.getsockname()[0])
+
+
+def routable_host(toward: str) -> str:
+    """The host others reach this machine at, for a server bound to a
+    wildcard or started without an address: the local address that routes
+    to `toward` (the discovery service's `HOST:PORT`, or several), so a
+    foreman or worker on another machine can dial it back."""
+    host = split_address(toward.split(",")[0].strip())[0]
+    return outgoing_address(host)

@@ -21,8 +21,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from ec262.addresses import join_address
 from ec262.limits import MAX_MESSAGE_BYTES
+from ec262.serving import bind
+from ec262.tls import ServerCertificate
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +38,12 @@ class BackgroundAioServer:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
+        certificate: ServerCertificate | None = None,
     ) -> None:
         self._add_servicers = add_servicers
         self._service_names = list(service_names)
-        self._address = join_address(host, port)
+        self._host, self._port = host, port
+        self._certificate = certificate
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="aio-server", daemon=True
@@ -82,9 +85,7 @@ class BackgroundAioServer:
             ],
             server,
         )
-        port = server.add_insecure_port(self._address)
-        if port == 0:
-            raise OSError(f"cannot listen on {self._address}: address in use or not available")
+        port = bind(server, self._host, self._port, self._certificate)
         await server.start()
         self._server = server
         return port

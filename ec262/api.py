@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ec262.addresses import routable_host
 from ec262.discovery_client import DiscoveryClient
 from ec262.identity import identity_path
 
@@ -27,6 +28,17 @@ logger = logging.getLogger(__name__)
 
 ROLE = "__ec262_role__"
 ENV_DISCOVERY = "EC262_DISCOVERY"
+ENV_HOST = "EC262_HOST"
+ENV_ADVERTISE = "EC262_ADVERTISE"
+
+
+def _host_toward(discovery: str) -> str:
+    """The local address that routes to the discovery service: where
+    workers (which reach that service) can most likely reach us too."""
+    try:
+        return routable_host(discovery)
+    except (OSError, ValueError):
+        return "127.0.0.1"
 
 
 def _mark(role: str) -> Callable[[Callable], Callable]:
@@ -57,26 +69,31 @@ class Job:
     """A MapReduce job: `Job(mapper=f, reducer=g).run(data)`.
 
     Options: `discovery` ("HOST:PORT"; else $EC262_DISCOVERY; else a local
-    cluster of `local_workers` processes is started for the job), `identity`
+    cluster of `local_workers` processes is started for the job),
+    `discovery_cert` (its certificate or a CA, else $EC262_DISCOVERY_CERT,
+    else pinned in the identity file on first use), `identity`
     (path of the foreman's identity file), `chunk_bytes` (input per map task),
     `task_timeout` (seconds before a task without quorum is retried),
     `max_attempts` (per chunk), `progress` (None = a bar when stderr is a
     terminal; or an object with `phase`, `advance`, `close` methods that get
-    the live statistics), `host`/`advertise` (where workers reach this
-    foreman).
+    the live statistics), `host`/`advertise` (where this foreman's result
+    server listens and the address workers dial; else $EC262_HOST and
+    $EC262_ADVERTISE, else the local address that routes to the discovery
+    service).
     """
 
     mapper: Callable | None = None
     reducer: Callable | None = None
     combiner: Callable | None = None
     discovery: str | None = None
+    discovery_cert: str | os.PathLike | None = None
     identity: str | os.PathLike | None = None
     chunk_bytes: int | None = None
     task_timeout: float | None = None
     max_attempts: int | None = None
     progress: Any = None  # None/True/False, or an object with phase/advance/close
     local_workers: int = 3
-    host: str = "127.0.0.1"
+    host: str | None = None
     advertise: str | None = None
     stats: Any = field(default=None, init=False, repr=False)
 
@@ -120,8 +137,11 @@ def _run(job: Job, data: Any) -> JobResult:
             cluster = stack.enter_context(LocalCluster(workers=job.local_workers))
             address = cluster.address
             identity = identity or cluster.foreman_identity
-        discovery = stack.enter_context(DiscoveryClient(address))
-        discovery.load_or_create_identity(identity_path(identity))
+        path = identity_path(identity)
+        discovery = stack.enter_context(
+            DiscoveryClient(address, certificate=job.discovery_cert, pins=path)
+        )
+        discovery.load_or_create_identity(path)
         inbox = ResultInbox()
         progress = (
             job.progress
@@ -131,9 +151,17 @@ def _run(job: Job, data: Any) -> JobResult:
         engine = JobEngine(
             discovery, inbox, result_address="", config=_engine_config(job), progress=progress
         )
-        server = start_foreman_server(inbox, engine.stats, host=job.host, advertise=job.advertise)
+        host = job.host or os.environ.get(ENV_HOST) or _host_toward(address)
+        server = start_foreman_server(
+            inbox,
+            engine.stats,
+            host=host,
+            advertise=job.advertise or os.environ.get(ENV_ADVERTISE) or None,
+            tls=discovery.uses_tls,
+        )
         stack.callback(server.stop)
         engine.result_address = engine.stats.foreman_address = server.address
+        engine.result_certificate = server.certificate_pem
         logger.info("foreman service for this job on %s (GetJob shows progress)", server.address)
         result = JobResult(engine.run(data, job.mapper, job.reducer, job.combiner))
         result.stats = engine.stats

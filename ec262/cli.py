@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a foreman may be silent before its open tasks are refunded"
         " and their workers freed (a running foreman calls every third of it)",
     )
+    add_tls_arguments(discovery, "the directory of the --store file (or ~/.local/share/ec262)")
     _add_logging_flags(discovery)
     discovery.set_defaults(handler=_run_discovery)
 
@@ -124,9 +125,39 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="your credits and counters")
     status.add_argument("--discovery", default=os.environ.get("EC262_DISCOVERY", DEFAULT_DISCOVERY))
     status.add_argument("--identity", default=None)
+    add_discovery_cert_argument(status)
     _add_logging_flags(status)
     status.set_defaults(handler=_run_status)
     return parser
+
+
+def add_tls_arguments(parser: argparse.ArgumentParser, where: str) -> None:
+    """--tls, --tls-cert, --tls-key (docs/protocol.md section 8)."""
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve TLS on a loopback address too (always on for any other address)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        default=None,
+        metavar="PATH",
+        help=f"PEM certificate; made (self-signed) with --tls-key when absent (default:"
+        f" tls-cert.pem in {where})",
+    )
+    parser.add_argument(
+        "--tls-key", default=None, metavar="PATH", help="PEM private key (default: tls-key.pem)"
+    )
+
+
+def add_discovery_cert_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--discovery-cert",
+        default=None,
+        metavar="PATH",
+        help="the discovery service's certificate or a CA for it (default:"
+        " $EC262_DISCOVERY_CERT, else pinned in the identity file on first use)",
+    )
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
@@ -136,8 +167,9 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--advertise",
         default=None,
-        help="host name foremen should use to reach this worker"
-        " (default: --host, or this machine's name when --host is 0.0.0.0)",
+        help="host name foremen should use to reach this worker (default: --host, or,"
+        " when --host is 0.0.0.0 or ::, the local address that routes to the discovery"
+        " service)",
     )
     parser.add_argument(
         "--discovery",
@@ -172,6 +204,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="MB",
         help="address-space limit of each sandbox process",
     )
+    add_tls_arguments(parser, "the directory of the identity file")
+    add_discovery_cert_argument(parser)
     _add_logging_flags(parser)
 
 
@@ -191,7 +225,15 @@ def _run_discovery(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"ec262 discovery: {error}", file=sys.stderr)
         return 2
-    run(host=args.host, port=args.port, store_url=args.store, config=config)
+    run(
+        host=args.host,
+        port=args.port,
+        store_url=args.store,
+        config=config,
+        tls=args.tls,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
     return 0
 
 
@@ -211,6 +253,10 @@ def _run_worker(args: argparse.Namespace) -> int:
         allow_modules=tuple(args.allow_module),
         task_timeout=args.task_timeout,
         memory_limit_mb=args.memory_limit,
+        tls=args.tls,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        discovery_cert=args.discovery_cert,
     )
     run(config)
     return 0
@@ -241,7 +287,9 @@ def _run_status(args: argparse.Namespace) -> int:
     if identity is None:
         print(f"no identity at {path} yet: it is made on first use (a job or a worker)")
         return 1
-    with DiscoveryClient(args.discovery, identity) as client:
+    with DiscoveryClient(
+        args.discovery, identity, certificate=args.discovery_cert, pins=path
+    ) as client:
         info = client.get_client()
     print(
         f"client {info.client_id} at {args.discovery}: {info.credits} credits,"

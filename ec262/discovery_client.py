@@ -5,14 +5,17 @@ into ec262's exceptions."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import grpc
 
-from ec262.errors import AuthenticationError
+from ec262.discovery_trust import DiscoveryTrust
+from ec262.errors import AuthenticationError, TrustError
 from ec262.grpc_errors import error_from_rpc
 from ec262.identity import Identity, load_identities, save_identity
 from ec262.retry import TRANSIENT_CODES
@@ -36,8 +39,18 @@ class DiscoveryClient:
     section 9); the callers' retries do the waiting."""
 
     def __init__(
-        self, address: str, identity: Identity | None = None, *, timeout: float = DEFAULT_TIMEOUT
+        self,
+        address: str,
+        identity: Identity | None = None,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        certificate: str | os.PathLike | None = None,
+        pins: Path | None = None,
     ) -> None:
+        """`certificate` (else $EC262_DISCOVERY_CERT) is the service's
+        certificate or a CA for it; `pins` the identity file that pins
+        certificates trusted on first use (docs/protocol.md section 8;
+        `load_or_create_identity` sets it when not given)."""
         self.addresses = [a.strip() for a in address.split(",") if a.strip()]
         if not self.addresses:
             raise ValueError("a discovery address is HOST:PORT (or several, comma-separated)")
@@ -46,14 +59,32 @@ class DiscoveryClient:
         self.timeout = timeout
         self._current = 0
         self._channels: dict[str, grpc.Channel] = {}
+        self._channels_lock = threading.Lock()
+        self.trust = DiscoveryTrust(certificate, pins)
+
+    @property
+    def uses_tls(self) -> bool:
+        """Whether calls go over TLS (so a foreman's result server must too)."""
+        return any(self.trust.uses_tls(a) for a in self.addresses)
 
     @property
     def _stub(self) -> discovery_pb2_grpc.DiscoveryStub:
         address = self.addresses[self._current]
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = grpc.insecure_channel(address)
+        with self._channels_lock:
+            channel = self._channels.get(address)
+            if channel is None:
+                channel = self._channels[address] = self.trust.channel(address)
         return discovery_pb2_grpc.DiscoveryStub(channel)
+
+    def _trust_problem(self, error: grpc.RpcError) -> TrustError | None:
+        address = self.addresses[self._current]
+        problem = self.trust.explain(address, error)
+        if problem is not None:
+            with self._channels_lock:
+                channel = self._channels.pop(address, None)
+            if channel is not None:
+                channel.close()
+        return problem
 
     def _next_front_end(self, error: grpc.RpcError) -> bool:
         """Move to the next address after a transient failure; False when
@@ -71,9 +102,10 @@ class DiscoveryClient:
         return True
 
     def close(self) -> None:
-        for channel in self._channels.values():
+        with self._channels_lock:
+            channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
             channel.close()
-        self._channels.clear()
 
     def __enter__(self) -> DiscoveryClient:
         return self
@@ -103,6 +135,9 @@ class DiscoveryClient:
                     request, metadata=metadata, timeout=timeout or self.timeout
                 )
             except grpc.RpcError as error:
+                problem = self._trust_problem(error)
+                if problem is not None:
+                    raise problem from None
                 if attempt + 1 < len(self.addresses) and self._next_front_end(error):
                     continue
                 raise error_from_rpc(error) from None
@@ -121,6 +156,8 @@ class DiscoveryClient:
         file, a new identity is made; if it turns out to belong to a ledger
         the file already has an identity for (another front-end of it), that
         one is used instead and the new, empty one is left unused."""
+        if self.trust.pins is None:
+            self.trust.pins = path
         identities = load_identities(path)
         here = [
             i for i in identities
@@ -158,7 +195,13 @@ class DiscoveryClient:
         return self._call("GetClient", pb.GetClientRequest())
 
     def register_worker(
-        self, *, address: str, ttl_seconds: int, slots: int, runtime: str | None = None
+        self,
+        *,
+        address: str,
+        ttl_seconds: int,
+        slots: int,
+        runtime: str | None = None,
+        tls_certificate: str = "",
     ) -> pb.ClientInfo:
         return self._call(
             "RegisterWorker",
@@ -167,6 +210,7 @@ class DiscoveryClient:
                 ttl_seconds=ttl_seconds,
                 slots=slots,
                 runtime=this_runtime() if runtime is None else runtime,
+                tls_certificate=tls_certificate,
             ),
         )
 

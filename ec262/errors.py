@@ -101,10 +101,22 @@ def _rebuild_remote_error(type_name, message, traceback, chunk, output=""):
 
 
 class JobFailed(Ec262Error):
-    """No quorum for a chunk after the retry limit, or no workers to run it."""
+    """No quorum for a chunk after the retry limit, or no workers to run it.
+    `unreachable` names the workers this foreman could not reach (address:
+    why), often the real cause (a wrong --advertise, a firewall)."""
 
-    def __init__(self, message: str, *, chunk: str = "") -> None:
+    def __init__(
+        self, message: str, *, chunk: str = "", unreachable: dict[str, str] | None = None
+    ) -> None:
         self.chunk = chunk
+        self.unreachable = dict(unreachable or {})
+        if self.unreachable:
+            shown = list(self.unreachable.items())[:5]
+            message += (
+                f"; {len(self.unreachable)} worker(s) unreachable from this foreman: "
+                + ", ".join(f"{address} ({why})" for address, why in shown)
+                + (", ..." if len(self.unreachable) > len(shown) else "")
+            )
         super().__init__(message)
 
 
@@ -113,13 +125,16 @@ class NotEnoughWorkers(JobFailed):
     made until more join. Raised within seconds, before anything is spent
     on the tasks it could not make."""
 
-    def __init__(self, live: int, needed: int, *, chunk: str = "") -> None:
+    def __init__(
+        self, live: int, needed: int, *, chunk: str = "", unreachable: dict[str, str] | None = None
+    ) -> None:
         self.live = live
         self.needed = needed
         super().__init__(
             f"not enough workers: {live} live worker(s) other than this foreman, and a task"
             f" needs {needed} distinct ones (the discovery service's replication)",
             chunk=chunk,
+            unreachable=unreachable,
         )
 
 
@@ -141,3 +156,36 @@ class TaskConflict(Ec262Error):
 class PermissionDenied(Ec262Error):
     """A caller that is known but not allowed this (gRPC PERMISSION_DENIED),
     e.g. a result sent with the wrong submit token."""
+
+
+class AddressRefused(Ec262Error):
+    """A worker's address that foremen could not use (gRPC
+    FAILED_PRECONDITION): it does not answer, does not present the
+    certificate registered with it, or is loopback seen from another host
+    (docs/protocol.md section 8)."""
+
+
+class TrustError(Ec262Error):
+    """A discovery service this client cannot trust as configured: never
+    retried, and raised before any credit is spent (docs/protocol.md
+    section 8)."""
+
+
+class CertificateMismatch(TrustError):
+    """The discovery service presented another certificate than the one
+    given or pinned for its address: someone else may be answering there."""
+
+    def __init__(self, address: str, expected: str, presented: str, source: str) -> None:
+        self.address = address
+        self.expected = expected
+        self.presented = presented
+        self.source = source
+        super().__init__(
+            f"discovery {address} presented certificate sha256:{presented}, but {source}"
+            f" expects sha256:{expected}; refusing to send it anything. If the service's"
+            " certificate was replaced on purpose, check the new fingerprint with its"
+            " operator and then remove the pin (or pass the new certificate)"
+        )
+
+    def __reduce__(self):
+        return (type(self), (self.address, self.expected, self.presented, self.source))

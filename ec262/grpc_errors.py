@@ -20,6 +20,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from ec262.errors import (
+    AddressRefused,
     AuthenticationError,
     Ec262Error,
     FunctionNotCached,
@@ -50,6 +51,7 @@ _TABLE: tuple[tuple[type[Ec262Error], grpc.StatusCode, str], ...] = (
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED"),
     (TaskConflict, grpc.StatusCode.ALREADY_EXISTS, "TASK_CONFLICT"),
     (SettleConflict, grpc.StatusCode.FAILED_PRECONDITION, "SETTLE_CONFLICT"),
+    (AddressRefused, grpc.StatusCode.FAILED_PRECONDITION, "ADDRESS_REFUSED"),
 )
 _BY_REASON = {reason: cls for cls, _, reason in _TABLE}
 

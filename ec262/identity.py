@@ -3,8 +3,10 @@ lives, and one identity per ledger in it, made on first use so credits
 survive restarts.
 
 The file is `{"identities": {ledger_id: {"client_id", "secret",
-"discovery"}}}`, where `discovery` lists the addresses (comma-separated) the
-identity has been used at. The single form of earlier versions,
+"discovery"}}, "pins": {address: {"sha256", "certificate"}}}`, where
+`discovery` lists the addresses (comma-separated) the identity has been
+used at and `pins` the discovery certificates trusted on first use
+(section 8). The single form of earlier versions,
 `{"client_id", "secret", "discovery"}`, is still read (its ledger unknown
 until it is next used). An identity is added for a new ledger, never
 replacing another, so pointing a client at another cluster never breaks the
@@ -56,14 +58,23 @@ def identity_path(explicit: str | os.PathLike | None = None) -> Path:
     return Path(chosen).expanduser()
 
 
-def load_identities(path: Path) -> list[Identity]:
-    """Every identity in the file, oldest first; [] when there is no file."""
+def _read(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        return []
+        return None
     except (OSError, ValueError) as error:
         raise ValueError(f"identity file {path} is unreadable: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"identity file {path} is not a JSON object")
+    return data
+
+
+def load_identities(path: Path) -> list[Identity]:
+    """Every identity in the file, oldest first; [] when there is no file."""
+    data = _read(path)
+    if data is None or set(data) <= {"pins"}:
+        return []
     try:
         if isinstance(data, dict) and "identities" in data:
             return [
@@ -93,10 +104,37 @@ def load_identity(path: Path, discovery: str | None = None) -> Identity | None:
     return identities[-1] if identities else None
 
 
+@dataclass(frozen=True)
+class Pin:
+    """A discovery certificate trusted on first use at one address."""
+
+    sha256: str
+    certificate: str  # PEM
+
+
+def load_pins(path: Path) -> dict[str, Pin]:
+    data = _read(path) or {}
+    try:
+        return {
+            address: Pin(str(pin["sha256"]), str(pin["certificate"]))
+            for address, pin in (data.get("pins") or {}).items()
+        }
+    except (KeyError, TypeError, AttributeError):
+        raise ValueError(f"identity file {path} has a malformed pin") from None
+
+
+def save_pin(path: Path, address: str, pin: Pin) -> None:
+    """Pin `pin` for `address`, keeping the identities and other pins."""
+    data = _read(path) or {}
+    pins = dict(data.get("pins") or {})
+    pins[address] = {"sha256": pin.sha256, "certificate": pin.certificate}
+    _write(path, {**data, "pins": pins})
+
+
 def save_identity(path: Path, identity: Identity) -> None:
     """Add or update `identity` (by its ledger) in the file, keeping every
-    other ledger's; written atomically with mode 0600: a secret is worth
-    credits."""
+    other ledger's and the pins; written atomically with mode 0600: a
+    secret is worth credits."""
     kept = [
         i
         for i in load_identities(path)
@@ -110,12 +148,17 @@ def save_identity(path: Path, identity: Identity) -> None:
         }
         for i in [*kept, identity]
     }
+    pins = (_read(path) or {}).get("pins")
+    _write(path, {"identities": entries, **({"pins": pins} if pins else {})})
+
+
+def _write(path: Path, document: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".identity-")
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w") as handle:
-            json.dump({"identities": entries}, handle, indent=1)
+            json.dump(document, handle, indent=1)
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from ec262.processes import PendingServer, ServerProcess, spawn_server
+from ec262.tls import CERT_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,10 @@ class LocalCluster:
         replication: int = 3,
         worker_args: tuple[str, ...] = (),
         discovery_args: tuple[str, ...] = (),
+        tls: bool = False,
     ) -> None:
+        """`tls=True` serves TLS on loopback too (`--tls` everywhere); a
+        job then needs `discovery_cert=cluster.discovery_cert`."""
         if workers < 1:
             raise ValueError("a local cluster needs at least one worker")
         self.workers_wanted = workers
@@ -39,6 +43,7 @@ class LocalCluster:
         self.replication = replication
         self.worker_args = worker_args
         self.discovery_args = discovery_args
+        self.tls = tls
         self._owned_directory = directory is None
         self.directory = Path(directory or tempfile.mkdtemp(prefix="ec262-cluster-"))
         self.discovery: ServerProcess | None = None
@@ -54,6 +59,11 @@ class LocalCluster:
     def foreman_identity(self) -> Path:
         return self.directory / "foreman.json"
 
+    @property
+    def discovery_cert(self) -> Path | None:
+        """The discovery service's certificate when the cluster serves TLS."""
+        return self.directory / CERT_FILE if self.tls else None
+
     def start(self) -> LocalCluster:
         try:
             self.discovery = spawn_server(
@@ -67,6 +77,7 @@ class LocalCluster:
                     str(self.starting_credits),
                     "--replication",
                     str(self.replication),
+                    *(["--tls"] if self.tls else []),
                     *self.discovery_args,
                 ]
             )
@@ -100,6 +111,19 @@ class LocalCluster:
 
     def _launch_worker(self, number: int) -> PendingServer:
         identity = str(self.directory / f"worker{number}.json")
+        tls = (
+            [
+                "--tls",
+                "--tls-cert",
+                str(self.directory / f"worker{number}-cert.pem"),
+                "--tls-key",
+                str(self.directory / f"worker{number}-key.pem"),
+                "--discovery-cert",
+                str(self.discovery_cert),
+            ]
+            if self.tls
+            else []
+        )
         return PendingServer(
             [
                 "worker",
@@ -112,6 +136,7 @@ class LocalCluster:
                 "--identity",
                 identity,
                 "-v",
+                *tls,
                 *self.worker_args,
             ]
         )

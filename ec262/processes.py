@@ -117,7 +117,7 @@ class PendingServer:
                 self.lines.append(line)
                 self.changed.notify_all()
             if line.startswith("listening on "):
-                self._announced.put(line.split()[-1])
+                self._announced.put(line.split()[2])  # `listening on ADDR [(tls sha256:FP)]`
         with self.changed:
             self.changed.notify_all()
         self._announced.put(None)
@@ -136,6 +136,14 @@ class PendingServer:
                 f"`ec262 {' '.join(self.args)}` did not start:\n{''.join(self.lines)}"
             )
         return ServerProcess(self.process, address, self.lines, self.changed)
+
+
+def announced_fingerprint(server: ServerProcess) -> str | None:
+    """The `sha256:` fingerprint a TLS server printed on its listening line."""
+    for line in server.lines:
+        if line.startswith("listening on ") and "(tls sha256:" in line:
+            return line.split("(tls sha256:")[1].rstrip(")\n ")
+    return None
 
 
 def spawn_server(args: Sequence[str], *, timeout: float = START_TIMEOUT, **kwargs) -> ServerProcess:

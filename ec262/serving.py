@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ec262.addresses import join_address
 from ec262.limits import MAX_MESSAGE_BYTES
+from ec262.tls import ServerCertificate
 
 logger = logging.getLogger(__name__)
 
@@ -54,19 +55,29 @@ def add_standard_services(
     return health_servicer
 
 
-def bind(server: grpc.Server, host: str, port: int) -> int:
-    """Bind an insecure port and return the port actually bound (port 0
-    asks the kernel for an ephemeral one)."""
+def bind(
+    server: grpc.Server | grpc.aio.Server,
+    host: str,
+    port: int,
+    certificate: ServerCertificate | None = None,
+) -> int:
+    """Bind a port, TLS with `certificate` or else plaintext, and return the
+    port actually bound (port 0 asks the kernel for an ephemeral one)."""
     address = join_address(host, port)
-    bound = server.add_insecure_port(address)
+    if certificate is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, certificate.server_credentials())
     if bound == 0:
         raise OSError(f"cannot listen on {address}: address in use or not available")
     return bound
 
 
-def announce(host: str, port: int) -> None:
-    """The one line scripts and tests wait for."""
-    print(f"listening on {join_address(host, port)}", file=sys.stderr, flush=True)
+def announce(host: str, port: int, certificate: ServerCertificate | None = None) -> None:
+    """The one line scripts and tests wait for (docs/protocol.md section 8:
+    with the fingerprint a client can check when TLS is on)."""
+    tls = f" (tls sha256:{certificate.fingerprint})" if certificate else ""
+    print(f"listening on {join_address(host, port)}{tls}", file=sys.stderr, flush=True)
 
 
 def wait_for_signal(shutdown: Callable[[], None]) -> None:

@@ -31,7 +31,7 @@ def main() -> int:
         if not line.startswith("listening on "):
             print(f"discovery did not start: {line}{server.stderr.read()}", file=sys.stderr)
             return 1
-        address = line.split()[-1]
+        address = line.split()[2]
         print(f"discovery service {address} (in-memory ledger)")
         with grpc.insecure_channel(address) as channel:
             tour(discovery_pb2_grpc.DiscoveryStub(channel))

@@ -83,6 +83,12 @@ class EngineConfig:
     assign_timeout: float = 10.0
 
 
+def _short(detail: str) -> str:
+    """gRPC's connection error, without its boilerplate."""
+    detail = detail.removeprefix("failed to connect to all addresses; last error: ")
+    return detail[:160]
+
+
 # -- events ---------------------------------------------------------------------
 
 
@@ -336,6 +342,7 @@ class JobCore:
         self._without_unreachable = False  # ... without the unreachable workers
         self._suspects_turn = False
         self._unreachable: dict[str, float] = {}  # worker -> excluded until
+        self.unreachable_seen: dict[str, str] = {}  # address -> why, for JobFailed
         self._failed = False
 
     # -- phases -------------------------------------------------------------------
@@ -551,7 +558,13 @@ class JobCore:
         label = self._pending[0].label if self._pending else ""
         if live is not None and live < self.replication:
             if waited > NOT_ENOUGH_WORKERS_SECONDS:
-                commands.append(Fail(NotEnoughWorkers(live, self.replication, chunk=label)))
+                commands.append(
+                    Fail(
+                        NotEnoughWorkers(
+                            live, self.replication, chunk=label, unreachable=self.unreachable_seen
+                        )
+                    )
+                )
         elif not self._tasks and waited > self.config.task_timeout:
             commands.append(
                 Fail(
@@ -560,6 +573,7 @@ class JobCore:
                         f" (a task needs {self.replication} distinct live workers with a free"
                         " slot, other than this foreman)",
                         chunk=label,
+                        unreachable=self.unreachable_seen,
                     )
                 )
             )
@@ -584,6 +598,7 @@ class JobCore:
             return
         if event.code == "UNAVAILABLE":
             self._unreachable[event.worker_id] = now + UNREACHABLE_EXCLUDED_SECONDS
+            self.unreachable_seen[replica.address] = _short(event.detail) or "UNAVAILABLE"
         if event.code == "OK":
             replica.state = RUNNING
             self._holders.setdefault(self._digest, set()).add(event.worker_id)
@@ -794,6 +809,7 @@ class JobCore:
                         f"no quorum for {chunk.label} after {chunk.attempts} attempts"
                         f" (last: {reason})",
                         chunk=chunk.label,
+                        unreachable=self.unreachable_seen,
                     )
                 )
             )

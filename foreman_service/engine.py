@@ -95,6 +95,7 @@ class JobEngine:
         inbox: ResultInbox,
         *,
         result_address: str,
+        result_certificate: str = "",
         config: EngineConfig | None = None,
         progress: Progress | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -102,6 +103,7 @@ class JobEngine:
         self.discovery = discovery
         self.inbox = inbox
         self.result_address = result_address
+        self.result_certificate = result_certificate  # PEM; "" = plaintext (loopback)
         self.config = config or EngineConfig()
         self.progress = progress or _NoProgress()
         self.stats = JobStats()
@@ -138,6 +140,7 @@ class JobEngine:
             self.discovery, self.inbox, events, assign_timeout=self.config.assign_timeout
         )
         outbound.job_id, outbound.result_address = stats.job_id, self.result_address
+        outbound.result_certificate = self.result_certificate
         keepalive = LeaseKeepalive(self.discovery, info.foreman_lease_seconds or 60)
         finished = False
         try:

@@ -22,6 +22,8 @@ from typing import Any
 
 import grpc
 
+from ec262 import tls
+from ec262.addresses import address_is_loopback
 from ec262.discovery_client import DiscoveryClient
 from ec262.limits import MAX_MESSAGE_BYTES
 from ec262.retry import call_with_retry
@@ -75,17 +77,35 @@ class EventQueue:
                 return events
 
 
+class UntrustedWorker(Exception):
+    """A worker off loopback that the discovery service gave no certificate for."""
+
+
 class WorkerChannels:
-    """One channel per worker address, for the length of a job."""
+    """One channel per worker, for the length of a job: TLS to exactly the
+    certificate the discovery service handed out for it, plaintext only to a
+    loopback worker that registered none (docs/protocol.md section 8)."""
 
     def __init__(self) -> None:
-        self._channels: dict[str, grpc.Channel] = {}
+        self._channels: dict[tuple[str, str], grpc.Channel] = {}
+        self._certificates: dict[str, str] = {}  # worker id -> PEM
 
-    def stub(self, address: str) -> worker_pb2_grpc.WorkerStub:
-        channel = self._channels.get(address)
+    def learn(self, worker_id: str, certificate: str) -> None:
+        self._certificates[worker_id] = certificate
+
+    def stub(self, worker_id: str, address: str) -> worker_pb2_grpc.WorkerStub:
+        certificate = self._certificates.get(worker_id, "")
+        if not certificate and not address_is_loopback(address):
+            raise UntrustedWorker(
+                f"worker {address} is not loopback and has no registered certificate"
+            )
+        key = (address, certificate)
+        channel = self._channels.get(key)
         if channel is None:
-            channel = self._channels[address] = grpc.insecure_channel(
-                address, options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+            channel = self._channels[key] = tls.channel(
+                address,
+                certificate,
+                options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
             )
         return worker_pb2_grpc.WorkerStub(channel)
 
@@ -118,6 +138,7 @@ class ForemanOutbound:
         self._drained = threading.Condition(self._pending_lock)
         self.job_id = ""
         self.result_address = ""
+        self.result_certificate = ""  # PEM of the result server, "" when plaintext
         self._phase_payload = (b"", "")
         inbox.listen(lambda task, worker, text: events.put(ResultArrived(task, worker, text)))
 
@@ -164,6 +185,9 @@ class ForemanOutbound:
         except Exception as error:
             self._events.put(RequestFailed(command.request_id, error))
             return
+        for task in response.tasks:
+            for worker in task.workers:
+                self._channels.learn(worker.client_id, worker.tls_certificate)
         tasks = [(t.task_id, {w.client_id: w.address for w in t.workers}) for t in response.tasks]
         self._events.put(Granted(command.request_id, tasks, response.live_workers))
 
@@ -182,6 +206,8 @@ class ForemanOutbound:
         except Exception as error:
             self._events.put(ReplicaFailed(command.task_id, error))
             return
+        if ref.client_id:
+            self._channels.learn(ref.client_id, ref.tls_certificate)
         worker = (ref.client_id, ref.address) if ref.client_id else None
         self._events.put(ReplicaAdded(command.task_id, worker))
 
@@ -215,10 +241,16 @@ class ForemanOutbound:
             result_address=self.result_address,
             foreman_id=self._discovery.identity.client_id,
             submit_token=command.token,
+            result_certificate=self.result_certificate,
         )
-        future = self._channels.stub(command.address).AssignTask.future(
-            request, timeout=self._assign_timeout
-        )
+        try:
+            stub = self._channels.stub(command.worker_id, command.address)
+        except UntrustedWorker as error:
+            self._events.put(
+                AssignAnswered(command.task_id, command.worker_id, "UNAVAILABLE", str(error))
+            )
+            return
+        future = stub.AssignTask.future(request, timeout=self._assign_timeout)
 
         def answered(call: grpc.Future) -> None:
             code = call.code()
@@ -237,7 +269,11 @@ class ForemanOutbound:
         future.add_done_callback(answered)
 
     def _cancel(self, command: Cancel) -> None:
-        future = self._channels.stub(command.address).CancelTask.future(
+        try:
+            stub = self._channels.stub(command.worker_id, command.address)
+        except UntrustedWorker:
+            return  # never assigned either
+        future = stub.CancelTask.future(
             worker_pb2.CancelTaskRequest(task_id=command.task_id, submit_token=command.token),
             timeout=CANCEL_DEADLINE,
         )

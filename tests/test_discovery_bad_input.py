@@ -133,10 +133,18 @@ def test_missing_naming_a_stranger_is_invalid_and_leaves_the_task_open(scene):
 
 def test_valid_ipv6_and_hostname_addresses_are_accepted(discovery):
     worker = discovery.client()
-    for address in ("[::1]:11235", "worker-7.example.org:443", "localhost:1"):
+    for address in ("[::1]:11235", "localhost:1"):
         _method, request = _register(address=address)
         info = discovery.stub.RegisterWorker(request, metadata=worker.metadata)
         assert info.address == address
+    # A well-formed address off loopback parses, but without a certificate
+    # no foreman could trust it (docs/protocol.md section 8).
+    _method, request = _register(address="worker-7.example.org:443")
+    with pytest.raises(grpc.RpcError) as refused:
+        discovery.stub.RegisterWorker(request, metadata=worker.metadata)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "worker-7.example.org:443" in refused.value.details()
+    assert "tls_certificate" in refused.value.details()
 
 
 GARBAGE_TOKENS = [

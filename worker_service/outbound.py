@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
+from ec262 import tls
 from ec262.discovery_client import DiscoveryClient
 from ec262.errors import ResultNotDelivered, ServiceUnavailable, UnknownTask
 from ec262.limits import MAX_MESSAGE_BYTES
@@ -123,7 +124,9 @@ class ResultSubmitter:
         self._stop = stop
         self._still_assigned = still_assigned
         self._lock = threading.Lock()
-        self._channels: OrderedDict[str, grpc.Channel] = OrderedDict()
+        # (address, certificate): a foreman's result server at an address
+        # is trusted only with the certificate its AssignTask named.
+        self._channels: OrderedDict[tuple[str, str], grpc.Channel] = OrderedDict()
         self._halts: set[threading.Event] = set()
         self._stopped = False
         threading.Thread(target=self._relay_stop, name="submit-stop", daemon=True).start()
@@ -150,18 +153,21 @@ class ResultSubmitter:
             with self._lock:
                 self._halts.discard(halt)
 
-    def _stub(self, address: str) -> foreman_pb2_grpc.ForemanStub:
+    def _stub(self, address: str, certificate: str) -> foreman_pb2_grpc.ForemanStub:
+        key = (address, certificate)
         with self._lock:
-            channel = self._channels.get(address)
+            channel = self._channels.get(key)
             if channel is None:
-                channel = grpc.insecure_channel(
-                    address, options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+                channel = tls.channel(
+                    address,
+                    certificate,
+                    options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
                 )
-                self._channels[address] = channel
+                self._channels[key] = channel
                 while len(self._channels) > MAX_FOREMAN_CHANNELS:
                     _, old = self._channels.popitem(last=False)
                     old.close()
-            self._channels.move_to_end(address)
+            self._channels.move_to_end(key)
             return foreman_pb2_grpc.ForemanStub(channel)
 
     def __call__(
@@ -175,7 +181,7 @@ class ResultSubmitter:
             submit_token=task.submit_token,
             ciphertext=ciphertext,
         )
-        stub = self._stub(task.result_address)
+        stub = self._stub(task.result_address, task.result_certificate)
         attempts = _Attempts(
             lambda: stub.SubmitResult.future(request, timeout=_attempt_seconds(ciphertext))
         )
@@ -196,11 +202,12 @@ class ResultSubmitter:
                 raise Cancelled(f"task {task.task_id} was cancelled while it was sent") from None
             if is_transient(error):
                 logger.warning(
-                    "gave up sending task %s's result to %s (%s): the task is closed"
-                    " or the foreman stayed unreachable",
+                    "gave up sending task %s's result to foreman %s (%s: %s): the task is"
+                    " closed, or the foreman stayed unreachable from this worker",
                     task.task_id,
                     task.result_address,
                     error.code().name,
+                    error.details(),
                 )
             else:
                 logger.warning(

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 from ec262.discovery_client import DiscoveryClient
-from ec262.errors import AuthenticationError, InvalidRequest
+from ec262.errors import AddressRefused, AuthenticationError, InvalidRequest, TrustError
 from ec262.identity import Identity
 from ec262.retry import backoff_delays, is_transient
 
@@ -27,6 +27,7 @@ class Registrar:
         slots: int,
         lease_seconds: int,
         stop: threading.Event,
+        tls_certificate: str = "",
     ) -> None:
         self._discovery = discovery
         self._identity_path = identity_path
@@ -34,6 +35,7 @@ class Registrar:
         self._slots = slots
         self._lease = lease_seconds
         self._stop = stop
+        self._tls_certificate = tls_certificate
         self.registered = threading.Event()
         self.identity_ready = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="registrar", daemon=True)
@@ -58,7 +60,10 @@ class Registrar:
                     self._discovery.load_or_create_identity(self._identity_path)
                     self.identity_ready.set()
                 info = self._discovery.register_worker(
-                    address=self._advertise, ttl_seconds=self._lease, slots=self._slots
+                    address=self._advertise,
+                    ttl_seconds=self._lease,
+                    slots=self._slots,
+                    tls_certificate=self._tls_certificate,
                 )
             except Exception as error:
                 wait = next(delays)
@@ -77,8 +82,10 @@ class Registrar:
                         self._identity_path,
                         error,
                     )
-                elif isinstance(error, InvalidRequest | ValueError):
+                elif isinstance(error, InvalidRequest | ValueError | AddressRefused):
                     logger.error("registration refused: %s", error)
+                elif isinstance(error, TrustError):
+                    logger.error("not registering: %s", error)
                 else:
                     logger.exception("registration failed")
                 self._stop.wait(wait)

@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ec262 import serving
-from ec262.addresses import join_address
+from ec262.addresses import is_wildcard, join_address, routable_host
 from ec262.discovery_client import DiscoveryClient, this_runtime
 from ec262.identity import identity_path
+from ec262.tls import ServerCertificate, server_certificate
 from ec262.v1 import worker_pb2, worker_pb2_grpc
 from worker_service.outbound import KeyFetcher, ResultSubmitter
 from worker_service.registration import Registrar
@@ -41,6 +42,10 @@ class WorkerConfig:
     memory_limit_mb: int = 1024
     lease_seconds: int = 30
     extra_sandboxes: int = 2
+    tls: bool = False  # TLS on loopback too (always off loopback)
+    tls_cert: str | None = None  # default: tls-cert.pem beside the identity file
+    tls_key: str | None = None
+    discovery_cert: str | None = None  # else $EC262_DISCOVERY_CERT, else pinned
     limits: SandboxLimits = field(init=False)
 
     def __post_init__(self) -> None:
@@ -69,6 +74,7 @@ class RunningWorker:
     discovery: DiscoveryClient
     submitter: ResultSubmitter
     stop_event: threading.Event
+    certificate: ServerCertificate | None = None
 
     def stop(self, grace: float = 2.0) -> None:
         """Leave the pool, stop taking calls, let running tasks finish for
@@ -84,32 +90,52 @@ class RunningWorker:
 
 
 def _advertised_host(config: WorkerConfig) -> str:
+    """--advertise, else --host; on a wildcard, the local address that
+    routes to the discovery service (a name like `localhost` or the
+    machine's would mean nothing to a foreman elsewhere)."""
     if config.advertise:
         return config.advertise
-    if config.host in ("0.0.0.0", "::", ""):
-        import socket
-
-        return socket.getfqdn()
-    return config.host
+    if not is_wildcard(config.host):
+        return config.host
+    try:
+        return routable_host(config.discovery)
+    except OSError as error:
+        raise OSError(
+            f"--host {config.host}: no route to discovery {config.discovery} ({error}) to"
+            " find the address foremen reach this worker at; pass --advertise"
+        ) from None
 
 
 def start_worker(config: WorkerConfig) -> RunningWorker:
     """A started worker; registration proceeds in the background."""
     stop = threading.Event()
     pool = SandboxPool(config.limits, size=config.slots + config.extra_sandboxes)
-    discovery = DiscoveryClient(config.discovery)
+    discovery = DiscoveryClient(
+        config.discovery, certificate=config.discovery_cert, pins=identity_path(config.identity)
+    )
     key_fetcher = KeyFetcher(discovery, stop)
     submitter = ResultSubmitter(stop, key_fetcher.still_assigned)
+    advertised = _advertised_host(config)
+    identity = identity_path(config.identity)
+    certificate = server_certificate(
+        config.host,
+        forced=config.tls,
+        cert_path=config.tls_cert,
+        key_path=config.tls_key,
+        directory=identity.parent,
+        advertise=advertised,
+    )
     server = serving.new_server(max_workers=max(4, config.slots + 2))
-    port = serving.bind(server, config.host, config.port)
-    address = join_address(_advertised_host(config), port)
+    port = serving.bind(server, config.host, config.port, certificate)
+    address = join_address(advertised, port)
     registrar = Registrar(
         discovery,
-        identity_path(config.identity),
+        identity,
         advertise=address,
         slots=config.slots,
         lease_seconds=config.lease_seconds,
         stop=stop,
+        tls_certificate=certificate.certificate_pem.decode() if certificate else "",
     )
     worker = Worker(
         slots=config.slots,
@@ -137,13 +163,23 @@ def start_worker(config: WorkerConfig) -> RunningWorker:
         config.discovery,
     )
     return RunningWorker(
-        config, server, port, address, worker, registrar, pool, discovery, submitter, stop
+        config,
+        server,
+        port,
+        address,
+        worker,
+        registrar,
+        pool,
+        discovery,
+        submitter,
+        stop,
+        certificate,
     )
 
 
 def run(config: WorkerConfig) -> None:
     """`ec262 worker`: serve until SIGINT/SIGTERM."""
     running = start_worker(config)
-    serving.announce(config.host, running.port)
+    serving.announce(config.host, running.port, running.certificate)
     serving.wait_for_signal(lambda: running.stop(grace=2.0))
     logger.info("worker stopped")

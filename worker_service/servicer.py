@@ -27,6 +27,7 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
             result_address=request.result_address,
             foreman_id=request.foreman_id,
             submit_token=request.submit_token,
+            result_certificate=request.result_certificate,
         )
         self._worker.assign(task)
         return pb.AssignTaskResponse(accepted=True)

@@ -6,10 +6,11 @@ import hashlib
 import re
 from dataclasses import dataclass
 
-from ec262.addresses import split_address
+from ec262.addresses import is_loopback, split_address
 from ec262.errors import InvalidRequest
 from ec262.ids import is_client_id, is_task_id
 from ec262.limits import MAX_FUNCTION_BYTES, MAX_ROWS_BYTES
+from ec262.tls import check_peer_certificate
 from worker_service.mapreduce import MAP, REDUCE
 
 MAX_TOKEN_LENGTH = 512
@@ -28,6 +29,7 @@ class Task:
     result_address: str
     foreman_id: str
     submit_token: str
+    result_certificate: str = ""  # PEM; "" = plaintext, loopback only
 
 
 def checked_task_id(task_id: str) -> str:
@@ -49,6 +51,7 @@ def checked_task(
     result_address: str,
     foreman_id: str,
     submit_token: str,
+    result_certificate: str = "",
 ) -> Task:
     """A Task, or InvalidRequest saying which field is wrong."""
     checked_task_id(task_id)
@@ -68,7 +71,14 @@ def checked_task(
         raise InvalidRequest("rows is empty; a chunk has at least one row")
     if len(rows) > MAX_ROWS_BYTES:
         raise InvalidRequest(f"rows is {len(rows)} bytes; at most {MAX_ROWS_BYTES} allowed")
-    split_address(result_address)
+    result_host = split_address(result_address)[0]
+    if result_certificate:
+        check_peer_certificate(result_certificate)
+    elif not is_loopback(result_host):
+        raise InvalidRequest(
+            f"result_address {result_address} is not loopback but no result_certificate"
+            " was sent: a result goes off this machine only over TLS"
+        )
     if not is_client_id(foreman_id):
         raise InvalidRequest("foreman_id is not a client id (a lowercase UUID)")
     if not submit_token or len(submit_token) > MAX_TOKEN_LENGTH:
@@ -83,4 +93,5 @@ def checked_task(
         result_address=result_address,
         foreman_id=foreman_id,
         submit_token=submit_token,
+        result_certificate=result_certificate,
     )

@@ -51,16 +51,18 @@ class CreateClientResponse(_message.Message):
     def __init__(self, client_id: _Optional[str] = ..., secret: _Optional[str] = ..., info: _Optional[_Union[ClientInfo, _Mapping]] = ..., ledger_id: _Optional[str] = ...) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
-    __slots__ = ("address", "ttl_seconds", "slots", "runtime")
+    __slots__ = ("address", "ttl_seconds", "slots", "runtime", "tls_certificate")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    TLS_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     address: str
     ttl_seconds: int
     slots: int
     runtime: str
-    def __init__(self, address: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., slots: _Optional[int] = ..., runtime: _Optional[str] = ...) -> None: ...
+    tls_certificate: str
+    def __init__(self, address: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., slots: _Optional[int] = ..., runtime: _Optional[str] = ..., tls_certificate: _Optional[str] = ...) -> None: ...
 
 class GetClientRequest(_message.Message):
     __slots__ = ()
@@ -79,12 +81,14 @@ class RequestTasksRequest(_message.Message):
     def __init__(self, n: _Optional[int] = ..., exclude_workers: _Optional[_Iterable[str]] = ..., runtime: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class WorkerRef(_message.Message):
-    __slots__ = ("client_id", "address")
+    __slots__ = ("client_id", "address", "tls_certificate")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TLS_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     address: str
-    def __init__(self, client_id: _Optional[str] = ..., address: _Optional[str] = ...) -> None: ...
+    tls_certificate: str
+    def __init__(self, client_id: _Optional[str] = ..., address: _Optional[str] = ..., tls_certificate: _Optional[str] = ...) -> None: ...
 
 class TaskAssignment(_message.Message):
     __slots__ = ("task_id", "workers", "expiry_unix")

@@ -17,7 +17,7 @@ MAP: Phase
 REDUCE: Phase
 
 class AssignTaskRequest(_message.Message):
-    __slots__ = ("task_id", "job_id", "phase", "function", "function_sha256", "rows", "result_address", "foreman_id", "submit_token")
+    __slots__ = ("task_id", "job_id", "phase", "function", "function_sha256", "rows", "result_address", "foreman_id", "submit_token", "result_certificate")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class AssignTaskRequest(_message.Message):
     RESULT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     FOREMAN_ID_FIELD_NUMBER: _ClassVar[int]
     SUBMIT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    RESULT_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     job_id: str
     phase: Phase
@@ -36,7 +37,8 @@ class AssignTaskRequest(_message.Message):
     result_address: str
     foreman_id: str
     submit_token: str
-    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., function: _Optional[bytes] = ..., function_sha256: _Optional[str] = ..., rows: _Optional[bytes] = ..., result_address: _Optional[str] = ..., foreman_id: _Optional[str] = ..., submit_token: _Optional[str] = ...) -> None: ...
+    result_certificate: str
+    def __init__(self, task_id: _Optional[str] = ..., job_id: _Optional[str] = ..., phase: _Optional[_Union[Phase, str]] = ..., function: _Optional[bytes] = ..., function_sha256: _Optional[str] = ..., rows: _Optional[bytes] = ..., result_address: _Optional[str] = ..., foreman_id: _Optional[str] = ..., submit_token: _Optional[str] = ..., result_certificate: _Optional[str] = ...) -> None: ...
 
 class AssignTaskResponse(_message.Message):
     __slots__ = ("accepted",)
