@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test chaos demo protos lint bench bench-discovery bench-worker redis clean
+.PHONY: install test chaos demo protos lint bench bench-discovery bench-worker packages clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,23 +16,29 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The Redis-store tests run a real redis-server: install it when missing
-# (Debian's package; CI runs as root).
-redis:
-	@command -v redis-server >/dev/null || { \
+# The tests run a real redis-server (the Redis store) and tcpdump (what an
+# eavesdropper sees of a job): install them when missing (Debian's
+# packages; CI runs as root). Without root, tcpdump is optional: its tests
+# skip, saying why.
+packages:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v tcpdump >/dev/null || missing="$$missing tcpdump"; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
-	  else \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  elif ! command -v redis-server >/dev/null; then \
 	    echo "redis-server is missing: install Redis 6+ (e.g. sudo apt-get install redis-server)"; exit 1; \
-	  fi; }
+	  fi; \
+	fi
 
-test: $(STAMP) redis
+test: $(STAMP) packages
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 # Long fault runs (a 60 s discovery outage, a soak of freezing and dying
 # workers); `make test` runs a representative subset.
-chaos: $(STAMP) redis
+chaos: $(STAMP) packages
 	$(PY) -m pytest -q -s -m chaos
 
 demo: $(STAMP)

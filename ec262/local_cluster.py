@@ -32,9 +32,11 @@ class LocalCluster:
         worker_args: tuple[str, ...] = (),
         discovery_args: tuple[str, ...] = (),
         tls: bool = False,
+        host: str = "127.0.0.1",
     ) -> None:
         """`tls=True` serves TLS on loopback too (`--tls` everywhere); a
-        job then needs `discovery_cert=cluster.discovery_cert`."""
+        job then needs `discovery_cert=cluster.discovery_cert`. `host` is
+        where every server of the cluster listens."""
         if workers < 1:
             raise ValueError("a local cluster needs at least one worker")
         self.workers_wanted = workers
@@ -44,6 +46,7 @@ class LocalCluster:
         self.worker_args = worker_args
         self.discovery_args = discovery_args
         self.tls = tls
+        self.host = host
         self._owned_directory = directory is None
         self.directory = Path(directory or tempfile.mkdtemp(prefix="ec262-cluster-"))
         self.discovery: ServerProcess | None = None
@@ -69,6 +72,8 @@ class LocalCluster:
             self.discovery = spawn_server(
                 [
                     "discovery",
+                    "--host",
+                    self.host,
                     "--port",
                     "0",
                     "--store",
@@ -127,6 +132,8 @@ class LocalCluster:
         return PendingServer(
             [
                 "worker",
+                "--host",
+                self.host,
                 "-P",
                 "0",
                 "--discovery",
