@@ -71,6 +71,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ec262 import tls
 from ec262.auth import bearer_metadata
 from ec262.v1 import discovery_pb2 as pb
 from ec262.v1 import discovery_pb2_grpc
@@ -105,7 +106,11 @@ class Server:
         return self.process.pid
 
 
-def server_command(store_url: str, profile_to: Path | None) -> list[str]:
+def server_command(
+    store_url: str, profile_to: Path | None, tls_files: tuple[Path, Path] | None = None
+) -> list[str]:
+    """`tls_files` (certificate, key) serves TLS with them, on loopback too."""
+    tls_args = ["--tls", "--tls-cert", str(tls_files[0]), "--tls-key", str(tls_files[1])]
     args = [
         "discovery",
         "--host",
@@ -116,6 +121,7 @@ def server_command(store_url: str, profile_to: Path | None) -> list[str]:
         store_url,
         "--starting-credits",
         str(STARTING_CREDITS),
+        *(tls_args if tls_files else []),
     ]
     if profile_to is None:
         return [sys.executable, "-m", "ec262", *args]
@@ -302,13 +308,14 @@ def client_process(
     workers_per_client: int,
     barriers: dict[int, Barrier],
     conn: Connection,
+    certificate: bytes | None = None,
 ) -> None:
-    """Entry point of a spawned client: one channel per front-end, make
-    identities, then run phases on command. Client 0 also reads the CPU
-    time of the servers (and of Redis)."""
+    """Entry point of a spawned client: one channel per front-end (TLS to
+    `certificate` when given), make identities, then run phases on command.
+    Client 0 also reads the CPU time of the servers (and of Redis)."""
     try:
         with contextlib.ExitStack() as stack:
-            channels = [stack.enter_context(grpc.insecure_channel(a)) for a in addresses]
+            channels = [stack.enter_context(tls.channel(a, certificate)) for a in addresses]
             for channel in channels:
                 grpc.channel_ready_future(channel).result(timeout=30)
             _serve_phases(index, channels, cpu_pids, workers_per_client, barriers, conn)
@@ -400,9 +407,11 @@ class ClientPool:
         size: int,
         workers_per_client: int,
         counts: Sequence[int],
+        certificate: bytes | None = None,
     ) -> None:
         self._conns: list[Connection] = []
         self._processes: list[multiprocessing.process.BaseProcess] = []
+        self._certificate = certificate
         try:
             self._start(addresses, cpu_pids, size, workers_per_client, counts)
         except BaseException:
@@ -424,7 +433,15 @@ class ClientPool:
             parent_end, child_end = context.Pipe()
             process = context.Process(
                 target=client_process,
-                args=(index, list(addresses), pids, workers_per_client, barriers, child_end),
+                args=(
+                    index,
+                    list(addresses),
+                    pids,
+                    workers_per_client,
+                    barriers,
+                    child_end,
+                    self._certificate,
+                ),
                 name=f"bench-client-{index}",
             )
             process.start()
@@ -469,6 +486,7 @@ def running(
     size: int,
     workers_per_client: int,
     counts: Sequence[int],
+    certificate: bytes | None = None,
 ) -> Iterator[tuple[list[Server], ClientPool]]:
     """The front-ends (one per command) and the client processes; clients
     stop before the servers. The pool reads the front-ends' CPU, summed,
@@ -481,7 +499,7 @@ def running(
         if redis_pid is not None:
             cpu_pids["redis"] = [redis_pid]
         addresses = [server.address for server in servers]
-        pool = ClientPool(addresses, cpu_pids, size, workers_per_client, counts)
+        pool = ClientPool(addresses, cpu_pids, size, workers_per_client, counts, certificate)
         try:
             yield servers, pool
         finally:
@@ -590,24 +608,39 @@ def median_row(rows: list[Row]) -> Row:
 class Config:
     store: str  # "sqlite" or "redis"
     frontends: int
+    tls: bool = False
 
     @property
     def label(self) -> str:
-        return f"{self.store}, {self.frontends} front-end{'s' if self.frontends > 1 else ''}"
+        plural = "s" if self.frontends > 1 else ""
+        return f"{self.store}, {self.frontends} front-end{plural}{', TLS' if self.tls else ''}"
 
 
 COMPARED = (Config("sqlite", 1), Config("redis", 1), Config("redis", 2))
+TLS_COMPARED = (Config("sqlite", 1), Config("sqlite", 1, tls=True))
 
 
-def benchmark(args: argparse.Namespace, stores: Stores, config: Config) -> dict:
+def benchmark(
+    args: argparse.Namespace, stores: Stores, config: Config, repeats: Sequence[int] | None = None
+) -> dict:
+    """`repeats`: which of the rounds to run here (all by default), so that
+    configurations can take turns round by round."""
     counts = sorted(set(args.clients))
     rows: dict[int, list[Row]] = {k: [] for k in counts}
     url = stores.url(config.store)
-    commands = [server_command(url, None) for _ in range(config.frontends)]
+    tls_files, certificate = None, None
+    if config.tls:
+        directory = Path(tempfile.mkdtemp(prefix="bench-tls-"))
+        tls_files = (directory / "cert.pem", directory / "key.pem")
+        certificate = tls.load_or_create(*tls_files, ["localhost"]).certificate_pem
+    commands = [server_command(url, None, tls_files) for _ in range(config.frontends)]
     redis_pid = stores.redis_pid if config.store == "redis" else None
     size = max(counts)
-    with running(commands, redis_pid, size, args.workers_per_client, counts) as (_, pool):
-        for repeat in range(args.repeat):
+    with running(commands, redis_pid, size, args.workers_per_client, counts, certificate) as (
+        _,
+        pool,
+    ):
+        for repeat in range(args.repeat) if repeats is None else repeats:
             for k in counts:
                 floor = pool.run("floor", k, args.duration, args.warmup)
                 cycles = pool.run("cycles", k, args.duration, args.warmup)
@@ -625,6 +658,15 @@ def benchmark(args: argparse.Namespace, stores: Stores, config: Config) -> dict:
         "server_commands": commands,
         "rows": {k: (median_row(v), v) for k, v in rows.items()},
     }
+
+
+def _merged(outcomes: list[dict]) -> dict:
+    """One configuration's rounds, run apart, as one outcome with medians."""
+    rows: dict[int, list[Row]] = {}
+    for outcome in outcomes:
+        for k, (_, repeats) in outcome["rows"].items():
+            rows.setdefault(k, []).extend(repeats)
+    return {**outcomes[0], "rows": {k: (median_row(v), v) for k, v in rows.items()}}
 
 
 def _us(value: float | None, width: int) -> str:
@@ -665,8 +707,9 @@ def compare_table(outcomes: list[dict]) -> str:
         config: Config = outcome["config"]
         for row, _ in outcome["rows"].values():
             f, c = row.floor, row.cycles
+            store = f"{config.store}{'+tls' if config.tls else ''}"
             lines.append(
-                f"{config.store:<7} {config.frontends:>10} {row.clients:>5} {f.rate:>14,.0f}"
+                f"{store:<11} {config.frontends:>6} {row.clients:>5} {f.rate:>14,.0f}"
                 f" {c.rate:>9,.0f} {row.ratio:>6.2f} {c.p50_ms:>7.2f} {c.p99_ms:>7.2f}"
                 f" {c.server_cpu_us:>13.0f} {_us(c.redis_cpu_us, 15)}"
             )
@@ -716,6 +759,7 @@ def write_json(
         "configurations": [
             {
                 "store": outcome["config"].store,
+                "tls": outcome["config"].tls,
                 "frontends": outcome["config"].frontends,
                 "store_url": outcome["store_url"],
                 "server_commands": [shlex.join(c) for c in outcome["server_commands"]],
@@ -891,6 +935,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="SQLite x 1, Redis x 1 and Redis x 2 front-ends in one run, one table",
     )
     parser.add_argument(
+        "--tls-compare",
+        action="store_true",
+        help="SQLite plaintext and SQLite over TLS, taking turns round by round; one table"
+        " and the cost of TLS",
+    )
+    parser.add_argument(
         "--synchronous", choices=("NORMAL", "FULL"), default="NORMAL", help="SQLite only"
     )
     parser.add_argument(
@@ -917,8 +967,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(
             "--frontends > 1 needs --store redis: a SQLite ledger file is held by one process"
         )
-    if args.compare and (args.profile or args.store != "sqlite" or args.frontends != 1):
-        parser.error("--compare picks the stores and front-ends itself")
+    if (args.compare or args.tls_compare) and (
+        args.profile or args.store != "sqlite" or args.frontends != 1
+    ):
+        parser.error("--compare and --tls-compare pick the stores and front-ends themselves")
     if args.profile and args.frontends != 1:
         parser.error("--profile profiles one front-end")
     if args.duration is None:
@@ -926,7 +978,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.repeat is None:
         args.repeat = 1 if args.compare else 3
     if args.json is None:
-        if args.compare:
+        if args.tls_compare:
+            name = "discovery_cycles_tls"
+        elif args.compare:
             name = "discovery_cycles_compare"
         elif args.store == "redis":
             name = f"discovery_cycles_redis_{args.frontends}fe"
@@ -947,15 +1001,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\ncommand: {command}")
         return 0
     configs = COMPARED if args.compare else (Config(args.store, args.frontends),)
+    if args.tls_compare:
+        configs = TLS_COMPARED
     with Stores(args.dir, args.synchronous) as stores:
-        outcomes = [benchmark(args, stores, config) for config in configs]
+        if args.tls_compare:  # taking turns, so the machine's drift hits both alike
+            rounds = [
+                [benchmark(args, stores, config, [r]) for config in configs]
+                for r in range(args.repeat)
+            ]
+            outcomes = [_merged([turns[i] for turns in rounds]) for i in range(len(configs))]
+        else:
+            outcomes = [benchmark(args, stores, config) for config in configs]
         write_json(args.json, args, command, stores, outcomes)
     print()
     for outcome in outcomes:
         for server in outcome["server_commands"]:
             print(f"server ({outcome['config'].label}): {shlex.join(server)}")
     settings = f"{args.duration:g} s per phase, median of {args.repeat}"
-    if args.compare:
+    if args.tls_compare:
+        print(f"SQLite synchronous={args.synchronous}, {settings}")
+        print(compare_table(outcomes))
+        plain, secure = (o["rows"] for o in outcomes)
+        for k in plain:
+            cost = 1 - secure[k][0].cycles.rate / plain[k][0].cycles.rate
+            floor_cost = 1 - secure[k][0].floor.rate / plain[k][0].floor.rate
+            print(
+                f"TLS at {k} process(es): cycles/s {cost:+.1%} slower"
+                f" (the no-op floor {floor_cost:+.1%}); target at most 25 %"
+            )
+    elif args.compare:
         print(f"SQLite synchronous={args.synchronous}, {settings}")
         print(compare_table(outcomes))
     else:

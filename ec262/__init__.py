@@ -6,6 +6,12 @@ agree. See docs/protocol.md for the contract.
 """
 
 import logging
+import os
+
+# gRPC's C core otherwise logs every failed TLS handshake (a port scanner, an
+# impostor refused) to stderr at INFO; ec262 reports what matters itself.
+# Set before gRPC loads, so only where the program has not chosen.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from ec262.api import Job, JobResult, combiner, mapper, reducer, run_job
 from ec262.envelope import decrypt_data, encrypt_data

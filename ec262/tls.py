@@ -48,6 +48,7 @@ MAX_CERTIFICATE_BYTES = 16 * 1024  # a PEM certificate a peer may register
 ALWAYS_NAMED = ("localhost", "127.0.0.1")  # every certificate we make names these
 PROBE_TIMEOUT = 5.0
 
+
 def serves_tls(host: str, forced: bool = False) -> bool:
     """A server bound to anything but loopback serves TLS only."""
     return forced or not is_loopback(host)

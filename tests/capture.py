@@ -224,6 +224,4 @@ def eavesdrop(path: Path) -> Eavesdropped:
         elif is_tls(data):
             tls += 1
             tls_ports |= {stream.source[1], stream.destination[1]}
-    return Eavesdropped(
-        len(streams), tls, plaintext, bytes(raw), bytes(readable), names, tls_ports
-    )
+    return Eavesdropped(len(streams), tls, plaintext, bytes(raw), bytes(readable), names, tls_ports)

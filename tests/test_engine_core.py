@@ -883,3 +883,37 @@ def test_phase_done_and_a_reduce_phase_after_the_map_phase():
     assert not d.core.phase_done
     assert d.settle_answer("t2") == [Deliver(d.chunks[1], {"pear": 1})]
     assert d.core.phase_done
+
+
+def test_a_job_that_fails_names_the_workers_it_could_not_reach():
+    """A wrong --advertise or a firewall shows as UNAVAILABLE answers; the
+    JobFailed says so rather than only "no quorum" (docs/protocol.md
+    section 8)."""
+    d = Driver(max_attempts=1, task_timeout=5.0)
+    d.grant(None, [["w1", "w2", "w3"]])
+    d.answer("t0", "w1")
+    d.events(
+        AssignAnswered("t0", "w3", "UNAVAILABLE", "ipv4:198.51.100.13:7000: Connection refused")
+    )
+    d.events(
+        AssignAnswered(
+            "t0", "w2", "UNAVAILABLE", "failed to connect to all addresses; last error: x"
+        )
+    )
+    for _ in range(20):
+        if only(d.log, Fail):
+            break
+        for replica in only(d.log, AddReplica)[-1:]:
+            d.added(replica.task_id, None)
+        d.wake()
+        for settle in only(d.log, Settle):
+            if settle.task_id == "t0" and not settle.valid:
+                d.settle_answer("t0")
+    [fail] = only(d.log, Fail)
+    assert isinstance(fail.error, JobFailed)
+    assert fail.error.unreachable == {
+        addr("w3"): "ipv4:198.51.100.13:7000: Connection refused",
+        addr("w2"): "x",
+    }
+    assert "2 worker(s) unreachable from this foreman" in str(fail.error)
+    assert addr("w3") in str(fail.error) and "Connection refused" in str(fail.error)

@@ -105,6 +105,20 @@ def test_a_job_across_hosts_with_defaults_is_tls_everywhere(network, tmp_path):
             ]
             assert len(secrets) == 4 and not [s for s in secrets if seen.finds(s)]
 
+        # Addresses no foreman could use are refused, saying why: one where
+        # nobody answers, and loopback registered from another host.
+        for advertise, why in (("198.51.100.99", "unreachable"), ("127.0.0.1", "is loopback")):
+            stray = _start(
+                workers[0],
+                ["worker", "--host", "0.0.0.0", "-P", "0", "--discovery", address,
+                 "--advertise", advertise, "-v",
+                 "--identity", str(tmp_path / f"stray-{advertise}" / "id.json")],
+            )  # fmt: skip
+            started.append(stray)
+            line = stray.wait_for("registration refused")
+            assert f"{advertise}:" in line and why in line, line
+            stray.kill()
+
         # The discovery service comes back with another certificate (someone
         # else answering at its address): refused at once, nothing spent.
         discovery.stop()

@@ -91,9 +91,7 @@ def _issued_by(issuer: tls.ServerCertificate) -> tls.ServerCertificate:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(hours=1))
         .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False
-        )
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
         .sign(key, hashes.SHA256())
     )
     return tls.ServerCertificate(forged.public_bytes(serialization.Encoding.PEM), own.key_pem)
@@ -291,3 +289,33 @@ def test_a_server_at_a_workers_address_with_another_certificate_gets_no_task(tls
         assert impostor.assigned == 1
     finally:
         server.stop(None)
+
+
+def test_the_probe_of_a_worker_address_says_what_is_wrong():
+    import asyncio
+    import socket
+
+    from discovery_service.probe import probe_worker
+
+    served, other = tls.new_certificate(["localhost"]), tls.new_certificate(["localhost"])
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    service = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(service, server)
+    port = server.add_secure_port("127.0.0.1:0", served.server_credentials())
+    server.start()
+    address = f"127.0.0.1:{port}"
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        nobody = f"127.0.0.1:{unused.getsockname()[1]}"  # bound, not listening
+        try:
+            service.set("ec262.v1.Worker", health_pb2.HealthCheckResponse.SERVING)
+            asyncio.run(probe_worker(address, served.certificate_pem.decode()))
+            with pytest.raises(AddressRefused, match="does not present the certificate"):
+                asyncio.run(probe_worker(address, other.certificate_pem.decode()))
+            with pytest.raises(AddressRefused, match="unreachable from the discovery service"):
+                asyncio.run(probe_worker(nobody, served.certificate_pem.decode(), timeout=2))
+            service.set("ec262.v1.Worker", health_pb2.HealthCheckResponse.NOT_SERVING)
+            with pytest.raises(AddressRefused, match="does not serve tasks"):
+                asyncio.run(probe_worker(address, served.certificate_pem.decode()))
+        finally:
+            server.stop(None)
