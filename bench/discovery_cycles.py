@@ -84,7 +84,7 @@ WORKER_SLOTS = 1000
 WORKER_TTL = 3600
 RPCS_PER_CYCLE = 5
 SERVE_PROFILED = "--serve-profiled"  # internal: this script as the profiled server
-_LISTENING = re.compile(r"listening on (\S+):(\d+)\s*$")
+_LISTENING = re.compile(r"listening on (\S+):(\d+)(?: \(tls sha256:[0-9a-f]{64}\))?\s*$")
 
 Metadata = tuple[tuple[str, str], ...]
 # Processes whose CPU a phase reads at its window's edges, summed per group:
@@ -110,7 +110,9 @@ def server_command(
     store_url: str, profile_to: Path | None, tls_files: tuple[Path, Path] | None = None
 ) -> list[str]:
     """`tls_files` (certificate, key) serves TLS with them, on loopback too."""
-    tls_args = ["--tls", "--tls-cert", str(tls_files[0]), "--tls-key", str(tls_files[1])]
+    tls_args = []
+    if tls_files:
+        tls_args = ["--tls", "--tls-cert", str(tls_files[0]), "--tls-key", str(tls_files[1])]
     args = [
         "discovery",
         "--host",
@@ -121,7 +123,7 @@ def server_command(
         store_url,
         "--starting-credits",
         str(STARTING_CREDITS),
-        *(tls_args if tls_files else []),
+        *tls_args,
     ]
     if profile_to is None:
         return [sys.executable, "-m", "ec262", *args]

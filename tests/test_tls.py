@@ -116,6 +116,8 @@ def test_a_peer_channel_accepts_exactly_its_certificate():
 
 def test_registered_certificates_must_be_a_servers_own():
     assert tls.check_peer_certificate(tls.new_certificate(["a"]).certificate_pem.decode())
+    with pytest.raises(InvalidRequest, match="CA certificate"):
+        tls.check_peer_certificate(_ca_pem())
     for garbage in ("", "not pem", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----"):
         with pytest.raises(InvalidRequest):
             tls.check_peer_certificate(garbage)
@@ -319,3 +321,67 @@ def test_the_probe_of_a_worker_address_says_what_is_wrong():
                 asyncio.run(probe_worker(address, served.certificate_pem.decode()))
         finally:
             server.stop(None)
+
+
+def test_both_stores_hand_out_each_workers_registered_certificate(discovery):
+    """RequestTasks, a repeat of it, and AddReplica carry the certificate
+    each worker registered (SQLite and Redis)."""
+    from ec262.v1 import discovery_pb2 as pb
+
+    pems, workers = {}, []
+    for number in range(4):
+        worker = discovery.client()
+        pem = tls.new_certificate(["localhost"]).certificate_pem.decode() if number else ""
+        discovery.stub.RegisterWorker(
+            pb.RegisterWorkerRequest(
+                address=f"127.0.0.1:{4100 + number}", ttl_seconds=60, slots=2,
+                runtime="cpython-3.11", tls_certificate=pem,
+            ),
+            metadata=worker.metadata,
+        )  # fmt: skip
+        pems[worker.client_id] = pem
+        workers.append(worker)
+    foreman = discovery.client()
+    request = pb.RequestTasksRequest(n=1, request_id="r1")
+    first = discovery.stub.RequestTasks(request, metadata=foreman.metadata)
+    again = discovery.stub.RequestTasks(request, metadata=foreman.metadata)
+    for reply in (first, again):
+        [task] = reply.tasks
+        assert {w.client_id: w.tls_certificate for w in task.workers} == {
+            w.client_id: pems[w.client_id] for w in task.workers
+        }
+    [task] = first.tasks
+    added = discovery.stub.AddReplica(
+        pb.AddReplicaRequest(task_id=task.task_id), metadata=foreman.metadata
+    )
+    assert added.client_id and added.tls_certificate == pems[added.client_id]
+    for bad, why in ((_ca_pem(), "CA certificate"), ("not a certificate", "not a PEM")):
+        with pytest.raises(grpc.RpcError) as refused:  # a CA could vouch for others
+            discovery.stub.RegisterWorker(
+                pb.RegisterWorkerRequest(
+                    address="127.0.0.1:4200", ttl_seconds=60, tls_certificate=bad
+                ),
+                metadata=workers[0].metadata,
+            )
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert why in refused.value.details()
+
+
+def _ca_pem() -> str:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "a CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return ca.public_bytes(serialization.Encoding.PEM).decode()
