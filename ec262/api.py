@@ -132,6 +132,7 @@ def _run(job: Job, data: Any) -> JobResult:
         stack.enter_context(_sigterm_stops_the_job())
         address = job.discovery or os.environ.get(ENV_DISCOVERY)
         identity = Path(job.identity) if job.identity else None
+        cluster = None
         if not address:
             logger.info("no discovery service configured: starting a local cluster")
             cluster = stack.enter_context(LocalCluster(workers=job.local_workers))
@@ -139,7 +140,12 @@ def _run(job: Job, data: Any) -> JobResult:
             identity = identity or cluster.foreman_identity
         path = identity_path(identity)
         discovery = stack.enter_context(
-            DiscoveryClient(address, certificate=job.discovery_cert, pins=path)
+            DiscoveryClient(
+                address,
+                certificate=job.discovery_cert,
+                pins=path,
+                trust_environment=cluster is None,
+            )
         )
         discovery.load_or_create_identity(path)
         inbox = ResultInbox()
@@ -151,12 +157,16 @@ def _run(job: Job, data: Any) -> JobResult:
         engine = JobEngine(
             discovery, inbox, result_address="", config=_engine_config(job), progress=progress
         )
-        host = job.host or os.environ.get(ENV_HOST) or _host_toward(address)
+        if cluster is not None:  # this machine's own: the environment is for others
+            host, advertise = job.host or "127.0.0.1", job.advertise
+        else:
+            host = job.host or os.environ.get(ENV_HOST) or _host_toward(address)
+            advertise = job.advertise or os.environ.get(ENV_ADVERTISE) or None
         server = start_foreman_server(
             inbox,
             engine.stats,
             host=host,
-            advertise=job.advertise or os.environ.get(ENV_ADVERTISE) or None,
+            advertise=advertise,
             tls=discovery.uses_tls,
         )
         stack.callback(server.stop)

@@ -46,6 +46,7 @@ class DiscoveryClient:
         timeout: float = DEFAULT_TIMEOUT,
         certificate: str | os.PathLike | None = None,
         pins: Path | None = None,
+        trust_environment: bool = True,
     ) -> None:
         """`certificate` (else $EC262_DISCOVERY_CERT) is the service's
         certificate or a CA for it; `pins` the identity file that pins
@@ -60,7 +61,7 @@ class DiscoveryClient:
         self._current = 0
         self._channels: dict[str, grpc.Channel] = {}
         self._channels_lock = threading.Lock()
-        self.trust = DiscoveryTrust(certificate, pins)
+        self.trust = DiscoveryTrust(certificate, pins, environment=trust_environment)
 
     @property
     def uses_tls(self) -> bool:

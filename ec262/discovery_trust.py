@@ -51,9 +51,16 @@ class DiscoveryTrust:
     """Channels to discovery addresses, each verified as section 8 says."""
 
     def __init__(
-        self, certificate: str | os.PathLike | None = None, pins: Path | None = None
+        self,
+        certificate: str | os.PathLike | None = None,
+        pins: Path | None = None,
+        *,
+        environment: bool = True,
     ) -> None:
-        certificate = certificate or os.environ.get(ENV_DISCOVERY_CERT) or None
+        """`environment=False` ignores $EC262_DISCOVERY_CERT (a local
+        cluster's own service is not the one it names)."""
+        if environment:
+            certificate = certificate or os.environ.get(ENV_DISCOVERY_CERT) or None
         self._given: Trusted | None = None
         if certificate:
             path = Path(certificate).expanduser()

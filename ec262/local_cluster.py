@@ -10,12 +10,16 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ec262.discovery_trust import ENV_DISCOVERY_CERT
 from ec262.processes import PendingServer, ServerProcess, spawn_server
 from ec262.tls import CERT_FILE
 
 logger = logging.getLogger(__name__)
 
 LOCAL_STARTING_CREDITS = 1_000_000  # your own machine: credits are only bookkeeping
+# The cluster's servers trust each other by its own flags, never by a
+# certificate the user's environment names for some other discovery service.
+OWN_TRUST = {ENV_DISCOVERY_CERT: None}
 
 
 class LocalCluster:
@@ -84,7 +88,8 @@ class LocalCluster:
                     str(self.replication),
                     *(["--tls"] if self.tls else []),
                     *self.discovery_args,
-                ]
+                ],
+                env=OWN_TRUST,
             )
             self._start_workers(self.workers_wanted)
         except BaseException:
@@ -145,7 +150,8 @@ class LocalCluster:
                 "-v",
                 *tls,
                 *self.worker_args,
-            ]
+            ],
+            env=OWN_TRUST,
         )
 
     def close(self) -> None:

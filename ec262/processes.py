@@ -87,13 +87,14 @@ class PendingServer:
         self,
         args: Sequence[str],
         *,
-        env: dict[str, str] | None = None,
+        env: dict[str, str | None] | None = None,
         cwd: str | None = None,
         module: str = "ec262",
         launcher: Sequence[str] = (),
     ) -> None:
         """`launcher` goes before the interpreter (e.g. a command that runs
-        the server as another user)."""
+        the server as another user); `env` adds to this process's
+        environment, a None value removing that variable."""
         self.args = list(args)
         # Linux ties PDEATHSIG to the thread that forks: start servers from
         # a thread that lives as long as they should (not a pool thread).
@@ -104,7 +105,12 @@ class PendingServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, **(env or {}), ENV_PARENT: str(os.getpid())},
+            env={
+                name: value
+                for name, value in {**os.environ, **(env or {})}.items()
+                if value is not None
+            }
+            | {ENV_PARENT: str(os.getpid())},
         )
         self.lines: list[str] = []
         self.changed = threading.Condition()

@@ -385,3 +385,23 @@ def _ca_pem() -> str:
         .sign(key, hashes.SHA256())
     )
     return ca.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def test_a_local_job_ignores_the_trust_and_addresses_set_for_another_cluster(
+    tmp_path, monkeypatch
+):
+    """$EC262_DISCOVERY_CERT, $EC262_HOST and $EC262_ADVERTISE name a remote
+    cluster; the cluster `run_job` starts on this machine trusts by its own
+    flags (its workers inherit the environment too)."""
+    remote = tls.load_or_create(tmp_path / "remote.pem", tmp_path / "remote-key.pem", ["r"])
+    monkeypatch.setenv("EC262_DISCOVERY_CERT", str(tmp_path / "remote.pem"))
+    monkeypatch.setenv("EC262_HOST", "198.51.100.20")
+    monkeypatch.setenv("EC262_ADVERTISE", "foreman.example.org")
+    monkeypatch.delenv("EC262_DISCOVERY", raising=False)
+    assert remote.fingerprint
+    result = ec262.run_job(
+        {"a": "x y x"}, mapper=word_mapper, reducer=sum_reducer, progress=False,
+        identity=tmp_path / "foreman.json",
+    )  # fmt: skip
+    assert result == {"x": 2, "y": 1}
+    assert result.stats.foreman_address.startswith("127.0.0.1:")
