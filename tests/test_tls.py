@@ -188,6 +188,11 @@ def test_discovery_with_tls_keeps_its_fingerprint_and_refuses_plaintext(tmp_path
         printed = announced_fingerprint(server)
         assert printed == tls.fingerprint((tmp_path / tls.CERT_FILE).read_bytes())
         assert tls.fingerprint_of_der(tls.presented_certificate(server.address)) == printed
+        # What `grpcurl -cacert tls-cert.pem HOST:PORT` does: the file as a
+        # root, with the usual hostname check (the certificate names 127.0.0.1).
+        root = grpc.ssl_channel_credentials((tmp_path / tls.CERT_FILE).read_bytes())
+        with grpc.secure_channel(server.address, root) as channel:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         with DiscoveryClient(server.address) as plain, pytest.raises(TrustError) as refused:
             plain.create_client()
         assert printed in str(refused.value) and "--discovery-cert" in str(refused.value)
