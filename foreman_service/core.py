@@ -40,6 +40,7 @@ from ec262.errors import (
 from ec262.remote_errors import is_error_document
 from ec262.v1 import worker_pb2
 from foreman_service.planning import DEFAULT_CHUNK_BYTES
+from foreman_service.shuffle import flat_rows
 from foreman_service.stats import JobStats
 
 MAP, REDUCE = worker_pb2.MAP, worker_pb2.REDUCE
@@ -283,6 +284,7 @@ class Task:
     next_add_at: float = 0.0
     settling: Settle | None = None
     winner: str | None = None
+    accused: frozenset[str] = frozenset()  # made cheaters by this task's quorum
 
     def live(self) -> list[Replica]:
         """Replicas that may still send a result."""
@@ -295,14 +297,30 @@ class Task:
 def open_output(phase: int, ciphertext: str, key: bytes) -> Any:
     """The agreed plaintext: a map output stays canonical text for the
     shuffle unless it is an error document; anything else is decoded.
-    Raises DecryptionError or EncodingError for garbage."""
+    Raises DecryptionError or EncodingError for garbage, a map output whose
+    values are not lists included: colluding replicas can agree on anything,
+    and the shuffle must never be the one to find out (docs/protocol.md
+    section 10)."""
     plaintext = open_sealed(ciphertext, key)
     if phase == MAP and not plaintext.startswith(b'[["error",'):
+        if flat_rows(plaintext) is None:  # not provably flat: look at it whole
+            _check_map_output(decode_result(plaintext))
         return plaintext
     output = decode_result(plaintext)
     if phase == MAP and isinstance(output, dict) and not is_error_document(output):
+        _check_map_output(output)
         return plaintext  # an ordinary map output with an "error" key
     return output
+
+
+def _check_map_output(output: dict) -> None:
+    """A map output is `{key: [values]}`: each key's values in a list."""
+    for key, values in output.items():
+        if not isinstance(values, list):
+            raise EncodingError(
+                f"not a map output: the value of key {str(key)[:40]!r} is a"
+                f" {type(values).__name__}, not a list of values"
+            )
 
 
 class JobCore:
@@ -786,6 +804,7 @@ class JobCore:
         stats.missing_reports += len(disagreeing | failed)
         stats.credits_spent -= len(disagreeing | failed | released)
         if disagreeing:
+            task.accused = disagreeing - self.cheaters
             stats.cheaters |= disagreeing
             self.cheaters |= disagreeing
 
@@ -837,10 +856,15 @@ class JobCore:
         except (DecryptionError, EncodingError):
             # The agreeing workers sent the same garbage: they were paid, but
             # their result is useless; run the chunk again without them.
+            # Those who disagreed with them were right: no longer suspects.
             agreeing = {r.worker_id for r in task.replicas.values() if r.result == task.winner}
-            self.cheaters |= agreeing
-            self.stats.cheaters |= agreeing
-            self._retry(task, "the agreed result does not decrypt or decode", commands)
+            self.cheaters = (self.cheaters - task.accused) | agreeing
+            self.stats.cheaters = (self.stats.cheaters - task.accused) | agreeing
+            self._retry(
+                task,
+                "the agreed result does not decrypt, decode or have an output's shape",
+                commands,
+            )
             return
         if isinstance(output, dict) and is_error_document(output):
             error = output["error"]

@@ -5,7 +5,11 @@ runs the ordinary worker but, per MODE:
   wrong   sends a well-formed envelope of a wrong result, with the real key
           (every integer in the result plus 1);
   wrong2  the same with plus 2 (so two cheaters disagree with each other);
-  silent  accepts tasks, computes them, and never answers.
+  silent  accepts tasks, computes them, and never answers;
+  malformed  sends, sealed with the real key, what is no map output: a
+          `["pwned", 999]` row whose value is not a list (two of them
+          agree with each other: the colluders of docs/protocol.md
+          section 10).
 It prints `listening on HOST:PORT` and logs like a worker.
 """
 
@@ -46,10 +50,23 @@ class Tampering:
         return SandboxResult(honest.ok, encode_pairs(pairs))
 
 
+@dataclass
+class Malformed:
+    """Map outputs of the wrong shape; reduce outputs left honest."""
+
+    inner: object
+
+    def run(self, digest, payload, phase, rows, cancel=None) -> SandboxResult:
+        honest = self.inner.run(digest, payload, phase, rows, cancel=cancel)
+        if phase != 1:  # MAP
+            return honest
+        return SandboxResult(True, b'[["pwned",999]]')
+
+
 def main() -> int:
     die_with_parent_if_asked()
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["wrong", "wrong2", "silent"])
+    parser.add_argument("mode", choices=["wrong", "wrong2", "silent", "malformed"])
     parser.add_argument("--discovery", required=True)
     parser.add_argument("--identity", required=True)
     args = parser.parse_args()
@@ -63,6 +80,8 @@ def main() -> int:
     )
     if args.mode == "silent":
         running.worker._submit = lambda task, worker_id, ciphertext, cancel=None: None
+    elif args.mode == "malformed":
+        running.worker._sandbox = Malformed(running.pool)
     else:
         running.worker._sandbox = Tampering(running.pool, 1 if args.mode == "wrong" else 2)
     serving.announce("127.0.0.1", running.port)

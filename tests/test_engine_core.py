@@ -459,6 +459,16 @@ def test_an_agreed_error_document_fails_the_job_with_the_remote_error(phase):
         (MAP, seal(encode_result(OUTPUT), bytes(16))),  # sealed under another key
         (MAP, "not a ciphertext"),
         (REDUCE, b"not json"),  # decrypts, does not decode
+        # Colluders agreeing on what is no map output (docs/protocol.md
+        # section 10): found here, never by the shuffle.
+        (MAP, b"5"),  # not a list
+        (MAP, b'{"k": [1]}'),  # an object, not pairs
+        (MAP, b'[["k",5]]'),  # a value that is not a list of values
+        (MAP, b'[["k",[1]],["j",{"a":1}]]'),
+        (MAP, b'[["k"]]'),  # not a pair
+        (MAP, b'[["k",' + b"[" * 5000 + b"]" * 5000 + b"]]"),  # 5,000 levels deep
+        (REDUCE, b'[["k",' + b"[" * 5000 + b"]" * 5000 + b"]]"),
+        (REDUCE, b'"a string"'),
     ],
 )
 def test_an_agreed_result_that_does_not_open_makes_cheaters_and_a_retry(phase, garbage):
@@ -470,7 +480,10 @@ def test_an_agreed_result_that_does_not_open_makes_cheaters_and_a_retry(phase, g
     assert d.settle_answer(task) == [RequestTasks("req2", 1, ws("w1", "w2", "w3"))]
     assert d.core.cheaters == {"w1", "w2", "w3"} == d.stats.cheaters
     assert d.chunks[0].attempts == 1 and d.stats.tasks_validated == 0
-    assert d.stats.retry_reasons == {"the agreed result does not decrypt or decode": 1}
+    assert d.stats.retry_reasons == {
+        "the agreed result does not decrypt, decode or have an output's shape": 1
+    }
+    assert not only(d.log, Deliver) and not only(d.log, Fail)
 
 
 # -- 7. credits -------------------------------------------------------------------
@@ -917,3 +930,15 @@ def test_a_job_that_fails_names_the_workers_it_could_not_reach():
     }
     assert "2 worker(s) unreachable from this foreman" in str(fail.error)
     assert addr("w3") in str(fail.error) and "Connection refused" in str(fail.error)
+
+
+def test_the_worker_that_disagreed_with_a_malformed_quorum_is_no_cheater():
+    d = Driver()
+    task = d.running(["w1", "w2", "w3"])
+    garbage = sealed(task, b'[["pwned",999]]')
+    d.at(1).results(task, w1=garbage, w2=garbage, w3=OUTPUT)
+    [settle] = only(d.log, Settle)
+    assert settle.valid and settle.missing == ws("w3")  # before the key shows the garbage
+    d.settle_answer(task)
+    assert d.core.cheaters == {"w1", "w2"} == d.stats.cheaters
+    assert d.request().exclude >= ws("w1", "w2")  # the retry avoids the colluders

@@ -330,6 +330,38 @@ def test_two_workers_disagreeing_with_everyone_make_a_task_invalid_and_it_moves(
         assert_books_balance(cluster, before, tmp_path)
 
 
+MALFORMED = "the agreed result does not decrypt, decode or have an output's shape"
+
+
+class _WatchMalformed(_WatchInvalid):
+    def advance(self, stats):
+        if stats.retry_reasons.get(MALFORMED):
+            self.invalid.set()
+
+
+def test_colluders_agreeing_on_a_malformed_output_are_retried_around(tmp_path):
+    """Two colluding workers, in every task (one honest worker beside
+    them), agree on a map output that is not one (a value that is not a
+    list): run_job neither raises nor returns it, but runs the chunk again
+    without them (docs/protocol.md section 10)."""
+    cheaters = ("malformed", "malformed")
+    with cluster_with(tmp_path / "c", honest=1, cheaters=cheaters) as (cluster, _):
+        colluders = {client_id(cluster.directory / f"cheater{n}.json") for n in range(2)}
+        before = books(cluster.address, identity_files(cluster))
+        watch = _WatchMalformed()
+        job = in_background(
+            run, cluster, tmp_path, SMALL, mapper=split_words, reducer=sum_reducer,
+            progress=watch, max_attempts=10,
+        )  # fmt: skip
+        assert watch.invalid.wait(60), "the colluders' quorum was never noticed"
+        cluster.add_workers(3)  # honest workers for the retry to move to
+        result = job.result(timeout=150)
+        assert result == sequential(SMALL, split_words, sum_reducer)
+        assert result.stats.cheaters == colluders
+        assert result.stats.retry_reasons[MALFORMED] >= 1
+        assert_books_balance(cluster, before, tmp_path)
+
+
 def test_a_worker_that_accepts_and_never_answers(tmp_path):
     with cluster_with(tmp_path / "c", honest=2, cheaters=("silent",)) as (cluster, _):
         silent = client_id(cluster.directory / "cheater0.json")
