@@ -23,13 +23,14 @@ from discovery_service.store import (
     Candidate,
     ClientRecord,
     LedgerStore,
+    NewClientLimit,
     ReplicaRequest,
     Settlement,
     TaskRequest,
     WorkerRef,
 )
 from ec262 import auth
-from ec262.addresses import is_loopback, split_address
+from ec262.addresses import is_loopback, network_of, split_address
 from ec262.errors import (
     AddressRefused,
     AuthenticationError,
@@ -54,6 +55,8 @@ MAX_VERIFIED_CREDENTIALS = 100_000
 MAX_WORKERS_PER_REPLICA = 2
 LEASE_RENEWAL_INTERVAL = 1.0  # seconds
 SWEEP_INTERVAL = 0.5  # seconds between the server's sweeps of expired tasks and leases
+NEW_CLIENT_WINDOW = 3600.0  # seconds: --max-new-clients is per sliding hour
+DEFAULT_MAX_NEW_CLIENTS = 20  # off loopback; on loopback no limit
 _RUNTIME = re.compile(r"[a-z][a-z0-9_]*-[0-9]{1,4}\.[0-9]{1,4}")
 
 
@@ -68,6 +71,8 @@ class LedgerConfig:
     max_worker_ttl: int = 86_400
     # A foreman silent this long loses its open tasks (refunded, slots freed).
     foreman_lease: int = 60
+    # New identities per source /24 (/48) per NEW_CLIENT_WINDOW; 0: no limit.
+    max_new_clients: int = 0
 
     def __post_init__(self) -> None:
         if self.starting_credits < 0:
@@ -78,6 +83,8 @@ class LedgerConfig:
             raise ValueError(f"worker TTL must be between 1 and {self.max_worker_ttl} seconds")
         if self.task_ttl < 1:
             raise ValueError("task TTL must be at least 1 second")
+        if self.max_new_clients < 0:
+            raise ValueError("--max-new-clients cannot be negative (0 means no limit)")
         if self.foreman_lease < 1:
             raise ValueError("the foreman lease must be at least 1 second")
 
@@ -201,11 +208,21 @@ class Ledger:
 
     # -- identities ---------------------------------------------------------
 
-    def create_client(self) -> tuple[ClientRecord, str]:
+    def create_client(self, peer_host: str | None = None) -> tuple[ClientRecord, str]:
+        """A new identity; from `peer_host`'s /24 (/48) at most
+        `max_new_clients` an hour, when that is set."""
         client_id = str(uuid.uuid4())
         secret = auth.new_secret()
+        network = network_of(peer_host) if peer_host else None
+        origin = None
+        if self.config.max_new_clients and network:
+            origin = NewClientLimit(network, self.config.max_new_clients, NEW_CLIENT_WINDOW)
         record = self.store.create_client(
-            client_id, auth.hash_secret(secret), self.config.starting_credits, self._clock()
+            client_id,
+            auth.hash_secret(secret),
+            self.config.starting_credits,
+            self._clock(),
+            origin,
         )
         logger.info("new client %s with %d credits", client_id, record.credits)
         return record, secret

@@ -40,6 +40,7 @@ from discovery_service.store import (
     ClientRecord,
     LedgerStore,
     LedgerTotals,
+    NewClientLimit,
     NewTask,
     ReplicaRequest,
     Settlement,
@@ -98,9 +99,20 @@ local function expire(prefix, now)
 end
 """
 
+# ARGV: prefix, id, secret hash, credits, now, then (or '') the origin's
+# network, limit and window: a sorted set per network of when it made each.
 _CREATE = """
 local c = ARGV[1] .. 'c:' .. ARGV[2]
 if redis.call('EXISTS', c) == 1 then return 0 end
+if ARGV[6] ~= '' then
+  local o = ARGV[1] .. 'o:' .. ARGV[6]
+  redis.call('ZREMRANGEBYSCORE', o, '-inf', tonumber(ARGV[5]) - tonumber(ARGV[8]))
+  if redis.call('ZCARD', o) >= tonumber(ARGV[7]) then
+    return {-1, redis.call('ZRANGE', o, 0, 0, 'WITHSCORES')[2]}
+  end
+  redis.call('ZADD', o, ARGV[5], ARGV[2])
+  redis.call('EXPIRE', o, math.ceil(tonumber(ARGV[8])))
+end
 redis.call('HSET', c, 'secret_hash', ARGV[3], 'credits', ARGV[4], 'starting_credits', ARGV[4],
   'address', '', 'runtime', '', 'expiry_unix', '0', 'slots', 0, 'busy_slots', 0,
   'tasks_completed', 0, 'tasks_failed', 0, 'created_unix', ARGV[5])
@@ -437,9 +449,20 @@ class RedisStore(LedgerStore):
 
     @_unavailable_is_clear
     def create_client(
-        self, client_id: str, secret_hash: bytes, credits: int, now: float
+        self,
+        client_id: str,
+        secret_hash: bytes,
+        credits: int,
+        now: float,
+        origin: NewClientLimit | None = None,
     ) -> ClientRecord:
-        if not self._create(args=[self.prefix, client_id, secret_hash, credits, self._now(now)]):
+        limit = [origin.network, origin.limit, origin.window] if origin else ["", 0, 0]
+        made = self._create(
+            args=[self.prefix, client_id, secret_hash, credits, self._now(now), *limit]
+        )
+        if isinstance(made, list):
+            raise origin.refused(float(made[1]), now)
+        if not made:
             raise RuntimeError(f"client id {client_id} already exists")
         return ClientRecord(client_id=client_id, credits=credits)
 

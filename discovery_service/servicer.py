@@ -82,7 +82,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
 
     @translate_errors
     async def CreateClient(self, request, context):
-        record, secret = self._ledger.create_client()
+        record, secret = self._ledger.create_client(peer_host(context))
         return pb.CreateClientResponse(
             client_id=record.client_id,
             secret=secret,

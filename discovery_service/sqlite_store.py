@@ -29,6 +29,7 @@ from discovery_service.store import (
     ClientRecord,
     LedgerStore,
     LedgerTotals,
+    NewClientLimit,
     NewTask,
     ReplicaRequest,
     Settlement,
@@ -104,6 +105,11 @@ CREATE TABLE IF NOT EXISTS requests (  -- RequestTasks replies remembered, for r
     PRIMARY KEY (foreman_id, request_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS requests_by_expiry ON requests (expiry_unix);
+CREATE TABLE IF NOT EXISTS origins (  -- identities made per source network, for the limit
+    network      TEXT NOT NULL,
+    created_unix REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS origins_by_network ON origins (network, created_unix);
 """
 
 _CLIENT_COLUMNS = (
@@ -192,9 +198,29 @@ class SqliteStore(LedgerStore):
     # -- identities ---------------------------------------------------------
 
     def create_client(
-        self, client_id: str, secret_hash: bytes, credits: int, now: float
+        self,
+        client_id: str,
+        secret_hash: bytes,
+        credits: int,
+        now: float,
+        origin: NewClientLimit | None = None,
     ) -> ClientRecord:
         with self._transaction() as db:
+            if origin is not None:
+                db.execute(
+                    "DELETE FROM origins WHERE network = ? AND created_unix <= ?",
+                    (origin.network, now - origin.window),
+                )
+                count, oldest = db.execute(
+                    "SELECT count(*), min(created_unix) FROM origins WHERE network = ?",
+                    (origin.network,),
+                ).fetchone()
+                if count >= origin.limit:
+                    raise origin.refused(oldest, now)
+                db.execute(
+                    "INSERT INTO origins (network, created_unix) VALUES (?, ?)",
+                    (origin.network, now),
+                )
             db.execute(
                 "INSERT INTO clients (client_id, secret_hash, credits, starting_credits,"
                 " created_unix) VALUES (?, ?, ?, ?, ?)",

@@ -13,7 +13,7 @@ import abc
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from ec262.errors import InsufficientCredits, InvalidRequest, SettleConflict
+from ec262.errors import InsufficientCredits, InvalidRequest, SettleConflict, TooManyNewClients
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +28,23 @@ class ClientRecord:
     tasks_failed: int = 0
     runtime: str = ""
     tls_certificate: str = ""  # PEM, "" for a plaintext (loopback) worker
+
+
+@dataclass(frozen=True, slots=True)
+class NewClientLimit:
+    """At most `limit` new identities per `window` seconds from `network`."""
+
+    network: str
+    limit: int
+    window: float
+
+    def refused(self, oldest: float, now: float) -> TooManyNewClients:
+        wait = max(1, int(oldest + self.window - now) + 1)
+        return TooManyNewClients(
+            f"{self.network} has made {self.limit} new identities in the last"
+            f" {self.window / 3600:g} h, the most allowed; try again in {wait} s"
+            " (or reuse an identity: one per person is enough)"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,8 +193,16 @@ class LedgerStore(abc.ABC):
 
     @abc.abstractmethod
     def create_client(
-        self, client_id: str, secret_hash: bytes, credits: int, now: float
-    ) -> ClientRecord: ...
+        self,
+        client_id: str,
+        secret_hash: bytes,
+        credits: int,
+        now: float,
+        origin: NewClientLimit | None = None,
+    ) -> ClientRecord:
+        """Make the identity; with `origin`, only while its network made
+        fewer than `origin.limit` in the last `origin.window` seconds
+        (TooManyNewClients otherwise, nothing made)."""
 
     @abc.abstractmethod
     def secret_hash(self, client_id: str) -> bytes | None:

@@ -93,3 +93,20 @@ def routable_host(toward: str) -> str:
     foreman or worker on another machine can dial it back."""
     host = split_address(toward.split(",")[0].strip())[0]
     return outgoing_address(host)
+
+
+IPV4_NETWORK_BITS = 24  # one operator's machines often share a /24 ...
+IPV6_NETWORK_BITS = 48  # ... or an IPv6 /48 (docs/protocol.md section 10)
+
+
+def network_of(host: str) -> str | None:
+    """The /24 (IPv4) or /48 (IPv6) an IP address lies in, as text
+    (`198.51.100.0/24`); None for what is not an IP address."""
+    try:
+        address = ipaddress.ip_address(host.strip("[]").split("%")[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    bits = IPV4_NETWORK_BITS if address.version == 4 else IPV6_NETWORK_BITS
+    return str(ipaddress.ip_network(f"{address}/{bits}", strict=False))

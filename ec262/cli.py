@@ -99,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds a foreman may be silent before its open tasks are refunded"
         " and their workers freed (a running foreman calls every third of it)",
     )
+    discovery.add_argument(
+        "--max-new-clients",
+        type=_non_negative,
+        default=None,
+        metavar="N",
+        help="new identities per hour from one /24 (or /48) of callers; 0 = no limit"
+        " (default: 20 off loopback, no limit on a loopback --host)",
+    )
     add_tls_arguments(discovery, "the directory of the --store file (or ~/.local/share/ec262)")
     _add_logging_flags(discovery)
     discovery.set_defaults(handler=_run_discovery)
@@ -209,6 +217,16 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     _add_logging_flags(parser)
 
 
+def max_new_clients(host: str, flag: int | None) -> int:
+    """--max-new-clients, else 20 off loopback and no limit on it."""
+    from discovery_service.ledger import DEFAULT_MAX_NEW_CLIENTS
+    from ec262.addresses import is_loopback
+
+    if flag is not None:
+        return flag
+    return 0 if is_loopback(host) else DEFAULT_MAX_NEW_CLIENTS
+
+
 def _run_discovery(args: argparse.Namespace) -> int:
     from discovery_service.ledger import LedgerConfig
     from discovery_service.server import run
@@ -221,6 +239,7 @@ def _run_discovery(args: argparse.Namespace) -> int:
             task_ttl=args.task_ttl,
             max_worker_ttl=max(86_400, args.worker_ttl),
             foreman_lease=args.foreman_lease,
+            max_new_clients=max_new_clients(args.host, args.max_new_clients),
         )
     except ValueError as error:
         print(f"ec262 discovery: {error}", file=sys.stderr)

@@ -158,6 +158,12 @@ class PermissionDenied(Ec262Error):
     e.g. a result sent with the wrong submit token."""
 
 
+class TooManyNewClients(Ec262Error):
+    """CreateClient from a network that made its share of identities this
+    hour (gRPC RESOURCE_EXHAUSTED): identities are free, so a flood of them
+    is limited where it comes from (docs/protocol.md section 10)."""
+
+
 class AddressRefused(Ec262Error):
     """A worker's address that foremen could not use (gRPC
     FAILED_PRECONDITION): it does not answer, does not present the

@@ -31,6 +31,7 @@ from ec262.errors import (
     ServiceUnavailable,
     SettleConflict,
     TaskConflict,
+    TooManyNewClients,
     UnknownTask,
 )
 
@@ -52,6 +53,7 @@ _TABLE: tuple[tuple[type[Ec262Error], grpc.StatusCode, str], ...] = (
     (TaskConflict, grpc.StatusCode.ALREADY_EXISTS, "TASK_CONFLICT"),
     (SettleConflict, grpc.StatusCode.FAILED_PRECONDITION, "SETTLE_CONFLICT"),
     (AddressRefused, grpc.StatusCode.FAILED_PRECONDITION, "ADDRESS_REFUSED"),
+    (TooManyNewClients, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_NEW_CLIENTS"),
 )
 _BY_REASON = {reason: cls for cls, _, reason in _TABLE}
 
