@@ -19,6 +19,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from discovery_service.store import (
+    IDENTITY,
+    MAX_SLOTS_PER_REQUEST,
+    NETWORK,
     Assignment,
     Candidate,
     ClientRecord,
@@ -73,6 +76,9 @@ class LedgerConfig:
     foreman_lease: int = 60
     # New identities per source /24 (/48) per NEW_CLIENT_WINDOW; 0: no limit.
     max_new_clients: int = 0
+    # What replicas of one task may not share besides an identity and an
+    # address: "network" adds the /24 (/48) (docs/protocol.md section 10).
+    diversity: str = IDENTITY
 
     def __post_init__(self) -> None:
         if self.starting_credits < 0:
@@ -83,6 +89,8 @@ class LedgerConfig:
             raise ValueError(f"worker TTL must be between 1 and {self.max_worker_ttl} seconds")
         if self.task_ttl < 1:
             raise ValueError("task TTL must be at least 1 second")
+        if self.diversity not in (IDENTITY, NETWORK):
+            raise ValueError(f"--diversity is {IDENTITY} or {NETWORK}, not {self.diversity!r}")
         if self.max_new_clients < 0:
             raise ValueError("--max-new-clients cannot be negative (0 means no limit)")
         if self.foreman_lease < 1:
@@ -132,27 +140,44 @@ def choose_workers(
     n: int,
     replication: int,
     rng: random.Random | None = None,
+    *,
+    spread: str = IDENTITY,
+    taken: frozenset[str] = frozenset(),
 ) -> list[list[Candidate]]:
-    """Up to `n` groups of `replication` distinct workers, drawn at random.
+    """Up to `n` groups of `replication` workers, drawn at random.
 
-    A worker with several free slots may serve several tasks of one request,
-    but never twice in one task. Each draw is uniform over the workers that
-    still have a free slot, so no worker is favoured by its lease or its
-    place in the table. Stops when fewer than `replication` remain: a task is
-    never made short-handed.
+    The workers of one group never share an identity, an address or (with
+    `spread="network"`) a /24 or /48, nor a spread key in `taken` (those of
+    a task's other workers, for AddReplica): one operator's many identities
+    can hold at most one replica of a task per network (docs/protocol.md
+    section 10). A worker may serve several groups of one request, up to its
+    free slots and at most MAX_SLOTS_PER_REQUEST, so one batch spreads over
+    the pool. Each draw is uniform over the workers still eligible, so none
+    is favoured by its lease or its place in the table. Stops at the first
+    group it cannot fill: a task is never made short-handed.
+
+    The Redis store runs the same draws in Lua (`redis_store._ASSIGN`).
     """
     rng = rng or _worker_draws.generator()
-    free = {c.client_id: c.free_slots for c in candidates}
-    by_id = {c.client_id: c for c in candidates}
+    free = {c.client_id: min(c.free_slots, MAX_SLOTS_PER_REQUEST) for c in candidates}
     groups: list[list[Candidate]] = []
     for _ in range(n):
-        available = [client_id for client_id, slots in free.items() if slots > 0]
-        if len(available) < replication:
+        pool = [c for c in candidates if free[c.client_id] > 0]
+        if len(pool) < replication:
             break
-        chosen = rng.sample(available, replication)
-        for client_id in chosen:
-            free[client_id] -= 1
-        groups.append([by_id[client_id] for client_id in chosen])
+        chosen: list[Candidate] = []
+        used = set(taken)
+        pool = [c for c in pool if c.spread_key(spread) not in used]
+        while len(chosen) < replication and pool:
+            pick = pool[int(rng.random() * len(pool))]
+            chosen.append(pick)
+            used.add(pick.spread_key(spread))
+            pool = [c for c in pool if c.spread_key(spread) not in used]
+        if len(chosen) < replication:
+            break
+        for worker in chosen:
+            free[worker.client_id] -= 1
+        groups.append(chosen)
     return groups
 
 
@@ -315,15 +340,19 @@ class Ledger:
         slots: int,
         runtime: str,
         tls_certificate: str = "",
+        resolved: str | None = None,
     ) -> ClientRecord:
+        """`resolved`: the IP address a host name in `address` resolved to
+        (the servicer looks it up; its network is the diversity rule's)."""
         now = self._clock()
         if ttl_seconds < 0:
             record = self.store.leave_pool(client_id, now)
             logger.info("worker %s left the pool", client_id)
             return record
-        split_address(address)
+        host = split_address(address)[0]
         if tls_certificate:
             check_peer_certificate(tls_certificate)
+        network = network_of(resolved or host) or host.lower()
         if ttl_seconds > self.config.max_worker_ttl:
             raise InvalidRequest(
                 f"ttl_seconds {ttl_seconds} is too long; at most {self.config.max_worker_ttl}"
@@ -342,6 +371,7 @@ class Ledger:
             expiry_unix=now + (ttl_seconds or self.config.worker_ttl),
             now=now,
             tls_certificate=tls_certificate,
+            network=network,
         )
         logger.debug(
             "worker %s at %s, %d slot(s), lease to %.0f",
@@ -378,6 +408,7 @@ class Ledger:
             now=now,
             task_expiry_unix=now + self.config.task_ttl,
             request_id=request_id,
+            spread=self.config.diversity,
         )
         tasks, credits = self.store.assign_tasks(request, choose_workers, _new_task)
         tasks = self._with_certificates(tasks)
@@ -406,11 +437,14 @@ class Ledger:
             for task in tasks
         ]
 
-    def live_workers(self, foreman_id: str, runtime: str) -> int:
+    def live_workers(self, foreman_id: str, runtime: str) -> tuple[int, int]:
         """Workers in the pool (of `runtime`, when set) other than the
-        foreman, busy or not: fewer than the replication means no task can
-        be made for it until more join."""
-        return self.store.live_workers(foreman_id, check_runtime(runtime), self._clock())
+        foreman, busy or not, and the distinct addresses (or, with network
+        diversity, networks) among them: fewer than the replication means no
+        task can be made for it until more join."""
+        return self.store.live_workers(
+            foreman_id, check_runtime(runtime), self._clock(), self.config.diversity
+        )
 
     def fetch_key(self, worker_id: str, task_id: str) -> tuple[bytes, str]:
         check_task_id(task_id)
@@ -443,6 +477,7 @@ class Ledger:
             now=self._clock(),
             max_workers=MAX_WORKERS_PER_REPLICA * self.config.replication,
             request_id=request_id,
+            spread=self.config.diversity,
         )
         found = self.store.add_replica(request, choose_workers)
         if found is None:

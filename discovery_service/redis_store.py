@@ -35,6 +35,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from discovery_service.store import (
+    IDENTITY,
+    MAX_SLOTS_PER_REQUEST,
+    NETWORK,
     Assignment,
     ChooseWorkers,
     ClientRecord,
@@ -140,7 +143,7 @@ if ARGV[4] == 'leave' then
   redis.call('ZREM', prefix .. 'pool', id)
 else
   redis.call('HSET', c, 'address', ARGV[5], 'slots', ARGV[6], 'runtime', ARGV[7],
-    'expiry_unix', ARGV[8], 'tls_certificate', ARGV[9])
+    'expiry_unix', ARGV[8], 'tls_certificate', ARGV[9], 'network', ARGV[10])
   redis.call('ZADD', prefix .. 'pool', ARGV[8], id)
 end
 return redis.call('HGETALL', c)
@@ -148,8 +151,10 @@ return redis.call('HGETALL', c)
 )
 
 # ARGV: prefix, foreman, n, replication, now, task expiry, runtime, exclude
-# (sorted, space-separated), request id ('' for none), then n (task id, key)
-# pairs, then n * replication uniform random numbers in [0, 1). A request id
+# (sorted, space-separated), request id ('' for none), the spread mode
+# (--diversity), the most slots of one worker a request takes, then n
+# (task id, key) pairs, then n * replication uniform random numbers in
+# [0, 1). The draws are ledger.choose_workers's, step for step. A request id
 # seen before returns what that request made (store.assignments_text).
 _ASSIGN = (
     _EXPIRE
@@ -157,6 +162,7 @@ _ASSIGN = (
 local prefix, foreman = ARGV[1], ARGV[2]
 local n, r, now, texpiry = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], ARGV[6]
 local runtime, exclude, rid = ARGV[7], ARGV[8], ARGV[9]
+local spread, cap = ARGV[10], tonumber(ARGV[11])
 expire(prefix, now)
 local fkey = prefix .. 'c:' .. foreman
 local rname = foreman .. ':' .. rid
@@ -172,31 +178,37 @@ if balance < n * r then return {'INSUFFICIENT', balance} end
 redis.call('ZREMRANGEBYSCORE', prefix .. 'pool', '-inf', now)
 local excluded = {}
 for w in string.gmatch(exclude, '%S+') do excluded[w] = true end
-local cand, free, addr = {}, {}, {}
+local cand, free, addr, spot = {}, {}, {}, {}
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', prefix .. 'pool', '(' .. now, '+inf')) do
   if id ~= foreman and not excluded[id] then
-    local h = redis.call('HMGET', prefix .. 'c:' .. id, 'slots', 'busy_slots', 'address', 'runtime')
+    local h = redis.call('HMGET', prefix .. 'c:' .. id, 'slots', 'busy_slots', 'address', 'runtime',
+      'network')
     local f = tonumber(h[1]) - tonumber(h[2])
     if f > 0 and (runtime == '' or h[4] == runtime) then
-      table.insert(cand, id); free[id] = f; addr[id] = h[3]
+      table.insert(cand, id); free[id] = math.min(f, cap); addr[id] = h[3]
+      spot[id] = h[3]
+      if spread == 'network' and h[5] and h[5] ~= '' then spot[id] = h[5] end
     end
   end
 end
 local out = {'OK', 0}
-local rnd = 10 + 2 * n
+local rnd = 12 + 2 * n
 local made = 0
 for i = 1, n do
-  local avail = {}
-  for _, id in ipairs(cand) do if free[id] > 0 then table.insert(avail, id) end end
-  if #avail < r then break end
-  local chosen, addresses = {}, {}
-  for j = 1, r do
-    local k = j + math.floor(tonumber(ARGV[rnd]) * (#avail - j + 1))
+  local pool = {}
+  for _, id in ipairs(cand) do if free[id] > 0 then table.insert(pool, id) end end
+  if #pool < r then break end
+  local chosen, addresses, used = {}, {}, {}
+  while #chosen < r and #pool > 0 do
+    local pick = pool[1 + math.floor(tonumber(ARGV[rnd]) * #pool)]
     rnd = rnd + 1
-    avail[j], avail[k] = avail[k], avail[j]
-    table.insert(chosen, avail[j]); table.insert(addresses, addr[avail[j]])
+    table.insert(chosen, pick); table.insert(addresses, addr[pick]); used[spot[pick]] = true
+    local rest = {}
+    for _, id in ipairs(pool) do if not used[spot[id]] then table.insert(rest, id) end end
+    pool = rest
   end
-  local tid, key = ARGV[10 + 2 * (i - 1)], ARGV[11 + 2 * (i - 1)]
+  if #chosen < r then break end
+  local tid, key = ARGV[12 + 2 * (i - 1)], ARGV[13 + 2 * (i - 1)]
   redis.call('HSET', prefix .. 't:' .. tid, 'foreman_id', foreman, 'key', key, 'escrow', r,
     'expiry_unix', texpiry, 'workers', table.concat(chosen, ' '))
   redis.call('ZADD', prefix .. 'texp', texpiry, tid)
@@ -284,12 +296,18 @@ return {'OK', after}
 
 # ARGV: prefix, foreman, task id, now, runtime, exclude and release (each
 # sorted, space-separated), request id ('' for none), the remembered form of
-# the request, the most workers a task holds, one uniform random number.
+# the request, the most workers a task holds, one uniform random number,
+# the spread mode (--diversity).
 _REPLICA = (
     _EXPIRE
     + """
 local prefix, foreman, tid, now, runtime = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local rid, remembered, most = ARGV[8], ARGV[9], tonumber(ARGV[10])
+local spread = ARGV[12]
+local function spot(h)  -- h: address, network
+  if spread == 'network' and h[2] and h[2] ~= '' then return h[2] end
+  return h[1]
+end
 expire(prefix, now)
 local fkey = prefix .. 'c:' .. foreman
 local rname = foreman .. ':' .. rid
@@ -320,12 +338,17 @@ for w, _ in pairs(release) do redis.call('HINCRBY', prefix .. 'c:' .. w, 'busy_s
 local chosen, address = '', ''
 if #kept < most then
   redis.call('ZREMRANGEBYSCORE', prefix .. 'pool', '-inf', now)
+  local taken = {}
+  for _, w in ipairs(kept) do
+    taken[spot(redis.call('HMGET', prefix .. 'c:' .. w, 'address', 'network'))] = true
+  end
   local avail, addr = {}, {}
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', prefix .. 'pool', '(' .. now, '+inf')) do
     if id ~= foreman and not excluded[id] then
       local c = redis.call('HMGET', prefix .. 'c:' .. id, 'slots', 'busy_slots', 'address',
-        'runtime')
-      if tonumber(c[1]) > tonumber(c[2]) and (runtime == '' or c[4] == runtime) then
+        'runtime', 'network')
+      if tonumber(c[1]) > tonumber(c[2]) and (runtime == '' or c[4] == runtime)
+        and not taken[spot({c[3], c[5]})] then
         table.insert(avail, id); addr[id] = c[3]
       end
     end
@@ -485,6 +508,7 @@ class RedisStore(LedgerStore):
         expiry_unix: float,
         now: float,
         tls_certificate: str = "",
+        network: str = "",
     ) -> ClientRecord:
         fields = self._register(
             args=[
@@ -497,6 +521,7 @@ class RedisStore(LedgerStore):
                 runtime,
                 self._now(expiry_unix),
                 tls_certificate,
+                network,
             ]
         )
         return self._require(client_id, fields)
@@ -541,6 +566,8 @@ class RedisStore(LedgerStore):
             request.runtime,
             " ".join(sorted(request.exclude_workers)),
             request.request_id,
+            request.spread,
+            MAX_SLOTS_PER_REQUEST,
         ]
         for task_id, key in pairs:
             args += [task_id, key]
@@ -571,18 +598,22 @@ class RedisStore(LedgerStore):
         return self._redis.get(key).decode()
 
     @_unavailable_is_clear
-    def live_workers(self, foreman_id: str, runtime: str, now: float) -> int:
+    def live_workers(
+        self, foreman_id: str, runtime: str, now: float, spread: str = IDENTITY
+    ) -> tuple[int, int]:
         ids = [
             i.decode() for i in self._redis.zrangebyscore(f"{self.prefix}pool", f"({now!r}", "+inf")
         ]
         ids = [i for i in ids if i != foreman_id]
-        if not runtime or not ids:
-            return len(ids)
+        if not ids:
+            return 0, 0
         with self._redis.pipeline(transaction=False) as pipe:
             for client_id in ids:
-                pipe.hget(f"{self.prefix}c:{client_id}", "runtime")
-            runtimes = pipe.execute()
-        return sum(1 for r in runtimes if r is not None and r.decode() == runtime)
+                pipe.hmget(f"{self.prefix}c:{client_id}", "runtime", "address", "network")
+            rows = pipe.execute()
+        live = [r for r in rows if r[0] is not None and (not runtime or r[0].decode() == runtime)]
+        spots = {(r[2] if spread == NETWORK and r[2] else r[1]) for r in live}
+        return len(live), len(spots)
 
     @_unavailable_is_clear
     def fetch_key(self, worker_id: str, task_id: str, now: float) -> tuple[bytes, str] | None:
@@ -643,6 +674,7 @@ class RedisStore(LedgerStore):
                 request.remembered_as(),
                 request.max_workers,
                 repr(self._random.random()),
+                request.spread,
             ]
         )
         status = reply[0]

@@ -12,15 +12,21 @@ wait."""
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
 from discovery_service.ledger import Ledger
 from discovery_service.probe import probe_worker
 from discovery_service.store import Assignment, ClientRecord, WorkerRef
+from ec262.addresses import network_of, split_address
 from ec262.auth import AUTHORIZATION_KEY
+from ec262.errors import InvalidRequest
 from ec262.grpc_errors import translate_errors
 from ec262.v1 import discovery_pb2 as pb
 from ec262.v1 import discovery_pb2_grpc
+
+RESOLVE_SECONDS = 2.0
 
 
 def client_info(record: ClientRecord, ledger: Ledger) -> pb.ClientInfo:
@@ -56,6 +62,24 @@ def peer_host(context: grpc.aio.ServicerContext) -> str | None:
         return None
     host = rest.rpartition(":")[0]
     return host.strip("[]") or None
+
+
+async def resolve_host(address: str) -> str | None:
+    """The IP address a worker's host name resolves to (None for an IP
+    literal, an unparsable address or a name that does not resolve within
+    RESOLVE_SECONDS), off the event loop's thread."""
+    try:
+        host = split_address(address)[0].strip("[]")
+    except InvalidRequest:
+        return None  # the ledger says what is wrong with it
+    if network_of(host) is not None:
+        return None
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(loop.getaddrinfo(host, None), RESOLVE_SECONDS)
+    except (OSError, TimeoutError, UnicodeError):
+        return None
+    return str(infos[0][4][0]) if infos else None
 
 
 def task_assignment(task: Assignment) -> pb.TaskAssignment:
@@ -107,6 +131,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
             slots=request.slots,
             runtime=request.runtime,
             tls_certificate=request.tls_certificate,
+            resolved=await resolve_host(request.address) if request.ttl_seconds >= 0 else None,
         )
         return client_info(record, self._ledger)
 
@@ -125,12 +150,16 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
             runtime=request.runtime,
             request_id=request.request_id,
         )
-        short = len(tasks) < max(1, request.n)
+        live, spots = (0, 0)
+        if len(tasks) < max(1, request.n):
+            live, spots = self._ledger.live_workers(caller, request.runtime)
         return pb.RequestTasksResponse(
             tasks=[task_assignment(t) for t in tasks],
             credits=credits,
             replication=self._ledger.config.replication,
-            live_workers=self._ledger.live_workers(caller, request.runtime) if short else 0,
+            live_workers=live,
+            live_networks=spots,
+            diversity=self._ledger.config.diversity,
         )
 
     @translate_errors

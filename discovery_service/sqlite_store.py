@@ -23,6 +23,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from discovery_service.store import (
+    IDENTITY,
+    NETWORK,
     Assignment,
     Candidate,
     ChooseWorkers,
@@ -46,7 +48,7 @@ from ec262.errors import InsufficientCredits, InvalidRequest
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3  # 2: settled.released; 3: clients.tls_certificate
+SCHEMA_VERSION = 4  # 2: settled.released; 3: clients.tls_certificate; 4: clients.network
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 _SCHEMA = """
@@ -58,6 +60,7 @@ CREATE TABLE IF NOT EXISTS clients (
     address          TEXT NOT NULL DEFAULT '',
     runtime          TEXT NOT NULL DEFAULT '',
     tls_certificate  TEXT NOT NULL DEFAULT '',  -- PEM, a TLS worker's own
+    network          TEXT NOT NULL DEFAULT '',  -- its address's /24 (/48), for diversity
     expiry_unix      REAL NOT NULL DEFAULT 0,
     slots            INTEGER NOT NULL DEFAULT 0,
     busy_slots       INTEGER NOT NULL DEFAULT 0 CHECK (busy_slots >= 0),
@@ -176,6 +179,8 @@ class SqliteStore(LedgerStore):
                 db.execute(
                     "ALTER TABLE clients ADD COLUMN tls_certificate TEXT NOT NULL DEFAULT ''"
                 )
+            if version in (1, 2, 3):
+                db.execute("ALTER TABLE clients ADD COLUMN network TEXT NOT NULL DEFAULT ''")
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             earliest = self._earliest_expiry(db)
         # The earliest expiry of any open or remembered task: until then no
@@ -259,13 +264,14 @@ class SqliteStore(LedgerStore):
         expiry_unix: float,
         now: float,
         tls_certificate: str = "",
+        network: str = "",
     ) -> ClientRecord:
         with self._transaction() as db:
             self._expire(db, now)
             db.execute(
                 "UPDATE clients SET address = ?, slots = ?, runtime = ?, expiry_unix = ?,"
-                " tls_certificate = ? WHERE client_id = ?",
-                (address, slots, runtime, expiry_unix, tls_certificate, client_id),
+                " tls_certificate = ?, network = ? WHERE client_id = ?",
+                (address, slots, runtime, expiry_unix, tls_certificate, network, client_id),
             )
             return self._require_client(db, client_id)
 
@@ -330,7 +336,7 @@ class SqliteStore(LedgerStore):
             candidates = self._candidates(
                 db, request.now, request.foreman_id, request.runtime, request.exclude_workers
             )
-            groups = choose(candidates, request.n, request.replication)
+            groups = choose(candidates, request.n, request.replication, spread=request.spread)
             assignments: list[Assignment] = []
             rows = []
             busy: Counter[str] = Counter()
@@ -393,7 +399,7 @@ class SqliteStore(LedgerStore):
     ) -> list[Candidate]:
         """Live workers with a free slot, of `runtime` when set."""
         query = (
-            "SELECT client_id, address, slots - busy_slots FROM clients"
+            "SELECT client_id, address, slots - busy_slots, network FROM clients"
             " WHERE expiry_unix > ? AND busy_slots < slots AND client_id != ?"
         )
         args: tuple = (now, foreman_id)
@@ -444,7 +450,15 @@ class SqliteStore(LedgerStore):
                 candidates = self._candidates(
                     db, request.now, request.foreman_id, request.runtime, exclude
                 )
-                group = choose(candidates, 1, 1)
+                taken = frozenset(
+                    Candidate(*row).spread_key(request.spread)
+                    for row in db.execute(
+                        "SELECT client_id, address, 0, network FROM clients"
+                        f" WHERE client_id IN ({_placeholders(len(kept))})",
+                        kept,
+                    )
+                )
+                group = choose(candidates, 1, 1, spread=request.spread, taken=taken)
                 if group:
                     chosen = WorkerRef(group[0][0].client_id, group[0][0].address)
                     kept.append(chosen.client_id)
@@ -487,14 +501,20 @@ class SqliteStore(LedgerStore):
             (value,) = db.execute("SELECT value FROM meta WHERE name = 'ledger_id'").fetchone()
         return value
 
-    def live_workers(self, foreman_id: str, runtime: str, now: float) -> int:
-        query = "SELECT COUNT(*) FROM clients WHERE expiry_unix > ? AND client_id != ?"
-        args: tuple = (now, foreman_id)
+    def live_workers(
+        self, foreman_id: str, runtime: str, now: float, spread: str = IDENTITY
+    ) -> tuple[int, int]:
+        query = (
+            "SELECT COUNT(*), COUNT(DISTINCT CASE WHEN ? AND network != '' THEN network"
+            " ELSE address END) FROM clients WHERE expiry_unix > ? AND client_id != ?"
+        )
+        args: tuple = (spread == NETWORK, now, foreman_id)
         if runtime:
             query += " AND runtime = ?"
             args += (runtime,)
         with self._lock:
-            return self._db.execute(query, args).fetchone()[0]
+            workers, spots = self._db.execute(query, args).fetchone()
+        return workers, spots
 
     def fetch_key(self, worker_id: str, task_id: str, now: float) -> tuple[bytes, str] | None:
         with self._lock:

@@ -49,11 +49,25 @@ class NewClientLimit:
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
-    """A live worker with at least one free slot."""
+    """A live worker with at least one free slot. `network` is the /24
+    (/48) of its address, resolved at registration (the host itself when it
+    does not resolve)."""
 
     client_id: str
     address: str
     free_slots: int
+    network: str = ""
+
+    def spread_key(self, spread: str) -> str:
+        """What two replicas of one task may not share (docs/protocol.md
+        section 10): the network, or (`--diversity identity`) the address."""
+        return (self.network or self.address) if spread == NETWORK else self.address
+
+
+IDENTITY, NETWORK = "identity", "network"  # the --diversity modes
+# Slots of one worker one RequestTasks may take: a worker claiming 1024
+# slots must not take a whole batch (docs/protocol.md section 10).
+MAX_SLOTS_PER_REQUEST = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +96,7 @@ class TaskRequest:
     now: float
     task_expiry_unix: float
     request_id: str = ""  # "" when the foreman did not ask for repeat safety
+    spread: str = IDENTITY  # --diversity
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +112,7 @@ class ReplicaRequest:
     now: float
     max_workers: int  # workers a task may hold at once (replication x 2)
     request_id: str = ""
+    spread: str = IDENTITY  # --diversity
 
     def remembered_as(self) -> str:
         """How a repeat is recognised (kept in the `exclude` of a request)."""
@@ -183,7 +199,8 @@ def insufficient_credits(request: TaskRequest, balance: int) -> InsufficientCred
 
 
 # Chooses, from the candidates, up to n groups of `replication` distinct workers.
-ChooseWorkers = Callable[[Sequence[Candidate], int, int], list[list[Candidate]]]
+# choose(candidates, n, replication, spread=..., taken=...): ledger.choose_workers.
+ChooseWorkers = Callable[..., list[list[Candidate]]]
 # Makes a new (task_id, key) pair.
 NewTask = Callable[[], tuple[str, bytes]]
 
@@ -222,8 +239,10 @@ class LedgerStore(abc.ABC):
         expiry_unix: float,
         now: float,
         tls_certificate: str = "",
+        network: str = "",
     ) -> ClientRecord:
-        """Join or refresh the pool; busy slots and credits are kept."""
+        """Join or refresh the pool; busy slots and credits are kept.
+        `network`: the address's /24 (/48), for the diversity rule."""
 
     @abc.abstractmethod
     def certificates(self, client_ids: Iterable[str]) -> dict[str, str]:
@@ -252,8 +271,12 @@ class LedgerStore(abc.ABC):
         every front-end of the ledger answers the same."""
 
     @abc.abstractmethod
-    def live_workers(self, foreman_id: str, runtime: str, now: float) -> int:
-        """Live workers (of `runtime` unless empty) other than the foreman."""
+    def live_workers(
+        self, foreman_id: str, runtime: str, now: float, spread: str = IDENTITY
+    ) -> tuple[int, int]:
+        """Live workers (of `runtime` unless empty) other than the foreman,
+        and how many distinct spread keys (addresses, or networks) they have:
+        no task can have more replicas than that."""
 
     @abc.abstractmethod
     def fetch_key(self, worker_id: str, task_id: str, now: float) -> tuple[bytes, str] | None:

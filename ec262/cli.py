@@ -107,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="new identities per hour from one /24 (or /48) of callers; 0 = no limit"
         " (default: 20 off loopback, no limit on a loopback --host)",
     )
+    discovery.add_argument(
+        "--diversity",
+        choices=("network", "identity"),
+        default=None,
+        help="replicas of one task never share an identity or an address; `network`"
+        " also keeps them on distinct /24s (/48s) (default: network off loopback,"
+        " identity on a loopback --host)",
+    )
     add_tls_arguments(discovery, "the directory of the --store file (or ~/.local/share/ec262)")
     _add_logging_flags(discovery)
     discovery.set_defaults(handler=_run_discovery)
@@ -230,6 +238,7 @@ def max_new_clients(host: str, flag: int | None) -> int:
 def _run_discovery(args: argparse.Namespace) -> int:
     from discovery_service.ledger import LedgerConfig
     from discovery_service.server import run
+    from ec262.addresses import is_loopback
 
     try:
         config = LedgerConfig(
@@ -240,6 +249,7 @@ def _run_discovery(args: argparse.Namespace) -> int:
             max_worker_ttl=max(86_400, args.worker_ttl),
             foreman_lease=args.foreman_lease,
             max_new_clients=max_new_clients(args.host, args.max_new_clients),
+            diversity=args.diversity or ("identity" if is_loopback(args.host) else "network"),
         )
     except ValueError as error:
         print(f"ec262 discovery: {error}", file=sys.stderr)

@@ -126,16 +126,39 @@ class NotEnoughWorkers(JobFailed):
     on the tasks it could not make."""
 
     def __init__(
-        self, live: int, needed: int, *, chunk: str = "", unreachable: dict[str, str] | None = None
+        self,
+        live: int,
+        needed: int,
+        *,
+        chunk: str = "",
+        unreachable: dict[str, str] | None = None,
+        spots: int | None = None,
+        diversity: str = "",
     ) -> None:
+        """`spots`: the distinct addresses (or networks) the live workers
+        are on, when that is what falls short."""
         self.live = live
         self.needed = needed
-        super().__init__(
-            f"not enough workers: {live} live worker(s) other than this foreman, and a task"
-            f" needs {needed} distinct ones (the discovery service's replication)",
-            chunk=chunk,
-            unreachable=unreachable,
-        )
+        self.spots = spots
+        if spots is None:
+            message = (
+                f"not enough workers: {live} live worker(s) other than this foreman, and a task"
+                f" needs {needed} distinct ones (the discovery service's replication)"
+            )
+        elif diversity == "network":
+            message = (
+                f"not enough networks: {live} live worker(s) other than this foreman, on"
+                f" {spots} distinct /24 (or /48) network(s), and the discovery service keeps"
+                f" the {needed} replicas of a task on distinct networks (--diversity network;"
+                " a cluster on one network runs it with --diversity identity)"
+            )
+        else:
+            message = (
+                f"not enough workers: {live} live worker(s) other than this foreman, at"
+                f" {spots} distinct address(es), and the {needed} replicas of a task never"
+                " share an address"
+            )
+        super().__init__(message, chunk=chunk, unreachable=unreachable)
 
 
 class ResultNotDelivered(Ec262Error):

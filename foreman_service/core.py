@@ -101,6 +101,8 @@ class Granted:
     request_id: str
     tasks: list[tuple[str, dict[str, str]]]
     live_workers: int = 0
+    live_networks: int = 0  # their distinct addresses or networks; 0: not said
+    diversity: str = ""  # the discovery service's --diversity
 
 
 @dataclass(frozen=True)
@@ -539,9 +541,9 @@ class JobCore:
             self.stats.credits_spent += len(workers)  # escrowed; refunds come back below
             for worker_id, address in workers.items():
                 self._assign(task, worker_id, address, now, commands)
-        self._pace(now, made, chunks, exclude, event.live_workers, commands)
+        self._pace(now, made, chunks, exclude, event, commands)
 
-    def _pace(self, now, made, chunks, exclude, live_workers, commands) -> None:
+    def _pace(self, now, made, chunks, exclude, granted: Granted, commands) -> None:
         if made:
             self._starved_since, self._empty_requests = None, 0
             if exclude and not chunks[0].suspects:
@@ -567,19 +569,27 @@ class JobCore:
                 if now - self._fresh_starved_since > self._relax_after():
                     self._relax_fresh = True
                     self._next_request_at = now
-        self._check_starved(now, live_workers if len(made) < len(chunks) else None, commands)
+        self._check_starved(now, granted if len(made) < len(chunks) else None, commands)
 
-    def _check_starved(self, now: float, live: int | None, commands: list) -> None:
+    def _check_starved(self, now: float, short: Granted | None, commands: list) -> None:
+        """`short`: the answer of a request that made fewer tasks than asked."""
         if self._starved_since is None:
             return
         waited = now - self._starved_since
         label = self._pending[0].label if self._pending else ""
-        if live is not None and live < self.replication:
+        live = short.live_workers if short else None
+        spots = short.live_networks if short else 0
+        if live is not None and (live < self.replication or 0 < spots < self.replication):
             if waited > NOT_ENOUGH_WORKERS_SECONDS:
                 commands.append(
                     Fail(
                         NotEnoughWorkers(
-                            live, self.replication, chunk=label, unreachable=self.unreachable_seen
+                            live,
+                            self.replication,
+                            chunk=label,
+                            unreachable=self.unreachable_seen,
+                            spots=spots if spots < self.replication else None,
+                            diversity=short.diversity,
                         )
                     )
                 )

@@ -189,7 +189,15 @@ class ForemanOutbound:
             for worker in task.workers:
                 self._channels.learn(worker.client_id, worker.tls_certificate)
         tasks = [(t.task_id, {w.client_id: w.address for w in t.workers}) for t in response.tasks]
-        self._events.put(Granted(command.request_id, tasks, response.live_workers))
+        self._events.put(
+            Granted(
+                command.request_id,
+                tasks,
+                response.live_workers,
+                response.live_networks,
+                response.diversity,
+            )
+        )
 
     def _add_replica(self, command: AddReplica) -> None:
         try:

@@ -1,6 +1,9 @@
 """A small network of hosts made of Linux network namespaces for a test: a
 bridge in a hub namespace and one namespace per host, joined by veth
-pairs, with TEST-NET-2 addresses (198.51.100.0/24, RFC 5737). Nothing of
+pairs, on one link with addresses of the benchmarking range 198.18.0.0/15
+(RFC 2544, never routed), each host on a /24 of its own so that the
+discovery service's network diversity (docs/protocol.md section 10) holds
+with its defaults. Nothing of
 it touches the machine's own namespace, and `close()` removes it all.
 Loopback stays down in every host, so anything that would quietly use
 127.0.0.1 fails instead."""
@@ -15,7 +18,8 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-PREFIX = "198.51.100"
+NETWORK = "198.18"  # 198.18.0.0/15: host N is 198.18.N.1
+PREFIX_LENGTH = 15
 
 
 def unavailable() -> str | None:
@@ -61,7 +65,8 @@ class Network:
         _ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
         _ip("-n", self.hub, "link", "set", "br0", "up")
 
-    def add_host(self, name: str, last_octet: int) -> Host:
+    def add_host(self, name: str, number: int) -> Host:
+        """Host `number` (1-254), at 198.18.NUMBER.1."""
         namespace = f"ec262-{self.tag}-{name}"
         _ip("netns", "add", namespace)
         self._namespaces.append(namespace)
@@ -69,8 +74,8 @@ class Network:
         _ip("-n", self.hub, "link", "add", port, "type", "veth", "peer", "name", "eth0",
             "netns", namespace)  # fmt: skip
         _ip("-n", self.hub, "link", "set", port, "master", "br0", "up")
-        address = f"{PREFIX}.{last_octet}"
-        _ip("-n", namespace, "addr", "add", f"{address}/24", "dev", "eth0")
+        address = f"{NETWORK}.{number}.1"
+        _ip("-n", namespace, "addr", "add", f"{address}/{PREFIX_LENGTH}", "dev", "eth0")
         _ip("-n", namespace, "link", "set", "eth0", "up")
         host = Host(namespace, address)
         self.hosts.append(host)

@@ -124,10 +124,10 @@ def test_a_heartbeat_extends_the_lease(discovery):
     foreman = discovery.client()
     workers = [discovery.worker(ttl=10) for _ in range(3)]
     discovery.clock.advance(8)
-    for worker in workers:
+    for number, worker in enumerate(workers):
         discovery.stub.RegisterWorker(
             pb.RegisterWorkerRequest(
-                address="127.0.0.1:9999", ttl_seconds=10, runtime="cpython-3.11"
+                address=f"127.0.0.1:{9990 + number}", ttl_seconds=10, runtime="cpython-3.11"
             ),
             metadata=worker.metadata,
         )

@@ -942,3 +942,19 @@ def test_the_worker_that_disagreed_with_a_malformed_quorum_is_no_cheater():
     d.settle_answer(task)
     assert d.core.cheaters == {"w1", "w2"} == d.stats.cheaters
     assert d.request().exclude >= ws("w1", "w2")  # the retry avoids the colluders
+
+
+def test_workers_all_on_one_network_fail_the_job_saying_so():
+    """Live workers enough, but on fewer networks than replicas: with
+    network diversity no task can be made (docs/protocol.md section 10)."""
+    d = Driver()
+    while not only(d.log, Fail):
+        d.events(Granted(d.request().request_id, [], live_workers=5, live_networks=1,
+                         diversity="network"))  # fmt: skip
+        if not only(d.log, Fail):
+            d.wake()
+    [fail] = only(d.log, Fail)
+    assert isinstance(fail.error, NotEnoughWorkers)
+    assert (fail.error.live, fail.error.spots, fail.error.needed) == (5, 1, 3)
+    assert "not enough networks" in str(fail.error) and "--diversity identity" in str(fail.error)
+    assert d.now <= NOT_ENOUGH_WORKERS_SECONDS + 1.5 and d.stats.credits_spent == 0

@@ -1,6 +1,7 @@
 """A job across machines (network namespaces joined by a bridge,
-tests/netns.py), with every default a user would have: nothing configured
-but the discovery address. Docs/protocol.md section 8: the servers off
+tests/netns.py, every host on a /24 of its own), with every default a user
+would have: nothing configured but the discovery address. Docs/protocol.md
+section 8: the servers off
 loopback serve TLS by themselves, the clients pin the discovery service's
 certificate on first use, workers on 0.0.0.0 advertise the address that
 routes to the discovery service, the foreman's result server the same, and
@@ -107,7 +108,7 @@ def test_a_job_across_hosts_with_defaults_is_tls_everywhere(network, tmp_path):
 
         # Addresses no foreman could use are refused, saying why: one where
         # nobody answers, and loopback registered from another host.
-        for advertise, why in (("198.51.100.99", "unreachable"), ("127.0.0.1", "is loopback")):
+        for advertise, why in (("198.18.99.1", "unreachable"), ("127.0.0.1", "is loopback")):
             stray = _start(
                 workers[0],
                 ["worker", "--host", "0.0.0.0", "-P", "0", "--discovery", address,

@@ -1,13 +1,26 @@
 """Trust among strangers (docs/protocol.md section 10), the parts built so
-far: new identities limited per source network."""
+far: new identities limited per source network, and replicas of a task
+kept apart by identity, address and (`--diversity network`) network."""
 
 from __future__ import annotations
 
+import random
+from collections import Counter
+
 import grpc
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from discovery_service.ledger import NEW_CLIENT_WINDOW, Ledger, LedgerConfig
+from discovery_service.ledger import (
+    MAX_SLOTS_PER_REQUEST,
+    NEW_CLIENT_WINDOW,
+    Ledger,
+    LedgerConfig,
+    choose_workers,
+)
 from discovery_service.sqlite_store import SqliteStore
+from discovery_service.store import IDENTITY, NETWORK, Candidate
 from ec262.addresses import network_of
 from ec262.errors import TooManyNewClients
 from ec262.v1 import discovery_pb2 as pb
@@ -75,3 +88,113 @@ def test_the_limit_is_on_by_default_off_loopback():
     assert max_new_clients("0.0.0.0", None) == 20 == max_new_clients("198.51.100.1", None)
     assert max_new_clients("127.0.0.1", None) == 0 == max_new_clients("0.0.0.0", 0)
     assert max_new_clients("127.0.0.1", 3) == 3
+
+
+# -- diversity ------------------------------------------------------------------
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 3), st.integers(0, 2), st.integers(1, 40)), min_size=1, max_size=12
+    ),
+    st.integers(1, 30),
+    st.sampled_from([IDENTITY, NETWORK]),
+    st.integers(0, 2**32),
+)
+def test_no_two_replicas_share_an_address_or_network_and_a_batch_spreads(workers, n, spread, seed):
+    """Workers drawn on a few /24s and addresses, some sharing both."""
+    candidates = [
+        Candidate(f"w{i}", f"10.0.{net}.{host + 1}:7000", slots, f"10.0.{net}.0/24")
+        for i, (net, host, slots) in enumerate(workers)
+    ]
+    groups = choose_workers(candidates, n, 3, random.Random(seed), spread=spread)
+    used = Counter(c.client_id for group in groups for c in group)
+    for group in groups:
+        keys = [c.spread_key(spread) for c in group]
+        assert len(group) == 3 and len(set(keys)) == 3
+        assert len({c.address for c in group}) == 3
+    for candidate in candidates:
+        assert used[candidate.client_id] <= min(candidate.free_slots, MAX_SLOTS_PER_REQUEST)
+
+
+def _register(discovery, identity, address: str, slots: int = 1) -> None:
+    discovery.stub.RegisterWorker(
+        pb.RegisterWorkerRequest(
+            address=address, ttl_seconds=600, slots=slots, runtime="cpython-3.11"
+        ),
+        metadata=identity.metadata,
+    )
+
+
+def _tasks(discovery, foreman, n: int) -> list[list[str]]:
+    reply = discovery.stub.RequestTasks(pb.RequestTasksRequest(n=n), metadata=foreman.metadata)
+    return [[w.client_id for w in task.workers] for task in reply.tasks]
+
+
+def test_identities_at_one_address_never_share_a_task(discovery_factory):
+    """The issue's measurement: 3 identities registered at one host:port
+    were all put in one task. Now at most one of them per task (both stores)."""
+    discovery = discovery_factory(LedgerConfig(starting_credits=10_000))
+    sybils = [discovery.client() for _ in range(3)]
+    for sybil in sybils:
+        _register(discovery, sybil, "127.0.0.1:6666", slots=8)
+    honest = [discovery.client() for _ in range(4)]
+    for number, worker in enumerate(honest):
+        _register(discovery, worker, f"127.0.0.1:{7000 + number}", slots=8)
+    sybil_ids = {s.client_id for s in sybils}
+    tasks = _tasks(discovery, discovery.client(), 8)
+    assert len(tasks) == 8
+    assert all(len(sybil_ids & set(task)) <= 1 for task in tasks)
+
+
+def test_a_worker_claiming_many_slots_takes_a_share_of_a_batch(discovery_factory):
+    discovery = discovery_factory(LedgerConfig(starting_credits=10_000))
+    greedy = discovery.client()
+    _register(discovery, greedy, "127.0.0.1:6000", slots=1024)
+    for number in range(3):
+        _register(discovery, discovery.client(), f"127.0.0.1:{7000 + number}", slots=1024)
+    # Four workers, each taken at most 16 times: 21 tasks of 3 (uncapped,
+    # all 64 asked for, most of them with the greedy worker).
+    tasks = _tasks(discovery, discovery.client(), 64)
+    assert MAX_SLOTS_PER_REQUEST <= len(tasks) <= 4 * MAX_SLOTS_PER_REQUEST // 3
+    assert sum(greedy.client_id in task for task in tasks) <= MAX_SLOTS_PER_REQUEST
+
+
+def test_with_network_diversity_a_sybil_network_holds_one_replica(discovery_factory):
+    """Workers on distinct loopback addresses (127.0.N.1 all reach lo): ten
+    identities on one /24 against five honest networks; every task has at
+    most one of them, in RequestTasks and in AddReplica (both stores)."""
+    discovery = discovery_factory(LedgerConfig(starting_credits=10_000, diversity=NETWORK))
+    sybils = [discovery.client() for _ in range(10)]
+    for number, sybil in enumerate(sybils):
+        _register(discovery, sybil, f"127.0.9.{number + 1}:7000", slots=16)
+    for network in range(1, 6):
+        _register(discovery, discovery.client(), f"127.0.{network}.1:7000", slots=16)
+    sybil_ids = {s.client_id for s in sybils}
+    foreman = discovery.client()
+    reply = discovery.stub.RequestTasks(pb.RequestTasksRequest(n=20), metadata=foreman.metadata)
+    assert len(reply.tasks) == 20
+    for task in reply.tasks:
+        members = [w.client_id for w in task.workers]
+        assert len(sybil_ids & set(members)) <= 1
+        # A replacement for an honest member is never a second sybil.
+        honest = next(m for m in members if m not in sybil_ids)
+        added = discovery.stub.AddReplica(
+            pb.AddReplicaRequest(task_id=task.task_id, release_workers=[honest]),
+            metadata=foreman.metadata,
+        )
+        if added.client_id:
+            now = (set(members) - {honest}) | {added.client_id}
+            assert len(sybil_ids & now) <= 1, task.task_id
+
+
+def test_a_short_request_says_how_many_networks_the_live_workers_are_on(discovery_factory):
+    discovery = discovery_factory(LedgerConfig(diversity=NETWORK))
+    for number in range(4):  # four hosts of one /24
+        _register(discovery, discovery.client(), f"127.0.7.{number + 1}:7000", slots=2)
+    foreman = discovery.client()
+    reply = discovery.stub.RequestTasks(pb.RequestTasksRequest(n=1), metadata=foreman.metadata)
+    assert not reply.tasks
+    assert (reply.live_workers, reply.live_networks, reply.diversity) == (4, 1, "network")
+    totals = discovery.server.ledger.store.totals()
+    assert totals.escrowed_credits == 0 and totals.open_tasks == 0  # nothing charged

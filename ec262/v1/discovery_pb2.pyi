@@ -101,16 +101,20 @@ class TaskAssignment(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., workers: _Optional[_Iterable[_Union[WorkerRef, _Mapping]]] = ..., expiry_unix: _Optional[int] = ...) -> None: ...
 
 class RequestTasksResponse(_message.Message):
-    __slots__ = ("tasks", "credits", "replication", "live_workers")
+    __slots__ = ("tasks", "credits", "replication", "live_workers", "live_networks", "diversity")
     TASKS_FIELD_NUMBER: _ClassVar[int]
     CREDITS_FIELD_NUMBER: _ClassVar[int]
     REPLICATION_FIELD_NUMBER: _ClassVar[int]
     LIVE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_NETWORKS_FIELD_NUMBER: _ClassVar[int]
+    DIVERSITY_FIELD_NUMBER: _ClassVar[int]
     tasks: _containers.RepeatedCompositeFieldContainer[TaskAssignment]
     credits: int
     replication: int
     live_workers: int
-    def __init__(self, tasks: _Optional[_Iterable[_Union[TaskAssignment, _Mapping]]] = ..., credits: _Optional[int] = ..., replication: _Optional[int] = ..., live_workers: _Optional[int] = ...) -> None: ...
+    live_networks: int
+    diversity: str
+    def __init__(self, tasks: _Optional[_Iterable[_Union[TaskAssignment, _Mapping]]] = ..., credits: _Optional[int] = ..., replication: _Optional[int] = ..., live_workers: _Optional[int] = ..., live_networks: _Optional[int] = ..., diversity: _Optional[str] = ...) -> None: ...
 
 class FetchKeyRequest(_message.Message):
     __slots__ = ("task_id",)
