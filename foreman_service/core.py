@@ -248,6 +248,7 @@ class Chunk:
 
 # A replica's life: assigning -> running -> answered; or released (never
 # started, or let go after the quorum), or failed (refused the task).
+VERDICTS = ("agreed", "disagreed", "late", "silent")
 ASSIGNING, RUNNING, ANSWERED, RELEASED, FAILED = (
     "assigning",
     "running",
@@ -795,7 +796,27 @@ class JobCore:
                 released.add(replica.worker_id)
         return frozenset(released)
 
+    def _record_verdict(self, task: Task, winner: str | None) -> None:
+        """Which replicas agreed with the quorum, disagreed (all that
+        answered, when there was none), were late (took the task, no result
+        yet) or silent (never took it, or froze): docs/protocol.md section
+        10. Replicas that never started (full, unreachable) and were
+        replaced are in none of them."""
+        verdict: dict[str, list[str]] = {kind: [] for kind in VERDICTS}
+        for replica in task.replicas.values():
+            if replica.state == ANSWERED:
+                kind = "agreed" if winner is not None and replica.result == winner else "disagreed"
+            elif replica.state == RUNNING and not replica.assign_timed_out:
+                kind = "late"
+            elif replica.state in (ASSIGNING, FAILED, RUNNING) or replica.assign_timed_out:
+                kind = "silent"
+            else:
+                continue
+            verdict[kind].append(replica.worker_id)
+        self.stats.verdicts[task.task_id] = verdict
+
     def _settle_valid(self, task: Task, winner: str, commands: list) -> None:
+        self._record_verdict(task, winner)
         agreeing = {r.worker_id for r in task.replicas.values() if r.result == winner}
         disagreeing = frozenset(
             r.worker_id
@@ -819,6 +840,7 @@ class JobCore:
             self.cheaters |= disagreeing
 
     def _settle_invalid(self, task: Task, reason: str, commands: list) -> None:
+        self._record_verdict(task, None)
         self._let_go(task, commands)
         task.settling = Settle(task.task_id, False)
         commands.append(task.settling)
@@ -868,6 +890,10 @@ class JobCore:
             # their result is useless; run the chunk again without them.
             # Those who disagreed with them were right: no longer suspects.
             agreeing = {r.worker_id for r in task.replicas.values() if r.result == task.winner}
+            verdict = self.stats.verdicts.get(task.task_id)
+            if verdict is not None:  # they agreed on what is no result
+                verdict["disagreed"] += verdict["agreed"]
+                verdict["agreed"] = []
             self.cheaters = (self.cheaters - task.accused) | agreeing
             self.stats.cheaters = (self.stats.cheaters - task.accused) | agreeing
             self._retry(

@@ -31,6 +31,8 @@ class JobStats:
     replicas_added: int = 0
     speculative_replicas: int = 0
     replicas_cancelled: int = 0
+    # Per task settled: {"agreed", "disagreed", "late", "silent"} -> worker ids.
+    verdicts: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
     @property
     def cheaters_seen(self) -> int:

@@ -958,3 +958,31 @@ def test_workers_all_on_one_network_fail_the_job_saying_so():
     assert (fail.error.live, fail.error.spots, fail.error.needed) == (5, 1, 3)
     assert "not enough networks" in str(fail.error) and "--diversity identity" in str(fail.error)
     assert d.now <= NOT_ENOUGH_WORKERS_SECONDS + 1.5 and d.stats.credits_spent == 0
+
+
+def test_each_settled_task_has_a_verdict_on_every_replica():
+    """docs/protocol.md section 10: agreed, disagreed, late, silent."""
+    d = Driver(chunks=3, batch=3)
+    d.grant(None, [["w1", "w2", "w3"], ["w4", "w5", "w6"], ["w7", "w8", "w9"]])
+    t0, t1, t2 = d.granted
+    d.accept_all(t0)
+    d.at(1).results(t0, w1=OUTPUT, w2=OUTPUT, w3=WRONG)
+    d.events(*(AssignAnswered(t1, w, "OK") for w in ("w4", "w5", "w6")))
+    d.results(t1, w4=OUTPUT, w5=OUTPUT)  # w6 took the task and has not answered
+    d.events(*(AssignAnswered(t2, w, "OK") for w in ("w7", "w8")))
+    d.results(t2, w7=OUTPUT, w8=OUTPUT)  # w9 never answered its AssignTask
+    while {t1, t2} - {s.task_id for s in only(d.log, Settle)}:
+        d.wake()
+    verdicts = d.stats.verdicts
+    assert verdicts[t0] == {"agreed": ["w1", "w2"], "disagreed": ["w3"], "late": [], "silent": []}
+    assert verdicts[t1] == {"agreed": ["w4", "w5"], "disagreed": [], "late": ["w6"], "silent": []}
+    assert verdicts[t2] == {"agreed": ["w7", "w8"], "disagreed": [], "late": [], "silent": ["w9"]}
+
+
+def test_a_task_without_quorum_has_everyone_who_answered_disagreeing():
+    d = Driver(task_timeout=5.0)
+    task = d.running(["w1", "w2", "w3"])
+    d.at(1).results(task, w1=OUTPUT, w2=WRONG, w3=OTHER)
+    assert d.stats.verdicts[task] == {
+        "agreed": [], "disagreed": ["w1", "w2", "w3"], "late": [], "silent": []
+    }  # fmt: skip

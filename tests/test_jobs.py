@@ -283,6 +283,10 @@ def test_a_cheating_worker_is_outvoted_reported_missing_and_unpaid(tmp_path):
         result = run(cluster, tmp_path, SMALL, mapper=split_words, reducer=sum_reducer)
         assert result == sequential(SMALL, split_words, sum_reducer)
         assert result.stats.cheaters == {cheater}
+        verdicts = result.stats.verdicts.values()
+        assert any(cheater in v["disagreed"] for v in verdicts)
+        assert not any(cheater in v["agreed"] for v in verdicts)
+        assert len(result.stats.verdicts) == result.stats.tasks_validated
         after = assert_books_balance(cluster, before, tmp_path)
         credits, completed, failed = after[cheater]
         assert credits == before[cheater][0] and completed == 0 and failed >= 1
@@ -473,6 +477,11 @@ def test_get_job_reports_progress_while_the_job_runs(cluster, tmp_path):
     assert status.phase == "map"
     assert status.tasks_by_state["validated"] == 1
     assert status.tasks_by_state["assigned"] >= 1
+    # The first task's verdict, as GetJob gives it (docs/protocol.md section 10).
+    (verdict,) = status.verdicts
+    assert verdict.task_id in result.stats.verdicts
+    assert len(verdict.agreed) >= 2 and not verdict.disagreed
+    assert sorted(verdict.agreed) == sorted(result.stats.verdicts[verdict.task_id]["agreed"])
 
 
 def test_the_cluster_and_status_commands(tmp_path):

@@ -1,8 +1,8 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -27,7 +27,7 @@ class GetJobRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "phase", "tasks_by_state", "retries", "cheaters_seen", "credits_spent")
+    __slots__ = ("job_id", "phase", "tasks_by_state", "retries", "cheaters_seen", "credits_spent", "verdicts")
     class TasksByStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -41,10 +41,26 @@ class JobStatus(_message.Message):
     RETRIES_FIELD_NUMBER: _ClassVar[int]
     CHEATERS_SEEN_FIELD_NUMBER: _ClassVar[int]
     CREDITS_SPENT_FIELD_NUMBER: _ClassVar[int]
+    VERDICTS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     phase: str
     tasks_by_state: _containers.ScalarMap[str, int]
     retries: int
     cheaters_seen: int
     credits_spent: int
-    def __init__(self, job_id: _Optional[str] = ..., phase: _Optional[str] = ..., tasks_by_state: _Optional[_Mapping[str, int]] = ..., retries: _Optional[int] = ..., cheaters_seen: _Optional[int] = ..., credits_spent: _Optional[int] = ...) -> None: ...
+    verdicts: _containers.RepeatedCompositeFieldContainer[TaskVerdict]
+    def __init__(self, job_id: _Optional[str] = ..., phase: _Optional[str] = ..., tasks_by_state: _Optional[_Mapping[str, int]] = ..., retries: _Optional[int] = ..., cheaters_seen: _Optional[int] = ..., credits_spent: _Optional[int] = ..., verdicts: _Optional[_Iterable[_Union[TaskVerdict, _Mapping]]] = ...) -> None: ...
+
+class TaskVerdict(_message.Message):
+    __slots__ = ("task_id", "agreed", "disagreed", "late", "silent")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    AGREED_FIELD_NUMBER: _ClassVar[int]
+    DISAGREED_FIELD_NUMBER: _ClassVar[int]
+    LATE_FIELD_NUMBER: _ClassVar[int]
+    SILENT_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    agreed: _containers.RepeatedScalarFieldContainer[str]
+    disagreed: _containers.RepeatedScalarFieldContainer[str]
+    late: _containers.RepeatedScalarFieldContainer[str]
+    silent: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, task_id: _Optional[str] = ..., agreed: _Optional[_Iterable[str]] = ..., disagreed: _Optional[_Iterable[str]] = ..., late: _Optional[_Iterable[str]] = ..., silent: _Optional[_Iterable[str]] = ...) -> None: ...
