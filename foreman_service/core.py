@@ -589,7 +589,8 @@ class JobCore:
                             self.replication,
                             chunk=label,
                             unreachable=self.unreachable_seen,
-                            spots=spots if spots < self.replication else None,
+                            # The addresses (networks) fall short, not the workers.
+                            spots=spots if live >= self.replication else None,
                             diversity=short.diversity,
                         )
                     )

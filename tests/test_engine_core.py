@@ -986,3 +986,15 @@ def test_a_task_without_quorum_has_everyone_who_answered_disagreeing():
     assert d.stats.verdicts[task] == {
         "agreed": [], "disagreed": ["w1", "w2", "w3"], "late": [], "silent": []
     }  # fmt: skip
+
+
+def test_too_few_workers_is_said_as_such_even_on_few_networks():
+    d = Driver()
+    while not only(d.log, Fail):
+        d.events(Granted(d.request().request_id, [], live_workers=2, live_networks=1,
+                         diversity="network"))  # fmt: skip
+        if not only(d.log, Fail):
+            d.wake()
+    [fail] = only(d.log, Fail)
+    assert fail.error.spots is None and "2 live worker(s)" in str(fail.error)
+    assert "needs 3" in str(fail.error)
