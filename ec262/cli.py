@@ -131,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--workers", type=_positive, default=3)
     cluster.add_argument("--slots", type=_positive, default=2, help="slots per worker")
     cluster.add_argument(
+        "--adversaries",
+        default="",
+        metavar="MODE:N,...",
+        help="the adversary lab: also start misbehaving workers, e.g."
+        " colluding:3,wrong:1,silent:1,slow:1 (modes: colluding, wrong, malformed, silent,"
+        " slow); they share one /24, each honest worker has its own, and the discovery"
+        " service keeps a task's replicas on distinct networks",
+    )
+    cluster.add_argument(
         "--dir",
         default=None,
         help="keep the ledger and identities here (default: a temporary folder)",
@@ -222,6 +231,13 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_tls_arguments(parser, "the directory of the identity file")
     add_discovery_cert_argument(parser)
+    parser.add_argument(
+        "--adversary",
+        default="",
+        metavar="MODE",
+        help="misbehave on purpose, for the adversary lab: colluding, wrong, malformed,"
+        " silent or slow (see `ec262 cluster --adversaries`)",
+    )
     _add_logging_flags(parser)
 
 
@@ -282,6 +298,7 @@ def _run_worker(args: argparse.Namespace) -> int:
         allow_modules=tuple(args.allow_module),
         task_timeout=args.task_timeout,
         memory_limit_mb=args.memory_limit,
+        adversary=args.adversary,
         tls=args.tls,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
@@ -294,10 +311,16 @@ def _run_worker(args: argparse.Namespace) -> int:
 def _run_cluster(args: argparse.Namespace) -> int:
     from ec262 import serving
     from ec262.local_cluster import LocalCluster
+    from worker_service.adversaries import parse_lab
 
-    cluster = LocalCluster(workers=args.workers, slots=args.slots, directory=args.dir).start()
+    lab = parse_lab(args.adversaries)
+    cluster = LocalCluster(
+        workers=args.workers, slots=args.slots, directory=args.dir, adversaries=lab
+    ).start()
     print(
-        f"discovery on {cluster.address} with {args.workers} worker(s); run jobs with\n"
+        f"discovery on {cluster.address} with {args.workers} worker(s)"
+        + (f" and {len(lab)} adversaries ({args.adversaries})" if lab else "")
+        + "; run jobs with\n"
         f"  EC262_DISCOVERY={cluster.address} python your_job.py\n"
         f"  (foreman identity: --identity / EC262_IDENTITY={cluster.foreman_identity})",
         flush=True,

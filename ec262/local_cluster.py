@@ -8,6 +8,7 @@ import contextlib
 import logging
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from ec262.discovery_trust import ENV_DISCOVERY_CERT
@@ -17,6 +18,7 @@ from ec262.tls import CERT_FILE
 logger = logging.getLogger(__name__)
 
 LOCAL_STARTING_CREDITS = 1_000_000  # your own machine: credits are only bookkeeping
+LAB_ADVERSARY_NETWORK = "127.0.66"  # the adversary lab's misbehaving workers: 127.0.66.0/24
 # The cluster's servers trust each other by its own flags, never by a
 # certificate the user's environment names for some other discovery service.
 OWN_TRUST = {ENV_DISCOVERY_CERT: None}
@@ -37,10 +39,18 @@ class LocalCluster:
         discovery_args: tuple[str, ...] = (),
         tls: bool = False,
         host: str = "127.0.0.1",
+        adversaries: Sequence[str] = (),
     ) -> None:
         """`tls=True` serves TLS on loopback too (`--tls` everywhere); a
         job then needs `discovery_cert=cluster.discovery_cert`. `host` is
-        where every server of the cluster listens."""
+        where every server of the cluster listens.
+
+        `adversaries` (modes of worker_service/adversaries.py, one per
+        worker) makes the adversary lab: those workers all listen on one
+        /24 (LAB_ADVERSARY_NETWORK, as one operator's machines would),
+        each honest worker on a /24 of its own (127.1.N.1: all of
+        127.0.0.0/8 is loopback), and the discovery service keeps the
+        replicas of a task on distinct networks."""
         if workers < 1:
             raise ValueError("a local cluster needs at least one worker")
         self.workers_wanted = workers
@@ -51,6 +61,8 @@ class LocalCluster:
         self.discovery_args = discovery_args
         self.tls = tls
         self.host = host
+        self.adversaries = list(adversaries)
+        self.adversary_workers: list[ServerProcess] = []
         self._owned_directory = directory is None
         self.directory = Path(directory or tempfile.mkdtemp(prefix="ec262-cluster-"))
         self.discovery: ServerProcess | None = None
@@ -87,11 +99,16 @@ class LocalCluster:
                     "--replication",
                     str(self.replication),
                     *(["--tls"] if self.tls else []),
+                    *(["--diversity", "network"] if self.adversaries else []),
                     *self.discovery_args,
                 ],
                 env=OWN_TRUST,
             )
             self._start_workers(self.workers_wanted)
+            if self.adversaries:
+                self.adversary_workers = self._start_workers(
+                    len(self.adversaries), adversaries=self.adversaries
+                )
         except BaseException:
             self.close()
             raise
@@ -102,11 +119,15 @@ class LocalCluster:
         """`count` more workers (started together), registered when this returns."""
         return self._start_workers(count)
 
-    def _start_workers(self, count: int) -> list[ServerProcess]:
+    def _start_workers(self, count: int, *, adversaries: Sequence[str] = ()) -> list[ServerProcess]:
         # Numbered by launches, not by workers running: a worker started
         # after one died must not take a live worker's identity file.
         first, self._launched = self._launched, self._launched + count
-        pending = [self._launch_worker(n) for n in range(first, first + count)]
+        modes = list(adversaries) or [""] * count
+        pending = [
+            self._launch_worker(n, mode)
+            for n, mode in zip(range(first, first + count), modes, strict=True)
+        ]
         added = []
         try:
             for launched in pending:
@@ -119,7 +140,14 @@ class LocalCluster:
             worker.wait_for("registered with discovery")
         return added
 
-    def _launch_worker(self, number: int) -> PendingServer:
+    def _worker_host(self, number: int, adversary: str) -> str:
+        if not self.adversaries:
+            return self.host
+        if adversary:
+            return f"{LAB_ADVERSARY_NETWORK}.{number % 250 + 1}"
+        return f"127.{number // 250 + 1}.{number % 250 + 1}.1"
+
+    def _launch_worker(self, number: int, adversary: str = "") -> PendingServer:
         identity = str(self.directory / f"worker{number}.json")
         tls = (
             [
@@ -138,7 +166,8 @@ class LocalCluster:
             [
                 "worker",
                 "--host",
-                self.host,
+                self._worker_host(number, adversary),
+                *(["--adversary", adversary] if adversary else []),
                 "-P",
                 "0",
                 "--discovery",

@@ -34,6 +34,9 @@ class JobStats:
     # Per task settled: {"agreed", "disagreed", "late", "silent"} -> worker ids.
     verdicts: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
+    def _replicas(self, verdict: str) -> int:
+        return sum(len(v[verdict]) for v in self.verdicts.values())
+
     @property
     def cheaters_seen(self) -> int:
         return len(self.cheaters)
@@ -47,6 +50,7 @@ class JobStats:
             f" reduce {self.phase_seconds.get('reduce', 0):.2f} s) over"
             f" {self.input_bytes / 1e6:.2f} MB of input; {self.retries} retried,"
             f" {self.tasks_invalid} settled invalid, {self.cheaters_seen} cheating worker(s)"
-            f" seen, {self.missing_reports} missing result(s) reported;"
+            f" caught, {self._replicas('late')} late and {self._replicas('silent')} silent"
+            f" replica(s), {self.missing_reports} missing result(s) reported;"
             f" {self.credits_spent} credits spent."
         )

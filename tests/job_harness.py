@@ -46,11 +46,12 @@ def stdlib_text(megabytes: float) -> dict[str, str]:
 
 
 def spawn_cheater(cluster: LocalCluster, mode: str, name: str) -> ServerProcess:
+    """A worker that misbehaves (worker_service/adversaries.py `mode`)."""
     worker = spawn_server(
-        [mode, "--discovery", cluster.address, "--identity", str(cluster.directory / name)],
-        module="tests.cheating_worker",
+        ["worker", "-P", "0", "--slots", "2", "--adversary", mode, "-v",
+         "--discovery", cluster.address, "--identity", str(cluster.directory / name)],
         cwd=str(ROOT),
-    )
+    )  # fmt: skip
     worker.wait_for("registered with discovery")
     return worker
 

@@ -277,7 +277,7 @@ def test_two_foremen_at_once_on_one_cluster(cluster, tmp_path):
 
 
 def test_a_cheating_worker_is_outvoted_reported_missing_and_unpaid(tmp_path):
-    with cluster_with(tmp_path / "c", honest=2, cheaters=("wrong",)) as (cluster, _):
+    with cluster_with(tmp_path / "c", honest=2, cheaters=("colluding",)) as (cluster, _):
         cheater = client_id(cluster.directory / "cheater0.json")
         before = books(cluster.address, identity_files(cluster))
         result = run(cluster, tmp_path, SMALL, mapper=split_words, reducer=sum_reducer)
@@ -312,7 +312,7 @@ class _WatchInvalid:
 
 
 def test_two_workers_disagreeing_with_everyone_make_a_task_invalid_and_it_moves(tmp_path):
-    with cluster_with(tmp_path / "c", honest=1, cheaters=("wrong", "wrong2")) as (cluster, _):
+    with cluster_with(tmp_path / "c", honest=1, cheaters=("colluding", "wrong")) as (cluster, _):
         before = books(cluster.address, identity_files(cluster))
         watch = _WatchInvalid()
         job = in_background(

@@ -198,3 +198,42 @@ def test_a_short_request_says_how_many_networks_the_live_workers_are_on(discover
     assert (reply.live_workers, reply.live_networks, reply.diversity) == (4, 1, "network")
     totals = discovery.server.ledger.store.totals()
     assert totals.escrowed_credits == 0 and totals.open_tasks == 0  # nothing charged
+
+
+# -- the adversary lab ----------------------------------------------------------
+
+
+def test_the_adversary_lab_shows_the_defences_work(tmp_path):
+    """`ec262 cluster --adversaries ...`: misbehaving workers beside honest
+    ones, the misbehaving ones on one /24, the honest each on its own.
+    Network diversity never lets two of them into one task, so every result
+    is right, the liars are caught, and the summary says so."""
+    import ec262
+    from ec262.identity import load_identity
+    from tests.job_harness import sequential, stdlib_text, sum_reducer, word_mapper
+    from tests.processes import start_server
+
+    lab = "colluding:2,wrong:1,silent:1,slow:1"
+    directory = tmp_path / "lab"
+    args = ["cluster", "--workers", "4", "--adversaries", lab, "--dir", str(directory)]
+    with start_server(args) as cluster:
+        ids = {
+            n: load_identity(directory / f"worker{n}.json").client_id for n in range(9)
+        }  # 0-3 honest, then colluding x2, wrong, silent, slow
+        liars = {ids[4], ids[5], ids[6]}
+        data = stdlib_text(0.3)
+        job = ec262.Job(mapper=word_mapper, reducer=sum_reducer, chunk_bytes=4096)
+        result = job.run(
+            data,
+            discovery=cluster.address,
+            identity=directory / "foreman.json",
+            progress=False,
+        )
+        assert result == sequential(data, word_mapper, sum_reducer)
+        stats = result.stats
+        assert stats.cheaters and stats.cheaters <= liars
+        for verdict in stats.verdicts.values():
+            assert not liars & set(verdict["agreed"])
+            assert len(liars & set(verdict["agreed"] + verdict["disagreed"])) <= 1
+        assert not any(ids[7] in v["agreed"] for v in stats.verdicts.values())  # silent
+        assert f"{len(stats.cheaters)} cheating worker(s) caught" in stats.summary()

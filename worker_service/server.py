@@ -14,6 +14,7 @@ from ec262.discovery_client import DiscoveryClient, this_runtime
 from ec262.identity import identity_path
 from ec262.tls import ServerCertificate, server_certificate
 from ec262.v1 import worker_pb2, worker_pb2_grpc
+from worker_service import adversaries
 from worker_service.outbound import KeyFetcher, ResultSubmitter
 from worker_service.registration import Registrar
 from worker_service.sandbox.policy import SandboxLimits
@@ -46,11 +47,13 @@ class WorkerConfig:
     tls_cert: str | None = None  # default: tls-cert.pem beside the identity file
     tls_key: str | None = None
     discovery_cert: str | None = None  # else $EC262_DISCOVERY_CERT, else pinned
+    adversary: str = ""  # misbehave on purpose (worker_service/adversaries.py)
     limits: SandboxLimits = field(init=False)
 
     def __post_init__(self) -> None:
         if self.slots < 1:
             raise ValueError("--slots must be at least 1")
+        adversaries.check_mode(self.adversary)
         object.__setattr__(
             self,
             "limits",
@@ -139,11 +142,13 @@ def start_worker(config: WorkerConfig) -> RunningWorker:
     )
     worker = Worker(
         slots=config.slots,
-        sandbox=pool,
+        sandbox=adversaries.sandbox_for(config.adversary, pool),
         fetch_key=key_fetcher,
-        submit=submitter,
+        submit=adversaries.submit_for(config.adversary, submitter),
         client_id=registrar.client_id,
     )
+    if config.adversary:
+        logger.warning("this worker misbehaves on purpose: adversary %r", config.adversary)
     worker_pb2_grpc.add_WorkerServicer_to_server(
         WorkerServicer(worker, address=address, runtime=this_runtime()), server
     )
