@@ -237,3 +237,19 @@ def test_the_adversary_lab_shows_the_defences_work(tmp_path):
             assert len(liars & set(verdict["agreed"] + verdict["disagreed"])) <= 1
         assert not any(ids[7] in v["agreed"] for v in stats.verdicts.values())  # silent
         assert f"{len(stats.cheaters)} cheating worker(s) caught" in stats.summary()
+
+
+def test_the_issues_sybil_flood_on_one_network_wins_no_majority(discovery_factory):
+    """The issue's measurement: 3 identities with 1024 slots each beside 10
+    honest workers with 1 slot held a majority of 94-95 % of a batch of 64
+    tasks. With network diversity, on one /24, they hold none."""
+    discovery = discovery_factory(LedgerConfig(starting_credits=10_000, diversity=NETWORK))
+    sybils = [discovery.client() for _ in range(3)]
+    for number, sybil in enumerate(sybils):
+        _register(discovery, sybil, f"127.0.66.{number + 1}:7000", slots=1024)
+    for number in range(10):
+        _register(discovery, discovery.client(), f"127.1.{number + 1}.1:7000", slots=1)
+    sybil_ids = {s.client_id for s in sybils}
+    tasks = _tasks(discovery, discovery.client(), 64)
+    assert tasks  # as many as the honest slots allow (3 tasks of 3 workers a network each)
+    assert all(len(sybil_ids & set(task)) <= 1 for task in tasks)
