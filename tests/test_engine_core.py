@@ -944,16 +944,22 @@ def test_the_worker_that_disagreed_with_a_malformed_quorum_is_no_cheater():
     assert d.request().exclude >= ws("w1", "w2")  # the retry avoids the colluders
 
 
+def starve_on_networks(d: Driver, *, live: int, networks: int) -> Fail:
+    """Answer every request with no task, `live` workers on `networks`
+    networks (network diversity), until the core fails; its Fail."""
+    while not only(d.log, Fail):
+        d.events(Granted(d.request().request_id, [], live, networks, "network"))
+        if not only(d.log, Fail):
+            d.wake()
+    [fail] = only(d.log, Fail)
+    return fail
+
+
 def test_workers_all_on_one_network_fail_the_job_saying_so():
     """Live workers enough, but on fewer networks than replicas: with
     network diversity no task can be made (docs/protocol.md section 10)."""
     d = Driver()
-    while not only(d.log, Fail):
-        d.events(Granted(d.request().request_id, [], live_workers=5, live_networks=1,
-                         diversity="network"))  # fmt: skip
-        if not only(d.log, Fail):
-            d.wake()
-    [fail] = only(d.log, Fail)
+    fail = starve_on_networks(d, live=5, networks=1)
     assert isinstance(fail.error, NotEnoughWorkers)
     assert (fail.error.live, fail.error.spots, fail.error.needed) == (5, 1, 3)
     assert "not enough networks" in str(fail.error) and "--diversity identity" in str(fail.error)
@@ -989,12 +995,6 @@ def test_a_task_without_quorum_has_everyone_who_answered_disagreeing():
 
 
 def test_too_few_workers_is_said_as_such_even_on_few_networks():
-    d = Driver()
-    while not only(d.log, Fail):
-        d.events(Granted(d.request().request_id, [], live_workers=2, live_networks=1,
-                         diversity="network"))  # fmt: skip
-        if not only(d.log, Fail):
-            d.wake()
-    [fail] = only(d.log, Fail)
+    fail = starve_on_networks(Driver(), live=2, networks=1)
     assert fail.error.spots is None and "2 live worker(s)" in str(fail.error)
     assert "needs 3" in str(fail.error)
