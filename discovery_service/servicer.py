@@ -27,6 +27,7 @@ from ec262.v1 import discovery_pb2 as pb
 from ec262.v1 import discovery_pb2_grpc
 
 RESOLVE_SECONDS = 2.0
+MAX_CONCURRENT_PROBES = 16
 
 
 def client_info(record: ClientRecord, ledger: Ledger) -> pb.ClientInfo:
@@ -100,6 +101,10 @@ def authorization(context: grpc.aio.ServicerContext) -> str | None:
 class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
     def __init__(self, ledger: Ledger) -> None:
         self._ledger = ledger
+        # Address checks under way at once: each is a connection to an
+        # address a registered identity chose, so a flood of registrations
+        # must not turn the service into a port scanner.
+        self._probes = asyncio.Semaphore(MAX_CONCURRENT_PROBES)
 
     def _caller(self, context: grpc.aio.ServicerContext) -> str:
         return self._ledger.authenticate(authorization(context))
@@ -123,7 +128,8 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
             tls_certificate=request.tls_certificate,
             peer_host=peer_host(context),
         ):
-            await probe_worker(request.address, request.tls_certificate)
+            async with self._probes:
+                await probe_worker(request.address, request.tls_certificate)
         record = self._ledger.register_worker(
             caller,
             address=request.address,
