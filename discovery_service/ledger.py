@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from discovery_service.store import (
+    COMMIT_CONFLICT,
     IDENTITY,
     MAX_SLOTS_PER_REQUEST,
     NETWORK,
@@ -37,6 +38,7 @@ from ec262.addresses import is_loopback, network_of, split_address
 from ec262.errors import (
     AddressRefused,
     AuthenticationError,
+    CommitConflict,
     InvalidRequest,
     ServiceUnavailable,
     UnknownTask,
@@ -60,6 +62,7 @@ LEASE_RENEWAL_INTERVAL = 1.0  # seconds
 SWEEP_INTERVAL = 0.5  # seconds between the server's sweeps of expired tasks and leases
 NEW_CLIENT_WINDOW = 3600.0  # seconds: --max-new-clients is per sliding hour
 DEFAULT_MAX_NEW_CLIENTS = 20  # off loopback; on loopback no limit
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _RUNTIME = re.compile(r"[a-z][a-z0-9_]*-[0-9]{1,4}\.[0-9]{1,4}")
 
 
@@ -518,6 +521,7 @@ class Ledger:
             missing=missing_ids,
             now=self._clock(),
             released=released_ids,
+            quorum=self.config.replication // 2 + 1,
         )
         if settlement is None:
             raise UnknownTask(f"you have no open task {task_id} to settle")
@@ -529,6 +533,21 @@ class Ledger:
             sorted(missing_ids) or "none",
         )
         return settlement
+
+    def commit_result(self, worker_id: str, task_id: str, sha256: str) -> None:
+        """A worker's commitment to the result it is about to send
+        (docs/protocol.md section 10): once per task, never changed."""
+        check_task_id(task_id)
+        if not _SHA256.fullmatch(sha256):
+            raise InvalidRequest("ciphertext_sha256 must be 64 lowercase hex digits")
+        made = self.store.commit_result(worker_id, task_id, sha256, self._clock())
+        if made is None:
+            raise UnknownTask(f"no open task {task_id} is assigned to you")
+        if made == COMMIT_CONFLICT:
+            raise CommitConflict(
+                f"you committed another result to task {task_id} already; a commitment"
+                " cannot change"
+            )
 
     def expire_tasks(self) -> int:
         return self.store.expire_tasks(self._clock())

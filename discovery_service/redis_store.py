@@ -73,6 +73,7 @@ local function close_open(prefix, tid)
     redis.call('DEL', t)
     redis.call('SREM', prefix .. 'ft:' .. f[1], tid)
   end
+  redis.call('DEL', prefix .. 'm:' .. tid)
   redis.call('ZREM', prefix .. 'texp', tid)
   return f[1] and 1 or 0
 end
@@ -236,7 +237,8 @@ return out
 )
 
 # ARGV: prefix, foreman, task id, valid ('1' or '0'), now, missing and
-# released (each sorted, space-separated; empty for an invalid settle)
+# released (each sorted, space-separated; empty for an invalid settle), the
+# quorum of identical commitments to look for
 _SETTLE = (
     _EXPIRE
     + """
@@ -252,7 +254,10 @@ if not h[1] or h[1] ~= foreman then
     return {'CONFLICT', s[2], s[3]}
   end
   local balance = redis.call('HGET', prefix .. 'c:' .. foreman, 'credits')
-  if valid then return {'OK', balance, s[4]} end
+  if valid then
+    local q = redis.call('HMGET', prefix .. 's:' .. tid, 'quorum', 'agreeing')
+    return {'OK', balance, s[4], q[1] or '', q[2] or ''}
+  end
   return {'OK', balance}
 end
 local workers, list = {}, {}
@@ -280,17 +285,62 @@ for _, w in ipairs(list) do
   end
   redis.call('HINCRBY', c, 'busy_slots', -1)
 end
+-- What a quorum of the task's workers committed to (store.committed_quorum).
+local quorum, agreeing = '', {}
+if valid then
+  local by_sha, shas = {}, {}
+  local made = redis.call('HGETALL', prefix .. 'm:' .. tid)
+  for i = 1, #made, 2 do
+    if workers[made[i]] then
+      local sha = made[i + 1]
+      if not by_sha[sha] then by_sha[sha] = {}; table.insert(shas, sha) end
+      table.insert(by_sha[sha], made[i])
+    end
+  end
+  table.sort(shas)
+  for _, sha in ipairs(shas) do
+    if #by_sha[sha] >= tonumber(ARGV[8]) then
+      quorum = sha; agreeing = by_sha[sha]; table.sort(agreeing); break
+    end
+  end
+end
 redis.call('DEL', t)
+redis.call('DEL', prefix .. 'm:' .. tid)
 redis.call('ZREM', prefix .. 'texp', tid)
 redis.call('SREM', prefix .. 'ft:' .. foreman, tid)
 local s = prefix .. 's:' .. tid
 redis.call('HSET', s, 'foreman_id', foreman, 'valid', ARGV[4], 'missing', ARGV[6],
   'released', ARGV[7])
-if valid then redis.call('HSET', s, 'key', h[2]) end
+if valid then
+  redis.call('HSET', s, 'key', h[2], 'quorum', quorum, 'agreeing', table.concat(agreeing, ' '))
+end
 redis.call('ZADD', prefix .. 'sexp', h[5], tid)
 local after = redis.call('HINCRBY', prefix .. 'c:' .. foreman, 'credits', refund)
-if valid then return {'OK', after, h[2]} end
+if valid then return {'OK', after, h[2], quorum, table.concat(agreeing, ' ')} end
 return {'OK', after}
+"""
+)
+
+# ARGV: prefix, task id, worker, sha256, now. A commitment lives as long as
+# its open task (removed by the settle and by expiry).
+_COMMIT = (
+    _EXPIRE
+    + """
+local prefix, tid, worker, sha = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+expire(prefix, ARGV[5])
+local workers = redis.call('HGET', prefix .. 't:' .. tid, 'workers')
+if not workers then return 'NOTFOUND' end
+local assigned = false
+for w in string.gmatch(workers, '%S+') do if w == worker then assigned = true end end
+if not assigned then return 'NOTFOUND' end
+local m = prefix .. 'm:' .. tid
+local made = redis.call('HGET', m, worker)
+if made then
+  if made == sha then return 'committed' end
+  return 'conflict'
+end
+redis.call('HSET', m, worker, sha)
+return 'committed'
 """
 )
 
@@ -450,6 +500,7 @@ class RedisStore(LedgerStore):
         self._create = self._redis.register_script(_CREATE)
         self._get = self._redis.register_script(_GET)
         self._register = self._redis.register_script(_REGISTER)
+        self._commit = self._redis.register_script(_COMMIT)
         self._assign = self._redis.register_script(_ASSIGN)
         self._settle = self._redis.register_script(_SETTLE)
         self._replica = self._redis.register_script(_REPLICA)
@@ -634,6 +685,7 @@ class RedisStore(LedgerStore):
         missing: frozenset[str],
         now: float,
         released: frozenset[str] = frozenset(),
+        quorum: int = 2,
     ) -> Settlement | None:
         reply = self._settle(
             args=[
@@ -644,6 +696,7 @@ class RedisStore(LedgerStore):
                 self._now(now),
                 " ".join(sorted(missing)) if valid else "",
                 " ".join(sorted(released)) if valid else "",
+                quorum,
             ]
         )
         status = reply[0]
@@ -653,7 +706,19 @@ class RedisStore(LedgerStore):
             raise settle_conflict(task_id, reply[1] == b"1", reply[2].decode())
         if status == b"STRANGERS":
             raise not_assigned(task_id, reply[1].decode(), reply[2].decode().split())
-        return Settlement(key=reply[2] if valid else None, credits=int(reply[1]))
+        if not valid:
+            return Settlement(key=None, credits=int(reply[1]))
+        return Settlement(
+            key=reply[2],
+            credits=int(reply[1]),
+            quorum_sha256=reply[3].decode(),
+            agreeing=tuple(reply[4].decode().split()),
+        )
+
+    @_unavailable_is_clear
+    def commit_result(self, worker_id: str, task_id: str, sha256: str, now: float) -> str | None:
+        reply = self._commit(args=[self.prefix, task_id, worker_id, sha256, self._now(now)])
+        return None if reply == b"NOTFOUND" else reply.decode()
 
     @_unavailable_is_clear
     def add_replica(

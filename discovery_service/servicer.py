@@ -182,7 +182,19 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
             missing=request.missing,
             released=request.released,
         )
-        return pb.SettleTaskResponse(key=settlement.key or b"", credits=settlement.credits)
+        return pb.SettleTaskResponse(
+            key=settlement.key or b"",
+            credits=settlement.credits,
+            quorum_sha256=settlement.quorum_sha256,
+            agreeing_workers=list(settlement.agreeing),
+        )
+
+    @translate_errors
+    async def CommitResult(self, request, context):
+        self._ledger.commit_result(
+            self._caller(context), request.task_id, request.ciphertext_sha256
+        )
+        return pb.CommitResultResponse()
 
     @translate_errors
     async def AddReplica(self, request, context):

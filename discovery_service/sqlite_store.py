@@ -23,6 +23,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from discovery_service.store import (
+    COMMIT_CONFLICT,
+    COMMITTED,
     IDENTITY,
     NETWORK,
     Assignment,
@@ -39,6 +41,7 @@ from discovery_service.store import (
     WorkerRef,
     assignments_from_text,
     assignments_text,
+    committed_quorum,
     insufficient_credits,
     not_assigned,
     request_mismatch,
@@ -48,7 +51,8 @@ from ec262.errors import InsufficientCredits, InvalidRequest
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4  # 2: settled.released; 3: clients.tls_certificate; 4: clients.network
+SCHEMA_VERSION = 5  # 2: settled.released; 3: clients.tls_certificate; 4: clients.network;
+# 5: commitments, settled.quorum_sha256 and .agreeing
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 _SCHEMA = """
@@ -95,7 +99,15 @@ CREATE TABLE IF NOT EXISTS settled (  -- settles remembered, for repeats
     missing     TEXT NOT NULL,  -- sorted ids, space-separated
     released    TEXT NOT NULL DEFAULT '',  -- sorted ids, space-separated
     key         BLOB,
-    expiry_unix REAL NOT NULL
+    expiry_unix REAL NOT NULL,
+    quorum_sha256 TEXT NOT NULL DEFAULT '',
+    agreeing    TEXT NOT NULL DEFAULT ''  -- sorted ids, space-separated
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS commitments (  -- of open tasks' workers to their results
+    task_id   TEXT NOT NULL,
+    worker_id TEXT NOT NULL,
+    sha256    TEXT NOT NULL,
+    PRIMARY KEY (task_id, worker_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS settled_by_expiry ON settled (expiry_unix);
 CREATE TABLE IF NOT EXISTS requests (  -- RequestTasks replies remembered, for repeats
@@ -181,6 +193,11 @@ class SqliteStore(LedgerStore):
                 )
             if version in (1, 2, 3):
                 db.execute("ALTER TABLE clients ADD COLUMN network TEXT NOT NULL DEFAULT ''")
+            if version in (1, 2, 3, 4):
+                for column in ("quorum_sha256", "agreeing"):
+                    db.execute(
+                        f"ALTER TABLE settled ADD COLUMN {column} TEXT NOT NULL DEFAULT ''"
+                    )
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             earliest = self._earliest_expiry(db)
         # The earliest expiry of any open or remembered task: until then no
@@ -535,6 +552,7 @@ class SqliteStore(LedgerStore):
         missing: frozenset[str],
         now: float,
         released: frozenset[str] = frozenset(),
+        quorum: int = 2,
     ) -> Settlement | None:
         with self._transaction() as db:
             self._expire(db, now)
@@ -568,10 +586,19 @@ class SqliteStore(LedgerStore):
             else:
                 self._update_each(db, "busy_slots = busy_slots - 1", workers)
                 refund = escrow
+            sha, agreeing = "", ()
+            if valid:
+                commitments = dict(
+                    db.execute(
+                        "SELECT worker_id, sha256 FROM commitments WHERE task_id = ?", (task_id,)
+                    ).fetchall()
+                )
+                sha, agreeing = committed_quorum(commitments, workers, quorum)
+            db.execute("DELETE FROM commitments WHERE task_id = ?", (task_id,))
             db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
             db.execute(
                 "INSERT INTO settled (task_id, foreman_id, valid, missing, released, key,"
-                " expiry_unix) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " expiry_unix, quorum_sha256, agreeing) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     task_id,
                     foreman_id,
@@ -580,13 +607,37 @@ class SqliteStore(LedgerStore):
                     let_go,
                     key if valid else None,
                     expiry_unix,
+                    sha,
+                    " ".join(agreeing),
                 ),
             )
             (credits,) = db.execute(
                 "UPDATE clients SET credits = credits + ? WHERE client_id = ? RETURNING credits",
                 (refund, foreman_id),
             ).fetchone()
-            return Settlement(key=key if valid else None, credits=credits)
+            return Settlement(
+                key=key if valid else None, credits=credits, quorum_sha256=sha, agreeing=agreeing
+            )
+
+    def commit_result(self, worker_id: str, task_id: str, sha256: str, now: float) -> str | None:
+        with self._transaction() as db:
+            self._expire(db, now)
+            row = db.execute(
+                "SELECT workers FROM tasks WHERE task_id = ?", (task_id,)
+            ).fetchone()
+            if row is None or worker_id not in row[0].split():
+                return None
+            made = db.execute(
+                "SELECT sha256 FROM commitments WHERE task_id = ? AND worker_id = ?",
+                (task_id, worker_id),
+            ).fetchone()
+            if made is not None:
+                return COMMITTED if made[0] == sha256 else COMMIT_CONFLICT
+            db.execute(
+                "INSERT INTO commitments (task_id, worker_id, sha256) VALUES (?, ?, ?)",
+                (task_id, worker_id, sha256),
+            )
+            return COMMITTED
 
     @staticmethod
     def _repeated_settle(
@@ -598,7 +649,7 @@ class SqliteStore(LedgerStore):
         let_go: str,
     ) -> Settlement | None:
         done = db.execute(
-            "SELECT valid, missing, released, key FROM settled"
+            "SELECT valid, missing, released, key, quorum_sha256, agreeing FROM settled"
             " WHERE task_id = ? AND foreman_id = ?",
             (task_id, foreman_id),
         ).fetchone()
@@ -607,7 +658,10 @@ class SqliteStore(LedgerStore):
         if (bool(done[0]), done[1], done[2]) != (valid, wanted, let_go):
             raise settle_conflict(task_id, bool(done[0]), done[1])
         return Settlement(
-            key=done[3] if valid else None, credits=SqliteStore._balance(db, foreman_id)
+            key=done[3] if valid else None,
+            credits=SqliteStore._balance(db, foreman_id),
+            quorum_sha256=done[4],
+            agreeing=tuple(done[5].split()),
         )
 
     @staticmethod
@@ -644,7 +698,7 @@ class SqliteStore(LedgerStore):
         gone = db.execute(
             "DELETE FROM tasks WHERE foreman_id IN"
             " (SELECT foreman_id FROM leases WHERE expiry_unix <= ?)"
-            " RETURNING foreman_id, escrow, workers",
+            " RETURNING foreman_id, escrow, workers, task_id",
             (now,),
         ).fetchall()
         db.execute("DELETE FROM leases WHERE expiry_unix <= ?", (now,))
@@ -655,8 +709,10 @@ class SqliteStore(LedgerStore):
 
     def _refund(self, db: sqlite3.Connection, closed: list) -> None:
         """Escrow back to the foremen and slots back to the workers of tasks
-        just deleted (rows of foreman_id, escrow, workers)."""
-        for foreman_id, escrow, worker_text in closed:
+        just deleted (rows of foreman_id, escrow, workers, task_id); their
+        commitments go."""
+        for foreman_id, escrow, worker_text, task_id in closed:
+            db.execute("DELETE FROM commitments WHERE task_id = ?", (task_id,))
             self._update_each(db, "busy_slots = busy_slots - 1", worker_text.split())
             db.execute(
                 "UPDATE clients SET credits = credits + ? WHERE client_id = ?",
@@ -679,7 +735,8 @@ class SqliteStore(LedgerStore):
         if now < self._next_expiry:
             return 0
         expired = db.execute(
-            "DELETE FROM tasks WHERE expiry_unix <= ? RETURNING foreman_id, escrow, workers",
+            "DELETE FROM tasks WHERE expiry_unix <= ?"
+            " RETURNING foreman_id, escrow, workers, task_id",
             (now,),
         ).fetchall()
         self._refund(db, expired)

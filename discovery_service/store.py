@@ -162,6 +162,30 @@ def request_mismatch(request: TaskRequest, n: int, exclude: str) -> InvalidReque
 class Settlement:
     key: bytes | None
     credits: int
+    # Valid settles: what a quorum of the task's workers committed to
+    # ("" when none did) and those workers (docs/protocol.md section 10).
+    quorum_sha256: str = ""
+    agreeing: tuple[str, ...] = ()
+
+
+COMMITTED, COMMIT_CONFLICT = "committed", "conflict"
+
+
+def committed_quorum(
+    commitments: dict[str, str], workers: Iterable[str], quorum: int
+) -> tuple[str, tuple[str, ...]]:
+    """The SHA-256 at least `quorum` of `workers` committed to, and those
+    workers (sorted); ("", ()) when there is none. The Redis store does the
+    same in its settle script."""
+    by_sha: dict[str, list[str]] = {}
+    for worker in workers:
+        sha = commitments.get(worker)
+        if sha:
+            by_sha.setdefault(sha, []).append(worker)
+    for sha, agreeing in sorted(by_sha.items()):
+        if len(agreeing) >= quorum:
+            return sha, tuple(sorted(agreeing))
+    return "", ()
 
 
 def settle_conflict(task_id: str, valid: bool, missing: str) -> SettleConflict:
@@ -249,6 +273,12 @@ class LedgerStore(abc.ABC):
         """The TLS certificate each worker last registered (absent: none)."""
 
     @abc.abstractmethod
+    def commit_result(self, worker_id: str, task_id: str, sha256: str, now: float) -> str | None:
+        """Record a worker's commitment to its result for an open task it is
+        assigned to: COMMITTED (also for the same again), COMMIT_CONFLICT
+        (another one was made), None (no such task of this worker's)."""
+
+    @abc.abstractmethod
     def leave_pool(self, client_id: str, now: float) -> ClientRecord:
         """End the lease now; tasks already assigned keep their slots."""
 
@@ -292,6 +322,7 @@ class LedgerStore(abc.ABC):
         missing: frozenset[str],
         now: float,
         released: frozenset[str] = frozenset(),
+        quorum: int = 2,
     ) -> Settlement | None:
         """Pay or refund an open task of this foreman exactly once; None when
         there is no such task. Raises InvalidRequest, changing nothing, when

@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 
 from ec262.discovery_trust import DiscoveryTrust
+from ec262.envelope import ciphertext_sha256
 from ec262.errors import AuthenticationError, TrustError
 from ec262.grpc_errors import error_from_rpc
 from ec262.identity import Identity, load_identities, save_identity
@@ -253,6 +254,16 @@ class DiscoveryClient:
             "SettleTask",
             pb.SettleTaskRequest(
                 task_id=task_id, valid=valid, missing=list(missing), released=list(released)
+            ),
+        )
+
+    def commit_result(self, task_id: str, ciphertext: str) -> None:
+        """Commit to a result before sending it: the SHA-256 of its exact
+        text (docs/protocol.md section 10)."""
+        self._call(
+            "CommitResult",
+            pb.CommitResultRequest(
+                task_id=task_id, ciphertext_sha256=ciphertext_sha256(ciphertext)
             ),
         )
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import binascii
 import functools
+import hashlib
 import hmac
 from collections.abc import Mapping
 
@@ -104,3 +105,10 @@ def encrypt_data(data: Mapping, key: bytes) -> str:
 def decrypt_data(text: str | bytes, key: bytes) -> dict:
     """`ec262.decrypt_data`: the result dictionary inside an envelope."""
     return decode_result(open_sealed(text, key))
+
+
+def ciphertext_sha256(ciphertext: str) -> str:
+    """What a result's commitment names (docs/protocol.md section 10): the
+    SHA-256, lowercase hex, of the UTF-8 bytes of the exact Base64 text
+    sent as SubmitResult.ciphertext."""
+    return hashlib.sha256(ciphertext.encode()).hexdigest()

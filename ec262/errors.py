@@ -181,6 +181,11 @@ class PermissionDenied(Ec262Error):
     e.g. a result sent with the wrong submit token."""
 
 
+class CommitConflict(Ec262Error):
+    """A second, different commitment to one task's result (gRPC
+    FAILED_PRECONDITION): a worker commits once (docs/protocol.md section 10)."""
+
+
 class TooManyNewClients(Ec262Error):
     """CreateClient from a network that made its share of identities this
     hour (gRPC RESOURCE_EXHAUSTED): identities are free, so a flood of them

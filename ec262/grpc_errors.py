@@ -22,6 +22,7 @@ from grpc_status import rpc_status
 from ec262.errors import (
     AddressRefused,
     AuthenticationError,
+    CommitConflict,
     Ec262Error,
     FunctionNotCached,
     InsufficientCredits,
@@ -54,6 +55,7 @@ _TABLE: tuple[tuple[type[Ec262Error], grpc.StatusCode, str], ...] = (
     (SettleConflict, grpc.StatusCode.FAILED_PRECONDITION, "SETTLE_CONFLICT"),
     (AddressRefused, grpc.StatusCode.FAILED_PRECONDITION, "ADDRESS_REFUSED"),
     (TooManyNewClients, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_NEW_CLIENTS"),
+    (CommitConflict, grpc.StatusCode.FAILED_PRECONDITION, "COMMIT_CONFLICT"),
 )
 _BY_REASON = {reason: cls for cls, _, reason in _TABLE}
 

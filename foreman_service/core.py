@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ec262.encoding import decode_result
-from ec262.envelope import open_sealed
+from ec262.envelope import ciphertext_sha256, open_sealed
 from ec262.errors import (
     DecryptionError,
     EncodingError,
@@ -144,8 +144,14 @@ class ReplicaFailed:
 
 @dataclass(frozen=True)
 class Settled:
+    """SettleTask answered. For a valid settle, what a quorum of the task's
+    workers committed to at the discovery service, and who they are
+    (docs/protocol.md section 10)."""
+
     task_id: str
     key: bytes | None
+    quorum_sha256: str = ""
+    agreeing: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -883,6 +889,22 @@ class JobCore:
         for waiting in self._tasks.values():
             waiting.next_add_at = 0.0  # and for the replicas that found none free
         if not task.settling.valid:
+            return
+        # Who sent the agreed result without having committed to it at the
+        # discovery service lied to one side (docs/protocol.md section 10).
+        sent = {r.worker_id for r in task.replicas.values() if r.result == task.winner}
+        committed_to_it = event.quorum_sha256 == ciphertext_sha256(task.winner)
+        liars = sent - event.agreeing if committed_to_it else sent & event.agreeing
+        self.cheaters |= liars
+        self.stats.cheaters |= liars
+        if not committed_to_it:
+            # Not what a quorum of the task's workers committed to.
+            reason = (
+                "the agreed result is not the one its workers committed to"
+                if event.quorum_sha256
+                else "no quorum of its workers committed to the agreed result"
+            )
+            self._retry(task, reason, commands)
             return
         try:
             output = open_output(task.chunk.phase, task.winner, event.key or b"")

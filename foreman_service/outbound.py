@@ -234,7 +234,14 @@ class ForemanOutbound:
         except Exception as error:
             self._events.put(SettleFailed(command.task_id, error))
             return
-        self._events.put(Settled(command.task_id, response.key or None))
+        self._events.put(
+            Settled(
+                command.task_id,
+                response.key or None,
+                response.quorum_sha256,
+                frozenset(response.agreeing_workers),
+            )
+        )
 
     def _assign(self, command: Assign) -> None:
         payload, digest = self._phase_payload

@@ -13,7 +13,7 @@ import math
 import pytest
 
 from ec262.encoding import encode_result
-from ec262.envelope import seal
+from ec262.envelope import ciphertext_sha256, seal
 from ec262.errors import (
     JobFailed,
     NotEnoughWorkers,
@@ -190,7 +190,15 @@ class Driver:
         )
 
     def settle_answer(self, task_id: str, key: bytes | None = None) -> list:
-        return self.events(Settled(task_id, key or key_of(task_id)))
+        """The discovery service's answer: the key, and (as the workers
+        commit before they send) the agreed result as the committed one."""
+        winner = self.core._tasks[task_id].winner if task_id in self.core._tasks else None
+        agreeing = frozenset(
+            r.worker_id for r in self.core._tasks[task_id].replicas.values()
+            if winner is not None and r.result == winner
+        ) if task_id in self.core._tasks else frozenset()  # fmt: skip
+        sha = ciphertext_sha256(winner) if winner else ""
+        return self.events(Settled(task_id, key or key_of(task_id), sha, agreeing))
 
     def added(self, task_id: str, worker: str | None) -> list:
         return self.events(ReplicaAdded(task_id, (worker, addr(worker)) if worker else None))
@@ -998,3 +1006,37 @@ def test_too_few_workers_is_said_as_such_even_on_few_networks():
     fail = starve_on_networks(Driver(), live=2, networks=1)
     assert fail.error.spots is None and "2 live worker(s)" in str(fail.error)
     assert "needs 3" in str(fail.error)
+
+
+def test_a_result_its_workers_did_not_commit_to_is_retried_and_the_liars_are_cheaters():
+    """docs/protocol.md section 10: the discovery service reports what a
+    quorum of the task's workers committed to; the foreman takes a result
+    only when that is what the agreeing replicas sent."""
+    d = Driver()
+    task = d.running(["w1", "w2", "w3"])
+    d.at(1).results(task, w1=OUTPUT, w2=OUTPUT, w3=WRONG)
+    # w1 and w3 committed to WRONG's ciphertext, w2 to what it sent.
+    wrong = sealed(task, WRONG)
+    d.events(Settled(task, key_of(task), ciphertext_sha256(wrong), ws("w1", "w3")))
+    assert not only(d.log, Deliver)
+    assert d.stats.retry_reasons == {"the agreed result is not the one its workers committed to": 1}
+    assert "w1" in d.core.cheaters and "w2" not in d.core.cheaters  # w1 sent one, committed another
+
+
+def test_no_committed_quorum_means_no_result():
+    d = Driver()
+    task = d.running(["w1", "w2", "w3"])
+    d.at(1).results(task, w1=OUTPUT, w2=OUTPUT, w3=OUTPUT)
+    d.events(Settled(task, key_of(task), "", frozenset()))
+    assert not only(d.log, Deliver)
+    assert d.stats.retry_reasons == {"no quorum of its workers committed to the agreed result": 1}
+
+
+def test_a_worker_that_sent_the_result_but_committed_another_is_a_cheater():
+    d = Driver()
+    task = d.running(["w1", "w2", "w3"])
+    d.at(1).results(task, w1=OUTPUT, w2=OUTPUT, w3=OUTPUT)
+    good = ciphertext_sha256(sealed(task, OUTPUT))
+    d.events(Settled(task, key_of(task), good, ws("w1", "w2")))
+    assert [c.output for c in only(d.log, Deliver)]  # the result stands
+    assert d.core.cheaters == {"w3"}

@@ -53,6 +53,7 @@ def test_every_protocol_name_is_in_the_protos():
                 "FetchKey",
                 "SettleTask",
                 "AddReplica",
+                "CommitResult",
             },
         ),
         worker_pb2: ("Worker", {"AssignTask", "CancelTask", "GetStatus"}),
@@ -64,18 +65,25 @@ def test_every_protocol_name_is_in_the_protos():
         assert {m.name for m in service.methods} == methods
     fields = {
         discovery_pb2.CreateClientResponse: {"client_id", "secret", "info"},
-        discovery_pb2.RegisterWorkerRequest: {"address", "ttl_seconds", "slots", "runtime"},
+        discovery_pb2.RegisterWorkerRequest: {
+            "address",
+            "ttl_seconds",
+            "slots",
+            "runtime",
+            "tls_certificate",
+        },
         discovery_pb2.RequestTasksRequest: {"n", "exclude_workers", "runtime"},
         discovery_pb2.RequestTasksResponse: {"tasks", "credits"},
         discovery_pb2.TaskAssignment: {"task_id", "workers"},
-        discovery_pb2.WorkerRef: {"client_id", "address"},
+        discovery_pb2.WorkerRef: {"client_id", "address", "tls_certificate"},
+        discovery_pb2.CommitResultRequest: {"task_id", "ciphertext_sha256"},
         discovery_pb2.AddReplicaRequest: {"task_id", "exclude_workers"},
         worker_pb2.CancelTaskRequest: {"task_id", "submit_token"},
         worker_pb2.CancelTaskResponse: {"cancelled"},
         discovery_pb2.FetchKeyRequest: {"task_id"},
         discovery_pb2.FetchKeyResponse: {"key", "foreman_id"},
         discovery_pb2.SettleTaskRequest: {"task_id", "valid", "missing"},
-        discovery_pb2.SettleTaskResponse: {"key", "credits"},
+        discovery_pb2.SettleTaskResponse: {"key", "credits", "quorum_sha256"},
         discovery_pb2.ClientInfo: {
             "client_id",
             "credits",
@@ -95,8 +103,11 @@ def test_every_protocol_name_is_in_the_protos():
             "result_address",
             "foreman_id",
             "submit_token",
+            "result_certificate",
         },
         worker_pb2.AssignTaskResponse: {"accepted"},
+        foreman_pb2.JobStatus: {"verdicts"},
+        foreman_pb2.TaskVerdict: {"task_id", "agreed", "disagreed", "late", "silent"},
         foreman_pb2.SubmitResultRequest: {"task_id", "worker_id", "submit_token", "ciphertext"},
     }
     for message, names in fields.items():

@@ -22,6 +22,7 @@ from discovery_service.ledger import (
 from discovery_service.sqlite_store import SqliteStore
 from discovery_service.store import IDENTITY, NETWORK, Candidate
 from ec262.addresses import network_of
+from ec262.envelope import ciphertext_sha256
 from ec262.errors import TooManyNewClients
 from ec262.v1 import discovery_pb2 as pb
 from tests.discovery_harness import ManualClock
@@ -253,3 +254,62 @@ def test_the_issues_sybil_flood_on_one_network_wins_no_majority(discovery_factor
     tasks = _tasks(discovery, discovery.client(), 64)
     assert tasks  # as many as the honest slots allow (3 tasks of 3 workers a network each)
     assert all(len(sybil_ids & set(task)) <= 1 for task in tasks)
+
+
+# -- commitments ----------------------------------------------------------------
+
+
+def _commit(discovery, worker, task_id: str, text: str) -> None:
+    discovery.stub.CommitResult(
+        pb.CommitResultRequest(task_id=task_id, ciphertext_sha256=ciphertext_sha256(text)),
+        metadata=worker.metadata,
+    )
+
+
+def test_commitments_name_the_quorum_a_valid_settle_reports(discovery):
+    """docs/protocol.md section 10 (both stores): only an assigned worker
+    commits; the same again is fine, another is refused; the settle says
+    what a quorum committed to and who, and says it again on a repeat."""
+    foreman = discovery.client()
+    workers = {w.client_id: w for w in (discovery.worker() for _ in range(4))}
+    (task,) = discovery.request(foreman).tasks
+    members = [workers[w.client_id] for w in task.workers]
+    outsider = next(w for i, w in workers.items() if i not in {m.client_id for m in members})
+    for member, text in zip(members, ["good", "good", "bad"], strict=True):
+        _commit(discovery, member, task.task_id, text)
+    _commit(discovery, members[0], task.task_id, "good")  # the same again
+    for who, text, code in (
+        (members[0], "other", grpc.StatusCode.FAILED_PRECONDITION),  # no second one
+        (outsider, "good", grpc.StatusCode.NOT_FOUND),  # not assigned
+    ):
+        with pytest.raises(grpc.RpcError) as refused:
+            _commit(discovery, who, task.task_id, text)
+        assert refused.value.code() == code
+    with pytest.raises(grpc.RpcError) as refused:
+        discovery.stub.CommitResult(
+            pb.CommitResultRequest(task_id=task.task_id, ciphertext_sha256="AB" * 32),
+            metadata=members[0].metadata,
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    settled = discovery.settle(foreman, task.task_id, valid=True, missing=[members[2].client_id])
+    assert settled.quorum_sha256 == ciphertext_sha256("good")
+    assert sorted(settled.agreeing_workers) == sorted(m.client_id for m in members[:2])
+    again = discovery.settle(foreman, task.task_id, valid=True, missing=[members[2].client_id])
+    assert (again.quorum_sha256, list(again.agreeing_workers)) == (
+        settled.quorum_sha256,
+        list(settled.agreeing_workers),
+    )
+    with pytest.raises(grpc.RpcError) as closed:  # settled: no more commitments
+        _commit(discovery, members[2], task.task_id, "good")
+    assert closed.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_without_a_quorum_of_commitments_the_settle_names_none(discovery):
+    foreman = discovery.client()
+    workers = {w.client_id: w for w in (discovery.worker() for _ in range(3))}
+    (task,) = discovery.request(foreman).tasks
+    members = [workers[w.client_id] for w in task.workers]
+    _commit(discovery, members[0], task.task_id, "a")
+    _commit(discovery, members[1], task.task_id, "b")
+    settled = discovery.settle(foreman, task.task_id, valid=True)
+    assert settled.quorum_sha256 == "" and not settled.agreeing_workers

@@ -15,7 +15,7 @@ import grpc
 
 from ec262 import tls
 from ec262.discovery_client import DiscoveryClient
-from ec262.errors import ResultNotDelivered, ServiceUnavailable, UnknownTask
+from ec262.errors import CommitConflict, ResultNotDelivered, ServiceUnavailable, UnknownTask
 from ec262.limits import MAX_MESSAGE_BYTES
 from ec262.retry import call_with_retry, is_transient
 from ec262.v1 import foreman_pb2, foreman_pb2_grpc
@@ -119,10 +119,16 @@ class ResultSubmitter:
     cancel ends its sending at once."""
 
     def __init__(
-        self, stop: threading.Event, still_assigned: Callable[[str], bool] = lambda _: True
+        self,
+        stop: threading.Event,
+        still_assigned: Callable[[str], bool] = lambda _: True,
+        commit: Callable[[str, str], None] | None = None,
     ) -> None:
+        """`commit(task_id, ciphertext)`: the commitment to the discovery
+        service that comes before each result (docs/protocol.md section 10)."""
         self._stop = stop
         self._still_assigned = still_assigned
+        self._commit = commit
         self._lock = threading.Lock()
         # (address, certificate): a foreman's result server at an address
         # is trusted only with the certificate its AssignTask named.
@@ -181,6 +187,8 @@ class ResultSubmitter:
             submit_token=task.submit_token,
             ciphertext=ciphertext,
         )
+        if self._commit is not None:
+            self._committed(task, ciphertext)
         stub = self._stub(task.result_address, task.result_certificate)
         attempts = _Attempts(
             lambda: stub.SubmitResult.future(request, timeout=_attempt_seconds(ciphertext))
@@ -218,6 +226,28 @@ class ResultSubmitter:
                     error.details(),
                 )
             raise ResultNotDelivered(f"task {task.task_id}: {error.code().name}") from None
+
+    def _committed(self, task: Task, ciphertext: str) -> None:
+        """Commit (retried while the discovery service is unreachable and
+        the task open), or ResultNotDelivered: a result whose commitment the
+        discovery service refuses is never sent."""
+        try:
+            call_with_retry(
+                lambda: self._commit(task.task_id, ciphertext),
+                what=f"CommitResult({task.task_id})",
+                deadline=time.monotonic() + SUBMIT_DEADLINE,
+                stop=self._stop,
+                retry_if=lambda error: is_transient(error) and self._still_assigned(task.task_id),
+            )
+        except (UnknownTask, CommitConflict) as error:
+            logger.warning("not sending task %s's result: %s", task.task_id, error)
+            raise ResultNotDelivered(f"task {task.task_id}: {error}") from None
+        except Exception as error:
+            if not is_transient(error):
+                raise
+            raise ResultNotDelivered(
+                f"task {task.task_id}: the discovery service stayed unreachable for the commitment"
+            ) from None
 
     def close(self) -> None:
         with self._lock:

@@ -117,7 +117,7 @@ def start_worker(config: WorkerConfig) -> RunningWorker:
         config.discovery, certificate=config.discovery_cert, pins=identity_path(config.identity)
     )
     key_fetcher = KeyFetcher(discovery, stop)
-    submitter = ResultSubmitter(stop, key_fetcher.still_assigned)
+    submitter = ResultSubmitter(stop, key_fetcher.still_assigned, discovery.commit_result)
     advertised = _advertised_host(config)
     identity = identity_path(config.identity)
     certificate = server_certificate(

@@ -69,6 +69,11 @@ class DiscoveryStub:
                 request_serializer=ec262_dot_v1_dot_discovery__pb2.AddReplicaRequest.SerializeToString,
                 response_deserializer=ec262_dot_v1_dot_discovery__pb2.WorkerRef.FromString,
                 _registered_method=True)
+        self.CommitResult = channel.unary_unary(
+                '/ec262.v1.Discovery/CommitResult',
+                request_serializer=ec262_dot_v1_dot_discovery__pb2.CommitResultRequest.SerializeToString,
+                response_deserializer=ec262_dot_v1_dot_discovery__pb2.CommitResultResponse.FromString,
+                _registered_method=True)
 
 
 class DiscoveryServicer:
@@ -124,6 +129,14 @@ class DiscoveryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CommitResult(self, request, context):
+        """A worker commits to its result before sending it to the foreman: the
+        SHA-256 of the exact Base64 text (docs/protocol.md section 10).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DiscoveryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -161,6 +174,11 @@ def add_DiscoveryServicer_to_server(servicer, server):
                     servicer.AddReplica,
                     request_deserializer=ec262_dot_v1_dot_discovery__pb2.AddReplicaRequest.FromString,
                     response_serializer=ec262_dot_v1_dot_discovery__pb2.WorkerRef.SerializeToString,
+            ),
+            'CommitResult': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitResult,
+                    request_deserializer=ec262_dot_v1_dot_discovery__pb2.CommitResultRequest.FromString,
+                    response_serializer=ec262_dot_v1_dot_discovery__pb2.CommitResultResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -352,6 +370,33 @@ class Discovery:
             '/ec262.v1.Discovery/AddReplica',
             ec262_dot_v1_dot_discovery__pb2.AddReplicaRequest.SerializeToString,
             ec262_dot_v1_dot_discovery__pb2.WorkerRef.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitResult(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ec262.v1.Discovery/CommitResult',
+            ec262_dot_v1_dot_discovery__pb2.CommitResultRequest.SerializeToString,
+            ec262_dot_v1_dot_discovery__pb2.CommitResultResponse.FromString,
             options,
             channel_credentials,
             insecure,
