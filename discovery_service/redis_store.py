@@ -255,8 +255,8 @@ if not h[1] or h[1] ~= foreman then
   end
   local balance = redis.call('HGET', prefix .. 'c:' .. foreman, 'credits')
   if valid then
-    local q = redis.call('HMGET', prefix .. 's:' .. tid, 'quorum', 'agreeing')
-    return {'OK', balance, s[4], q[1] or '', q[2] or ''}
+    local q = redis.call('HMGET', prefix .. 's:' .. tid, 'quorum', 'agreeing', 'paid')
+    return {'OK', balance, s[4], q[1] or '', q[2] or '', q[3] or ''}
   end
   return {'OK', balance}
 end
@@ -271,28 +271,15 @@ for w in string.gmatch(ARGV[7], '%S+') do
   if workers[w] then released[w] = true else table.insert(strangers, w) end
 end
 if #strangers > 0 then return {'STRANGERS', 'released', table.concat(strangers, ' ')} end
-local refund = tonumber(h[3])
-for _, w in ipairs(list) do
-  local c = prefix .. 'c:' .. w
-  if valid and released[w] then
-    -- neither paid nor failed: its credit stays in the refund
-  elseif valid and missing[w] then
-    redis.call('HINCRBY', c, 'tasks_failed', 1)
-  elseif valid then
-    redis.call('HINCRBY', c, 'credits', 1)
-    redis.call('HINCRBY', c, 'tasks_completed', 1)
-    refund = refund - 1
-  end
-  redis.call('HINCRBY', c, 'busy_slots', -1)
-end
 -- What a quorum of the task's workers committed to (store.committed_quorum).
-local quorum, agreeing = '', {}
+local quorum, agreeing, commits = '', {}, {}
 if valid then
   local by_sha, shas = {}, {}
   local made = redis.call('HGETALL', prefix .. 'm:' .. tid)
   for i = 1, #made, 2 do
     if workers[made[i]] then
       local sha = made[i + 1]
+      commits[made[i]] = sha
       if not by_sha[sha] then by_sha[sha] = {}; table.insert(shas, sha) end
       table.insert(by_sha[sha], made[i])
     end
@@ -304,6 +291,29 @@ if valid then
     end
   end
 end
+-- Who is paid, failed or refunded: store.settle_outcome, step for step.
+local refund, paid = tonumber(h[3]), {}
+for _, w in ipairs(list) do
+  local c = prefix .. 'c:' .. w
+  if valid then
+    local committed = commits[w] or ''
+    local pay, fail = false, false
+    if quorum ~= '' and committed == quorum then pay = true
+    elseif released[w] then -- neither paid nor failed: its credit stays in the refund
+    elseif (quorum ~= '' and committed ~= '') or missing[w] then fail = true
+    else pay = true end
+    if pay then
+      redis.call('HINCRBY', c, 'credits', 1)
+      redis.call('HINCRBY', c, 'tasks_completed', 1)
+      refund = refund - 1
+      table.insert(paid, w)
+    elseif fail then
+      redis.call('HINCRBY', c, 'tasks_failed', 1)
+    end
+  end
+  redis.call('HINCRBY', c, 'busy_slots', -1)
+end
+table.sort(paid)
 redis.call('DEL', t)
 redis.call('DEL', prefix .. 'm:' .. tid)
 redis.call('ZREM', prefix .. 'texp', tid)
@@ -312,11 +322,14 @@ local s = prefix .. 's:' .. tid
 redis.call('HSET', s, 'foreman_id', foreman, 'valid', ARGV[4], 'missing', ARGV[6],
   'released', ARGV[7])
 if valid then
-  redis.call('HSET', s, 'key', h[2], 'quorum', quorum, 'agreeing', table.concat(agreeing, ' '))
+  redis.call('HSET', s, 'key', h[2], 'quorum', quorum, 'agreeing', table.concat(agreeing, ' '),
+    'paid', table.concat(paid, ' '))
 end
 redis.call('ZADD', prefix .. 'sexp', h[5], tid)
 local after = redis.call('HINCRBY', prefix .. 'c:' .. foreman, 'credits', refund)
-if valid then return {'OK', after, h[2], quorum, table.concat(agreeing, ' ')} end
+if valid then
+  return {'OK', after, h[2], quorum, table.concat(agreeing, ' '), table.concat(paid, ' ')}
+end
 return {'OK', after}
 """
 )
@@ -713,6 +726,7 @@ class RedisStore(LedgerStore):
             credits=int(reply[1]),
             quorum_sha256=reply[3].decode(),
             agreeing=tuple(reply[4].decode().split()),
+            paid=tuple(reply[5].decode().split()),
         )
 
     @_unavailable_is_clear

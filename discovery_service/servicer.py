@@ -187,6 +187,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
             credits=settlement.credits,
             quorum_sha256=settlement.quorum_sha256,
             agreeing_workers=list(settlement.agreeing),
+            paid_workers=list(settlement.paid),
         )
 
     @translate_errors

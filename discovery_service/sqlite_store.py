@@ -46,6 +46,7 @@ from discovery_service.store import (
     not_assigned,
     request_mismatch,
     settle_conflict,
+    settle_outcome,
 )
 from ec262.errors import InsufficientCredits, InvalidRequest
 
@@ -101,7 +102,8 @@ CREATE TABLE IF NOT EXISTS settled (  -- settles remembered, for repeats
     key         BLOB,
     expiry_unix REAL NOT NULL,
     quorum_sha256 TEXT NOT NULL DEFAULT '',
-    agreeing    TEXT NOT NULL DEFAULT ''  -- sorted ids, space-separated
+    agreeing    TEXT NOT NULL DEFAULT '',  -- sorted ids, space-separated
+    paid        TEXT NOT NULL DEFAULT ''  -- sorted ids, space-separated
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS commitments (  -- of open tasks' workers to their results
     task_id   TEXT NOT NULL,
@@ -194,7 +196,7 @@ class SqliteStore(LedgerStore):
             if version in (1, 2, 3):
                 db.execute("ALTER TABLE clients ADD COLUMN network TEXT NOT NULL DEFAULT ''")
             if version in (1, 2, 3, 4):
-                for column in ("quorum_sha256", "agreeing"):
+                for column in ("quorum_sha256", "agreeing", "paid"):
                     db.execute(
                         f"ALTER TABLE settled ADD COLUMN {column} TEXT NOT NULL DEFAULT ''"
                     )
@@ -570,23 +572,7 @@ class SqliteStore(LedgerStore):
             for what, named in (("missing", missing), ("released", released)):
                 if named - workers:
                     raise not_assigned(task_id, what, named - workers)
-            if valid:
-                self._update_each(db, "busy_slots = busy_slots - 1", released)
-                paid = workers - missing - released
-                self._update_each(
-                    db,
-                    "credits = credits + 1, tasks_completed = tasks_completed + 1,"
-                    " busy_slots = busy_slots - 1",
-                    paid,
-                )
-                self._update_each(
-                    db, "tasks_failed = tasks_failed + 1, busy_slots = busy_slots - 1", missing
-                )
-                refund = escrow - len(paid)
-            else:
-                self._update_each(db, "busy_slots = busy_slots - 1", workers)
-                refund = escrow
-            sha, agreeing = "", ()
+            sha, agreeing, paid = "", (), set()
             if valid:
                 commitments = dict(
                     db.execute(
@@ -594,11 +580,33 @@ class SqliteStore(LedgerStore):
                     ).fetchall()
                 )
                 sha, agreeing = committed_quorum(commitments, workers, quorum)
+                paid, failed = settle_outcome(
+                    workers,
+                    missing=missing,
+                    released=released,
+                    commitments=commitments,
+                    quorum_sha256=sha,
+                )
+                self._update_each(db, "busy_slots = busy_slots - 1", workers - paid - failed)
+                self._update_each(
+                    db,
+                    "credits = credits + 1, tasks_completed = tasks_completed + 1,"
+                    " busy_slots = busy_slots - 1",
+                    paid,
+                )
+                self._update_each(
+                    db, "tasks_failed = tasks_failed + 1, busy_slots = busy_slots - 1", failed
+                )
+                refund = escrow - len(paid)
+            else:
+                self._update_each(db, "busy_slots = busy_slots - 1", workers)
+                refund = escrow
             db.execute("DELETE FROM commitments WHERE task_id = ?", (task_id,))
             db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
             db.execute(
                 "INSERT INTO settled (task_id, foreman_id, valid, missing, released, key,"
-                " expiry_unix, quorum_sha256, agreeing) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " expiry_unix, quorum_sha256, agreeing, paid)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     task_id,
                     foreman_id,
@@ -609,6 +617,7 @@ class SqliteStore(LedgerStore):
                     expiry_unix,
                     sha,
                     " ".join(agreeing),
+                    " ".join(sorted(paid)),
                 ),
             )
             (credits,) = db.execute(
@@ -616,7 +625,11 @@ class SqliteStore(LedgerStore):
                 (refund, foreman_id),
             ).fetchone()
             return Settlement(
-                key=key if valid else None, credits=credits, quorum_sha256=sha, agreeing=agreeing
+                key=key if valid else None,
+                credits=credits,
+                quorum_sha256=sha,
+                agreeing=agreeing,
+                paid=tuple(sorted(paid)),
             )
 
     def commit_result(self, worker_id: str, task_id: str, sha256: str, now: float) -> str | None:
@@ -649,7 +662,7 @@ class SqliteStore(LedgerStore):
         let_go: str,
     ) -> Settlement | None:
         done = db.execute(
-            "SELECT valid, missing, released, key, quorum_sha256, agreeing FROM settled"
+            "SELECT valid, missing, released, key, quorum_sha256, agreeing, paid FROM settled"
             " WHERE task_id = ? AND foreman_id = ?",
             (task_id, foreman_id),
         ).fetchone()
@@ -662,6 +675,7 @@ class SqliteStore(LedgerStore):
             credits=SqliteStore._balance(db, foreman_id),
             quorum_sha256=done[4],
             agreeing=tuple(done[5].split()),
+            paid=tuple(done[6].split()),
         )
 
     @staticmethod

@@ -166,6 +166,36 @@ class Settlement:
     # ("" when none did) and those workers (docs/protocol.md section 10).
     quorum_sha256: str = ""
     agreeing: tuple[str, ...] = ()
+    paid: tuple[str, ...] = ()
+
+
+def settle_outcome(
+    workers: Iterable[str],
+    *,
+    missing: frozenset[str],
+    released: frozenset[str],
+    commitments: dict[str, str],
+    quorum_sha256: str,
+) -> tuple[set[str], set[str]]:
+    """Who a valid settle pays and who it counts failed (the rest are
+    refunded: released). Commitments decide over the foreman's word: a
+    worker that committed the quorum's result is paid even when `missing`
+    or `released` names it (it did the work); one that committed another is
+    failed unless released. Without commitments, `missing` decides, as
+    before (docs/protocol.md section 10). The Redis store's settle script
+    follows the same rule."""
+    paid, failed = set(), set()
+    for worker in workers:
+        committed = commitments.get(worker, "")
+        if quorum_sha256 and committed == quorum_sha256:
+            paid.add(worker)
+        elif worker in released:
+            continue
+        elif (quorum_sha256 and committed) or worker in missing:
+            failed.add(worker)
+        else:
+            paid.add(worker)
+    return paid, failed
 
 
 COMMITTED, COMMIT_CONFLICT = "committed", "conflict"

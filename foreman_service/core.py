@@ -152,6 +152,7 @@ class Settled:
     key: bytes | None
     quorum_sha256: str = ""
     agreeing: frozenset[str] = frozenset()
+    paid: frozenset[str] | None = None  # who the discovery service paid, when it says
 
 
 @dataclass(frozen=True)
@@ -294,6 +295,7 @@ class Task:
     settling: Settle | None = None
     winner: str | None = None
     accused: frozenset[str] = frozenset()  # made cheaters by this task's quorum
+    assumed_paid: int = 0  # workers the settle pays, as the foreman sees it
 
     def live(self) -> list[Replica]:
         """Replicas that may still send a result."""
@@ -841,6 +843,8 @@ class JobCore:
         stats = self.stats
         stats.missing_reports += len(disagreeing | failed)
         stats.credits_spent -= len(disagreeing | failed | released)
+        counted = sum(1 for r in task.replicas.values() if not r.released_at_discovery)
+        task.assumed_paid = counted - len(disagreeing | failed | released)
         if disagreeing:
             task.accused = disagreeing - self.cheaters
             stats.cheaters |= disagreeing
@@ -890,6 +894,8 @@ class JobCore:
             waiting.next_add_at = 0.0  # and for the replicas that found none free
         if not task.settling.valid:
             return
+        if event.paid is not None:  # commitments, not this foreman's lists, decided
+            self.stats.credits_spent += len(event.paid) - task.assumed_paid
         # Who sent the agreed result without having committed to it at the
         # discovery service lied to one side (docs/protocol.md section 10).
         sent = {r.worker_id for r in task.replicas.values() if r.result == task.winner}

@@ -53,6 +53,7 @@ DISCOVERY_RETRY_SECONDS = 65.0
 CANCEL_DEADLINE = 2.0
 DISCOVERY_THREADS = 4
 STOP_THREADS = 16  # settles in parallel as a job stops
+STOP_SECONDS_FOR_LATE_GRANTS = 5.0
 
 
 class EventQueue:
@@ -133,6 +134,7 @@ class ForemanOutbound:
         self._channels = WorkerChannels()
         self._pool = ThreadPoolExecutor(DISCOVERY_THREADS, thread_name_prefix="discovery")
         self._stop = threading.Event()
+        self._stopping = threading.Event()  # the job is over (finish)
         self._pending_lock = threading.Lock()
         self._pending: set = set()  # settles and cancels still under way
         self._drained = threading.Condition(self._pending_lock)
@@ -149,8 +151,8 @@ class ForemanOutbound:
 
     def execute(self, command: Any) -> None:
         match command:
-            case RequestTasks():
-                self._in_thread(self._request_tasks, command)
+            case RequestTasks():  # tracked: a job that stops waits for its answer
+                self._tracked(self._pool.submit(self._request_tasks, command))
             case Assign():
                 self._assign(command)
             case Cancel():
@@ -189,6 +191,9 @@ class ForemanOutbound:
             for worker in task.workers:
                 self._channels.learn(worker.client_id, worker.tls_certificate)
         tasks = [(t.task_id, {w.client_id: w.address for w in t.workers}) for t in response.tasks]
+        if self._stopping.is_set():  # the job is over: give these back at once
+            self._give_back([task_id for task_id, _ in tasks])
+            return
         self._events.put(
             Granted(
                 command.request_id,
@@ -240,6 +245,7 @@ class ForemanOutbound:
                 response.key or None,
                 response.quorum_sha256,
                 frozenset(response.agreeing_workers),
+                frozenset(response.paid_workers) if command.valid else None,
             )
         )
 
@@ -318,11 +324,19 @@ class ForemanOutbound:
 
     # -- the end of a job -------------------------------------------------------------
 
+    def _give_back(self, task_ids: list[str]) -> None:
+        """Settle invalid (refund) tasks granted after the job stopped: no
+        credit waits for the lease to end."""
+        for task_id in task_ids:
+            self._settle(Settle(task_id, False), STOP_SECONDS_FOR_LATE_GRANTS)
+
     def finish(self, commands: list, within: float) -> None:
         """Carry out the core's last commands (settles and cancels as a job
         stops) and wait up to `within` seconds for them and for those still
-        under way; discovery retries stop at that deadline."""
+        under way; discovery retries stop at that deadline. Tasks a request
+        under way is granted now are given back."""
         deadline = time.monotonic() + within
+        granted_late = self._job_over()
         # Their own threads: the job's may be stuck retrying an unreachable
         # discovery service for a minute.
         extra = ThreadPoolExecutor(STOP_THREADS, thread_name_prefix="stop")
@@ -333,12 +347,29 @@ class ForemanOutbound:
                 futures.append(extra.submit(self._settle, command, within))
             elif isinstance(command, Cancel):
                 self._cancel(command)
+        if granted_late:
+            futures.append(extra.submit(self._give_back, granted_late))
         wait(futures, timeout=max(0.0, deadline - time.monotonic()))
         extra.shutdown(wait=False)
         self.drain(max(0.0, deadline - time.monotonic()))
 
+    def _job_over(self) -> list[str]:
+        """From now on a request that is answered gives its tasks back; the
+        tasks of answers already queued (the core reads no more events)."""
+        self._stopping.set()
+        return [
+            task_id
+            for event in self._events.take(timeout=0)
+            if isinstance(event, Granted)
+            for task_id, _ in event.tasks
+        ]
+
     def drain(self, within: float) -> None:
-        """Wait up to `within` seconds for settles and cancels under way."""
+        """Wait up to `within` seconds for settles, cancels and requests
+        under way (the job is over: tasks granted now are given back)."""
+        granted_late = self._job_over()
+        if granted_late:
+            self._tracked(self._pool.submit(self._give_back, granted_late))
         with self._drained:
             self._drained.wait_for(lambda: not self._pending, timeout=within)
 

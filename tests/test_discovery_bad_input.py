@@ -204,6 +204,9 @@ ALLOWED = {
     grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
+    # An address no foreman could use (docs/protocol.md section 8), a settle
+    # that contradicts the first, a second commitment.
+    grpc.StatusCode.FAILED_PRECONDITION,
 }
 _ascii = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=80)
 _int32 = st.integers(-(2**31), 2**31 - 1)

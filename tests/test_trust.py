@@ -313,3 +313,41 @@ def test_without_a_quorum_of_commitments_the_settle_names_none(discovery):
     _commit(discovery, members[1], task.task_id, "b")
     settled = discovery.settle(foreman, task.task_id, valid=True)
     assert settled.quorum_sha256 == "" and not settled.agreeing_workers
+
+
+def test_a_foreman_cannot_withhold_pay_from_workers_that_committed_the_quorum(discovery):
+    """The issue's free-work settle: valid, with every worker "missing",
+    took the key and paid nobody. Commitments decide now (both stores)."""
+    foreman = discovery.client()
+    workers = {w.client_id: w for w in (discovery.worker() for _ in range(3))}
+    (task,) = discovery.request(foreman).tasks
+    for member in task.workers:
+        _commit(discovery, workers[member.client_id], task.task_id, "the result")
+    everyone = [w.client_id for w in task.workers]
+    settled = discovery.settle(foreman, task.task_id, valid=True, missing=everyone)
+    assert settled.key and sorted(settled.paid_workers) == sorted(everyone)
+    assert settled.credits == 12 - 3
+    for worker in workers.values():
+        info = discovery.info(worker)
+        assert (info.credits, info.tasks_completed, info.tasks_failed) == (13, 1, 0)
+    assert discovery.total_credits() == discovery.issued_credits()
+
+
+def test_commitments_also_decide_against_a_lenient_foreman(discovery):
+    """A worker that committed another result is failed even when the
+    foreman does not name it; one released after committing the quorum's
+    result did the work and is paid."""
+    foreman = discovery.client()
+    workers = {w.client_id: w for w in (discovery.worker() for _ in range(3))}
+    (task,) = discovery.request(foreman).tasks
+    honest, late, liar = (workers[w.client_id] for w in task.workers)
+    _commit(discovery, honest, task.task_id, "right")
+    _commit(discovery, late, task.task_id, "right")
+    _commit(discovery, liar, task.task_id, "wrong")
+    settled = discovery.settle(foreman, task.task_id, valid=True, released=[late.client_id])
+    assert sorted(settled.paid_workers) == sorted([honest.client_id, late.client_id])
+    info = discovery.info(liar)
+    assert (info.credits, info.tasks_completed, info.tasks_failed) == (12, 0, 1)
+    assert discovery.info(late).tasks_completed == 1
+    assert settled.credits == 12 - 2
+    assert discovery.total_credits() == discovery.issued_credits()
