@@ -82,6 +82,10 @@ class LedgerConfig:
     # What replicas of one task may not share besides an identity and an
     # address: "network" adds the /24 (/48) (docs/protocol.md section 10).
     diversity: str = IDENTITY
+    # A worker is trusted after this many matching commitments in a row;
+    # while a quorum of trusted workers is live, a task holds at most
+    # replication - quorum untrusted ones. 0 turns the rule off.
+    trusted_after: int = 10
 
     def __post_init__(self) -> None:
         if self.starting_credits < 0:
@@ -94,6 +98,8 @@ class LedgerConfig:
             raise ValueError("task TTL must be at least 1 second")
         if self.diversity not in (IDENTITY, NETWORK):
             raise ValueError(f"--diversity is {IDENTITY} or {NETWORK}, not {self.diversity!r}")
+        if self.trusted_after < 0:
+            raise ValueError("--trusted-after cannot be negative (0 turns trust off)")
         if self.max_new_clients < 0:
             raise ValueError("--max-new-clients cannot be negative (0 means no limit)")
         if self.foreman_lease < 1:
@@ -146,6 +152,8 @@ def choose_workers(
     *,
     spread: str = IDENTITY,
     taken: frozenset[str] = frozenset(),
+    untrusted_cap: int | None = None,
+    untrusted_taken: int = 0,
 ) -> list[list[Candidate]]:
     """Up to `n` groups of `replication` workers, drawn at random.
 
@@ -159,6 +167,12 @@ def choose_workers(
     is favoured by its lease or its place in the table. Stops at the first
     group it cannot fill: a task is never made short-handed.
 
+    `untrusted_cap` (replication - quorum, while at least a quorum of
+    trusted workers is live): at most that many untrusted workers per
+    group, `untrusted_taken` of them there already (AddReplica); the rest
+    are drawn among trusted workers, or the group is not made, so a flood
+    of new identities never forms a quorum.
+
     The Redis store runs the same draws in Lua (`redis_store._ASSIGN`).
     """
     rng = rng or _worker_draws.generator()
@@ -170,10 +184,16 @@ def choose_workers(
             break
         chosen: list[Candidate] = []
         used = set(taken)
+        untrusted = untrusted_taken
         pool = [c for c in pool if c.spread_key(spread) not in used]
         while len(chosen) < replication and pool:
+            if untrusted_cap is not None and untrusted >= untrusted_cap:
+                pool = [c for c in pool if c.trusted]
+                if not pool:
+                    break
             pick = pool[int(rng.random() * len(pool))]
             chosen.append(pick)
+            untrusted += not pick.trusted
             used.add(pick.spread_key(spread))
             pool = [c for c in pool if c.spread_key(spread) not in used]
         if len(chosen) < replication:
@@ -412,6 +432,7 @@ class Ledger:
             task_expiry_unix=now + self.config.task_ttl,
             request_id=request_id,
             spread=self.config.diversity,
+            trusted_after=self.config.trusted_after,
         )
         tasks, credits = self.store.assign_tasks(request, choose_workers, _new_task)
         tasks = self._with_certificates(tasks)
@@ -481,6 +502,8 @@ class Ledger:
             max_workers=MAX_WORKERS_PER_REPLICA * self.config.replication,
             request_id=request_id,
             spread=self.config.diversity,
+            trusted_after=self.config.trusted_after,
+            replication=self.config.replication,
         )
         found = self.store.add_replica(request, choose_workers)
         if found is None:

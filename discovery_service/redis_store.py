@@ -153,9 +153,10 @@ return redis.call('HGETALL', c)
 
 # ARGV: prefix, foreman, n, replication, now, task expiry, runtime, exclude
 # (sorted, space-separated), request id ('' for none), the spread mode
-# (--diversity), the most slots of one worker a request takes, then n
-# (task id, key) pairs, then n * replication uniform random numbers in
-# [0, 1). The draws are ledger.choose_workers's, step for step. A request id
+# (--diversity), the most slots of one worker a request takes,
+# --trusted-after (0: no trust rule), then n (task id, key) pairs, then
+# n * replication uniform random numbers in [0, 1). The draws are
+# ledger.choose_workers's, step for step. A request id
 # seen before returns what that request made (store.assignments_text).
 _ASSIGN = (
     _EXPIRE
@@ -163,7 +164,7 @@ _ASSIGN = (
 local prefix, foreman = ARGV[1], ARGV[2]
 local n, r, now, texpiry = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], ARGV[6]
 local runtime, exclude, rid = ARGV[7], ARGV[8], ARGV[9]
-local spread, cap = ARGV[10], tonumber(ARGV[11])
+local spread, cap, ta = ARGV[10], tonumber(ARGV[11]), tonumber(ARGV[12])
 expire(prefix, now)
 local fkey = prefix .. 'c:' .. foreman
 local rname = foreman .. ':' .. rid
@@ -179,37 +180,54 @@ if balance < n * r then return {'INSUFFICIENT', balance} end
 redis.call('ZREMRANGEBYSCORE', prefix .. 'pool', '-inf', now)
 local excluded = {}
 for w in string.gmatch(exclude, '%S+') do excluded[w] = true end
-local cand, free, addr, spot = {}, {}, {}, {}
+local cand, free, addr, spot, trusted = {}, {}, {}, {}, {}
+local trusted_live = 0
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', prefix .. 'pool', '(' .. now, '+inf')) do
-  if id ~= foreman and not excluded[id] then
+  if id ~= foreman then
     local h = redis.call('HMGET', prefix .. 'c:' .. id, 'slots', 'busy_slots', 'address', 'runtime',
-      'network')
-    local f = tonumber(h[1]) - tonumber(h[2])
-    if f > 0 and (runtime == '' or h[4] == runtime) then
-      table.insert(cand, id); free[id] = math.min(f, cap); addr[id] = h[3]
-      spot[id] = h[3]
-      if spread == 'network' and h[5] and h[5] ~= '' then spot[id] = h[5] end
+      'network', 'trust')
+    if runtime == '' or h[4] == runtime then
+      local is_trusted = ta > 0 and tonumber(h[6] or 0) >= ta
+      if is_trusted then trusted_live = trusted_live + 1 end
+      local f = tonumber(h[1]) - tonumber(h[2])
+      if f > 0 and not excluded[id] then
+        table.insert(cand, id); free[id] = math.min(f, cap); addr[id] = h[3]
+        trusted[id] = is_trusted
+        spot[id] = h[3]
+        if spread == 'network' and h[5] and h[5] ~= '' then spot[id] = h[5] end
+      end
     end
   end
 end
+-- store.untrusted_cap: at most r - quorum untrusted while a quorum of trusted is live
+local q = math.floor(r / 2) + 1
+local ucap = -1
+if ta > 0 and trusted_live >= q then ucap = r - q end
 local out = {'OK', 0}
-local rnd = 12 + 2 * n
+local rnd = 13 + 2 * n
 local made = 0
 for i = 1, n do
   local pool = {}
   for _, id in ipairs(cand) do if free[id] > 0 then table.insert(pool, id) end end
   if #pool < r then break end
-  local chosen, addresses, used = {}, {}, {}
+  local chosen, addresses, used, untrusted = {}, {}, {}, 0
   while #chosen < r and #pool > 0 do
+    if ucap >= 0 and untrusted >= ucap then
+      local only = {}
+      for _, id in ipairs(pool) do if trusted[id] then table.insert(only, id) end end
+      pool = only
+      if #pool == 0 then break end
+    end
     local pick = pool[1 + math.floor(tonumber(ARGV[rnd]) * #pool)]
     rnd = rnd + 1
     table.insert(chosen, pick); table.insert(addresses, addr[pick]); used[spot[pick]] = true
+    if not trusted[pick] then untrusted = untrusted + 1 end
     local rest = {}
     for _, id in ipairs(pool) do if not used[spot[id]] then table.insert(rest, id) end end
     pool = rest
   end
   if #chosen < r then break end
-  local tid, key = ARGV[12 + 2 * (i - 1)], ARGV[13 + 2 * (i - 1)]
+  local tid, key = ARGV[13 + 2 * (i - 1)], ARGV[14 + 2 * (i - 1)]
   redis.call('HSET', prefix .. 't:' .. tid, 'foreman_id', foreman, 'key', key, 'escrow', r,
     'expiry_unix', texpiry, 'workers', table.concat(chosen, ' '))
   redis.call('ZADD', prefix .. 'texp', texpiry, tid)
@@ -291,6 +309,13 @@ if valid then
     end
   end
 end
+-- Trust: matching commitments in a row; another commitment resets it.
+if quorum ~= '' then
+  for w, sha in pairs(commits) do
+    if sha == quorum then redis.call('HINCRBY', prefix .. 'c:' .. w, 'trust', 1)
+    else redis.call('HSET', prefix .. 'c:' .. w, 'trust', 0) end
+  end
+end
 -- Who is paid, failed or refunded: store.settle_outcome, step for step.
 local refund, paid = tonumber(h[3]), {}
 for _, w in ipairs(list) do
@@ -360,13 +385,13 @@ return 'committed'
 # ARGV: prefix, foreman, task id, now, runtime, exclude and release (each
 # sorted, space-separated), request id ('' for none), the remembered form of
 # the request, the most workers a task holds, one uniform random number,
-# the spread mode (--diversity).
+# the spread mode (--diversity), --trusted-after, the replication.
 _REPLICA = (
     _EXPIRE
     + """
 local prefix, foreman, tid, now, runtime = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local rid, remembered, most = ARGV[8], ARGV[9], tonumber(ARGV[10])
-local spread = ARGV[12]
+local spread, ta, r = ARGV[12], tonumber(ARGV[13]), tonumber(ARGV[14])
 local function spot(h)  -- h: address, network
   if spread == 'network' and h[2] and h[2] ~= '' then return h[2] end
   return h[1]
@@ -401,20 +426,32 @@ for w, _ in pairs(release) do redis.call('HINCRBY', prefix .. 'c:' .. w, 'busy_s
 local chosen, address = '', ''
 if #kept < most then
   redis.call('ZREMRANGEBYSCORE', prefix .. 'pool', '-inf', now)
-  local taken = {}
+  local taken, untrusted = {}, 0
   for _, w in ipairs(kept) do
-    taken[spot(redis.call('HMGET', prefix .. 'c:' .. w, 'address', 'network'))] = true
+    local m = redis.call('HMGET', prefix .. 'c:' .. w, 'address', 'network', 'trust')
+    taken[spot(m)] = true
+    if not (ta > 0 and tonumber(m[3] or 0) >= ta) then untrusted = untrusted + 1 end
   end
-  local avail, addr = {}, {}
+  local avail, addr, trusted, trusted_live = {}, {}, {}, 0
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', prefix .. 'pool', '(' .. now, '+inf')) do
-    if id ~= foreman and not excluded[id] then
+    if id ~= foreman then
       local c = redis.call('HMGET', prefix .. 'c:' .. id, 'slots', 'busy_slots', 'address',
-        'runtime', 'network')
-      if tonumber(c[1]) > tonumber(c[2]) and (runtime == '' or c[4] == runtime)
-        and not taken[spot({c[3], c[5]})] then
-        table.insert(avail, id); addr[id] = c[3]
+        'runtime', 'network', 'trust')
+      if runtime == '' or c[4] == runtime then
+        local is_trusted = ta > 0 and tonumber(c[6] or 0) >= ta
+        if is_trusted then trusted_live = trusted_live + 1 end
+        if not excluded[id] and tonumber(c[1]) > tonumber(c[2])
+          and not taken[spot({c[3], c[5]})] then
+          table.insert(avail, id); addr[id] = c[3]; trusted[id] = is_trusted
+        end
       end
     end
+  end
+  local q = math.floor(r / 2) + 1
+  if ta > 0 and trusted_live >= q and untrusted >= r - q then
+    local only = {}
+    for _, id in ipairs(avail) do if trusted[id] then table.insert(only, id) end end
+    avail = only
   end
   if #avail > 0 then
     chosen = avail[1 + math.floor(tonumber(ARGV[11]) * #avail)]
@@ -483,6 +520,7 @@ def _record(client_id: str, fields: list) -> ClientRecord | None:
         tasks_failed=int(data[b"tasks_failed"]),
         runtime=data[b"runtime"].decode(),
         tls_certificate=data.get(b"tls_certificate", b"").decode(),
+        trust=int(data.get(b"trust", 0)),
     )
 
 
@@ -632,6 +670,7 @@ class RedisStore(LedgerStore):
             request.request_id,
             request.spread,
             MAX_SLOTS_PER_REQUEST,
+            request.trusted_after,
         ]
         for task_id, key in pairs:
             args += [task_id, key]
@@ -754,6 +793,8 @@ class RedisStore(LedgerStore):
                 request.max_workers,
                 repr(self._random.random()),
                 request.spread,
+                request.trusted_after,
+                request.replication,
             ]
         )
         status = reply[0]

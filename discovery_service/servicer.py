@@ -45,6 +45,8 @@ def client_info(record: ClientRecord, ledger: Ledger) -> pb.ClientInfo:
         tasks_completed=record.tasks_completed,
         tasks_failed=record.tasks_failed,
         runtime=record.runtime,
+        trust=record.trust,
+        trusted_after=config.trusted_after,
     )
 
 

@@ -47,6 +47,7 @@ from discovery_service.store import (
     request_mismatch,
     settle_conflict,
     settle_outcome,
+    untrusted_cap,
 )
 from ec262.errors import InsufficientCredits, InvalidRequest
 
@@ -66,6 +67,7 @@ CREATE TABLE IF NOT EXISTS clients (
     runtime          TEXT NOT NULL DEFAULT '',
     tls_certificate  TEXT NOT NULL DEFAULT '',  -- PEM, a TLS worker's own
     network          TEXT NOT NULL DEFAULT '',  -- its address's /24 (/48), for diversity
+    trust            INTEGER NOT NULL DEFAULT 0,  -- matching commitments in a row
     expiry_unix      REAL NOT NULL DEFAULT 0,
     slots            INTEGER NOT NULL DEFAULT 0,
     busy_slots       INTEGER NOT NULL DEFAULT 0 CHECK (busy_slots >= 0),
@@ -131,7 +133,7 @@ CREATE INDEX IF NOT EXISTS origins_by_network ON origins (network, created_unix)
 
 _CLIENT_COLUMNS = (
     "client_id, credits, address, expiry_unix, slots, busy_slots,"
-    " tasks_completed, tasks_failed, runtime, tls_certificate"
+    " tasks_completed, tasks_failed, runtime, tls_certificate, trust"
 )
 
 
@@ -196,10 +198,9 @@ class SqliteStore(LedgerStore):
             if version in (1, 2, 3):
                 db.execute("ALTER TABLE clients ADD COLUMN network TEXT NOT NULL DEFAULT ''")
             if version in (1, 2, 3, 4):
+                db.execute("ALTER TABLE clients ADD COLUMN trust INTEGER NOT NULL DEFAULT 0")
                 for column in ("quorum_sha256", "agreeing", "paid"):
-                    db.execute(
-                        f"ALTER TABLE settled ADD COLUMN {column} TEXT NOT NULL DEFAULT ''"
-                    )
+                    db.execute(f"ALTER TABLE settled ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             earliest = self._earliest_expiry(db)
         # The earliest expiry of any open or remembered task: until then no
@@ -353,9 +354,22 @@ class SqliteStore(LedgerStore):
                 ).fetchone()
                 raise insufficient_credits(request, balance)
             candidates = self._candidates(
-                db, request.now, request.foreman_id, request.runtime, request.exclude_workers
+                db,
+                request.now,
+                request.foreman_id,
+                request.runtime,
+                request.exclude_workers,
+                request.trusted_after,
             )
-            groups = choose(candidates, request.n, request.replication, spread=request.spread)
+            cap = self._untrusted_cap(db, request.now, request.foreman_id, request.runtime,
+                                      request.trusted_after, request.replication)  # fmt: skip
+            groups = choose(
+                candidates,
+                request.n,
+                request.replication,
+                spread=request.spread,
+                untrusted_cap=cap,
+            )
             assignments: list[Assignment] = []
             rows = []
             busy: Counter[str] = Counter()
@@ -414,18 +428,48 @@ class SqliteStore(LedgerStore):
 
     @staticmethod
     def _candidates(
-        db: sqlite3.Connection, now: float, foreman_id: str, runtime: str, exclude: frozenset[str]
+        db: sqlite3.Connection,
+        now: float,
+        foreman_id: str,
+        runtime: str,
+        exclude: frozenset[str],
+        trusted_after: int = 0,
     ) -> list[Candidate]:
         """Live workers with a free slot, of `runtime` when set."""
         query = (
-            "SELECT client_id, address, slots - busy_slots, network FROM clients"
-            " WHERE expiry_unix > ? AND busy_slots < slots AND client_id != ?"
+            "SELECT client_id, address, slots - busy_slots, network, ? > 0 AND trust >= ?"
+            " FROM clients WHERE expiry_unix > ? AND busy_slots < slots AND client_id != ?"
         )
-        args: tuple = (now, foreman_id)
+        args: tuple = (trusted_after, trusted_after, now, foreman_id)
         if runtime:
             query += " AND runtime = ?"
             args += (runtime,)
-        return [Candidate(*row) for row in db.execute(query, args) if row[0] not in exclude]
+        return [
+            Candidate(*row[:4], bool(row[4]))
+            for row in db.execute(query, args)
+            if row[0] not in exclude
+        ]
+
+    @staticmethod
+    def _untrusted_cap(
+        db: sqlite3.Connection,
+        now: float,
+        foreman_id: str,
+        runtime: str,
+        trusted_after: int,
+        replication: int,
+    ) -> int | None:
+        if not trusted_after:
+            return None
+        query = (
+            "SELECT COUNT(*) FROM clients WHERE expiry_unix > ? AND client_id != ? AND trust >= ?"
+        )
+        args: tuple = (now, foreman_id, trusted_after)
+        if runtime:
+            query += " AND runtime = ?"
+            args += (runtime,)
+        (trusted_live,) = db.execute(query, args).fetchone()
+        return untrusted_cap(replication, trusted_live)
 
     def add_replica(
         self, request: ReplicaRequest, choose: ChooseWorkers
@@ -467,17 +511,29 @@ class SqliteStore(LedgerStore):
             if len(kept) < request.max_workers:
                 exclude = request.exclude_workers | set(workers)
                 candidates = self._candidates(
-                    db, request.now, request.foreman_id, request.runtime, exclude
-                )
-                taken = frozenset(
-                    Candidate(*row).spread_key(request.spread)
+                    db, request.now, request.foreman_id, request.runtime, exclude,
+                    request.trusted_after,
+                )  # fmt: skip
+                members = [
+                    Candidate(*row[:4], bool(row[4]))
                     for row in db.execute(
-                        "SELECT client_id, address, 0, network FROM clients"
+                        "SELECT client_id, address, 0, network, ? > 0 AND trust >= ? FROM clients"
                         f" WHERE client_id IN ({_placeholders(len(kept))})",
-                        kept,
+                        (request.trusted_after, request.trusted_after, *kept),
                     )
+                ]
+                taken = frozenset(m.spread_key(request.spread) for m in members)
+                cap = self._untrusted_cap(db, request.now, request.foreman_id, request.runtime,
+                                          request.trusted_after, request.replication)  # fmt: skip
+                group = choose(
+                    candidates,
+                    1,
+                    1,
+                    spread=request.spread,
+                    taken=taken,
+                    untrusted_cap=cap,
+                    untrusted_taken=sum(not m.trusted for m in members),
                 )
-                group = choose(candidates, 1, 1, spread=request.spread, taken=taken)
                 if group:
                     chosen = WorkerRef(group[0][0].client_id, group[0][0].address)
                     kept.append(chosen.client_id)
@@ -587,6 +643,11 @@ class SqliteStore(LedgerStore):
                     commitments=commitments,
                     quorum_sha256=sha,
                 )
+                if sha:  # trust: matching commitments in a row; another resets it
+                    self._update_each(db, "trust = trust + 1", agreeing)
+                    self._update_each(
+                        db, "trust = 0", {w for w in workers if commitments.get(w, sha) != sha}
+                    )
                 self._update_each(db, "busy_slots = busy_slots - 1", workers - paid - failed)
                 self._update_each(
                     db,
@@ -635,9 +696,7 @@ class SqliteStore(LedgerStore):
     def commit_result(self, worker_id: str, task_id: str, sha256: str, now: float) -> str | None:
         with self._transaction() as db:
             self._expire(db, now)
-            row = db.execute(
-                "SELECT workers FROM tasks WHERE task_id = ?", (task_id,)
-            ).fetchone()
+            row = db.execute("SELECT workers FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
             if row is None or worker_id not in row[0].split():
                 return None
             made = db.execute(

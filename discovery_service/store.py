@@ -28,6 +28,7 @@ class ClientRecord:
     tasks_failed: int = 0
     runtime: str = ""
     tls_certificate: str = ""  # PEM, "" for a plaintext (loopback) worker
+    trust: int = 0  # matching commitments in a row
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +58,7 @@ class Candidate:
     address: str
     free_slots: int
     network: str = ""
+    trusted: bool = False  # matching commitments in a row >= --trusted-after
 
     def spread_key(self, spread: str) -> str:
         """What two replicas of one task may not share (docs/protocol.md
@@ -97,6 +99,7 @@ class TaskRequest:
     task_expiry_unix: float
     request_id: str = ""  # "" when the foreman did not ask for repeat safety
     spread: str = IDENTITY  # --diversity
+    trusted_after: int = 0  # --trusted-after; 0: no trust rule
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +116,8 @@ class ReplicaRequest:
     max_workers: int  # workers a task may hold at once (replication x 2)
     request_id: str = ""
     spread: str = IDENTITY  # --diversity
+    trusted_after: int = 0  # --trusted-after; 0: no trust rule
+    replication: int = 3
 
     def remembered_as(self) -> str:
         """How a repeat is recognised (kept in the `exclude` of a request)."""
@@ -199,6 +204,14 @@ def settle_outcome(
 
 
 COMMITTED, COMMIT_CONFLICT = "committed", "conflict"
+
+
+def untrusted_cap(replication: int, trusted_live: int) -> int | None:
+    """How many untrusted workers one task may hold: replication - quorum
+    while at least a quorum of trusted workers is live, else no limit
+    (docs/protocol.md section 10)."""
+    quorum = replication // 2 + 1
+    return replication - quorum if trusted_live >= quorum else None
 
 
 def committed_quorum(

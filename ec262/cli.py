@@ -100,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
         " and their workers freed (a running foreman calls every third of it)",
     )
     discovery.add_argument(
+        "--trusted-after",
+        type=_non_negative,
+        default=10,
+        metavar="N",
+        help="matching results in a row before a worker is trusted; while enough trusted"
+        " workers are live, a task holds at most replication - quorum untrusted ones"
+        " (0 turns this off; default %(default)s)",
+    )
+    discovery.add_argument(
         "--max-new-clients",
         type=_non_negative,
         default=None,
@@ -266,6 +275,7 @@ def _run_discovery(args: argparse.Namespace) -> int:
             foreman_lease=args.foreman_lease,
             max_new_clients=max_new_clients(args.host, args.max_new_clients),
             diversity=args.diversity or ("identity" if is_loopback(args.host) else "network"),
+            trusted_after=args.trusted_after,
         )
     except ValueError as error:
         print(f"ec262 discovery: {error}", file=sys.stderr)
@@ -330,6 +340,17 @@ def _run_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trust_text(info) -> str:
+    """A worker's trust for `ec262 status` (docs/protocol.md section 10)."""
+    if not info.address:
+        return ""
+    if not info.trusted_after:
+        return f", trust {info.trust}"
+    if info.trust >= info.trusted_after:
+        return f", trust {info.trust} (trusted)"
+    return f", trust {info.trust} (trusted at {info.trusted_after})"
+
+
 def _run_status(args: argparse.Namespace) -> int:
     from ec262.discovery_client import DiscoveryClient
     from ec262.identity import identity_path, load_identity
@@ -346,6 +367,7 @@ def _run_status(args: argparse.Namespace) -> int:
     print(
         f"client {info.client_id} at {args.discovery}: {info.credits} credits,"
         f" {info.tasks_completed} tasks completed, {info.tasks_failed} failed"
+        + _trust_text(info)
         + (
             f"; worker at {info.address} ({info.busy_slots}/{info.slots} slots busy)"
             if info.address

@@ -351,3 +351,61 @@ def test_commitments_also_decide_against_a_lenient_foreman(discovery):
     assert discovery.info(late).tasks_completed == 1
     assert settled.credits == 12 - 2
     assert discovery.total_credits() == discovery.issued_credits()
+
+
+# -- trust ----------------------------------------------------------------------
+
+
+def _run_task(discovery, foreman, workers, results: dict[str, str]) -> pb.SettleTaskResponse:
+    """One task of these workers, each committing `results[its id]` (none
+    when absent), settled valid."""
+    (task,) = discovery.request(foreman).tasks
+    for member in task.workers:
+        if member.client_id in results:
+            _commit(discovery, workers[member.client_id], task.task_id, results[member.client_id])
+    return discovery.settle(foreman, task.task_id, valid=True)
+
+
+def test_trust_counts_matching_commitments_and_a_disagreeing_one_resets_it(discovery_factory):
+    """Both stores. A turncoat that earned trust loses all of it with one
+    commitment against a valid quorum; silence does not reset it."""
+    discovery = discovery_factory(LedgerConfig(trusted_after=2, starting_credits=1000))
+    foreman = discovery.client()
+    workers = {w.client_id: w for w in (discovery.worker() for _ in range(3))}
+    ids = list(workers)
+    for _ in range(2):
+        _run_task(discovery, foreman, workers, dict.fromkeys(ids, "right"))
+    assert [discovery.info(workers[i]).trust for i in ids] == [2, 2, 2]
+    turncoat, silent = ids[0], ids[1]
+    _run_task(discovery, foreman, workers, {turncoat: "wrong", ids[2]: "right", silent: "right"})
+    _run_task(discovery, foreman, workers, {turncoat: "right", ids[2]: "right"})  # silent: none
+    assert discovery.info(workers[turncoat]).trust == 1
+    assert discovery.info(workers[silent]).trust == 3  # silence kept it
+    assert discovery.info(workers[ids[2]]).trust == 4
+    info = discovery.info(workers[turncoat])
+    assert (info.trusted_after, info.tasks_failed) == (2, 1)
+
+
+def test_a_flood_of_new_identities_never_holds_a_quorum_beside_trusted_workers(
+    discovery_factory,
+):
+    """Both stores, identity diversity (distinct addresses on one machine,
+    the case network diversity cannot help): while a quorum of trusted
+    workers is live, every task has at most one untrusted worker; when the
+    trusted ones are busy the request is filled partly."""
+    discovery = discovery_factory(LedgerConfig(trusted_after=2, starting_credits=10_000))
+    foreman = discovery.client()
+    trusted = {w.client_id: w for w in (discovery.worker(slots=2) for _ in range(3))}
+    for _ in range(2):
+        _run_task(discovery, foreman, trusted, dict.fromkeys(trusted, "right"))
+    sybils = {discovery.worker(slots=64).client_id for _ in range(12)}
+    reply = discovery.request(foreman, n=20)
+    assert 0 < len(reply.tasks) <= 3  # 3 trusted x 2 slots, 2 per task
+    for task in reply.tasks:
+        assert len(sybils & {w.client_id for w in task.workers}) <= 1
+    # An added replica keeps to the rule too.
+    task = reply.tasks[0]
+    honest = next(w.client_id for w in task.workers if w.client_id in trusted)
+    added = discovery.add_replica(foreman, task.task_id, release_workers=[honest])
+    now = {w.client_id for w in task.workers} - {honest} | ({added.client_id} - {""})
+    assert len(sybils & now) <= 1

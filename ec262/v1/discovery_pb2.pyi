@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ClientInfo(_message.Message):
-    __slots__ = ("client_id", "credits", "address", "expiry_unix", "slots", "tasks_completed", "tasks_failed", "runtime", "busy_slots", "replication", "foreman_lease_seconds", "ledger_id")
+    __slots__ = ("client_id", "credits", "address", "expiry_unix", "slots", "tasks_completed", "tasks_failed", "runtime", "busy_slots", "replication", "foreman_lease_seconds", "ledger_id", "trust", "trusted_after")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     CREDITS_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,8 @@ class ClientInfo(_message.Message):
     REPLICATION_FIELD_NUMBER: _ClassVar[int]
     FOREMAN_LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LEDGER_ID_FIELD_NUMBER: _ClassVar[int]
+    TRUST_FIELD_NUMBER: _ClassVar[int]
+    TRUSTED_AFTER_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     credits: int
     address: str
@@ -32,7 +34,9 @@ class ClientInfo(_message.Message):
     replication: int
     foreman_lease_seconds: int
     ledger_id: str
-    def __init__(self, client_id: _Optional[str] = ..., credits: _Optional[int] = ..., address: _Optional[str] = ..., expiry_unix: _Optional[int] = ..., slots: _Optional[int] = ..., tasks_completed: _Optional[int] = ..., tasks_failed: _Optional[int] = ..., runtime: _Optional[str] = ..., busy_slots: _Optional[int] = ..., replication: _Optional[int] = ..., foreman_lease_seconds: _Optional[int] = ..., ledger_id: _Optional[str] = ...) -> None: ...
+    trust: int
+    trusted_after: int
+    def __init__(self, client_id: _Optional[str] = ..., credits: _Optional[int] = ..., address: _Optional[str] = ..., expiry_unix: _Optional[int] = ..., slots: _Optional[int] = ..., tasks_completed: _Optional[int] = ..., tasks_failed: _Optional[int] = ..., runtime: _Optional[str] = ..., busy_slots: _Optional[int] = ..., replication: _Optional[int] = ..., foreman_lease_seconds: _Optional[int] = ..., ledger_id: _Optional[str] = ..., trust: _Optional[int] = ..., trusted_after: _Optional[int] = ...) -> None: ...
 
 class CreateClientRequest(_message.Message):
     __slots__ = ()
