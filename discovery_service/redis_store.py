@@ -188,7 +188,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', prefix .. 'pool', '(' .. now, '+
       'network', 'trust')
     if runtime == '' or h[4] == runtime then
       local is_trusted = ta > 0 and tonumber(h[6] or 0) >= ta
-      if is_trusted then trusted_live = trusted_live + 1 end
+      if is_trusted and not excluded[id] then trusted_live = trusted_live + 1 end
       local f = tonumber(h[1]) - tonumber(h[2])
       if f > 0 and not excluded[id] then
         table.insert(cand, id); free[id] = math.min(f, cap); addr[id] = h[3]
@@ -433,13 +433,15 @@ if #kept < most then
     if not (ta > 0 and tonumber(m[3] or 0) >= ta) then untrusted = untrusted + 1 end
   end
   local avail, addr, trusted, trusted_live = {}, {}, {}, 0
+  local by_foreman = {}  -- the foreman's exclusions, not the task's own workers
+  for w in string.gmatch(ARGV[6], '%S+') do by_foreman[w] = true end
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', prefix .. 'pool', '(' .. now, '+inf')) do
     if id ~= foreman then
       local c = redis.call('HMGET', prefix .. 'c:' .. id, 'slots', 'busy_slots', 'address',
         'runtime', 'network', 'trust')
       if runtime == '' or c[4] == runtime then
         local is_trusted = ta > 0 and tonumber(c[6] or 0) >= ta
-        if is_trusted then trusted_live = trusted_live + 1 end
+        if is_trusted and not by_foreman[id] then trusted_live = trusted_live + 1 end
         if not excluded[id] and tonumber(c[1]) > tonumber(c[2])
           and not taken[spot({c[3], c[5]})] then
           table.insert(avail, id); addr[id] = c[3]; trusted[id] = is_trusted

@@ -362,7 +362,8 @@ class SqliteStore(LedgerStore):
                 request.trusted_after,
             )
             cap = self._untrusted_cap(db, request.now, request.foreman_id, request.runtime,
-                                      request.trusted_after, request.replication)  # fmt: skip
+                                      request.trusted_after, request.replication,
+                                      request.exclude_workers)  # fmt: skip
             groups = choose(
                 candidates,
                 request.n,
@@ -458,17 +459,20 @@ class SqliteStore(LedgerStore):
         runtime: str,
         trusted_after: int,
         replication: int,
+        exclude: frozenset[str] = frozenset(),
     ) -> int | None:
+        """The trust rule's cap, counting the trusted workers this request
+        could use (live, of its runtime, not excluded by the foreman)."""
         if not trusted_after:
             return None
         query = (
-            "SELECT COUNT(*) FROM clients WHERE expiry_unix > ? AND client_id != ? AND trust >= ?"
+            "SELECT client_id FROM clients WHERE expiry_unix > ? AND client_id != ? AND trust >= ?"
         )
         args: tuple = (now, foreman_id, trusted_after)
         if runtime:
             query += " AND runtime = ?"
             args += (runtime,)
-        (trusted_live,) = db.execute(query, args).fetchone()
+        trusted_live = sum(1 for (i,) in db.execute(query, args) if i not in exclude)
         return untrusted_cap(replication, trusted_live)
 
     def add_replica(
@@ -524,7 +528,8 @@ class SqliteStore(LedgerStore):
                 ]
                 taken = frozenset(m.spread_key(request.spread) for m in members)
                 cap = self._untrusted_cap(db, request.now, request.foreman_id, request.runtime,
-                                          request.trusted_after, request.replication)  # fmt: skip
+                                          request.trusted_after, request.replication,
+                                          request.exclude_workers)  # fmt: skip
                 group = choose(
                     candidates,
                     1,

@@ -409,3 +409,15 @@ def test_a_flood_of_new_identities_never_holds_a_quorum_beside_trusted_workers(
     added = discovery.add_replica(foreman, task.task_id, release_workers=[honest])
     now = {w.client_id for w in task.workers} - {honest} | ({added.client_id} - {""})
     assert len(sybils & now) <= 1
+
+
+def test_trusted_workers_the_foreman_excludes_do_not_hold_the_rule(discovery_factory):
+    """Trusted workers this foreman excludes (unreachable, cheaters) are no
+    use to its request: the rule counts only those it could get."""
+    discovery = discovery_factory(LedgerConfig(trusted_after=1, starting_credits=10_000))
+    foreman = discovery.client()
+    trusted = {w.client_id: w for w in (discovery.worker() for _ in range(3))}
+    _run_task(discovery, foreman, trusted, dict.fromkeys(trusted, "right"))
+    newcomers = [discovery.worker() for _ in range(3)]
+    reply = discovery.request(foreman, n=1, exclude_workers=list(trusted))
+    assert {w.client_id for w in reply.tasks[0].workers} <= {n.client_id for n in newcomers}
