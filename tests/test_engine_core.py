@@ -477,6 +477,9 @@ def test_an_agreed_error_document_fails_the_job_with_the_remote_error(phase):
         (MAP, b'[["k",' + b"[" * 5000 + b"]" * 5000 + b"]]"),  # 5,000 levels deep
         (REDUCE, b'[["k",' + b"[" * 5000 + b"]" * 5000 + b"]]"),
         (REDUCE, b'"a string"'),
+        # Flat-looking, so the shuffle's byte split would take it: not JSON.
+        (MAP, b'[["k",[garbage]]]'),
+        (MAP, b'[["k",[1,,2]]]'),
     ],
 )
 def test_an_agreed_result_that_does_not_open_makes_cheaters_and_a_retry(phase, garbage):
