@@ -192,12 +192,12 @@ class Driver:
     def settle_answer(self, task_id: str, key: bytes | None = None) -> list:
         """The discovery service's answer: the key, and (as the workers
         commit before they send) the agreed result as the committed one."""
-        winner = self.core._tasks[task_id].winner if task_id in self.core._tasks else None
-        agreeing = frozenset(
-            r.worker_id for r in self.core._tasks[task_id].replicas.values()
-            if winner is not None and r.result == winner
-        ) if task_id in self.core._tasks else frozenset()  # fmt: skip
-        sha = ciphertext_sha256(winner) if winner else ""
+        task = self.core._tasks.get(task_id)
+        winner = task.winner if task else None
+        if winner is None:
+            return self.events(Settled(task_id, key or key_of(task_id)))
+        agreeing = frozenset(r.worker_id for r in task.replicas.values() if r.result == winner)
+        sha = ciphertext_sha256(winner)
         return self.events(Settled(task_id, key or key_of(task_id), sha, agreeing))
 
     def added(self, task_id: str, worker: str | None) -> list:
