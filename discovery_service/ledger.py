@@ -62,6 +62,7 @@ LEASE_RENEWAL_INTERVAL = 1.0  # seconds
 SWEEP_INTERVAL = 0.5  # seconds between the server's sweeps of expired tasks and leases
 NEW_CLIENT_WINDOW = 3600.0  # seconds: --max-new-clients is per sliding hour
 DEFAULT_MAX_NEW_CLIENTS = 20  # off loopback; on loopback no limit
+DEFAULT_LATE_WINDOW = 120.0  # seconds: --late-window
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _RUNTIME = re.compile(r"[a-z][a-z0-9_]*-[0-9]{1,4}\.[0-9]{1,4}")
 
@@ -86,6 +87,10 @@ class LedgerConfig:
     # while a quorum of trusted workers is live, a task holds at most
     # replication - quorum untrusted ones. 0 turns the rule off.
     trusted_after: int = 10
+    # Seconds after a valid settle that a worker without a commitment yet
+    # may still commit: paid if it matches the quorum, else (or silent
+    # until then) counted failed (docs/protocol.md section 10).
+    late_window: float = DEFAULT_LATE_WINDOW
 
     def __post_init__(self) -> None:
         if self.starting_credits < 0:
@@ -100,6 +105,8 @@ class LedgerConfig:
             raise ValueError(f"--diversity is {IDENTITY} or {NETWORK}, not {self.diversity!r}")
         if self.trusted_after < 0:
             raise ValueError("--trusted-after cannot be negative (0 turns trust off)")
+        if self.late_window < 0:
+            raise ValueError("--late-window cannot be negative")
         if self.max_new_clients < 0:
             raise ValueError("--max-new-clients cannot be negative (0 means no limit)")
         if self.foreman_lease < 1:
@@ -537,14 +544,16 @@ class Ledger:
                 "a worker cannot be both missing and released: "
                 + ", ".join(sorted(missing_ids & released_ids))
             )
+        now = self._clock()
         settlement = self.store.settle_task(
             foreman_id,
             task_id,
             valid=valid,
             missing=missing_ids,
-            now=self._clock(),
+            now=now,
             released=released_ids,
             quorum=self.config.replication // 2 + 1,
+            late_until=now + self.config.late_window,
         )
         if settlement is None:
             raise UnknownTask(f"you have no open task {task_id} to settle")
@@ -565,7 +574,10 @@ class Ledger:
             raise InvalidRequest("ciphertext_sha256 must be 64 lowercase hex digits")
         made = self.store.commit_result(worker_id, task_id, sha256, self._clock())
         if made is None:
-            raise UnknownTask(f"no open task {task_id} is assigned to you")
+            raise UnknownTask(
+                f"no open task {task_id} is assigned to you (nor a settled one whose late"
+                " window is still open)"
+            )
         if made == COMMIT_CONFLICT:
             raise CommitConflict(
                 f"you committed another result to task {task_id} already; a commitment"

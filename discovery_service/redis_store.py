@@ -16,7 +16,9 @@ for repeats (until the task's expiry: `sexp`, zset task id -> expiry),
 `leases` (zset client id -> lease expiry), `ft:<foreman>` (set of its open
 task ids, so a foreman whose lease ends loses them),
 `r:<foreman>:<request id>` hash per RequestTasks remembered for repeats
-(`rexp`, zset -> expiry), `issued` (credits handed out, for audits).
+(`rexp`, zset -> expiry), `m:<task id>` (worker -> commitment, open tasks),
+`l:<task id>` hash per settled task with late workers (`lexp`, zset ->
+the end of its late window), `issued` (credits handed out, for audits).
 Standalone Redis only: the scripts touch keys they compute, which a Redis
 Cluster would refuse.
 """
@@ -51,6 +53,7 @@ from discovery_service.store import (
     WorkerRef,
     assignments_from_text,
     insufficient_credits,
+    no_committed_quorum,
     not_assigned,
     request_mismatch,
     settle_conflict,
@@ -93,6 +96,25 @@ local function expire(prefix, now)
   for _, tid in ipairs(remembered) do
     redis.call('DEL', prefix .. 's:' .. tid)
     redis.call('ZREM', prefix .. 'sexp', tid)
+  end
+  -- Late workers whose window ended without a commitment: failed, refunded.
+  for _, tid in ipairs(redis.call('ZRANGEBYSCORE', prefix .. 'lexp', '-inf', now)) do
+    local l = prefix .. 'l:' .. tid
+    local fields, silent = redis.call('HGETALL', l), 0
+    for i = 1, #fields, 2 do
+      if string.sub(fields[i], 1, 2) == 'w:' and fields[i + 1] == '' then
+        local c = prefix .. 'c:' .. string.sub(fields[i], 3)
+        redis.call('HINCRBY', c, 'tasks_failed', 1)
+        redis.call('HINCRBY', c, 'busy_slots', -1)
+        silent = silent + 1
+      end
+    end
+    local foreman = redis.call('HGET', l, 'foreman_id')
+    if foreman and silent > 0 then
+      redis.call('HINCRBY', prefix .. 'c:' .. foreman, 'credits', silent)
+    end
+    redis.call('DEL', l)
+    redis.call('ZREM', prefix .. 'lexp', tid)
   end
   local requests = redis.call('ZRANGEBYSCORE', prefix .. 'rexp', '-inf', now)
   for _, rid in ipairs(requests) do
@@ -256,7 +278,9 @@ return out
 
 # ARGV: prefix, foreman, task id, valid ('1' or '0'), now, missing and
 # released (each sorted, space-separated; empty for an invalid settle), the
-# quorum of identical commitments to look for
+# quorum of identical commitments to look for, the end of the late window.
+# Late workers live in `l:<task id>` (foreman_id, quorum, and `w:<worker>`:
+# '' until it commits, then its sha) until the window ends (`lexp`).
 _SETTLE = (
     _EXPIRE
     + """
@@ -273,8 +297,8 @@ if not h[1] or h[1] ~= foreman then
   end
   local balance = redis.call('HGET', prefix .. 'c:' .. foreman, 'credits')
   if valid then
-    local q = redis.call('HMGET', prefix .. 's:' .. tid, 'quorum', 'agreeing', 'paid')
-    return {'OK', balance, s[4], q[1] or '', q[2] or '', q[3] or ''}
+    local q = redis.call('HMGET', prefix .. 's:' .. tid, 'quorum', 'agreeing', 'paid', 'late')
+    return {'OK', balance, s[4], q[1] or '', q[2] or '', q[3] or '', q[4] or ''}
   end
   return {'OK', balance}
 end
@@ -309,36 +333,43 @@ if valid then
     end
   end
 end
+if valid and quorum == '' then return {'NOQUORUM'} end
 -- Trust: matching commitments in a row; another commitment resets it.
-if quorum ~= '' then
-  for w, sha in pairs(commits) do
-    if sha == quorum then redis.call('HINCRBY', prefix .. 'c:' .. w, 'trust', 1)
-    else redis.call('HSET', prefix .. 'c:' .. w, 'trust', 0) end
-  end
+for w, sha in pairs(commits) do
+  if sha == quorum then redis.call('HINCRBY', prefix .. 'c:' .. w, 'trust', 1)
+  else redis.call('HSET', prefix .. 'c:' .. w, 'trust', 0) end
 end
--- Who is paid, failed or refunded: store.settle_outcome, step for step.
-local refund, paid = tonumber(h[3]), {}
+-- Who is paid, failed, late or refunded: store.settle_outcome, step for step.
+local refund, paid, late = tonumber(h[3]), {}, {}
 for _, w in ipairs(list) do
   local c = prefix .. 'c:' .. w
+  local waits = false
   if valid then
     local committed = commits[w] or ''
-    local pay, fail = false, false
-    if quorum ~= '' and committed == quorum then pay = true
-    elseif released[w] then -- neither paid nor failed: its credit stays in the refund
-    elseif (quorum ~= '' and committed ~= '') or missing[w] then fail = true
-    else pay = true end
-    if pay then
+    if committed == quorum then
       redis.call('HINCRBY', c, 'credits', 1)
       redis.call('HINCRBY', c, 'tasks_completed', 1)
       refund = refund - 1
       table.insert(paid, w)
-    elseif fail then
+    elseif released[w] then -- neither paid nor failed: its credit stays in the refund
+    elseif committed ~= '' then
       redis.call('HINCRBY', c, 'tasks_failed', 1)
+    else -- late: its credit and slot wait for its commitment or the window's end
+      waits = true
+      refund = refund - 1
+      table.insert(late, w)
     end
   end
-  redis.call('HINCRBY', c, 'busy_slots', -1)
+  if not waits then redis.call('HINCRBY', c, 'busy_slots', -1) end
 end
 table.sort(paid)
+table.sort(late)
+if #late > 0 then
+  local l = prefix .. 'l:' .. tid
+  redis.call('HSET', l, 'foreman_id', foreman, 'quorum', quorum)
+  for _, w in ipairs(late) do redis.call('HSET', l, 'w:' .. w, '') end
+  redis.call('ZADD', prefix .. 'lexp', ARGV[9], tid)
+end
 redis.call('DEL', t)
 redis.call('DEL', prefix .. 'm:' .. tid)
 redis.call('ZREM', prefix .. 'texp', tid)
@@ -348,26 +379,58 @@ redis.call('HSET', s, 'foreman_id', foreman, 'valid', ARGV[4], 'missing', ARGV[6
   'released', ARGV[7])
 if valid then
   redis.call('HSET', s, 'key', h[2], 'quorum', quorum, 'agreeing', table.concat(agreeing, ' '),
-    'paid', table.concat(paid, ' '))
+    'paid', table.concat(paid, ' '), 'late', table.concat(late, ' '))
 end
 redis.call('ZADD', prefix .. 'sexp', h[5], tid)
 local after = redis.call('HINCRBY', prefix .. 'c:' .. foreman, 'credits', refund)
 if valid then
-  return {'OK', after, h[2], quorum, table.concat(agreeing, ' '), table.concat(paid, ' ')}
+  return {'OK', after, h[2], quorum, table.concat(agreeing, ' '), table.concat(paid, ' '),
+    table.concat(late, ' ')}
 end
 return {'OK', after}
 """
 )
 
 # ARGV: prefix, task id, worker, sha256, now. A commitment lives as long as
-# its open task (removed by the settle and by expiry).
+# its open task (removed by the settle and by expiry); a late worker's is
+# judged at once (SqliteStore._commit_late).
 _COMMIT = (
     _EXPIRE
     + """
 local prefix, tid, worker, sha = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 expire(prefix, ARGV[5])
 local workers = redis.call('HGET', prefix .. 't:' .. tid, 'workers')
-if not workers then return 'NOTFOUND' end
+if not workers then
+  local l = prefix .. 'l:' .. tid
+  local made = redis.call('HGET', l, 'w:' .. worker)
+  if not made then -- a paid worker's repeat, or nobody's
+    local s = redis.call('HMGET', prefix .. 's:' .. tid, 'quorum', 'paid')
+    for w in string.gmatch(s[2] or '', '%S+') do
+      if w == worker then
+        if s[1] == sha then return 'committed' end
+        return 'conflict'
+      end
+    end
+    return 'NOTFOUND'
+  end
+  if made ~= '' then
+    if made == sha then return 'committed' end
+    return 'conflict'
+  end
+  redis.call('HSET', l, 'w:' .. worker, sha)
+  local c = prefix .. 'c:' .. worker
+  redis.call('HINCRBY', c, 'busy_slots', -1)
+  if sha == redis.call('HGET', l, 'quorum') then
+    redis.call('HINCRBY', c, 'credits', 1)
+    redis.call('HINCRBY', c, 'tasks_completed', 1)
+    redis.call('HINCRBY', c, 'trust', 1)
+  else
+    redis.call('HINCRBY', c, 'tasks_failed', 1)
+    redis.call('HSET', c, 'trust', 0)
+    redis.call('HINCRBY', prefix .. 'c:' .. redis.call('HGET', l, 'foreman_id'), 'credits', 1)
+  end
+  return 'committed'
+end
 local assigned = false
 for w in string.gmatch(workers, '%S+') do if w == worker then assigned = true end end
 if not assigned then return 'NOTFOUND' end
@@ -740,6 +803,7 @@ class RedisStore(LedgerStore):
         now: float,
         released: frozenset[str] = frozenset(),
         quorum: int = 2,
+        late_until: float = 0.0,
     ) -> Settlement | None:
         reply = self._settle(
             args=[
@@ -751,6 +815,7 @@ class RedisStore(LedgerStore):
                 " ".join(sorted(missing)) if valid else "",
                 " ".join(sorted(released)) if valid else "",
                 quorum,
+                self._now(late_until),
             ]
         )
         status = reply[0]
@@ -760,6 +825,8 @@ class RedisStore(LedgerStore):
             raise settle_conflict(task_id, reply[1] == b"1", reply[2].decode())
         if status == b"STRANGERS":
             raise not_assigned(task_id, reply[1].decode(), reply[2].decode().split())
+        if status == b"NOQUORUM":
+            raise no_committed_quorum(task_id, quorum)
         if not valid:
             return Settlement(key=None, credits=int(reply[1]))
         return Settlement(
@@ -768,6 +835,7 @@ class RedisStore(LedgerStore):
             quorum_sha256=reply[3].decode(),
             agreeing=tuple(reply[4].decode().split()),
             paid=tuple(reply[5].decode().split()),
+            late=tuple(reply[6].decode().split()),
         )
 
     @_unavailable_is_clear
@@ -835,6 +903,9 @@ class RedisStore(LedgerStore):
         for key in self._redis.scan_iter(match=f"{self.prefix}t:*", count=1000):
             tasks += 1
             escrow += int(self._redis.hget(key, "escrow"))
+        for key in self._redis.scan_iter(match=f"{self.prefix}l:*", count=1000):
+            fields = self._redis.hgetall(key)
+            escrow += sum(1 for name, sha in fields.items() if name.startswith(b"w:") and not sha)
         issued = int(self._redis.get(f"{self.prefix}issued") or 0)
         return LedgerTotals(
             clients=clients,

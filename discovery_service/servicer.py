@@ -190,6 +190,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
             quorum_sha256=settlement.quorum_sha256,
             agreeing_workers=list(settlement.agreeing),
             paid_workers=list(settlement.paid),
+            late_workers=list(settlement.late),
         )
 
     @translate_errors

@@ -43,6 +43,7 @@ from discovery_service.store import (
     assignments_text,
     committed_quorum,
     insufficient_credits,
+    no_committed_quorum,
     not_assigned,
     request_mismatch,
     settle_conflict,
@@ -53,8 +54,12 @@ from ec262.errors import InsufficientCredits, InvalidRequest
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5  # 2: settled.released; 3: clients.tls_certificate; 4: clients.network;
-# 5: commitments, settled.quorum_sha256 and .agreeing
+# A worker's books when a task of its is paid, or counted failed.
+_PAY = "credits = credits + 1, tasks_completed = tasks_completed + 1, busy_slots = busy_slots - 1"
+_FAIL = "tasks_failed = tasks_failed + 1, busy_slots = busy_slots - 1"
+
+SCHEMA_VERSION = 6  # 2: settled.released; 3: clients.tls_certificate; 4: clients.network;
+# 5: commitments, settled.quorum_sha256 and .agreeing; 6: late, settled.late
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 _SCHEMA = """
@@ -105,8 +110,19 @@ CREATE TABLE IF NOT EXISTS settled (  -- settles remembered, for repeats
     expiry_unix REAL NOT NULL,
     quorum_sha256 TEXT NOT NULL DEFAULT '',
     agreeing    TEXT NOT NULL DEFAULT '',  -- sorted ids, space-separated
-    paid        TEXT NOT NULL DEFAULT ''  -- sorted ids, space-separated
+    paid        TEXT NOT NULL DEFAULT '',  -- sorted ids, space-separated
+    late        TEXT NOT NULL DEFAULT ''  -- sorted ids, space-separated
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS late (  -- workers of settled tasks without a commitment at the settle
+    task_id       TEXT NOT NULL,
+    worker_id     TEXT NOT NULL,
+    foreman_id    TEXT NOT NULL,
+    quorum_sha256 TEXT NOT NULL,
+    sha256        TEXT NOT NULL DEFAULT '',  -- '' until it commits: 1 credit in escrow
+    until_unix    REAL NOT NULL,  -- the end of the late window
+    PRIMARY KEY (task_id, worker_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS late_by_window ON late (until_unix);
 CREATE TABLE IF NOT EXISTS commitments (  -- of open tasks' workers to their results
     task_id   TEXT NOT NULL,
     worker_id TEXT NOT NULL,
@@ -201,6 +217,8 @@ class SqliteStore(LedgerStore):
                 db.execute("ALTER TABLE clients ADD COLUMN trust INTEGER NOT NULL DEFAULT 0")
                 for column in ("quorum_sha256", "agreeing", "paid"):
                     db.execute(f"ALTER TABLE settled ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
+            if version in (1, 2, 3, 4, 5):
+                db.execute("ALTER TABLE settled ADD COLUMN late TEXT NOT NULL DEFAULT ''")
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             earliest = self._earliest_expiry(db)
         # The earliest expiry of any open or remembered task: until then no
@@ -616,6 +634,7 @@ class SqliteStore(LedgerStore):
         now: float,
         released: frozenset[str] = frozenset(),
         quorum: int = 2,
+        late_until: float = 0.0,
     ) -> Settlement | None:
         with self._transaction() as db:
             self._expire(db, now)
@@ -633,7 +652,7 @@ class SqliteStore(LedgerStore):
             for what, named in (("missing", missing), ("released", released)):
                 if named - workers:
                     raise not_assigned(task_id, what, named - workers)
-            sha, agreeing, paid = "", (), set()
+            sha, agreeing, paid, late = "", (), set(), set()
             if valid:
                 commitments = dict(
                     db.execute(
@@ -641,29 +660,28 @@ class SqliteStore(LedgerStore):
                     ).fetchall()
                 )
                 sha, agreeing = committed_quorum(commitments, workers, quorum)
-                paid, failed = settle_outcome(
-                    workers,
-                    missing=missing,
-                    released=released,
-                    commitments=commitments,
-                    quorum_sha256=sha,
+                if not sha:
+                    raise no_committed_quorum(task_id, quorum)
+                paid, failed, late = settle_outcome(
+                    workers, released=released, commitments=commitments, quorum_sha256=sha
                 )
-                if sha:  # trust: matching commitments in a row; another resets it
-                    self._update_each(db, "trust = trust + 1", agreeing)
-                    self._update_each(
-                        db, "trust = 0", {w for w in workers if commitments.get(w, sha) != sha}
-                    )
-                self._update_each(db, "busy_slots = busy_slots - 1", workers - paid - failed)
+                # Trust: matching commitments in a row; another resets it.
+                self._update_each(db, "trust = trust + 1", agreeing)
                 self._update_each(
-                    db,
-                    "credits = credits + 1, tasks_completed = tasks_completed + 1,"
-                    " busy_slots = busy_slots - 1",
-                    paid,
+                    db, "trust = 0", {w for w in workers if commitments.get(w, sha) != sha}
                 )
-                self._update_each(
-                    db, "tasks_failed = tasks_failed + 1, busy_slots = busy_slots - 1", failed
+                # Released: slot freed, credit back; late workers keep both.
+                self._update_each(db, "busy_slots = busy_slots - 1", workers - paid - failed - late)
+                self._update_each(db, _PAY, paid)
+                self._update_each(db, _FAIL, failed)
+                db.executemany(
+                    "INSERT INTO late (task_id, worker_id, foreman_id, quorum_sha256, until_unix)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    [(task_id, worker, foreman_id, sha, late_until) for worker in late],
                 )
-                refund = escrow - len(paid)
+                if late:
+                    self._next_expiry = min(self._next_expiry, late_until)
+                refund = escrow - len(paid) - len(late)
             else:
                 self._update_each(db, "busy_slots = busy_slots - 1", workers)
                 refund = escrow
@@ -671,8 +689,8 @@ class SqliteStore(LedgerStore):
             db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
             db.execute(
                 "INSERT INTO settled (task_id, foreman_id, valid, missing, released, key,"
-                " expiry_unix, quorum_sha256, agreeing, paid)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " expiry_unix, quorum_sha256, agreeing, paid, late)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     task_id,
                     foreman_id,
@@ -684,6 +702,7 @@ class SqliteStore(LedgerStore):
                     sha,
                     " ".join(agreeing),
                     " ".join(sorted(paid)),
+                    " ".join(sorted(late)),
                 ),
             )
             (credits,) = db.execute(
@@ -696,13 +715,16 @@ class SqliteStore(LedgerStore):
                 quorum_sha256=sha,
                 agreeing=agreeing,
                 paid=tuple(sorted(paid)),
+                late=tuple(sorted(late)),
             )
 
     def commit_result(self, worker_id: str, task_id: str, sha256: str, now: float) -> str | None:
         with self._transaction() as db:
             self._expire(db, now)
             row = db.execute("SELECT workers FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
-            if row is None or worker_id not in row[0].split():
+            if row is None:
+                return self._commit_late(db, worker_id, task_id, sha256)
+            if worker_id not in row[0].split():
                 return None
             made = db.execute(
                 "SELECT sha256 FROM commitments WHERE task_id = ? AND worker_id = ?",
@@ -716,6 +738,40 @@ class SqliteStore(LedgerStore):
             )
             return COMMITTED
 
+    def _commit_late(
+        self, db: sqlite3.Connection, worker_id: str, task_id: str, sha256: str
+    ) -> str | None:
+        """A commitment for a settled task: a late worker's is judged now
+        (paid when it matches the quorum, else failed and its credit
+        refunded); a paid worker's repeat is answered as before."""
+        row = db.execute(
+            "SELECT foreman_id, quorum_sha256, sha256 FROM late"
+            " WHERE task_id = ? AND worker_id = ?",
+            (task_id, worker_id),
+        ).fetchone()
+        if row is None:
+            done = db.execute(
+                "SELECT quorum_sha256, paid FROM settled WHERE task_id = ?", (task_id,)
+            ).fetchone()
+            if done is None or worker_id not in done[1].split():
+                return None
+            return COMMITTED if done[0] == sha256 else COMMIT_CONFLICT
+        foreman_id, quorum_sha256, made = row
+        if made:
+            return COMMITTED if made == sha256 else COMMIT_CONFLICT
+        db.execute(
+            "UPDATE late SET sha256 = ? WHERE task_id = ? AND worker_id = ?",
+            (sha256, task_id, worker_id),
+        )
+        if sha256 == quorum_sha256:
+            self._update_each(db, _PAY + ", trust = trust + 1", (worker_id,))
+        else:
+            self._update_each(db, _FAIL + ", trust = 0", (worker_id,))
+            db.execute(
+                "UPDATE clients SET credits = credits + 1 WHERE client_id = ?", (foreman_id,)
+            )
+        return COMMITTED
+
     @staticmethod
     def _repeated_settle(
         db: sqlite3.Connection,
@@ -726,7 +782,7 @@ class SqliteStore(LedgerStore):
         let_go: str,
     ) -> Settlement | None:
         done = db.execute(
-            "SELECT valid, missing, released, key, quorum_sha256, agreeing, paid FROM settled"
+            "SELECT valid, missing, released, key, quorum_sha256, agreeing, paid, late FROM settled"
             " WHERE task_id = ? AND foreman_id = ?",
             (task_id, foreman_id),
         ).fetchone()
@@ -740,6 +796,7 @@ class SqliteStore(LedgerStore):
             quorum_sha256=done[4],
             agreeing=tuple(done[5].split()),
             paid=tuple(done[6].split()),
+            late=tuple(done[7].split()),
         )
 
     @staticmethod
@@ -802,6 +859,7 @@ class SqliteStore(LedgerStore):
         (earliest,) = db.execute(
             "SELECT MIN(e) FROM (SELECT MIN(expiry_unix) AS e FROM tasks"
             " UNION ALL SELECT MIN(expiry_unix) FROM settled"
+            " UNION ALL SELECT MIN(until_unix) FROM late"
             " UNION ALL SELECT MIN(expiry_unix) FROM requests)"
         ).fetchone()
         return math.inf if earliest is None else earliest
@@ -818,12 +876,29 @@ class SqliteStore(LedgerStore):
             (now,),
         ).fetchall()
         self._refund(db, expired)
+        self._end_late_windows(db, now)
         db.execute("DELETE FROM settled WHERE expiry_unix <= ?", (now,))
         db.execute("DELETE FROM requests WHERE expiry_unix <= ?", (now,))
         self._next_expiry = self._earliest_expiry(db)
         if expired:
             logger.info("expired %d unsettled task(s); their credits went back", len(expired))
         return len(expired)
+
+    def _end_late_windows(self, db: sqlite3.Connection, now: float) -> None:
+        """Late workers whose window ended without a commitment are counted
+        failed, and their credit goes back to the foreman."""
+        ended = db.execute(
+            "DELETE FROM late WHERE until_unix <= ? RETURNING worker_id, foreman_id, sha256",
+            (now,),
+        ).fetchall()
+        silent = [(worker, foreman) for worker, foreman, sha in ended if not sha]
+        self._update_each(db, _FAIL, (worker for worker, _ in silent))
+        for foreman_id, count in Counter(foreman for _, foreman in silent).items():
+            db.execute(
+                "UPDATE clients SET credits = credits + ? WHERE client_id = ?", (count, foreman_id)
+            )
+        if silent:
+            logger.info("%d late replica(s) never committed: counted failed", len(silent))
 
     # -- audit --------------------------------------------------------------
 
@@ -836,10 +911,11 @@ class SqliteStore(LedgerStore):
             open_tasks, escrow = self._db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(escrow), 0) FROM tasks"
             ).fetchone()
+            (late,) = self._db.execute("SELECT COUNT(*) FROM late WHERE sha256 = ''").fetchone()
         return LedgerTotals(
             clients=clients,
             client_credits=credits,
-            escrowed_credits=escrow,
+            escrowed_credits=escrow + late,
             open_tasks=open_tasks,
             starting_credits_issued=issued,
         )

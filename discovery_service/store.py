@@ -13,7 +13,13 @@ import abc
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from ec262.errors import InsufficientCredits, InvalidRequest, SettleConflict, TooManyNewClients
+from ec262.errors import (
+    InsufficientCredits,
+    InvalidRequest,
+    NoCommittedQuorum,
+    SettleConflict,
+    TooManyNewClients,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,40 +173,51 @@ def request_mismatch(request: TaskRequest, n: int, exclude: str) -> InvalidReque
 class Settlement:
     key: bytes | None
     credits: int
-    # Valid settles: what a quorum of the task's workers committed to
-    # ("" when none did) and those workers (docs/protocol.md section 10).
+    # Valid settles: what a quorum of the task's workers committed to and
+    # those workers, who was paid now, and who is late: no commitment yet,
+    # its credit in escrow until the late window ends (docs/protocol.md
+    # section 10).
     quorum_sha256: str = ""
     agreeing: tuple[str, ...] = ()
     paid: tuple[str, ...] = ()
+    late: tuple[str, ...] = ()
 
 
 def settle_outcome(
     workers: Iterable[str],
     *,
-    missing: frozenset[str],
     released: frozenset[str],
     commitments: dict[str, str],
     quorum_sha256: str,
-) -> tuple[set[str], set[str]]:
-    """Who a valid settle pays and who it counts failed (the rest are
-    refunded: released). Commitments decide over the foreman's word: a
-    worker that committed the quorum's result is paid even when `missing`
-    or `released` names it (it did the work); one that committed another is
-    failed unless released. Without commitments, `missing` decides, as
-    before (docs/protocol.md section 10). The Redis store's settle script
-    follows the same rule."""
-    paid, failed = set(), set()
+) -> tuple[set[str], set[str], set[str]]:
+    """Who a valid settle pays, who it counts failed and who is late (the
+    rest are refunded: released). Commitments decide, not the foreman's
+    `missing`: a worker that committed the quorum's result is paid even
+    when the foreman released it (it did the work); one that committed
+    another is failed unless released; one that has not committed is late,
+    paid if its commitment matches within the late window, else failed
+    when the window ends (docs/protocol.md section 10). The Redis store's
+    settle script follows the same rule."""
+    paid, failed, late = set(), set(), set()
     for worker in workers:
         committed = commitments.get(worker, "")
-        if quorum_sha256 and committed == quorum_sha256:
+        if committed == quorum_sha256:
             paid.add(worker)
         elif worker in released:
             continue
-        elif (quorum_sha256 and committed) or worker in missing:
+        elif committed:
             failed.add(worker)
         else:
-            paid.add(worker)
-    return paid, failed
+            late.add(worker)
+    return paid, failed, late
+
+
+def no_committed_quorum(task_id: str, quorum: int) -> NoCommittedQuorum:
+    return NoCommittedQuorum(
+        f"task {task_id} cannot be settled valid: fewer than {quorum} of its workers have"
+        " committed to one result (CommitResult), so the result you agree on was not"
+        " committed to; settle it invalid and run it again"
+    )
 
 
 COMMITTED, COMMIT_CONFLICT = "committed", "conflict"
@@ -318,8 +335,10 @@ class LedgerStore(abc.ABC):
     @abc.abstractmethod
     def commit_result(self, worker_id: str, task_id: str, sha256: str, now: float) -> str | None:
         """Record a worker's commitment to its result for an open task it is
-        assigned to: COMMITTED (also for the same again), COMMIT_CONFLICT
-        (another one was made), None (no such task of this worker's)."""
+        assigned to, or for a settled one it is late for (within the late
+        window: paid when it matches the quorum, else failed and refunded):
+        COMMITTED (also for the same again), COMMIT_CONFLICT (another one
+        was made), None (no such task of this worker's)."""
 
     @abc.abstractmethod
     def leave_pool(self, client_id: str, now: float) -> ClientRecord:
@@ -366,12 +385,16 @@ class LedgerStore(abc.ABC):
         now: float,
         released: frozenset[str] = frozenset(),
         quorum: int = 2,
+        late_until: float = 0.0,
     ) -> Settlement | None:
         """Pay or refund an open task of this foreman exactly once; None when
         there is no such task. Raises InvalidRequest, changing nothing, when
-        `missing` or `released` names a worker not assigned to the task.
-        Released workers (valid settles only) are neither paid nor counted
-        failed; their credit goes back and their slot is freed.
+        `missing` or `released` names a worker not assigned to the task, and
+        NoCommittedQuorum when a valid settle finds no `quorum` identical
+        commitments. Released workers (valid settles only) are neither paid
+        nor counted failed; their credit goes back and their slot is freed.
+        Late workers (settle_outcome) keep their credit in escrow and their
+        slot until they commit or `late_until` passes.
 
         A settle is remembered until the task's expiry: the owner repeating
         it (a retry after a lost reply) gets the same key and its current
@@ -393,7 +416,8 @@ class LedgerStore(abc.ABC):
     @abc.abstractmethod
     def expire_tasks(self, now: float) -> int:
         """Refund and close every open task past its expiry, and every open
-        task of a foreman whose lease ended; returns how many."""
+        task of a foreman whose lease ended; returns how many. Late workers
+        whose window ended are counted failed and their credit refunded."""
 
     @abc.abstractmethod
     def renew_lease(self, client_id: str, expiry_unix: float) -> None:

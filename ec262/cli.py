@@ -49,6 +49,13 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _non_negative_seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, not {text}")
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -57,6 +64,7 @@ def _port(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from discovery_service.ledger import DEFAULT_LATE_WINDOW
     from discovery_service.stores import DEFAULT_STORE
 
     parser = argparse.ArgumentParser(
@@ -107,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="matching results in a row before a worker is trusted; while enough trusted"
         " workers are live, a task holds at most replication - quorum untrusted ones"
         " (0 turns this off; default %(default)s)",
+    )
+    discovery.add_argument(
+        "--late-window",
+        type=_non_negative_seconds,
+        default=DEFAULT_LATE_WINDOW,
+        metavar="SECONDS",
+        help="how long after a task is settled its workers that have not committed yet"
+        " may still do so: paid if their result matches, else counted failed"
+        " (default %(default)g)",
     )
     discovery.add_argument(
         "--max-new-clients",
@@ -276,6 +293,7 @@ def _run_discovery(args: argparse.Namespace) -> int:
             max_new_clients=max_new_clients(args.host, args.max_new_clients),
             diversity=args.diversity or ("identity" if is_loopback(args.host) else "network"),
             trusted_after=args.trusted_after,
+            late_window=args.late_window,
         )
     except ValueError as error:
         print(f"ec262 discovery: {error}", file=sys.stderr)

@@ -186,6 +186,13 @@ class CommitConflict(Ec262Error):
     FAILED_PRECONDITION): a worker commits once (docs/protocol.md section 10)."""
 
 
+class NoCommittedQuorum(Ec262Error):
+    """A valid SettleTask for a task whose workers have not committed a
+    quorum of identical results (gRPC FAILED_PRECONDITION): no key, nothing
+    paid. The foreman's agreeing results were not committed to: it settles
+    the task invalid and runs it again (docs/protocol.md section 10)."""
+
+
 class TooManyNewClients(Ec262Error):
     """CreateClient from a network that made its share of identities this
     hour (gRPC RESOURCE_EXHAUSTED): identities are free, so a flood of them

@@ -27,6 +27,7 @@ from ec262.errors import (
     FunctionNotCached,
     InsufficientCredits,
     InvalidRequest,
+    NoCommittedQuorum,
     NoFreeSlot,
     PermissionDenied,
     ServiceUnavailable,
@@ -56,6 +57,7 @@ _TABLE: tuple[tuple[type[Ec262Error], grpc.StatusCode, str], ...] = (
     (AddressRefused, grpc.StatusCode.FAILED_PRECONDITION, "ADDRESS_REFUSED"),
     (TooManyNewClients, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_NEW_CLIENTS"),
     (CommitConflict, grpc.StatusCode.FAILED_PRECONDITION, "COMMIT_CONFLICT"),
+    (NoCommittedQuorum, grpc.StatusCode.FAILED_PRECONDITION, "NO_COMMITTED_QUORUM"),
 )
 _BY_REASON = {reason: cls for cls, _, reason in _TABLE}
 

@@ -10,9 +10,12 @@ One phase (map or reduce) runs at a time: its chunks become replicated
 tasks; a task is settled valid once a quorum of identical ciphertexts has
 arrived and the rest had their grace; settled invalid (and its chunk
 retried on other workers) when no quorum is possible or its deadline
-passes. Replicas that never started, and late ones after the quorum, are
-released from the task (never counted failed); a replica silent for longer
-than the job's usual task time gets a speculative replica beside it.
+passes. Replicas that never started, or froze, are released from the task
+(never counted failed); replicas still at work after the quorum and its
+grace are left to finish: the discovery service pays them if they commit the
+quorum's result within its late window (docs/protocol.md section 10). A
+replica silent for longer than the job's usual task time gets a speculative
+replica beside it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from ec262.errors import (
     EncodingError,
     InsufficientCredits,
     JobFailed,
+    NoCommittedQuorum,
     NotEnoughWorkers,
     RemoteError,
     UnknownTask,
@@ -75,7 +79,8 @@ class EngineConfig:
     max_attempts: int = 4  # per chunk, then JobFailed
     # After quorum, the remaining replicas get as long again as the quorum
     # took (honest replicas run the same code on the same rows), within
-    # [grace_min, grace_max] seconds; then they are cancelled and released.
+    # [grace_min, grace_max] seconds, for their results to be compared here;
+    # then the task is settled and they are left to the late window.
     grace_fraction: float = 1.0
     grace_min: float = 0.05
     grace_max: float = 3.0
@@ -152,6 +157,7 @@ class Settled:
     quorum_sha256: str = ""
     agreeing: frozenset[str] = frozenset()
     paid: frozenset[str] | None = None  # who the discovery service paid, when it says
+    late: frozenset[str] = frozenset()  # not committed yet: paid if they do in time
 
 
 @dataclass(frozen=True)
@@ -787,11 +793,16 @@ class JobCore:
         elif count + len(live) + task.replicas_wanted < self.quorum and not task.add_in_flight:
             self._settle_invalid(task, "no quorum possible", commands)
 
-    def _let_go(self, task: Task, commands: list) -> frozenset[str]:
+    def _let_go(self, task: Task, commands: list, *, keep_working: bool = False) -> frozenset[str]:
         """Cancel the replicas still working; all of them, and those released
-        before that the discovery service still counts, are released."""
+        before that the discovery service still counts, are released. With
+        `keep_working` (a valid settle), replicas that took the task and
+        answer are left to finish: late, they are paid if they commit the
+        quorum's result in time (an honest slow worker is never punished)."""
         released = set()
         for replica in task.replicas.values():
+            if keep_working and replica.state == RUNNING and not replica.assign_timed_out:
+                continue
             if replica.state in (ASSIGNING, RUNNING):
                 commands.append(
                     Cancel(task.task_id, replica.worker_id, replica.address, replica.token)
@@ -830,7 +841,7 @@ class JobCore:
             if r.state == ANSWERED and r.result != winner
         )
         failed = frozenset(r.worker_id for r in task.replicas.values() if r.state == FAILED)
-        released = self._let_go(task, commands)
+        released = self._let_go(task, commands, keep_working=True)
         task.winner = winner
         task.settling = Settle(task.task_id, True, disagreeing | failed, released)
         commands.append(task.settling)
@@ -892,7 +903,9 @@ class JobCore:
         if not task.settling.valid:
             return
         if event.paid is not None:  # commitments, not this foreman's lists, decided
-            self.stats.credits_spent += len(event.paid) - task.assumed_paid
+            # Late workers' credits stay in escrow for them: spent unless
+            # they never commit (then refunded to the account).
+            self.stats.credits_spent += len(event.paid | event.late) - task.assumed_paid
         # Who sent the agreed result without having committed to it at the
         # discovery service lied to one side (docs/protocol.md section 10).
         sent = {r.worker_id for r in task.replicas.values() if r.result == task.winner}
@@ -952,6 +965,9 @@ class JobCore:
             return
         if isinstance(event.error, UnknownTask) and not task.settling.valid:
             return  # expired meanwhile: the discovery service refunded it already
+        if isinstance(event.error, NoCommittedQuorum) and task.settling.valid:
+            self._uncommitted_quorum(task, commands)
+            return
         commands.append(
             Fail(
                 JobFailed(
@@ -960,6 +976,27 @@ class JobCore:
                 )
             )
         )
+
+    def _uncommitted_quorum(self, task: Task, commands: list) -> None:
+        """The agreeing results were never committed to at the discovery
+        service (their senders skipped CommitResult, or committed another):
+        no key. Settled invalid instead (everyone refunded), and run again
+        without the workers that answered; those it accused of disagreeing
+        with an uncommitted result are cleared."""
+        self._tasks[task.task_id] = task
+        self.cheaters -= task.accused
+        self.stats.cheaters -= task.accused
+        task.accused = frozenset()
+        task.settling = Settle(task.task_id, False)
+        commands.append(task.settling)
+        self.stats.credits_spent -= task.assumed_paid
+        self.stats.tasks_invalid += 1
+        self.stats.states["invalid"] += 1
+        verdict = self.stats.verdicts.get(task.task_id)
+        if verdict is not None:  # nobody's result was the committed one
+            verdict["disagreed"] += verdict["agreed"]
+            verdict["agreed"] = []
+        self._retry(task, "no quorum of its workers committed to the agreed result", commands)
 
     # -- stopping ---------------------------------------------------------------------
 

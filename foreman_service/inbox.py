@@ -19,6 +19,10 @@ class ResultInbox:
         self._lock = threading.Lock()
         self._tokens: dict[str, dict[str, str]] = {}  # task -> worker -> token
         self._answered: dict[str, set[str]] = {}  # task -> workers that sent theirs
+        # Settled tasks -> the tokens of workers that had not answered: a
+        # late result is taken (and dropped), not refused, since the
+        # discovery service pays for it (docs/protocol.md section 10).
+        self._late: dict[str, dict[str, str]] = {}
         self._on_result: OnResult = lambda task_id, worker_id, ciphertext: None
 
     def listen(self, on_result: OnResult) -> None:
@@ -34,13 +38,24 @@ class ResultInbox:
     def close_task(self, task_id: str) -> None:
         """No more results for this task (it is being settled)."""
         with self._lock:
-            self._tokens.pop(task_id, None)
-            self._answered.pop(task_id, None)
+            tokens = self._tokens.pop(task_id, None) or {}
+            answered = self._answered.pop(task_id, None) or set()
+            waiting = {w: t for w, t in tokens.items() if w not in answered}
+            if waiting:
+                self._late[task_id] = waiting
 
     def submit(self, task_id: str, worker_id: str, token: str, ciphertext: str) -> None:
         """A worker's result: accepted once per assigned worker, with its token."""
         with self._lock:
             tokens = self._tokens.get(task_id)
+            late = self._late.get(task_id, {})
+            if tokens is None and worker_id in late:
+                if not secrets.compare_digest(late[worker_id], token):
+                    raise PermissionDenied("wrong submit token for this task and worker")
+                del late[worker_id]
+                if not late:
+                    del self._late[task_id]
+                return  # settled already: not needed, and not refused
             if tokens is None or worker_id not in tokens:
                 raise UnknownTask(f"this foreman expects no result from {worker_id} for {task_id}")
             if not secrets.compare_digest(tokens[worker_id], token):

@@ -246,6 +246,7 @@ class ForemanOutbound:
                 response.quorum_sha256,
                 frozenset(response.agreeing_workers),
                 frozenset(response.paid_workers) if command.valid else None,
+                frozenset(response.late_workers),
             )
         )
 

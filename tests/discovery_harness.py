@@ -18,6 +18,9 @@ from ec262.v1 import discovery_pb2 as pb
 from ec262.v1 import discovery_pb2_grpc
 
 RUNTIME = "cpython-3.11"
+# What the harness's workers commit to when a test settles valid: the
+# agreed result, or (for the workers it names missing) another.
+AGREED_SHA256, OTHER_SHA256 = "a" * 64, "b" * 64
 
 
 class ManualClock:
@@ -58,6 +61,7 @@ class DiscoveryHarness:
         self.channel = grpc.insecure_channel(self.address)
         self.stub = discovery_pb2_grpc.DiscoveryStub(self.channel)
         self.identities: list[Identity] = []
+        self.task_workers: dict[str, list[str]] = {}  # from requests and replicas
         self._next_port = 20000
 
     @classmethod
@@ -132,16 +136,43 @@ class DiscoveryHarness:
         return self.info(identity).credits
 
     def request(self, foreman: Identity, n: int = 1, **fields) -> pb.RequestTasksResponse:
-        return self.stub.RequestTasks(
+        response = self.stub.RequestTasks(
             pb.RequestTasksRequest(n=n, **fields), metadata=foreman.metadata
+        )
+        for task in response.tasks:
+            self.task_workers[task.task_id] = [w.client_id for w in task.workers]
+        return response
+
+    def identity(self, client_id: str) -> Identity:
+        return next(i for i in self.identities if i.client_id == client_id)
+
+    def commit(self, worker: Identity | str, task_id: str, sha256: str = AGREED_SHA256) -> None:
+        if isinstance(worker, str):
+            worker = self.identity(worker)
+        self.stub.CommitResult(
+            pb.CommitResultRequest(task_id=task_id, ciphertext_sha256=sha256),
+            metadata=worker.metadata,
         )
 
     def fetch_key(self, worker: Identity, task_id: str) -> pb.FetchKeyResponse:
         return self.stub.FetchKey(pb.FetchKeyRequest(task_id=task_id), metadata=worker.metadata)
 
     def settle(
-        self, foreman: Identity, task_id: str, *, valid: bool, missing=(), released=()
+        self,
+        foreman: Identity,
+        task_id: str,
+        *,
+        valid: bool,
+        missing=(),
+        released=(),
+        commit: bool = True,
     ) -> pb.SettleTaskResponse:
+        """With `commit` (valid settles), the task's workers the harness
+        knows commit first as its foreman sees them: those `missing` names
+        to another result, the released ones not at all, the rest to the
+        agreed one. A commitment already made (a real worker's) stands."""
+        if valid and commit:
+            self.commit_as_seen(task_id, missing=missing, released=released)
         return self.stub.SettleTask(
             pb.SettleTaskRequest(
                 task_id=task_id, valid=valid, missing=list(missing), released=list(released)
@@ -149,11 +180,28 @@ class DiscoveryHarness:
             metadata=foreman.metadata,
         )
 
+    def commit_as_seen(self, task_id: str, *, missing=(), released=()) -> None:
+        for worker_id in self.task_workers.get(task_id, ()):
+            if worker_id in released or worker_id not in {i.client_id for i in self.identities}:
+                continue
+            sha = OTHER_SHA256 if worker_id in missing else AGREED_SHA256
+            try:
+                self.commit(worker_id, task_id, sha)
+            except grpc.RpcError as error:  # committed already, or released meanwhile
+                if error.code() not in (
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    grpc.StatusCode.NOT_FOUND,
+                ):
+                    raise
+
     def add_replica(self, foreman: Identity, task_id: str, **fields) -> pb.WorkerRef:
-        return self.stub.AddReplica(
+        worker = self.stub.AddReplica(
             pb.AddReplicaRequest(task_id=task_id, runtime=RUNTIME, **fields),
             metadata=foreman.metadata,
         )
+        if worker.client_id:
+            self.task_workers.setdefault(task_id, []).append(worker.client_id)
+        return worker
 
     def total_credits(self) -> int:
         """Every identity's balance through GetClient, plus what open tasks

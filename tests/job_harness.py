@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import re
 import sysconfig
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,9 +59,14 @@ def spawn_cheater(cluster: LocalCluster, mode: str, name: str) -> ServerProcess:
 
 @contextlib.contextmanager
 def cluster_with(
-    directory: Path, honest: int, cheaters: tuple[str, ...] = ()
+    directory: Path,
+    honest: int,
+    cheaters: tuple[str, ...] = (),
+    discovery_args: tuple[str, ...] = (),
 ) -> Iterator[tuple[LocalCluster, list[ServerProcess]]]:
-    with LocalCluster(workers=honest, directory=str(directory)) as cluster:
+    with LocalCluster(
+        workers=honest, directory=str(directory), discovery_args=discovery_args
+    ) as cluster:
         started = []
         try:
             for number, mode in enumerate(cheaters):
@@ -85,6 +91,25 @@ def books(address: str, paths: list[Path]) -> dict[str, tuple[int, int, int]]:
             info = client.get_client()
         out[info.client_id] = (info.credits, info.tasks_completed, info.tasks_failed)
     return out
+
+
+def settled_books(
+    address: str, paths: list[Path], *, seconds: float = 60.0
+) -> dict[str, tuple[int, int, int]]:
+    """`books` once no identity holds a busy slot: the replicas a job left
+    at work after its settles have committed, or their late window ended
+    (docs/protocol.md section 10). Polls that condition, never a fixed
+    sleep."""
+    deadline = time.monotonic() + seconds
+    while True:
+        busy = 0
+        for path in paths:
+            with DiscoveryClient(address, load_identity(path)) as client:
+                busy += client.get_client().busy_slots
+        if not busy:
+            return books(address, paths)
+        assert time.monotonic() < deadline, f"{busy} slot(s) still busy after {seconds} s"
+        time.sleep(0.05)
 
 
 def identity_files(cluster: LocalCluster) -> list[Path]:

@@ -51,6 +51,13 @@ def test_the_ledger_survives_a_restart(tmp_path, sig):
                 metadata=worker,
             )
         task = stub.RequestTasks(pb.RequestTasksRequest(n=1), metadata=foreman).tasks[0]
+        by_id = dict(zip((i.client_id for i in identities[1:]), workers, strict=True))
+        for number, assigned in enumerate(task.workers):  # the first one to another result
+            sha = ("b" if number == 0 else "a") * 64
+            stub.CommitResult(
+                pb.CommitResultRequest(task_id=task.task_id, ciphertext_sha256=sha),
+                metadata=by_id[assigned.client_id],
+            )
         stub.SettleTask(
             pb.SettleTaskRequest(
                 task_id=task.task_id, valid=True, missing=[task.workers[0].client_id]

@@ -16,6 +16,7 @@ from ec262.encoding import encode_result
 from ec262.envelope import ciphertext_sha256, seal
 from ec262.errors import (
     JobFailed,
+    NoCommittedQuorum,
     NotEnoughWorkers,
     RemoteError,
     ServiceUnavailable,
@@ -191,14 +192,18 @@ class Driver:
 
     def settle_answer(self, task_id: str, key: bytes | None = None) -> list:
         """The discovery service's answer: the key, and (as the workers
-        commit before they send) the agreed result as the committed one."""
+        commit before they send) the agreed result as the committed one,
+        its senders paid and the replicas left at work late."""
         task = self.core._tasks.get(task_id)
         winner = task.winner if task else None
         if winner is None:
             return self.events(Settled(task_id, key or key_of(task_id)))
         agreeing = frozenset(r.worker_id for r in task.replicas.values() if r.result == winner)
+        late = frozenset(r.worker_id for r in task.replicas.values() if r.state == "running")
         sha = ciphertext_sha256(winner)
-        return self.events(Settled(task_id, key or key_of(task_id), sha, agreeing))
+        return self.events(
+            Settled(task_id, key or key_of(task_id), sha, agreeing, paid=agreeing, late=late)
+        )
 
     def added(self, task_id: str, worker: str | None) -> list:
         return self.events(ReplicaAdded(task_id, (worker, addr(worker)) if worker else None))
@@ -266,20 +271,24 @@ def test_a_phase_asks_for_one_batch_and_assigns_each_worker_with_its_own_token()
         ({"grace_max": 0.5}, 2.0, 0.5),
     ],
 )
-def test_after_the_quorum_the_last_replica_gets_its_grace_then_is_released(
+def test_after_the_quorum_the_last_replica_gets_its_grace_then_is_left_to_finish(
     config, quorum_at, grace
 ):
+    """Not cancelled: the discovery service pays it if it commits the
+    quorum's result within its late window (docs/protocol.md section 10)."""
     d = Driver(**config)
     task = d.running(["w1", "w2", "w3"])
     assert d.at(quorum_at / 2).results(task, w1=OUTPUT) == []
     assert d.at(quorum_at).results(task, w2=OUTPUT) == []
     assert d.core.wake_at() == pytest.approx(quorum_at + grace)
     assert d.at(quorum_at + grace * 0.99).tick() == []
-    assert d.wake() == [d.cancel(task, "w3"), Settle(task, True, NONE, ws("w3"))]
-    assert d.stats.missing_reports == 0 and d.stats.replicas_cancelled == 1
+    assert d.wake() == [Settle(task, True, NONE, NONE)]
+    assert d.stats.missing_reports == 0 and d.stats.replicas_cancelled == 0
     assert d.core.cheaters == set() and d.stats.cheaters == set()
-    assert d.stats.credits_spent == 2  # 3 escrowed, the late one released
+    assert d.stats.verdicts[task]["late"] == ["w3"]
+    assert d.stats.credits_spent == 3  # the late one's credit waits for it
     assert d.settle_answer(task) == [Deliver(d.chunks[0], encode_result(OUTPUT))]
+    assert d.stats.credits_spent == 3
 
 
 def test_a_third_result_matching_within_the_grace_settles_at_once():
@@ -518,8 +527,77 @@ def test_credits_follow_escrow_refunds_and_replicas():
     retry = d.running(["w8", "w9", "w10"])
     assert d.stats.credits_spent == 5
     d.at(2).results(retry, w8=OUTPUT, w9=OUTPUT)
-    assert d.wake() == [d.cancel(retry, "w10"), Settle(retry, True, NONE, ws("w10"))]
-    assert d.stats.credits_spent == 4  # paid: w1 and w7, w8 and w9
+    assert d.wake() == [Settle(retry, True, NONE, NONE)]
+    assert d.stats.credits_spent == 5  # paid: w1 and w7, w8 and w9; w10's waits for it
+
+
+def test_the_late_replicas_credit_counts_as_spent_until_the_discovery_service_says():
+    """A late replica's credit waits in escrow for it; what the discovery
+    service paid and left late is what the job spent."""
+    d = Driver()
+    task = d.running(["w1", "w2", "w3"])
+    d.at(1).results(task, w1=OUTPUT, w2=OUTPUT)
+    assert d.wake() == [Settle(task, True, NONE, NONE)]
+    assert d.stats.credits_spent == 3  # w3's waits for it
+    # w3 had committed another result, unseen here: failed, its credit refunded.
+    d.events(
+        Settled(
+            task,
+            key_of(task),
+            ciphertext_sha256(sealed(task, OUTPUT)),
+            ws("w1", "w2"),
+            paid=ws("w1", "w2"),
+            late=NONE,
+        )
+    )
+    assert d.stats.credits_spent == 2
+
+
+def test_replicas_not_yet_started_or_frozen_are_cancelled_at_the_settle_not_left_late():
+    """Left at work after the settle are only replicas that took the task
+    and answer: one whose AssignTask is still under way, or timed out, is
+    cancelled and released (never counted failed)."""
+    d = Driver(replication=5)  # quorum 3
+    d.grant(None, [["w1", "w2", "w3", "w4", "w5"]])
+    for worker in ("w1", "w2", "w3", "w4"):
+        d.answer("t0", worker)  # w5's AssignTask is still under way
+    d.at(1).results("t0", w1=OUTPUT, w2=OUTPUT, w3=OUTPUT)
+    assert d.wake() == [d.cancel("t0", "w5"), Settle("t0", True, NONE, ws("w5"))]  # w4 late
+    assert d.stats.verdicts["t0"]["late"] == ["w4"]
+
+    d = Driver()
+    d.grant(None, [["w1", "w2", "w3"]])
+    d.answer("t0", "w1")
+    d.answer("t0", "w2")
+    d.answer("t0", "w3", "DEADLINE_EXCEEDED")  # frozen, perhaps with the task taken
+    d.at(1).results("t0", w1=OUTPUT, w2=OUTPUT)
+    assert d.wake() == [d.cancel("t0", "w3"), Settle("t0", True, NONE, ws("w3"))]
+    assert d.stats.verdicts["t0"]["silent"] == ["w3"]
+
+
+def test_a_valid_settle_refused_for_want_of_commitments_settles_invalid_and_retries():
+    """The agreeing results were never committed to (their senders skipped
+    CommitResult): no key. The task is settled invalid, everyone refunded,
+    and run again without those who answered; the one accused of
+    disagreeing with them is cleared."""
+    d = Driver()
+    task = d.running(["w1", "w2", "w3"])
+    assert d.at(1).results(task, w1=OUTPUT, w2=OUTPUT, w3=WRONG) == [
+        Settle(task, True, ws("w3"), NONE)
+    ]
+    assert d.stats.cheaters == ws("w3")
+    refused = NoCommittedQuorum("fewer than 2 of its workers have committed to one result")
+    commands = d.events(SettleFailed(task, refused))
+    assert commands[0] == Settle(task, False)
+    assert only(commands, RequestTasks) == [RequestTasks("req2", 1, ws("w1", "w2", "w3"))]
+    assert d.stats.cheaters == set() and d.core.cheaters == set()
+    assert d.stats.credits_spent == 0 and d.stats.tasks_invalid == 1
+    assert d.stats.retry_reasons == {"no quorum of its workers committed to the agreed result": 1}
+    assert d.stats.verdicts[task] == {
+        "agreed": [], "disagreed": ["w3", "w1", "w2"], "late": [], "silent": []
+    }  # fmt: skip
+    assert d.events(Settled(task, None)) == []
+    assert not only(d.log, Fail)
 
 
 # -- 8. replicas that never started ------------------------------------------------
@@ -545,9 +623,9 @@ def test_a_replica_that_never_started_is_released_and_replaced(code):
     d.answer("t0", "w4")
 
     assert d.at(1).results("t0", w1=OUTPUT, w4=OUTPUT) == []
-    assert d.wake() == [d.cancel("t0", "w2"), Settle("t0", True, NONE, ws("w2"))]
+    assert d.wake() == [Settle("t0", True, NONE, NONE)]  # w2 took it: left to finish
     assert d.chunks[0].attempts == 0 and d.stats.missing_reports == 0
-    assert d.stats.credits_spent == 2  # w1 and w4
+    assert d.stats.credits_spent == 3  # w1 and w4, and w2's for when it commits
     assert d.settle_answer("t0") == [Deliver(d.chunks[0], encode_result(OUTPUT))]
 
 
@@ -596,7 +674,7 @@ def test_an_unreachable_worker_is_left_out_for_a_while_unless_that_starves_a_req
 # -- 10. speculative replicas ----------------------------------------------------------
 
 
-def test_a_silent_replica_gets_a_speculative_one_and_is_released_at_the_settle():
+def test_a_silent_replica_gets_a_speculative_one_and_is_left_late_at_the_settle():
     d = Driver()
     task = d.running(["w1", "w2", "w3"])
     assert d.at(1).results(task, w1=OUTPUT, w2=WRONG) == []
@@ -608,8 +686,8 @@ def test_a_silent_replica_gets_a_speculative_one_and_is_released_at_the_settle()
     d.answer(task, "w4")
     assert d.at(6).results(task, w4=OUTPUT) == []  # the quorum: w1 and w4
     assert d.core.wake_at() == 9.0  # grace: min(3 s, the 6 s the quorum took)
-    assert d.wake() == [d.cancel(task, "w3"), Settle(task, True, ws("w2"), ws("w3"))]
-    assert d.stats.credits_spent == 2  # w1 and w4: 3 + 1 added - w2 missing - w3 released
+    assert d.wake() == [Settle(task, True, ws("w2"), NONE)]
+    assert d.stats.credits_spent == 3  # w1 and w4, w3 if it commits: 3 + 1 added - w2
     assert d.settle_answer(task) == [Deliver(d.chunks[0], encode_result(OUTPUT))]
 
 
@@ -641,11 +719,7 @@ def test_a_replica_still_wanted_when_the_quorum_forms_is_not_asked_for():
     assert d.at(5.5).results(task, w4=OUTPUT) == []  # ... but the quorum is there
     assert d.core.wake_at() == 8.5  # its grace: 3 s
     assert d.at(6).tick() == []
-    assert d.wake() == [
-        d.cancel(task, "w2"),
-        d.cancel(task, "w3"),
-        Settle(task, True, NONE, ws("w2", "w3")),
-    ]
+    assert d.wake() == [Settle(task, True, NONE, NONE)]  # w2 and w3 late
 
 
 def test_replicas_whose_assign_timed_out_are_let_go_once_replaced():
@@ -817,14 +891,13 @@ def test_stop_settles_open_tasks_and_cancels_every_replica_in_flight():
     d.results("t1", w6=OUTPUT, w7=WRONG)
     assert d.stats.credits_spent == 9
     assert d.at(1.5).stop() == [
-        d.cancel("t0", "w5"),
-        Settle("t0", True, ws("w4"), ws("w5")),
+        Settle("t0", True, ws("w4"), NONE),  # w5 took it: paid if it commits in time
         d.cancel("t1", "w8"),
         d.cancel("t1", "w9"),
         Settle("t1", False),
     ]
-    assert d.stats.credits_spent == 3  # w1, w2 and w3: the invalid task refunded
-    assert d.stats.missing_reports == 1 and d.stats.replicas_cancelled == 3
+    assert d.stats.credits_spent == 4  # w1, w2, w3 and w5's: the invalid task refunded
+    assert d.stats.missing_reports == 1 and d.stats.replicas_cancelled == 2
     assert d.results("t1", w8=OUTPUT) == []
     assert d.added("t1", "w11") == []
     assert d.settle_answer("t0") == []
@@ -849,7 +922,7 @@ def test_results_from_strangers_repeats_and_after_the_settle_are_ignored():
     )
     assert d.core.wake_at() == SPECULATE_AFTER_SECONDS  # no quorum (it would be 2 s)
     assert d.at(1.5).result(task, "w2", good) == []
-    assert d.wake() == [d.cancel(task, "w3"), Settle(task, True, NONE, ws("w3"))]
+    assert d.wake() == [Settle(task, True, NONE, NONE)]
     late = sealed(task, WRONG)
     assert d.result(task, "w3", late) == []
     assert d.settle_answer(task) == [Deliver(d.chunks[0], encode_result(OUTPUT))]

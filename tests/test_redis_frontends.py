@@ -77,6 +77,10 @@ def test_workers_registered_through_one_front_end_are_assigned_through_the_other
         a.stub.FetchKey(pb.FetchKeyRequest(task_id=task.task_id), metadata=md).key
         for md in workers.values()
     }
+    for front, md in zip((a, b, a), workers.values(), strict=True):  # commitments from both
+        front.stub.CommitResult(
+            pb.CommitResultRequest(task_id=task.task_id, ciphertext_sha256="a" * 64), metadata=md
+        )
     settled = a.stub.SettleTask(
         pb.SettleTaskRequest(task_id=task.task_id, valid=True), metadata=foreman
     )
@@ -99,7 +103,9 @@ def _hammer(frontends, foremen, workers, *, rounds: int, stop_after=None):
     """Threads of each foreman run task cycles over both front-ends, settling
     every task from both at once (the same settle, so every racer that is
     answered gets the same answer); returns the tasks made, settled and left
-    open (no racer answered), and the credits the workers should have earned."""
+    open (no racer answered), and the credits the workers should have earned.
+    Before a valid settle the task's workers commit (a worker named missing
+    to another result), each through either front-end."""
     lock = threading.Lock()
     outcome = {"settled": 0, "made": 0, "open": [], "errors": [], "earned": 0}
     live = list(frontends)
@@ -129,6 +135,10 @@ def _hammer(frontends, foremen, workers, *, rounds: int, stop_after=None):
                 request = pb.SettleTaskRequest(
                     task_id=task.task_id, valid=rng.random() < 0.7, missing=missing
                 )
+                if request.valid and not _commit_all(front, workers, task, missing):
+                    with lock:
+                        outcome["open"].append((foreman_md, request, task, missing))
+                    continue
                 results = []
 
                 def settle(target, request=request, results=results):
@@ -151,7 +161,7 @@ def _hammer(frontends, foremen, workers, *, rounds: int, stop_after=None):
                         outcome["settled"] += 1
                         outcome["earned"] += (3 - len(missing)) if request.valid else 0
                     else:
-                        outcome["open"].append((foreman_md, request))
+                        outcome["open"].append((foreman_md, request, task, missing))
             if stop_after is not None:
                 stop_after(live, lock)
 
@@ -164,34 +174,53 @@ def _hammer(frontends, foremen, workers, *, rounds: int, stop_after=None):
     return outcome
 
 
+def _commit_all(front, workers, task, missing) -> bool:
+    """False when a front-end died under a commitment (the task stays open)."""
+    for worker in task.workers:
+        sha = ("b" if worker.client_id in missing else "a") * 64
+        try:
+            front().stub.CommitResult(
+                pb.CommitResultRequest(task_id=task.task_id, ciphertext_sha256=sha),
+                metadata=workers[worker.client_id],
+                timeout=10,
+            )
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.UNAVAILABLE:
+                return False
+            if error.code() != grpc.StatusCode.FAILED_PRECONDITION:  # made before the kill
+                raise
+    return True
+
+
 def _books(front: FrontEnd, identities) -> int:
     return sum(balance(front, md) for md in identities)
 
 
 def test_two_foremen_hammering_both_front_ends_conserve_credits(frontends):
     a, b = frontends
-    workers = [identity(a)[1] for _ in range(6)]
-    for port, metadata in enumerate(workers):
+    workers = dict(identity(a) for _ in range(6))
+    for port, metadata in enumerate(workers.values()):
         register(random.choice(frontends), metadata, 7100 + port, slots=4)
     foremen = [identity(b)[1] for _ in range(2)]
     outcome = _hammer(frontends, foremen, workers, rounds=15)
     assert outcome["errors"] == []
     assert outcome["made"] > 20
     assert outcome["settled"] == outcome["made"]
-    everyone = workers + foremen
+    everyone = [*workers.values(), *foremen]
     assert _books(a, everyone) == STARTING * len(everyone)
     # paid exactly once, though four racers settled each task
-    assert _books(a, workers) - STARTING * len(workers) == outcome["earned"]
+    assert _books(a, workers.values()) - STARTING * len(workers) == outcome["earned"]
     assert all(balance(b, md) >= 0 for md in everyone)
     assert all(
-        b.stub.GetClient(pb.GetClientRequest(), metadata=md).busy_slots == 0 for md in workers
+        b.stub.GetClient(pb.GetClientRequest(), metadata=md).busy_slots == 0
+        for md in workers.values()
     )
 
 
 def test_a_front_end_killed_mid_run_loses_nothing(frontends):
     a, b = frontends
-    workers = [identity(a)[1] for _ in range(6)]
-    for port, metadata in enumerate(workers):
+    workers = dict(identity(a) for _ in range(6))
+    for port, metadata in enumerate(workers.values()):
         register(b, metadata, 7200 + port, slots=4)
     foremen = [identity(b)[1] for _ in range(2)]
     killed = threading.Event()
@@ -209,12 +238,14 @@ def test_a_front_end_killed_mid_run_loses_nothing(frontends):
     # Settles whose every reply was lost with the killed front-end either took
     # effect in Redis or not: retried, each now answers (docs/protocol.md
     # section 9), the same either way.
-    for foreman_md, request in outcome["open"]:
+    for foreman_md, request, task, missing in outcome["open"]:
+        if request.valid:
+            _commit_all(lambda: b, workers, task, missing)
         b.stub.SettleTask(request, metadata=foreman_md)
     # A RequestTasks whose reply died with the front-end may have made a task
     # nobody heard of: its credits sit in escrow (and its workers' slots stay
     # busy) until it expires. So the books are: balances + escrow == issued.
-    everyone = workers + foremen
+    everyone = [*workers.values(), *foremen]
     store = open_store(a.url)
     try:
         totals = store.totals()
@@ -223,7 +254,9 @@ def test_a_front_end_killed_mid_run_loses_nothing(frontends):
     assert totals.starting_credits_issued == STARTING * len(everyone)
     assert totals.client_credits == _books(b, everyone)
     assert totals.client_credits + totals.escrowed_credits == totals.starting_credits_issued
-    busy = sum(b.stub.GetClient(pb.GetClientRequest(), metadata=md).busy_slots for md in workers)
+    busy = sum(
+        b.stub.GetClient(pb.GetClientRequest(), metadata=md).busy_slots for md in workers.values()
+    )
     assert busy == 3 * totals.open_tasks
 
 

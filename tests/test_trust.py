@@ -1,6 +1,7 @@
-"""Trust among strangers (docs/protocol.md section 10), the parts built so
-far: new identities limited per source network, and replicas of a task
-kept apart by identity, address and (`--diversity network`) network."""
+"""Trust among strangers (docs/protocol.md section 10): new identities
+limited per source network; replicas of a task kept apart by identity,
+address and (`--diversity network`) network; commitments, trust and the
+late window at the discovery service; the adversary lab."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from discovery_service.ledger import (
+    DEFAULT_LATE_WINDOW,
     MAX_SLOTS_PER_REQUEST,
     NEW_CLIENT_WINDOW,
     Ledger,
@@ -291,10 +293,14 @@ def test_commitments_name_the_quorum_a_valid_settle_reports(discovery):
             metadata=members[0].metadata,
         )
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    settled = discovery.settle(foreman, task.task_id, valid=True, missing=[members[2].client_id])
+    settled = discovery.settle(
+        foreman, task.task_id, valid=True, commit=False, missing=[members[2].client_id]
+    )
     assert settled.quorum_sha256 == ciphertext_sha256("good")
     assert sorted(settled.agreeing_workers) == sorted(m.client_id for m in members[:2])
-    again = discovery.settle(foreman, task.task_id, valid=True, missing=[members[2].client_id])
+    again = discovery.settle(
+        foreman, task.task_id, valid=True, commit=False, missing=[members[2].client_id]
+    )
     assert (again.quorum_sha256, list(again.agreeing_workers)) == (
         settled.quorum_sha256,
         list(settled.agreeing_workers),
@@ -304,15 +310,26 @@ def test_commitments_name_the_quorum_a_valid_settle_reports(discovery):
     assert closed.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_without_a_quorum_of_commitments_the_settle_names_none(discovery):
+def test_without_a_quorum_of_commitments_a_valid_settle_is_refused(discovery):
+    """Both stores: no key for results nobody committed to; nothing moves,
+    and the foreman can still settle the task invalid (all refunded)."""
     foreman = discovery.client()
     workers = {w.client_id: w for w in (discovery.worker() for _ in range(3))}
     (task,) = discovery.request(foreman).tasks
     members = [workers[w.client_id] for w in task.workers]
     _commit(discovery, members[0], task.task_id, "a")
     _commit(discovery, members[1], task.task_id, "b")
-    settled = discovery.settle(foreman, task.task_id, valid=True)
-    assert settled.quorum_sha256 == "" and not settled.agreeing_workers
+    with pytest.raises(grpc.RpcError) as refused:
+        discovery.settle(foreman, task.task_id, valid=True, commit=False)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "fewer than 2 of its workers have committed to one result" in refused.value.details()
+    assert discovery.credits(foreman) == 12 - 3
+    assert discovery.total_credits() == discovery.issued_credits()
+    settled = discovery.settle(foreman, task.task_id, valid=False)
+    assert not settled.key and settled.credits == 12
+    for worker in members:
+        info = discovery.info(worker)
+        assert (info.credits, info.busy_slots, info.tasks_failed) == (12, 0, 0)
 
 
 def test_a_foreman_cannot_withhold_pay_from_workers_that_committed_the_quorum(discovery):
@@ -324,7 +341,7 @@ def test_a_foreman_cannot_withhold_pay_from_workers_that_committed_the_quorum(di
     for member in task.workers:
         _commit(discovery, workers[member.client_id], task.task_id, "the result")
     everyone = [w.client_id for w in task.workers]
-    settled = discovery.settle(foreman, task.task_id, valid=True, missing=everyone)
+    settled = discovery.settle(foreman, task.task_id, valid=True, commit=False, missing=everyone)
     assert settled.key and sorted(settled.paid_workers) == sorted(everyone)
     assert settled.credits == 12 - 3
     for worker in workers.values():
@@ -344,7 +361,9 @@ def test_commitments_also_decide_against_a_lenient_foreman(discovery):
     _commit(discovery, honest, task.task_id, "right")
     _commit(discovery, late, task.task_id, "right")
     _commit(discovery, liar, task.task_id, "wrong")
-    settled = discovery.settle(foreman, task.task_id, valid=True, released=[late.client_id])
+    settled = discovery.settle(
+        foreman, task.task_id, valid=True, commit=False, released=[late.client_id]
+    )
     assert sorted(settled.paid_workers) == sorted([honest.client_id, late.client_id])
     info = discovery.info(liar)
     assert (info.credits, info.tasks_completed, info.tasks_failed) == (12, 0, 1)
@@ -363,7 +382,7 @@ def _run_task(discovery, foreman, workers, results: dict[str, str]) -> pb.Settle
     for member in task.workers:
         if member.client_id in results:
             _commit(discovery, workers[member.client_id], task.task_id, results[member.client_id])
-    return discovery.settle(foreman, task.task_id, valid=True)
+    return discovery.settle(foreman, task.task_id, valid=True, commit=False)
 
 
 def test_trust_counts_matching_commitments_and_a_disagreeing_one_resets_it(discovery_factory):
@@ -421,3 +440,153 @@ def test_trusted_workers_the_foreman_excludes_do_not_hold_the_rule(discovery_fac
     newcomers = [discovery.worker() for _ in range(3)]
     reply = discovery.request(foreman, n=1, exclude_workers=list(trusted))
     assert {w.client_id for w in reply.tasks[0].workers} <= {n.client_id for n in newcomers}
+
+
+# -- the late window ------------------------------------------------------------------
+
+
+def _settled_with_a_late_worker(discovery):
+    """A task whose first two workers committed "right" and were paid at a
+    valid settle; the third had not committed yet. Returns (foreman, the
+    two, the late one, the task id, the settle's answer)."""
+    foreman = discovery.client()
+    for _ in range(3):
+        discovery.worker()
+    (task,) = discovery.request(foreman).tasks
+    first, second, late = (discovery.identity(w.client_id) for w in task.workers)
+    _commit(discovery, first, task.task_id, "right")
+    _commit(discovery, second, task.task_id, "right")
+    settled = discovery.settle(foreman, task.task_id, valid=True, commit=False)
+    return foreman, (first, second), late, task.task_id, settled
+
+
+def test_a_late_worker_that_commits_the_quorums_result_in_the_window_is_paid(discovery):
+    """Both stores: its credit waits in escrow and its slot stays taken (it
+    is still at work) until it commits; then it is paid, its trust grows,
+    and its commitment again is fine. The books balance throughout."""
+    foreman, paid, late, task_id, settled = _settled_with_a_late_worker(discovery)
+    assert list(settled.late_workers) == [late.client_id]
+    assert sorted(settled.paid_workers) == sorted(w.client_id for w in paid)
+    assert settled.credits == 12 - 3  # the late one's credit is held for it
+    info = discovery.info(late)
+    assert (info.credits, info.busy_slots, info.tasks_failed) == (12, 1, 0)
+    assert discovery.total_credits() == discovery.issued_credits()
+    discovery.clock.advance(DEFAULT_LATE_WINDOW - 1)
+    discovery.sweep()
+    _commit(discovery, late, task_id, "right")
+    info = discovery.info(late)
+    assert (info.credits, info.busy_slots, info.tasks_completed, info.trust) == (13, 0, 1, 1)
+    _commit(discovery, late, task_id, "right")  # the same again (a lost reply)
+    _commit(discovery, paid[0], task_id, "right")  # a worker paid at the settle, again
+    with pytest.raises(grpc.RpcError) as changed:
+        _commit(discovery, late, task_id, "other")
+    assert changed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    again = discovery.settle(foreman, task_id, valid=True, commit=False)  # a repeat
+    assert list(again.late_workers) == [late.client_id] and again.key == settled.key
+    assert discovery.credits(foreman) == 12 - 3
+    discovery.clock.advance(2)
+    discovery.sweep()  # the window ends: nothing more moves
+    assert discovery.info(late).tasks_failed == 0 and discovery.credits(foreman) == 12 - 3
+    assert discovery.total_credits() == discovery.issued_credits()
+
+
+def test_a_late_worker_that_commits_another_result_is_failed_and_refunded(discovery):
+    foreman, _, late, task_id, _ = _settled_with_a_late_worker(discovery)
+    _commit(discovery, late, task_id, "wrong")
+    info = discovery.info(late)
+    assert (info.credits, info.busy_slots, info.tasks_failed, info.trust) == (12, 0, 1, 0)
+    assert discovery.credits(foreman) == 12 - 2
+    assert discovery.total_credits() == discovery.issued_credits()
+
+
+def test_a_late_worker_silent_until_the_window_ends_is_failed_and_refunded(discovery):
+    """Both stores; the sweeper ends the window (nobody else calls), and a
+    commitment after it is NOT_FOUND. Its trust is not reset by silence."""
+    foreman, _, late, task_id, _ = _settled_with_a_late_worker(discovery)
+    discovery.clock.advance(DEFAULT_LATE_WINDOW - 0.5)
+    discovery.sweep()
+    assert discovery.info(late).tasks_failed == 0
+    discovery.clock.advance(1)
+    discovery.sweep()
+    info = discovery.info(late)
+    assert (info.credits, info.busy_slots, info.tasks_failed) == (12, 0, 1)
+    assert discovery.credits(foreman) == 12 - 2
+    with pytest.raises(grpc.RpcError) as closed:
+        _commit(discovery, late, task_id, "right")
+    assert closed.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "late window" in closed.value.details()
+    assert discovery.total_credits() == discovery.issued_credits()
+
+
+def test_the_late_window_is_a_setting_and_survives_a_restart(discovery_factory):
+    """`--late-window` (here 5 s); a SQLite or Redis ledger keeps the late
+    worker's escrow across a restart of the discovery service."""
+    discovery = discovery_factory(LedgerConfig(late_window=5))
+    _, _, late, task_id, _ = _settled_with_a_late_worker(discovery)
+    discovery.restart()
+    discovery.clock.advance(4)
+    _commit(discovery, late, task_id, "right")
+    assert discovery.info(late).credits == 13
+    foreman2, _, late2, _, _ = _settled_with_a_late_worker(discovery)
+    failed_before = discovery.info(late2).tasks_failed
+    discovery.restart()
+    discovery.clock.advance(5)
+    discovery.sweep()
+    assert discovery.info(late2).tasks_failed == failed_before + 1
+    assert discovery.credits(foreman2) == 12 - 2
+    assert discovery.total_credits() == discovery.issued_credits()
+
+
+def test_the_cheating_foreman_releasing_everyone_after_the_commitments_still_pays(discovery):
+    """Released after it committed the quorum's result, a worker did the
+    work: paid. Released before it committed, it is refunded, not late."""
+    foreman = discovery.client()
+    workers = {w.client_id: w for w in (discovery.worker() for _ in range(3))}
+    (task,) = discovery.request(foreman).tasks
+    a, b, c = (workers[w.client_id] for w in task.workers)
+    _commit(discovery, a, task.task_id, "right")
+    _commit(discovery, b, task.task_id, "right")
+    everyone = [w.client_id for w in task.workers]
+    settled = discovery.settle(foreman, task.task_id, valid=True, released=everyone, commit=False)
+    assert sorted(settled.paid_workers) == sorted([a.client_id, b.client_id])
+    assert not settled.late_workers and settled.credits == 12 - 2
+    info = discovery.info(c)
+    assert (info.credits, info.busy_slots, info.tasks_failed) == (12, 0, 0)
+
+
+def test_a_slow_honest_worker_is_paid_for_every_task_and_never_failed(tmp_path):
+    """The issue's case: an honest worker 300 ms slower than the rest was
+    unpaid and counted failed on 76 % of its tasks. Now the foreman leaves
+    it at work after the quorum and the discovery service pays its late
+    commitments: every task it took is paid, none failed, books balanced."""
+    import ec262
+    from ec262.identity import load_identity
+    from ec262.local_cluster import LocalCluster
+    from tests.job_harness import (
+        identity_files,
+        sequential,
+        settled_books,
+        stdlib_text,
+        sum_reducer,
+        word_mapper,
+    )
+
+    with LocalCluster(workers=3, adversaries=["slow"], directory=str(tmp_path)) as cluster:
+        slow = load_identity(tmp_path / "worker3.json").client_id
+        data = stdlib_text(0.6)
+        job = ec262.Job(mapper=word_mapper, reducer=sum_reducer, chunk_bytes=8192)
+        result = job.run(
+            data, discovery=cluster.address, identity=cluster.foreman_identity, progress=False
+        )
+        assert result == sequential(data, word_mapper, sum_reducer)
+        verdicts = result.stats.verdicts.values()
+        took = sum(1 for v in verdicts if slow in v["agreed"] + v["late"])
+        late = sum(1 for v in verdicts if slow in v["late"])
+        assert took >= 3 and late >= 1, (took, late)  # it took tasks and was late
+        paths = identity_files(cluster)
+        books = settled_books(cluster.address, paths)
+        credits, completed, failed = books[slow]
+        assert (completed, failed) == (took, 0)
+        assert credits == cluster.starting_credits + took
+        assert sum(c for c, _, _ in books.values()) == cluster.starting_credits * len(paths)
+        assert result.stats.cheaters == set()

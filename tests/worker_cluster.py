@@ -119,6 +119,9 @@ def running_cluster(
                 )
                 for i in range(workers)
             ]
+            for process in processes:  # so the harness can commit for them (settle)
+                loaded = load_identity(process.identity_path)
+                discovery.identities.append(Identity(loaded.client_id, loaded.secret))
             cluster = Cluster(discovery, processes, address, recorder, discovery.client())
             yield cluster
             for channel in cluster.channels:

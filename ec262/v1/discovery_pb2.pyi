@@ -161,18 +161,20 @@ class AddReplicaRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., exclude_workers: _Optional[_Iterable[str]] = ..., release_workers: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., runtime: _Optional[str] = ...) -> None: ...
 
 class SettleTaskResponse(_message.Message):
-    __slots__ = ("key", "credits", "quorum_sha256", "agreeing_workers", "paid_workers")
+    __slots__ = ("key", "credits", "quorum_sha256", "agreeing_workers", "paid_workers", "late_workers")
     KEY_FIELD_NUMBER: _ClassVar[int]
     CREDITS_FIELD_NUMBER: _ClassVar[int]
     QUORUM_SHA256_FIELD_NUMBER: _ClassVar[int]
     AGREEING_WORKERS_FIELD_NUMBER: _ClassVar[int]
     PAID_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    LATE_WORKERS_FIELD_NUMBER: _ClassVar[int]
     key: bytes
     credits: int
     quorum_sha256: str
     agreeing_workers: _containers.RepeatedScalarFieldContainer[str]
     paid_workers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, key: _Optional[bytes] = ..., credits: _Optional[int] = ..., quorum_sha256: _Optional[str] = ..., agreeing_workers: _Optional[_Iterable[str]] = ..., paid_workers: _Optional[_Iterable[str]] = ...) -> None: ...
+    late_workers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, key: _Optional[bytes] = ..., credits: _Optional[int] = ..., quorum_sha256: _Optional[str] = ..., agreeing_workers: _Optional[_Iterable[str]] = ..., paid_workers: _Optional[_Iterable[str]] = ..., late_workers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CommitResultRequest(_message.Message):
     __slots__ = ("task_id", "ciphertext_sha256")
