@@ -26,6 +26,7 @@ from discovery_service.store import (
     Assignment,
     Candidate,
     ClientRecord,
+    GroupRule,
     LedgerStore,
     NewClientLimit,
     ReplicaRequest,
@@ -34,6 +35,7 @@ from discovery_service.store import (
     WorkerRef,
 )
 from ec262 import auth
+from ec262 import replication as replicas
 from ec262.addresses import is_loopback, network_of, split_address
 from ec262.errors import (
     AddressRefused,
@@ -55,9 +57,6 @@ MAX_SLOTS = 1024
 MAX_RUNTIME_LENGTH = 64
 MAX_REQUEST_ID_LENGTH = 64
 MAX_VERIFIED_CREDENTIALS = 100_000
-# A task holds at most this many times the replication in workers at once
-# (speculative replicas beside slow ones), so AddReplica cannot grow it for ever.
-MAX_WORKERS_PER_REPLICA = 2
 LEASE_RENEWAL_INTERVAL = 1.0  # seconds
 SWEEP_INTERVAL = 0.5  # seconds between the server's sweeps of expired tasks and leases
 NEW_CLIENT_WINDOW = 3600.0  # seconds: --max-new-clients is per sliding hour
@@ -87,6 +86,9 @@ class LedgerConfig:
     # while a quorum of trusted workers is live, a task holds at most
     # replication - quorum untrusted ones. 0 turns the rule off.
     trusted_after: int = 10
+    # --replication adaptive: a request that names none gets adaptive
+    # replication (`replication` is then 3, its full one).
+    adaptive: bool = False
     # Seconds after a valid settle that a worker without a commitment yet
     # may still commit: paid if it matches the quorum, else (or silent
     # until then) counted failed (docs/protocol.md section 10).
@@ -95,8 +97,10 @@ class LedgerConfig:
     def __post_init__(self) -> None:
         if self.starting_credits < 0:
             raise ValueError("starting credits cannot be negative")
-        if not 1 <= self.replication <= 99:
-            raise ValueError("replication must be between 1 and 99")
+        if not 1 <= self.replication <= replicas.MAX_REPLICATION:
+            raise ValueError(f"replication must be between 1 and {replicas.MAX_REPLICATION}")
+        if self.adaptive and self.replication != replicas.ADAPTIVE_FULL:
+            raise ValueError(f"adaptive replication's full replication is {replicas.ADAPTIVE_FULL}")
         if not 1 <= self.worker_ttl <= self.max_worker_ttl:
             raise ValueError(f"worker TTL must be between 1 and {self.max_worker_ttl} seconds")
         if self.task_ttl < 1:
@@ -161,6 +165,7 @@ def choose_workers(
     taken: frozenset[str] = frozenset(),
     untrusted_cap: int | None = None,
     untrusted_taken: int = 0,
+    rules: Sequence[GroupRule] | None = None,
 ) -> list[list[Candidate]]:
     """Up to `n` groups of `replication` workers, drawn at random.
 
@@ -180,30 +185,39 @@ def choose_workers(
     are drawn among trusted workers, or the group is not made, so a flood
     of new identities never forms a quorum.
 
+    `rules` (one per group, TaskRequest.rules) replace n, replication and
+    untrusted_cap when groups differ: adaptive replication's 2 trusted
+    workers, or a spot check's 3 with an untrusted one drawn first.
+
     The Redis store runs the same draws in Lua (`redis_store._ASSIGN`).
     """
     rng = rng or _worker_draws.generator()
+    if rules is None:
+        rules = [GroupRule(replication, untrusted_cap)] * n
     free = {c.client_id: min(c.free_slots, MAX_SLOTS_PER_REQUEST) for c in candidates}
     groups: list[list[Candidate]] = []
-    for _ in range(n):
+    for rule in rules:
         pool = [c for c in candidates if free[c.client_id] > 0]
-        if len(pool) < replication:
+        if len(pool) < rule.size:
             break
         chosen: list[Candidate] = []
         used = set(taken)
         untrusted = untrusted_taken
         pool = [c for c in pool if c.spread_key(spread) not in used]
-        while len(chosen) < replication and pool:
-            if untrusted_cap is not None and untrusted >= untrusted_cap:
+        while len(chosen) < rule.size and pool:
+            if rule.cap is not None and untrusted >= rule.cap:
                 pool = [c for c in pool if c.trusted]
                 if not pool:
                     break
-            pick = pool[int(rng.random() * len(pool))]
+            draw = pool
+            if rule.untrusted_first and not chosen:
+                draw = [c for c in pool if not c.trusted] or pool
+            pick = draw[int(rng.random() * len(draw))]
             chosen.append(pick)
             untrusted += not pick.trusted
             used.add(pick.spread_key(spread))
             pool = [c for c in pool if c.spread_key(spread) not in used]
-        if len(chosen) < replication:
+        if len(chosen) < rule.size:
             break
         for worker in chosen:
             free[worker.client_id] -= 1
@@ -422,17 +436,20 @@ class Ledger:
         exclude_workers: Sequence[str],
         runtime: str,
         request_id: str = "",
+        replication: int = replicas.DEFAULT,
     ) -> tuple[list[Assignment], int]:
         if n < 0 or n > MAX_TASKS_PER_REQUEST:
             raise InvalidRequest(
                 f"n must be between 1 and {MAX_TASKS_PER_REQUEST} (0 means 1), not {n}"
             )
         check_request_id(request_id)
+        workers_per_task, adaptive = self.replication_for(replication)
+        n = n or 1
         now = self._clock()
         request = TaskRequest(
             foreman_id=foreman_id,
-            n=n or 1,
-            replication=self.config.replication,
+            n=n,
+            replication=workers_per_task,
             exclude_workers=check_client_ids(exclude_workers, field="exclude_workers"),
             runtime=check_runtime(runtime),
             now=now,
@@ -440,6 +457,7 @@ class Ledger:
             request_id=request_id,
             spread=self.config.diversity,
             trusted_after=self.config.trusted_after,
+            spot_checks=self._spot_checks(n) if adaptive else (),
         )
         tasks, credits = self.store.assign_tasks(request, choose_workers, _new_task)
         tasks = self._with_certificates(tasks)
@@ -451,6 +469,27 @@ class Ledger:
             credits,
         )
         return tasks, credits
+
+    def replication_for(self, asked: int) -> tuple[int, bool]:
+        """(full replication, adaptive) for RequestTasksRequest.replication:
+        0 the service's default, 1-99 that many, -1 adaptive."""
+        if asked == replicas.DEFAULT:
+            return self.config.replication, self.config.adaptive
+        if asked == replicas.ADAPTIVE:
+            return replicas.ADAPTIVE_FULL, True
+        if not 1 <= asked <= replicas.MAX_REPLICATION:
+            raise InvalidRequest(
+                f"replication must be 0 (the service's), 1-{replicas.MAX_REPLICATION} or"
+                f" {replicas.ADAPTIVE} (adaptive), not {asked}"
+            )
+        return asked, False
+
+    @staticmethod
+    def _spot_checks(n: int) -> tuple[bool, ...]:
+        """Which of n adaptive tasks run at full replication: each with
+        probability SPOT_CHECK_RATE, drawn here so no worker can tell."""
+        rng = _worker_draws.generator()
+        return tuple(rng.random() < replicas.SPOT_CHECK_RATE for _ in range(n))
 
     def _with_certificates(self, tasks: list[Assignment]) -> list[Assignment]:
         """Each worker's registered certificate, for the foreman to check it
@@ -506,7 +545,6 @@ class Ledger:
             release_workers=check_client_ids(release_workers, field="release_workers"),
             runtime=check_runtime(runtime),
             now=self._clock(),
-            max_workers=MAX_WORKERS_PER_REPLICA * self.config.replication,
             request_id=request_id,
             spread=self.config.diversity,
             trusted_after=self.config.trusted_after,
@@ -552,7 +590,7 @@ class Ledger:
             missing=missing_ids,
             now=now,
             released=released_ids,
-            quorum=self.config.replication // 2 + 1,
+            quorum=replicas.quorum(self.config.replication),
             late_until=now + self.config.late_window,
         )
         if settlement is None:

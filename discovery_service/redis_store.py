@@ -39,6 +39,7 @@ from redis.retry import Retry
 from discovery_service.store import (
     IDENTITY,
     MAX_SLOTS_PER_REQUEST,
+    MAX_WORKERS_PER_REPLICA,
     NETWORK,
     Assignment,
     ChooseWorkers,
@@ -176,17 +177,19 @@ return redis.call('HGETALL', c)
 # ARGV: prefix, foreman, n, replication, now, task expiry, runtime, exclude
 # (sorted, space-separated), request id ('' for none), the spread mode
 # (--diversity), the most slots of one worker a request takes,
-# --trusted-after (0: no trust rule), then n (task id, key) pairs, then
-# n * replication uniform random numbers in [0, 1). The draws are
-# ledger.choose_workers's, step for step. A request id
-# seen before returns what that request made (store.assignments_text).
+# --trusted-after (0: no trust rule), adaptive replication's spot checks
+# ('' when not adaptive, else one '0' or '1' per task), then n (task id,
+# key) pairs, then n * replication uniform random numbers in [0, 1). The
+# draws are ledger.choose_workers's, step for step, under the rules of
+# store.TaskRequest.rules. A request id seen before returns what that
+# request made (store.assignments_text).
 _ASSIGN = (
     _EXPIRE
     + """
 local prefix, foreman = ARGV[1], ARGV[2]
 local n, r, now, texpiry = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], ARGV[6]
 local runtime, exclude, rid = ARGV[7], ARGV[8], ARGV[9]
-local spread, cap, ta = ARGV[10], tonumber(ARGV[11]), tonumber(ARGV[12])
+local spread, cap, ta, spots = ARGV[10], tonumber(ARGV[11]), tonumber(ARGV[12]), ARGV[13]
 expire(prefix, now)
 local fkey = prefix .. 'c:' .. foreman
 local rname = foreman .. ':' .. rid
@@ -198,7 +201,6 @@ if rid ~= '' then
   end
 end
 local balance = tonumber(redis.call('HGET', fkey, 'credits'))
-if balance < n * r then return {'INSUFFICIENT', balance} end
 redis.call('ZREMRANGEBYSCORE', prefix .. 'pool', '-inf', now)
 local excluded = {}
 for w in string.gmatch(exclude, '%S+') do excluded[w] = true end
@@ -221,26 +223,46 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', prefix .. 'pool', '(' .. now, '+
     end
   end
 end
--- store.untrusted_cap: at most r - quorum untrusted while a quorum of trusted is live
+-- Each task's rule (store.TaskRequest.rules): its size, its cap on untrusted
+-- workers (-1: none; store.untrusted_cap, at most r - quorum while a quorum
+-- of trusted is live), and whether an untrusted one is drawn first
+-- (store.adaptive_rules: 2 trusted workers, a spot check 3).
 local q = math.floor(r / 2) + 1
-local ucap = -1
-if ta > 0 and trusted_live >= q then ucap = r - q end
-local out = {'OK', 0}
-local rnd = 13 + 2 * n
-local made = 0
+local sizes, caps, firsts, needed = {}, {}, {}, 0
 for i = 1, n do
+  sizes[i], caps[i], firsts[i] = r, -1, false
+  if spots == '' then
+    if ta > 0 and trusted_live >= q then caps[i] = r - q end
+  elseif trusted_live >= 2 then
+    if string.sub(spots, i, i) == '1' then caps[i], firsts[i] = 1, true
+    else sizes[i], caps[i] = 2, 0 end
+  end
+  needed = needed + sizes[i]
+end
+if balance < needed then return {'INSUFFICIENT', balance, needed} end
+local out = {'OK', 0}
+local rnd = 14 + 2 * n
+local spent = 0
+for i = 1, n do
+  local size, ucap = sizes[i], caps[i]
   local pool = {}
   for _, id in ipairs(cand) do if free[id] > 0 then table.insert(pool, id) end end
-  if #pool < r then break end
+  if #pool < size then break end
   local chosen, addresses, used, untrusted = {}, {}, {}, 0
-  while #chosen < r and #pool > 0 do
+  while #chosen < size and #pool > 0 do
     if ucap >= 0 and untrusted >= ucap then
       local only = {}
       for _, id in ipairs(pool) do if trusted[id] then table.insert(only, id) end end
       pool = only
       if #pool == 0 then break end
     end
-    local pick = pool[1 + math.floor(tonumber(ARGV[rnd]) * #pool)]
+    local draw = pool
+    if firsts[i] and #chosen == 0 then
+      local others = {}
+      for _, id in ipairs(pool) do if not trusted[id] then table.insert(others, id) end end
+      if #others > 0 then draw = others end
+    end
+    local pick = draw[1 + math.floor(tonumber(ARGV[rnd]) * #draw)]
     rnd = rnd + 1
     table.insert(chosen, pick); table.insert(addresses, addr[pick]); used[spot[pick]] = true
     if not trusted[pick] then untrusted = untrusted + 1 end
@@ -248,21 +270,21 @@ for i = 1, n do
     for _, id in ipairs(pool) do if not used[spot[id]] then table.insert(rest, id) end end
     pool = rest
   end
-  if #chosen < r then break end
-  local tid, key = ARGV[13 + 2 * (i - 1)], ARGV[14 + 2 * (i - 1)]
-  redis.call('HSET', prefix .. 't:' .. tid, 'foreman_id', foreman, 'key', key, 'escrow', r,
-    'expiry_unix', texpiry, 'workers', table.concat(chosen, ' '))
+  if #chosen < size then break end
+  local tid, key = ARGV[14 + 2 * (i - 1)], ARGV[15 + 2 * (i - 1)]
+  redis.call('HSET', prefix .. 't:' .. tid, 'foreman_id', foreman, 'key', key, 'escrow', size,
+    'expiry_unix', texpiry, 'workers', table.concat(chosen, ' '), 'replication', r)
   redis.call('ZADD', prefix .. 'texp', texpiry, tid)
   redis.call('SADD', prefix .. 'ft:' .. foreman, tid)
   for _, w in ipairs(chosen) do
     free[w] = free[w] - 1
     redis.call('HINCRBY', prefix .. 'c:' .. w, 'busy_slots', 1)
   end
-  made = made + 1
+  spent = spent + size
   table.insert(out, tid); table.insert(out, table.concat(chosen, ' '))
   table.insert(out, table.concat(addresses, ' '))
 end
-out[2] = redis.call('HINCRBY', fkey, 'credits', 0 - made * r)  -- never "-0"
+out[2] = redis.call('HINCRBY', fkey, 'credits', 0 - spent)  -- never "-0"
 if rid ~= '' then
   local lines = {}
   for i = 3, #out, 3 do
@@ -287,7 +309,8 @@ _SETTLE = (
 local prefix, foreman, tid, valid, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4] == '1', ARGV[5]
 expire(prefix, now)
 local t = prefix .. 't:' .. tid
-local h = redis.call('HMGET', t, 'foreman_id', 'key', 'escrow', 'workers', 'expiry_unix')
+local h = redis.call('HMGET', t, 'foreman_id', 'key', 'escrow', 'workers', 'expiry_unix',
+  'replication')
 if not h[1] or h[1] ~= foreman then
   local s = redis.call('HMGET', prefix .. 's:' .. tid, 'foreman_id', 'valid', 'missing', 'key')
   if not s[1] or s[1] ~= foreman then return {'NOTFOUND'} end
@@ -313,7 +336,10 @@ for w in string.gmatch(ARGV[7], '%S+') do
   if workers[w] then released[w] = true else table.insert(strangers, w) end
 end
 if #strangers > 0 then return {'STRANGERS', 'released', table.concat(strangers, ' ')} end
--- What a quorum of the task's workers committed to (store.committed_quorum).
+-- What a quorum of the task's workers committed to (store.committed_quorum),
+-- the quorum of the task's own replication (ARGV[8] for tasks made before).
+local needs = tonumber(ARGV[8])
+if h[6] and tonumber(h[6]) > 0 then needs = math.floor(tonumber(h[6]) / 2) + 1 end
 local quorum, agreeing, commits = '', {}, {}
 if valid then
   local by_sha, shas = {}, {}
@@ -328,7 +354,7 @@ if valid then
   end
   table.sort(shas)
   for _, sha in ipairs(shas) do
-    if #by_sha[sha] >= tonumber(ARGV[8]) then
+    if #by_sha[sha] >= needs then
       quorum = sha; agreeing = by_sha[sha]; table.sort(agreeing); break
     end
   end
@@ -447,13 +473,14 @@ return 'committed'
 
 # ARGV: prefix, foreman, task id, now, runtime, exclude and release (each
 # sorted, space-separated), request id ('' for none), the remembered form of
-# the request, the most workers a task holds, one uniform random number,
-# the spread mode (--diversity), --trusted-after, the replication.
+# the request, the most workers a task holds per its replication, one
+# uniform random number, the spread mode (--diversity), --trusted-after, the
+# service's replication (a task made with another keeps its own).
 _REPLICA = (
     _EXPIRE
     + """
 local prefix, foreman, tid, now, runtime = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local rid, remembered, most = ARGV[8], ARGV[9], tonumber(ARGV[10])
+local rid, remembered = ARGV[8], ARGV[9]
 local spread, ta, r = ARGV[12], tonumber(ARGV[13]), tonumber(ARGV[14])
 local function spot(h)  -- h: address, network
   if spread == 'network' and h[2] and h[2] ~= '' then return h[2] end
@@ -470,8 +497,10 @@ if rid ~= '' then
   end
 end
 local t = prefix .. 't:' .. tid
-local h = redis.call('HMGET', t, 'foreman_id', 'escrow', 'workers', 'expiry_unix')
+local h = redis.call('HMGET', t, 'foreman_id', 'escrow', 'workers', 'expiry_unix', 'replication')
 if not h[1] or h[1] ~= foreman then return {'NOTFOUND'} end
+if h[5] and tonumber(h[5]) > 0 then r = tonumber(h[5]) end
+local most = tonumber(ARGV[10]) * r
 local in_task, kept, excluded = {}, {}, {}
 for w in string.gmatch(h[3], '%S+') do in_task[w] = true; excluded[w] = true end
 for w in string.gmatch(ARGV[6], '%S+') do excluded[w] = true end
@@ -736,12 +765,13 @@ class RedisStore(LedgerStore):
             request.spread,
             MAX_SLOTS_PER_REQUEST,
             request.trusted_after,
+            "".join("1" if spot else "0" for spot in request.spot_checks),
         ]
         for task_id, key in pairs:
             args += [task_id, key]
         reply = self._assign(args=args + draws)
         if reply[0] == b"INSUFFICIENT":
-            raise insufficient_credits(request, int(reply[1]))
+            raise insufficient_credits(request, int(reply[1]), int(reply[2]))
         if reply[0] == b"MISMATCH":
             raise request_mismatch(request, int(reply[1]), reply[2].decode())
         if reply[0] == b"REPEAT":
@@ -860,7 +890,7 @@ class RedisStore(LedgerStore):
                 " ".join(sorted(request.release_workers)),
                 request.request_id,
                 request.remembered_as(),
-                request.max_workers,
+                MAX_WORKERS_PER_REPLICA,
                 repr(self._random.random()),
                 request.spread,
                 request.trusted_after,

@@ -47,6 +47,7 @@ def client_info(record: ClientRecord, ledger: Ledger) -> pb.ClientInfo:
         runtime=record.runtime,
         trust=record.trust,
         trusted_after=config.trusted_after,
+        adaptive_replication=config.adaptive,
     )
 
 
@@ -157,6 +158,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
             exclude_workers=request.exclude_workers,
             runtime=request.runtime,
             request_id=request.request_id,
+            replication=request.replication,
         )
         live, spots = (0, 0)
         if len(tasks) < max(1, request.n):
@@ -164,7 +166,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
         return pb.RequestTasksResponse(
             tasks=[task_assignment(t) for t in tasks],
             credits=credits,
-            replication=self._ledger.config.replication,
+            replication=self._ledger.replication_for(request.replication)[0],
             live_workers=live,
             live_networks=spots,
             diversity=self._ledger.config.diversity,

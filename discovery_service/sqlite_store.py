@@ -26,6 +26,7 @@ from discovery_service.store import (
     COMMIT_CONFLICT,
     COMMITTED,
     IDENTITY,
+    MAX_WORKERS_PER_REPLICA,
     NETWORK,
     Assignment,
     Candidate,
@@ -50,6 +51,7 @@ from discovery_service.store import (
     settle_outcome,
     untrusted_cap,
 )
+from ec262 import replication as replicas
 from ec262.errors import InsufficientCredits, InvalidRequest
 
 logger = logging.getLogger(__name__)
@@ -58,8 +60,9 @@ logger = logging.getLogger(__name__)
 _PAY = "credits = credits + 1, tasks_completed = tasks_completed + 1, busy_slots = busy_slots - 1"
 _FAIL = "tasks_failed = tasks_failed + 1, busy_slots = busy_slots - 1"
 
-SCHEMA_VERSION = 6  # 2: settled.released; 3: clients.tls_certificate; 4: clients.network;
-# 5: commitments, settled.quorum_sha256 and .agreeing; 6: late, settled.late
+SCHEMA_VERSION = 7  # 2: settled.released; 3: clients.tls_certificate; 4: clients.network;
+# 5: commitments, settled.quorum_sha256 and .agreeing; 6: late, settled.late;
+# 7: tasks.replication
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 _SCHEMA = """
@@ -87,7 +90,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     key         BLOB NOT NULL,
     escrow      INTEGER NOT NULL CHECK (escrow >= 0),
     expiry_unix REAL NOT NULL,
-    workers     TEXT NOT NULL  -- the assigned workers' ids, space-separated
+    workers     TEXT NOT NULL,  -- the assigned workers' ids, space-separated
+    replication INTEGER NOT NULL DEFAULT 0  -- its full replication (0: the service's)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_by_expiry ON tasks (expiry_unix);
 CREATE INDEX IF NOT EXISTS tasks_by_foreman ON tasks (foreman_id);
@@ -219,6 +223,8 @@ class SqliteStore(LedgerStore):
                     db.execute(f"ALTER TABLE settled ADD COLUMN {column} TEXT NOT NULL DEFAULT ''")
             if version in (1, 2, 3, 4, 5):
                 db.execute("ALTER TABLE settled ADD COLUMN late TEXT NOT NULL DEFAULT ''")
+            if version in (1, 2, 3, 4, 5, 6):
+                db.execute("ALTER TABLE tasks ADD COLUMN replication INTEGER NOT NULL DEFAULT 0")
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             earliest = self._earliest_expiry(db)
         # The earliest expiry of any open or remembered task: until then no
@@ -342,7 +348,6 @@ class SqliteStore(LedgerStore):
     def assign_tasks(
         self, request: TaskRequest, choose: ChooseWorkers, new_task: NewTask
     ) -> tuple[list[Assignment], int]:
-        needed = request.n * request.replication
         exclude = " ".join(sorted(request.exclude_workers))
         with self._transaction() as db:
             self._expire(db, request.now)
@@ -359,6 +364,11 @@ class SqliteStore(LedgerStore):
                         "SELECT credits FROM clients WHERE client_id = ?", (request.foreman_id,)
                     ).fetchone()
                     return assignments_from_text(seen[2], seen[3]), balance
+            trusted = self._trusted_usable(db, request.now, request.foreman_id,
+                                           request.runtime, request.trusted_after,
+                                           request.exclude_workers)  # fmt: skip
+            rules = request.rules(trusted)
+            needed = sum(rule.size for rule in rules)
             # Check and charge the whole request in one statement; refund
             # below whatever partial fill leaves unused.
             charged = db.execute(
@@ -370,7 +380,7 @@ class SqliteStore(LedgerStore):
                 (balance,) = db.execute(
                     "SELECT credits FROM clients WHERE client_id = ?", (request.foreman_id,)
                 ).fetchone()
-                raise insufficient_credits(request, balance)
+                raise insufficient_credits(request, balance, needed)
             candidates = self._candidates(
                 db,
                 request.now,
@@ -379,15 +389,8 @@ class SqliteStore(LedgerStore):
                 request.exclude_workers,
                 request.trusted_after,
             )
-            cap = self._untrusted_cap(db, request.now, request.foreman_id, request.runtime,
-                                      request.trusted_after, request.replication,
-                                      request.exclude_workers)  # fmt: skip
             groups = choose(
-                candidates,
-                request.n,
-                request.replication,
-                spread=request.spread,
-                untrusted_cap=cap,
+                candidates, request.n, request.replication, spread=request.spread, rules=rules
             )
             assignments: list[Assignment] = []
             rows = []
@@ -404,6 +407,7 @@ class SqliteStore(LedgerStore):
                         len(group),
                         request.task_expiry_unix,
                         " ".join(ids),
+                        request.replication,
                     )
                 )
                 assignments.append(
@@ -415,11 +419,11 @@ class SqliteStore(LedgerStore):
                 )
             if rows:
                 db.executemany(
-                    "INSERT INTO tasks (task_id, foreman_id, key, escrow, expiry_unix, workers)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO tasks (task_id, foreman_id, key, escrow, expiry_unix, workers,"
+                    " replication) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
-                if len(busy) == len(rows) * request.replication:  # each worker once
+                if len(busy) == sum(len(group) for group in groups):  # each worker once
                     self._update_each(db, "busy_slots = busy_slots + 1", busy)
                 else:
                     db.executemany(
@@ -470,19 +474,18 @@ class SqliteStore(LedgerStore):
         ]
 
     @staticmethod
-    def _untrusted_cap(
+    def _trusted_usable(
         db: sqlite3.Connection,
         now: float,
         foreman_id: str,
         runtime: str,
         trusted_after: int,
-        replication: int,
         exclude: frozenset[str] = frozenset(),
-    ) -> int | None:
-        """The trust rule's cap, counting the trusted workers this request
-        could use (live, of its runtime, not excluded by the foreman)."""
+    ) -> int:
+        """The trusted workers this request could use (live, of its runtime,
+        not excluded by the foreman), for the trust rule; 0 without one."""
         if not trusted_after:
-            return None
+            return 0
         query = (
             "SELECT client_id FROM clients WHERE expiry_unix > ? AND client_id != ? AND trust >= ?"
         )
@@ -490,8 +493,7 @@ class SqliteStore(LedgerStore):
         if runtime:
             query += " AND runtime = ?"
             args += (runtime,)
-        trusted_live = sum(1 for (i,) in db.execute(query, args) if i not in exclude)
-        return untrusted_cap(replication, trusted_live)
+        return sum(1 for (i,) in db.execute(query, args) if i not in exclude)
 
     def add_replica(
         self, request: ReplicaRequest, choose: ChooseWorkers
@@ -513,13 +515,14 @@ class SqliteStore(LedgerStore):
                     made = assignments_from_text(seen[1], 0.0)
                     return (made[0].workers[0] if made else None), balance
             row = db.execute(
-                "SELECT escrow, workers, expiry_unix FROM tasks"
+                "SELECT escrow, workers, expiry_unix, replication FROM tasks"
                 " WHERE task_id = ? AND foreman_id = ?",
                 (request.task_id, request.foreman_id),
             ).fetchone()
             if row is None:
                 return None
-            escrow, worker_text, expiry_unix = row
+            escrow, worker_text, expiry_unix, replication = row
+            replication = replication or request.replication
             workers = worker_text.split()
             strangers = request.release_workers - set(workers)
             if strangers:
@@ -530,7 +533,7 @@ class SqliteStore(LedgerStore):
             released = len(workers) - len(kept)
             self._update_each(db, "busy_slots = busy_slots - 1", request.release_workers)
             chosen = None
-            if len(kept) < request.max_workers:
+            if len(kept) < MAX_WORKERS_PER_REPLICA * replication:
                 exclude = request.exclude_workers | set(workers)
                 candidates = self._candidates(
                     db, request.now, request.foreman_id, request.runtime, exclude,
@@ -545,9 +548,10 @@ class SqliteStore(LedgerStore):
                     )
                 ]
                 taken = frozenset(m.spread_key(request.spread) for m in members)
-                cap = self._untrusted_cap(db, request.now, request.foreman_id, request.runtime,
-                                          request.trusted_after, request.replication,
-                                          request.exclude_workers)  # fmt: skip
+                trusted = self._trusted_usable(db, request.now, request.foreman_id,
+                                               request.runtime, request.trusted_after,
+                                               request.exclude_workers)  # fmt: skip
+                cap = untrusted_cap(replication, trusted) if request.trusted_after else None
                 group = choose(
                     candidates,
                     1,
@@ -639,7 +643,7 @@ class SqliteStore(LedgerStore):
         with self._transaction() as db:
             self._expire(db, now)
             row = db.execute(
-                "SELECT key, escrow, workers, expiry_unix FROM tasks"
+                "SELECT key, escrow, workers, expiry_unix, replication FROM tasks"
                 " WHERE task_id = ? AND foreman_id = ?",
                 (task_id, foreman_id),
             ).fetchone()
@@ -647,7 +651,8 @@ class SqliteStore(LedgerStore):
             let_go = " ".join(sorted(released)) if valid else ""
             if row is None:
                 return self._repeated_settle(db, foreman_id, task_id, valid, wanted, let_go)
-            key, escrow, worker_text, expiry_unix = row
+            key, escrow, worker_text, expiry_unix, replication = row
+            quorum = replicas.quorum(replication) if replication else quorum
             workers = set(worker_text.split())
             for what, named in (("missing", missing), ("released", released)):
                 if named - workers:

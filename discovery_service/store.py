@@ -13,6 +13,7 @@ import abc
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from ec262 import replication as replicas
 from ec262.errors import (
     InsufficientCredits,
     InvalidRequest,
@@ -76,6 +77,41 @@ IDENTITY, NETWORK = "identity", "network"  # the --diversity modes
 # Slots of one worker one RequestTasks may take: a worker claiming 1024
 # slots must not take a whole batch (docs/protocol.md section 10).
 MAX_SLOTS_PER_REQUEST = 16
+# A task holds at most this many times its replication in workers at once
+# (replacements and speculative replicas beside the ones it has).
+MAX_WORKERS_PER_REPLICA = 2
+
+
+@dataclass(frozen=True, slots=True)
+class GroupRule:
+    """How one task's workers are drawn: `size` of them, at most `cap`
+    untrusted (None: no limit), and with `untrusted_first` the first among
+    the untrusted ones when any is eligible (a spot check, so untrusted
+    workers can earn trust beside trusted ones)."""
+
+    size: int
+    cap: int | None = None
+    untrusted_first: bool = False
+
+
+def untrusted_cap(replication: int, trusted_live: int) -> int | None:
+    """How many untrusted workers one task may hold: replication - quorum
+    while at least a quorum of trusted workers is live, else no limit
+    (docs/protocol.md section 10)."""
+    quorum = replicas.quorum(replication)
+    return replication - quorum if trusted_live >= quorum else None
+
+
+def adaptive_rules(spot_checks: Sequence[bool], trusted_live: int) -> list[GroupRule]:
+    """Adaptive replication's draw per task: 2 trusted workers, or on a spot
+    check 3 with an untrusted one first; with fewer than 2 trusted workers
+    live, full replication under the usual trust rule (docs/protocol.md
+    section 10). The Redis store's assignment script does the same."""
+    full, start = replicas.ADAPTIVE_FULL, replicas.ADAPTIVE_START
+    if trusted_live < start:
+        return [GroupRule(full, untrusted_cap(full, trusted_live))] * len(spot_checks)
+    spot = GroupRule(full, full - replicas.quorum(full), untrusted_first=True)
+    return [spot if checked else GroupRule(start, 0) for checked in spot_checks]
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +142,17 @@ class TaskRequest:
     request_id: str = ""  # "" when the foreman did not ask for repeat safety
     spread: str = IDENTITY  # --diversity
     trusted_after: int = 0  # --trusted-after; 0: no trust rule
+    # Adaptive replication: per task, whether it is a spot check (`replication`
+    # is then the full one, 3); empty: every task gets `replication` workers.
+    spot_checks: tuple[bool, ...] = ()
+
+    def rules(self, trusted_live: int) -> list[GroupRule]:
+        """How each task's workers are drawn, given the trusted workers the
+        request could use."""
+        if self.spot_checks:
+            return adaptive_rules(self.spot_checks, trusted_live)
+        cap = untrusted_cap(self.replication, trusted_live) if self.trusted_after else None
+        return [GroupRule(self.replication, cap)] * self.n
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,11 +166,10 @@ class ReplicaRequest:
     release_workers: frozenset[str]
     runtime: str
     now: float
-    max_workers: int  # workers a task may hold at once (replication x 2)
     request_id: str = ""
     spread: str = IDENTITY  # --diversity
     trusted_after: int = 0  # --trusted-after; 0: no trust rule
-    replication: int = 3
+    replication: int = 3  # the service's; a task made with another keeps its own
 
     def remembered_as(self) -> str:
         """How a repeat is recognised (kept in the `exclude` of a request)."""
@@ -223,14 +269,6 @@ def no_committed_quorum(task_id: str, quorum: int) -> NoCommittedQuorum:
 COMMITTED, COMMIT_CONFLICT = "committed", "conflict"
 
 
-def untrusted_cap(replication: int, trusted_live: int) -> int | None:
-    """How many untrusted workers one task may hold: replication - quorum
-    while at least a quorum of trusted workers is live, else no limit
-    (docs/protocol.md section 10)."""
-    quorum = replication // 2 + 1
-    return replication - quorum if trusted_live >= quorum else None
-
-
 def committed_quorum(
     commitments: dict[str, str], workers: Iterable[str], quorum: int
 ) -> tuple[str, tuple[str, ...]]:
@@ -271,15 +309,18 @@ class LedgerTotals:
     starting_credits_issued: int
 
 
-def insufficient_credits(request: TaskRequest, balance: int) -> InsufficientCredits:
-    """The error every store raises when a request costs more than the balance."""
-    needed = request.n * request.replication
-    return InsufficientCredits(
-        needed,
-        balance,
-        f"not enough credits: {request.n} task(s) x {request.replication} workers"
-        f" need {needed} credits, the account has {balance}",
-    )
+def insufficient_credits(
+    request: TaskRequest, balance: int, needed: int | None = None
+) -> InsufficientCredits:
+    """The error every store raises when a request costs more than the
+    balance (`needed`: what its tasks' workers cost, when not n x replication)."""
+    if needed is None or needed == request.n * request.replication:
+        needed = request.n * request.replication
+        what = f"{request.n} task(s) x {request.replication} workers"
+    else:
+        what = f"{request.n} task(s), {needed} workers in all (adaptive replication)"
+    message = f"not enough credits: {what} need {needed} credits, the account has {balance}"
+    return InsufficientCredits(needed, balance, message)
 
 
 # Chooses, from the candidates, up to n groups of `replication` distinct workers.

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ec262 import replication as replicas
 from ec262.addresses import routable_host
 from ec262.discovery_client import DiscoveryClient
 from ec262.identity import identity_path
@@ -79,7 +80,9 @@ class Job:
     the live statistics), `host`/`advertise` (where this foreman's result
     server listens and the address workers dial; else $EC262_HOST and
     $EC262_ADVERTISE, else the local address that routes to the discovery
-    service).
+    service), `replication` (workers per task, 1-99, or "adaptive": 2
+    trusted workers and a third only on disagreement or lateness, with 10 %
+    spot checks at 3; None = the discovery service's default).
     """
 
     mapper: Callable | None = None
@@ -95,12 +98,14 @@ class Job:
     local_workers: int = 3
     host: str | None = None
     advertise: str | None = None
+    replication: int | str | None = None
     stats: Any = field(default=None, init=False, repr=False)
 
     def run(self, data: Any, **overrides: Any) -> JobResult:
         job = replace(self, **overrides) if overrides else self
         if job.mapper is None or job.reducer is None:
             raise TypeError("a job needs a mapper and a reducer")
+        replicas.parse(job.replication)  # ValueError before anything starts
         result = _run(job, data)
         self.stats = result.stats
         return result
@@ -115,6 +120,7 @@ def _engine_config(job: Job):
             ("chunk_bytes", job.chunk_bytes),
             ("task_timeout", job.task_timeout),
             ("max_attempts", job.max_attempts),
+            ("replication", replicas.parse(job.replication)),
         )
         if value is not None
     }

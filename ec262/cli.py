@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 
 from ec262 import __version__
+from ec262 import replication as replicas
 from ec262.errors import Ec262Error
 
 DEFAULT_DISCOVERY = "127.0.0.1:26262"
@@ -56,6 +57,13 @@ def _non_negative_seconds(text: str) -> float:
     return value
 
 
+def _replication(text: str) -> int:
+    try:
+        return replicas.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -86,7 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     discovery.add_argument("--starting-credits", type=_non_negative, default=12)
     discovery.add_argument(
-        "--replication", type=_positive, default=3, help="workers per task (and credits per task)"
+        "--replication",
+        type=_replication,
+        default="3",
+        metavar="N|adaptive",
+        help="workers (and credits) per task for requests that name none; adaptive: 2"
+        " trusted workers, a third on disagreement or lateness, 10%% spot checks at 3"
+        " (default %(default)s)",
     )
     discovery.add_argument(
         "--worker-ttl",
@@ -283,9 +297,11 @@ def _run_discovery(args: argparse.Namespace) -> int:
     from ec262.addresses import is_loopback
 
     try:
+        adaptive = args.replication == replicas.ADAPTIVE
         config = LedgerConfig(
             starting_credits=args.starting_credits,
-            replication=args.replication,
+            replication=replicas.ADAPTIVE_FULL if adaptive else args.replication,
+            adaptive=adaptive,
             worker_ttl=args.worker_ttl,
             task_ttl=args.task_ttl,
             max_worker_ttl=max(86_400, args.worker_ttl),

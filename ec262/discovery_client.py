@@ -226,9 +226,11 @@ class DiscoveryClient:
         exclude_workers: Sequence[str] = (),
         runtime: str | None = None,
         request_id: str = "",
+        replication: int = 0,
     ) -> pb.RequestTasksResponse:
         """`request_id` (1-64 characters) makes a repeat safe: the same
-        tasks again, nothing charged twice."""
+        tasks again, nothing charged twice. `replication`: 0 the service's,
+        1-99 workers per task, -1 adaptive (ec262/replication.py)."""
         return self._call(
             "RequestTasks",
             pb.RequestTasksRequest(
@@ -236,6 +238,7 @@ class DiscoveryClient:
                 exclude_workers=list(exclude_workers),
                 runtime=this_runtime() if runtime is None else runtime,
                 request_id=request_id,
+                replication=replication,
             ),
         )
 

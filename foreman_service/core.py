@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ec262 import replication as replicas
 from ec262.encoding import decode_result
 from ec262.envelope import ciphertext_sha256, open_sealed
 from ec262.errors import (
@@ -86,6 +87,18 @@ class EngineConfig:
     grace_max: float = 3.0
     batch: int = 64  # tasks asked for in one RequestTasks
     assign_timeout: float = 10.0
+    # RequestTasksRequest.replication: 0 the discovery's default, 1-99, or
+    # -1 adaptive (ec262/replication.py).
+    replication: int = 0
+
+    def replication_with(self, service: int, service_adaptive: bool) -> tuple[int, bool]:
+        """(full replication, adaptive) of this job, given the discovery
+        service's default (ClientInfo)."""
+        if self.replication == replicas.DEFAULT:
+            return service or replicas.ADAPTIVE_FULL, service_adaptive
+        if self.replication == replicas.ADAPTIVE:
+            return replicas.ADAPTIVE_FULL, True
+        return self.replication, False
 
 
 def _short(detail: str) -> str:
@@ -298,6 +311,7 @@ class Task:
     add_in_flight: bool = False
     next_add_at: float = 0.0
     settling: Settle | None = None
+    short: int = 0  # adaptive replication: workers fewer than the full replication
     winner: str | None = None
     accused: frozenset[str] = frozenset()  # made cheaters by this task's quorum
     assumed_paid: int = 0  # workers the settle pays, as the foreman sees it
@@ -347,14 +361,20 @@ class JobCore:
         config: EngineConfig,
         *,
         replication: int,
+        adaptive: bool = False,
         stats: JobStats | None = None,
         new_token: Callable[[], str] = lambda: secrets.token_urlsafe(18),
         new_request_id: Callable[[], str] = lambda: uuid.uuid4().hex,
     ) -> None:
+        """`replication` is the full one; with `adaptive` (docs/protocol.md
+        section 10) tasks may start with fewer workers (2 trusted ones) and
+        get the rest only when those cannot make a quorum."""
         self.config = config
         self.replication = replication
-        self.quorum = replication // 2 + 1
+        self.quorum = replicas.quorum(replication)
+        self.adaptive = adaptive
         self.stats = stats or JobStats()
+        self.stats.adaptive = adaptive
         self._new_token = new_token
         self._new_request_id = new_request_id
         self.cheaters: set[str] = set()
@@ -547,6 +567,7 @@ class JobCore:
                 replicas={},
                 started=now,
                 deadline=now + self.config.task_timeout,
+                short=max(0, self.replication - len(workers)) if self.adaptive else 0,
             )
             self._tasks[task_id] = task
             self.stats.states["assigned"] += 1
@@ -791,7 +812,19 @@ class JobCore:
         if now >= task.deadline:
             self._settle_invalid(task, "deadline passed", commands)
         elif count + len(live) + task.replicas_wanted < self.quorum and not task.add_in_flight:
-            self._settle_invalid(task, "no quorum possible", commands)
+            if task.short:
+                self._escalate(task, now, commands)
+            else:
+                self._settle_invalid(task, "no quorum possible", commands)
+
+    def _escalate(self, task: Task, now: float, commands: list) -> None:
+        """Adaptive replication: the task's workers disagree (or one refused):
+        the rest of the full replication is asked for, at once and once."""
+        task.replicas_wanted += task.short
+        task.short = 0
+        task.next_add_at = now
+        self.stats.adaptive_escalations += 1
+        self._ask_replicas(task, now, commands)
 
     def _let_go(self, task: Task, commands: list, *, keep_working: bool = False) -> frozenset[str]:
         """Cancel the replicas still working; all of them, and those released
@@ -853,6 +886,8 @@ class JobCore:
         stats.credits_spent -= len(disagreeing | failed | released)
         counted = sum(1 for r in task.replicas.values() if not r.released_at_discovery)
         task.assumed_paid = counted - len(disagreeing | failed | released)
+        if self.adaptive:  # against full replication: what this task did not cost
+            stats.credits_saved += max(0, self.replication - (counted - len(released)))
         if disagreeing:
             task.accused = disagreeing - self.cheaters
             stats.cheaters |= disagreeing

@@ -117,7 +117,9 @@ class JobEngine:
         stats = self.stats
         stats.job_id = uuid.uuid4().hex
         info = self.discovery.get_client()
-        replication = info.replication or 3
+        replication, adaptive = self.config.replication_with(
+            info.replication, info.adaptive_replication
+        )
         plan = plan_job(
             input_rows(data),
             balance=info.credits,
@@ -134,12 +136,13 @@ class JobEngine:
             plan.credits_needed,
             info.credits,
         )
-        core = JobCore(self.config, replication=replication, stats=stats)
+        core = JobCore(self.config, replication=replication, adaptive=adaptive, stats=stats)
         events = EventQueue()
         outbound = ForemanOutbound(
             self.discovery, self.inbox, events, assign_timeout=self.config.assign_timeout
         )
         outbound.job_id, outbound.result_address = stats.job_id, self.result_address
+        outbound.replication = self.config.replication
         outbound.result_certificate = self.result_certificate
         keepalive = LeaseKeepalive(self.discovery, info.foreman_lease_seconds or 60)
         finished = False

@@ -139,6 +139,7 @@ class ForemanOutbound:
         self._pending: set = set()  # settles and cancels still under way
         self._drained = threading.Condition(self._pending_lock)
         self.job_id = ""
+        self.replication = 0  # RequestTasksRequest.replication: 0 the discovery's default
         self.result_address = ""
         self.result_certificate = ""  # PEM of the result server, "" when plaintext
         self._phase_payload = (b"", "")
@@ -180,6 +181,7 @@ class ForemanOutbound:
                     command.n,
                     exclude_workers=sorted(command.exclude),
                     request_id=command.request_id,
+                    replication=self.replication,
                 ),
                 "RequestTasks",
                 DISCOVERY_RETRY_SECONDS,

@@ -31,6 +31,7 @@ class ForemanServicer(foreman_pb2_grpc.ForemanServicer):
             retries=stats.retries,
             cheaters_seen=stats.cheaters_seen,
             credits_spent=stats.credits_spent,
+            credits_saved=stats.credits_saved,
             verdicts=[
                 pb.TaskVerdict(task_id=task_id, **verdict)
                 for task_id, verdict in list(stats.verdicts.items())

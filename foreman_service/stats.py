@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+from ec262 import replication as replicas
+
 
 @dataclass
 class JobStats:
@@ -33,6 +35,12 @@ class JobStats:
     replicas_cancelled: int = 0
     # Per task settled: {"agreed", "disagreed", "late", "silent"} -> worker ids.
     verdicts: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+    # Adaptive replication (docs/protocol.md section 10): credits its valid
+    # tasks did not cost against full replication, and the tasks that got
+    # the rest of their workers because the first ones disagreed.
+    adaptive: bool = False
+    credits_saved: int = 0
+    adaptive_escalations: int = 0
 
     def _replicas(self, verdict: str) -> int:
         return sum(len(v[verdict]) for v in self.verdicts.values())
@@ -52,5 +60,20 @@ class JobStats:
             f" {self.tasks_invalid} settled invalid, {self.cheaters_seen} cheating worker(s)"
             f" caught, {self._replicas('late')} late and {self._replicas('silent')} silent"
             f" replica(s), {self.missing_reports} missing result(s) reported;"
-            f" {self.credits_spent} credits spent."
+            f" {self.credits_spent} credits spent." + self._adaptive_summary()
+        )
+
+    def _adaptive_summary(self) -> str:
+        """Credits saved, and the error bound under the stated assumptions
+        (ec262/replication.py `wrong_task_bound`)."""
+        if not self.adaptive:
+            return ""
+        tasks = self.map_tasks + self.reduce_tasks
+        bound = replicas.wrong_task_bound()
+        return (
+            f" Adaptive replication saved {self.credits_saved} credits"
+            f" ({self.adaptive_escalations} task(s) got a third worker); if"
+            f" {replicas.ASSUMED_COLLUDING_TRUSTED:.0%} of trusted workers collude"
+            f" (spot checks {replicas.SPOT_CHECK_RATE:.0%}), a task is wrong with probability"
+            f" at most {bound:.2%}, {bound * tasks:.2f} of this job's {tasks} expected."
         )

@@ -56,9 +56,14 @@ def test_a_job_survives_a_sixty_second_discovery_outage(tmp_path):
 
 def test_jobs_in_a_row_while_workers_freeze_thaw_and_die(tmp_path):
     """A soak: a seeded chaos thread stops, resumes, kills and replaces
-    workers while jobs run one after another on the same cluster."""
+    workers while jobs run one after another on the same cluster. A killed
+    worker's replicas left at work after their settles hold its slots until
+    the late window ends (3 s here) and are then counted failed."""
     rng = random.Random(262)
-    with LocalCluster(workers=5, slots=1, directory=str(tmp_path / "c")) as cluster:
+    window = ("--late-window", "3")
+    with LocalCluster(
+        workers=5, slots=1, directory=str(tmp_path / "c"), discovery_args=window
+    ) as cluster:
         stop, idle, leave = threading.Event(), threading.Event(), threading.Event()
         frozen: list = []
 

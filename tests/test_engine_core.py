@@ -96,6 +96,7 @@ class Driver:
         replication: int = 3,
         phase: int = MAP,
         digest: str = "map-digest",
+        adaptive: bool = False,
         **config,
     ) -> None:
         self.now = 0.0
@@ -104,6 +105,7 @@ class Driver:
         self.core = JobCore(
             EngineConfig(**config),
             replication=replication,
+            adaptive=adaptive,
             stats=self.stats,
             new_token=lambda: f"tok{next(tokens)}",
             new_request_id=lambda: f"req{next(requests)}",
@@ -598,6 +600,61 @@ def test_a_valid_settle_refused_for_want_of_commitments_settles_invalid_and_retr
     }  # fmt: skip
     assert d.events(Settled(task, None)) == []
     assert not only(d.log, Fail)
+
+
+# -- 7b. adaptive replication ------------------------------------------------------
+
+
+def test_an_adaptive_task_of_two_agreeing_workers_settles_at_once_and_saves_a_credit():
+    d = Driver(chunks=2, batch=2, adaptive=True)
+    d.grant(None, [["w1", "w2"], ["w3", "w4", "w5"]])  # the second is a spot check
+    d.accept_all("t0")
+    d.accept_all("t1")
+    assert d.at(1).results("t0", w1=OUTPUT, w2=OUTPUT) == [Settle("t0", True, NONE, NONE)]
+    assert d.stats.credits_saved == 1 and d.stats.credits_spent == 5
+    assert d.results("t1", w3=OUTPUT, w4=OUTPUT, w5=OUTPUT) == [Settle("t1", True, NONE, NONE)]
+    assert d.stats.credits_saved == 1  # a spot check costs the full replication
+    assert "Adaptive replication saved 1 credits" in d.stats.summary()
+    assert "at most 2.80%" in d.stats.summary()  # 0.9 x 0.1^2 + 0.1 x (1 - 0.9^2)
+
+
+def test_two_adaptive_workers_that_disagree_get_a_third_which_decides():
+    d = Driver(adaptive=True)
+    d.grant(None, [["w1", "w2"]])
+    d.accept_all("t0")
+    assert d.at(1).results("t0", w1=OUTPUT, w2=WRONG) == [AddReplica("t0", "req2", NONE, NONE)]
+    assert d.stats.adaptive_escalations == 1 and not only(d.log, Settle)
+    assert d.at(1.1).added("t0", "w3") == [d.assign("t0", "w3", "tok3")]
+    d.answer("t0", "w3")
+    assert d.at(2).results("t0", w3=OUTPUT) == [Settle("t0", True, ws("w2"), NONE)]
+    assert d.stats.cheaters == ws("w2") and d.stats.credits_saved == 0
+    assert d.settle_answer("t0") == [Deliver(d.chunks[0], encode_result(OUTPUT))]
+
+
+def test_an_adaptive_task_whose_second_worker_is_late_gets_a_third_as_a_speculation():
+    d = Driver(adaptive=True)
+    d.grant(None, [["w1", "w2"]])
+    d.accept_all("t0")
+    assert d.at(1).results("t0", w1=OUTPUT) == []
+    assert d.core.wake_at() == SPECULATE_AFTER_SECONDS
+    assert d.wake() == [AddReplica("t0", "req2", NONE, NONE)]
+    d.at(5.1).added("t0", "w3")
+    d.answer("t0", "w3")
+    assert d.at(6).results("t0", w3=OUTPUT) == []  # the quorum; w2 gets its grace
+    assert only(d.wake(), Settle) == [Settle("t0", True, NONE, NONE)]  # w2 left late
+    assert d.stats.credits_saved == 0
+
+
+def test_when_the_third_adaptive_worker_does_not_settle_it_either_the_task_is_retried():
+    d = Driver(adaptive=True)
+    d.grant(None, [["w1", "w2"]])
+    d.accept_all("t0")
+    d.at(1).results("t0", w1=OUTPUT, w2=WRONG)
+    d.at(1.1).added("t0", "w3")
+    d.answer("t0", "w3")
+    commands = d.at(2).results("t0", w3=OTHER)
+    assert commands[0] == Settle("t0", False)
+    assert d.stats.adaptive_escalations == 1 and d.stats.retries == 1
 
 
 # -- 8. replicas that never started ------------------------------------------------

@@ -590,3 +590,144 @@ def test_a_slow_honest_worker_is_paid_for_every_task_and_never_failed(tmp_path):
         assert credits == cluster.starting_credits + took
         assert sum(c for c, _, _ in books.values()) == cluster.starting_credits * len(paths)
         assert result.stats.cheaters == set()
+
+
+# -- adaptive replication at the discovery service ----------------------------------
+
+
+def _trusted_pool(discovery, foreman, trusted: int, untrusted: int, slots: int = 64):
+    """`trusted` workers that earned trust (trusted_after=1) and `untrusted`
+    new ones, all with many slots: (trusted ids, untrusted ids)."""
+    honest = {w.client_id: w for w in (discovery.worker(slots=slots) for _ in range(trusted))}
+    for _ in range(max(1, trusted // 3)):
+        (task,) = discovery.request(foreman, n=1, replication=len(honest)).tasks
+        discovery.settle(foreman, task.task_id, valid=True)
+    assert all(discovery.info(w).trust >= 1 for w in honest.values())
+    new = {discovery.worker(slots=slots).client_id for _ in range(untrusted)}
+    return set(honest), new
+
+
+def test_adaptive_tasks_get_two_trusted_workers_and_a_tenth_are_spot_checks(discovery_factory):
+    """Both stores: replication -1 gives 2 trusted workers (2 credits), and
+    about 10 % of tasks 3 workers, an untrusted one among them while one is
+    live, so new workers can earn trust; the charge is what the tasks hold."""
+    discovery = discovery_factory(LedgerConfig(trusted_after=1, starting_credits=100_000))
+    foreman = discovery.client()
+    trusted, untrusted = _trusted_pool(discovery, foreman, 8, 6, slots=200)
+    before = discovery.credits(foreman)
+    tasks = []
+    for _ in range(6):  # a request takes at most 16 slots of a worker
+        reply = discovery.request(foreman, n=50, replication=-1)
+        assert len(reply.tasks) == 50 and reply.replication == 3
+        tasks += reply.tasks
+    sizes = Counter(len(t.workers) for t in tasks)
+    assert set(sizes) == {2, 3} and 10 <= sizes[3] <= 60, sizes  # 30 expected
+    for task in tasks:
+        ids = {w.client_id for w in task.workers}
+        if len(ids) == 2:
+            assert ids <= trusted
+        else:
+            assert len(ids & untrusted) == 1 and len(ids & trusted) == 2
+    assert before - discovery.credits(foreman) == 2 * sizes[2] + 3 * sizes[3]
+    assert discovery.total_credits() == discovery.issued_credits()
+
+
+def test_adaptive_with_fewer_than_two_trusted_workers_is_full_replication(discovery_factory):
+    discovery = discovery_factory(LedgerConfig(trusted_after=5))
+    foreman = discovery.client()
+    for _ in range(4):
+        discovery.worker(slots=8)
+    reply = discovery.request(foreman, n=3, replication=-1)
+    assert [len(t.workers) for t in reply.tasks] == [3, 3, 3]
+    assert discovery.credits(foreman) == 12 - 9
+
+
+def test_an_adaptive_task_settles_on_two_commitments_and_takes_a_third_replica(
+    discovery_factory,
+):
+    """Both stores: quorum 2 (of the full 3); AddReplica adds the third
+    (docs/protocol.md section 10); a task's own replication decides its
+    quorum, whatever the service's default."""
+    discovery = discovery_factory(LedgerConfig(trusted_after=1, starting_credits=1000))
+    foreman = discovery.client()
+    _trusted_pool(discovery, foreman, trusted=4, untrusted=0)
+    reply = discovery.request(foreman, n=20, replication=-1)
+    task = next(t for t in reply.tasks if len(t.workers) == 2)
+    added = discovery.add_replica(foreman, task.task_id)
+    assert added.client_id and added.client_id not in {w.client_id for w in task.workers}
+    settled = discovery.settle(foreman, task.task_id, valid=True)
+    assert len(settled.paid_workers) == 3
+    # An explicit replication of 5: its quorum is 3, so 2 commitments are not enough.
+    for _ in range(2):
+        discovery.worker(slots=4)
+    (five,) = discovery.request(foreman, n=1, replication=5).tasks
+    assert len(five.workers) == 5
+    for member in five.workers[:2]:
+        discovery.commit(member.client_id, five.task_id)
+    with pytest.raises(grpc.RpcError) as refused:
+        discovery.settle(foreman, five.task_id, valid=True, commit=False)
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    discovery.commit(five.workers[2].client_id, five.task_id)
+    assert len(discovery.settle(foreman, five.task_id, valid=True, commit=False).key) == 16
+    assert discovery.total_credits() == discovery.issued_credits()
+
+
+@pytest.mark.parametrize("replication", [-2, 100])
+def test_a_replication_out_of_range_is_invalid_argument(discovery, replication):
+    foreman = discovery.client()
+    with pytest.raises(grpc.RpcError) as refused:
+        discovery.request(foreman, n=1, replication=replication)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "adaptive" in refused.value.details()
+    assert discovery.credits(foreman) == 12
+
+
+def test_adaptive_replication_end_to_end_saves_credits_and_keeps_results_right(tmp_path):
+    """`ec262 discovery --replication adaptive`: a job naming no replication
+    gets it. Once the workers earned trust (--trusted-after 2, during the
+    first job), most tasks cost 2 credits, the results stay right and the
+    summary says what was saved and the error bound; `replication=1` and
+    `replication=3` asked by the job itself are honoured per request."""
+    import ec262
+    from ec262.local_cluster import LocalCluster
+    from tests.job_harness import (
+        identity_files,
+        sequential,
+        settled_books,
+        stdlib_text,
+        sum_reducer,
+        word_mapper,
+    )
+
+    args = ("--replication", "adaptive", "--trusted-after", "2", "--starting-credits", "5000")
+    with LocalCluster(workers=4, directory=str(tmp_path), discovery_args=args) as cluster:
+        data = stdlib_text(0.2)
+        expected = sequential(data, word_mapper, sum_reducer)
+        job = ec262.Job(mapper=word_mapper, reducer=sum_reducer, chunk_bytes=8192)
+
+        def run(**options):
+            return job.run(
+                data,
+                discovery=cluster.address,
+                identity=cluster.foreman_identity,
+                progress=False,
+                **options,
+            )
+
+        assert run() == expected  # trust is earned here
+        second = run()
+        assert second == expected
+        stats = second.stats
+        tasks = stats.map_tasks + stats.reduce_tasks
+        assert stats.adaptive and stats.credits_saved >= tasks // 2, (stats.credits_saved, tasks)
+        assert stats.credits_spent <= 2.5 * tasks
+        assert "Adaptive replication saved" in stats.summary()
+        members = [sum(map(len, v.values())) for v in stats.verdicts.values()]
+        assert members.count(2) >= tasks // 2, members
+        for replication in (1, 3):
+            fixed = run(replication=replication)
+            assert fixed == expected and not fixed.stats.adaptive
+            members = [sum(map(len, v.values())) for v in fixed.stats.verdicts.values()]
+            assert min(members) == replication, members
+        books = settled_books(cluster.address, identity_files(cluster))
+        assert sum(c for c, _, _ in books.values()) == 5000 * len(books)

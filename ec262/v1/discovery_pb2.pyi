@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ClientInfo(_message.Message):
-    __slots__ = ("client_id", "credits", "address", "expiry_unix", "slots", "tasks_completed", "tasks_failed", "runtime", "busy_slots", "replication", "foreman_lease_seconds", "ledger_id", "trust", "trusted_after")
+    __slots__ = ("client_id", "credits", "address", "expiry_unix", "slots", "tasks_completed", "tasks_failed", "runtime", "busy_slots", "replication", "foreman_lease_seconds", "ledger_id", "trust", "trusted_after", "adaptive_replication")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     CREDITS_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class ClientInfo(_message.Message):
     LEDGER_ID_FIELD_NUMBER: _ClassVar[int]
     TRUST_FIELD_NUMBER: _ClassVar[int]
     TRUSTED_AFTER_FIELD_NUMBER: _ClassVar[int]
+    ADAPTIVE_REPLICATION_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     credits: int
     address: str
@@ -36,7 +37,8 @@ class ClientInfo(_message.Message):
     ledger_id: str
     trust: int
     trusted_after: int
-    def __init__(self, client_id: _Optional[str] = ..., credits: _Optional[int] = ..., address: _Optional[str] = ..., expiry_unix: _Optional[int] = ..., slots: _Optional[int] = ..., tasks_completed: _Optional[int] = ..., tasks_failed: _Optional[int] = ..., runtime: _Optional[str] = ..., busy_slots: _Optional[int] = ..., replication: _Optional[int] = ..., foreman_lease_seconds: _Optional[int] = ..., ledger_id: _Optional[str] = ..., trust: _Optional[int] = ..., trusted_after: _Optional[int] = ...) -> None: ...
+    adaptive_replication: bool
+    def __init__(self, client_id: _Optional[str] = ..., credits: _Optional[int] = ..., address: _Optional[str] = ..., expiry_unix: _Optional[int] = ..., slots: _Optional[int] = ..., tasks_completed: _Optional[int] = ..., tasks_failed: _Optional[int] = ..., runtime: _Optional[str] = ..., busy_slots: _Optional[int] = ..., replication: _Optional[int] = ..., foreman_lease_seconds: _Optional[int] = ..., ledger_id: _Optional[str] = ..., trust: _Optional[int] = ..., trusted_after: _Optional[int] = ..., adaptive_replication: _Optional[bool] = ...) -> None: ...
 
 class CreateClientRequest(_message.Message):
     __slots__ = ()
@@ -73,16 +75,18 @@ class GetClientRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RequestTasksRequest(_message.Message):
-    __slots__ = ("n", "exclude_workers", "runtime", "request_id")
+    __slots__ = ("n", "exclude_workers", "runtime", "request_id", "replication")
     N_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_WORKERS_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REPLICATION_FIELD_NUMBER: _ClassVar[int]
     n: int
     exclude_workers: _containers.RepeatedScalarFieldContainer[str]
     runtime: str
     request_id: str
-    def __init__(self, n: _Optional[int] = ..., exclude_workers: _Optional[_Iterable[str]] = ..., runtime: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    replication: int
+    def __init__(self, n: _Optional[int] = ..., exclude_workers: _Optional[_Iterable[str]] = ..., runtime: _Optional[str] = ..., request_id: _Optional[str] = ..., replication: _Optional[int] = ...) -> None: ...
 
 class WorkerRef(_message.Message):
     __slots__ = ("client_id", "address", "tls_certificate")

@@ -27,7 +27,7 @@ class GetJobRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "phase", "tasks_by_state", "retries", "cheaters_seen", "credits_spent", "verdicts")
+    __slots__ = ("job_id", "phase", "tasks_by_state", "retries", "cheaters_seen", "credits_spent", "verdicts", "credits_saved")
     class TasksByStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class JobStatus(_message.Message):
     CHEATERS_SEEN_FIELD_NUMBER: _ClassVar[int]
     CREDITS_SPENT_FIELD_NUMBER: _ClassVar[int]
     VERDICTS_FIELD_NUMBER: _ClassVar[int]
+    CREDITS_SAVED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     phase: str
     tasks_by_state: _containers.ScalarMap[str, int]
@@ -49,7 +50,8 @@ class JobStatus(_message.Message):
     cheaters_seen: int
     credits_spent: int
     verdicts: _containers.RepeatedCompositeFieldContainer[TaskVerdict]
-    def __init__(self, job_id: _Optional[str] = ..., phase: _Optional[str] = ..., tasks_by_state: _Optional[_Mapping[str, int]] = ..., retries: _Optional[int] = ..., cheaters_seen: _Optional[int] = ..., credits_spent: _Optional[int] = ..., verdicts: _Optional[_Iterable[_Union[TaskVerdict, _Mapping]]] = ...) -> None: ...
+    credits_saved: int
+    def __init__(self, job_id: _Optional[str] = ..., phase: _Optional[str] = ..., tasks_by_state: _Optional[_Mapping[str, int]] = ..., retries: _Optional[int] = ..., cheaters_seen: _Optional[int] = ..., credits_spent: _Optional[int] = ..., verdicts: _Optional[_Iterable[_Union[TaskVerdict, _Mapping]]] = ..., credits_saved: _Optional[int] = ...) -> None: ...
 
 class TaskVerdict(_message.Message):
     __slots__ = ("task_id", "agreed", "disagreed", "late", "silent")
