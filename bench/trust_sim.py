@@ -24,7 +24,19 @@ over many networks are as strong as under random choice; against new
 identities, wherever they are, the trust rule leaves them no quorum. It
 does not cover turncoats that earned trust first (they are as strong as
 under random choice until their first disagreeing commitment resets
-them). Adaptive replication is not built, so every task costs 3 credits.
+them).
+
+The second table is adaptive replication (`store.adaptive_rules`, the same
+draws): a trusted pool of `--pool` workers, a fraction f of them turncoats
+that collude, beside `--pool` / 3 new identities that all collude (a
+Sybil flood, the worst case for the spot checks' untrusted worker). A task
+of 2 whose workers disagree gets a third, drawn as AddReplica draws it
+(a trusted one, store.replica_cap), which decides. Columns: wrong results
+accepted per 10,000 tasks, the bound the job summary states
+(ec262/replication.py `wrong_task_bound`), and credits per validated task
+(2 per task of two, 3 per spot check or task that got a third). Trust is
+static here: in the service a turncoat caught disagreeing loses its trust,
+so the bound is the worst case.
 """
 
 from __future__ import annotations
@@ -37,7 +49,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from discovery_service.ledger import choose_workers
-from discovery_service.store import IDENTITY, NETWORK, Candidate, untrusted_cap
+from discovery_service.store import (
+    IDENTITY,
+    NETWORK,
+    Candidate,
+    GroupRule,
+    adaptive_rules,
+    replica_cap,
+    untrusted_cap,
+)
+from ec262 import replication as replicas
 
 FRACTIONS = (0.1, 0.2, 0.35, 0.5)
 REPLICATION, QUORUM = 3, 2
@@ -79,6 +100,49 @@ def wrong_per_10k(
     return wrong * 10_000 / tasks
 
 
+def adaptive_pool(size: int, fraction: float) -> tuple[list[Candidate], set[str]]:
+    """`size` trusted workers (a fraction of them colluding turncoats) and
+    size / 3 new colluding identities, each on a /24 of its own."""
+    workers, bad = [], set()
+    for number in range(size + size // 3):
+        trusted = number < size
+        client_id = f"w{number}"
+        if number < round(size * fraction) or not trusted:
+            bad.add(client_id)
+        network = f"10.{3 + number // 250}.{number % 250}"
+        workers.append(Candidate(client_id, f"{network}.1:7000", 1, f"{network}.0/24", trusted))
+    return workers, bad
+
+
+def adaptive_run(
+    workers: list[Candidate], bad: set[str], tasks: int, rng: random.Random
+) -> tuple[float, float]:
+    """(wrong per 10,000 tasks, credits per validated task)."""
+    trusted_live = sum(w.trusted for w in workers)
+    full = replicas.ADAPTIVE_FULL
+    wrong = credits = 0
+    for _ in range(tasks):
+        rules = adaptive_rules([rng.random() < replicas.SPOT_CHECK_RATE], trusted_live)
+        [group] = choose_workers(workers, 1, full, rng, spread=NETWORK, rules=rules)
+        votes = [w.client_id in bad for w in group]
+        if len(group) == 2 and votes[0] != votes[1]:  # they disagree: a third decides
+            untrusted = sum(not w.trusted for w in group)
+            [[third]] = choose_workers(
+                [w for w in workers if w not in group],
+                1,
+                1,
+                rng,
+                spread=NETWORK,
+                taken=frozenset(w.spread_key(NETWORK) for w in group),
+                rules=[GroupRule(1, replica_cap(full, True, trusted_live, untrusted))],
+                untrusted_taken=untrusted,
+            )
+            votes.append(third.client_id in bad)
+        credits += len(votes)
+        wrong += sum(votes) >= replicas.quorum(full)
+    return wrong * 10_000 / tasks, credits / tasks
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", type=int, default=10_000)
@@ -101,7 +165,17 @@ def main() -> int:
                 f"{fraction:>5} {placement:>9} {plain:>8.0f} {diverse:>8.0f}"
                 f" {with_trust:>8.0f} {formula:>8.0f}"
             )
-    print("credits per validated task: 3 (adaptive replication not built)")
+    print("credits per validated task: 3")
+    print(
+        f"\nadaptive replication: {args.pool} trusted workers (a fraction f colluding),"
+        f" {args.pool // 3} new colluding identities; wrong per 10,000 tasks"
+    )
+    print(f"{'f':>5} {'wrong':>8} {'bound':>8} {'credits/task':>13}")
+    for fraction in (0.0, *FRACTIONS[:2]):
+        workers, bad = adaptive_pool(args.pool, fraction)
+        wrong, credits = adaptive_run(workers, bad, args.tasks, rng)
+        bound = replicas.wrong_task_bound(fraction) * 10_000
+        print(f"{fraction:>5} {wrong:>8.0f} {bound:>8.0f} {credits:>13.2f}")
     print(f"\ncommand: {' '.join([sys.executable, *sys.argv])}")
     return 0
 

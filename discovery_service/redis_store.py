@@ -273,7 +273,8 @@ for i = 1, n do
   if #chosen < size then break end
   local tid, key = ARGV[14 + 2 * (i - 1)], ARGV[15 + 2 * (i - 1)]
   redis.call('HSET', prefix .. 't:' .. tid, 'foreman_id', foreman, 'key', key, 'escrow', size,
-    'expiry_unix', texpiry, 'workers', table.concat(chosen, ' '), 'replication', r)
+    'expiry_unix', texpiry, 'workers', table.concat(chosen, ' '),
+    'replication', spots == '' and r or -1)  -- store.task_replication
   redis.call('ZADD', prefix .. 'texp', texpiry, tid)
   redis.call('SADD', prefix .. 'ft:' .. foreman, tid)
   for _, w in ipairs(chosen) do
@@ -339,7 +340,8 @@ if #strangers > 0 then return {'STRANGERS', 'released', table.concat(strangers, 
 -- What a quorum of the task's workers committed to (store.committed_quorum),
 -- the quorum of the task's own replication (ARGV[8] for tasks made before).
 local needs = tonumber(ARGV[8])
-if h[6] and tonumber(h[6]) > 0 then needs = math.floor(tonumber(h[6]) / 2) + 1 end
+if h[6] and tonumber(h[6]) == -1 then needs = 2  -- adaptive: of 3
+elseif h[6] and tonumber(h[6]) > 0 then needs = math.floor(tonumber(h[6]) / 2) + 1 end
 local quorum, agreeing, commits = '', {}, {}
 if valid then
   local by_sha, shas = {}, {}
@@ -499,7 +501,8 @@ end
 local t = prefix .. 't:' .. tid
 local h = redis.call('HMGET', t, 'foreman_id', 'escrow', 'workers', 'expiry_unix', 'replication')
 if not h[1] or h[1] ~= foreman then return {'NOTFOUND'} end
-if h[5] and tonumber(h[5]) > 0 then r = tonumber(h[5]) end
+local adaptive = h[5] and tonumber(h[5]) == -1  -- store.task_replication
+if adaptive then r = 3 elseif h[5] and tonumber(h[5]) > 0 then r = tonumber(h[5]) end
 local most = tonumber(ARGV[10]) * r
 local in_task, kept, excluded = {}, {}, {}
 for w in string.gmatch(h[3], '%S+') do in_task[w] = true; excluded[w] = true end
@@ -542,7 +545,9 @@ if #kept < most then
     end
   end
   local q = math.floor(r / 2) + 1
-  if ta > 0 and trusted_live >= q and untrusted >= r - q then
+  -- store.replica_cap: an adaptive task's third is trusted while 2 are live
+  if ta > 0 and ((adaptive and trusted_live >= 2) or
+      (not adaptive and trusted_live >= q and untrusted >= r - q)) then
     local only = {}
     for _, id in ipairs(avail) do if trusted[id] then table.insert(only, id) end end
     avail = only

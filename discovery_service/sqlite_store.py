@@ -46,10 +46,11 @@ from discovery_service.store import (
     insufficient_credits,
     no_committed_quorum,
     not_assigned,
+    replica_cap,
     request_mismatch,
     settle_conflict,
     settle_outcome,
-    untrusted_cap,
+    task_replication,
 )
 from ec262 import replication as replicas
 from ec262.errors import InsufficientCredits, InvalidRequest
@@ -91,7 +92,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     escrow      INTEGER NOT NULL CHECK (escrow >= 0),
     expiry_unix REAL NOT NULL,
     workers     TEXT NOT NULL,  -- the assigned workers' ids, space-separated
-    replication INTEGER NOT NULL DEFAULT 0  -- its full replication (0: the service's)
+    replication INTEGER NOT NULL DEFAULT 0  -- its own (-1 adaptive, 0 the service's)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_by_expiry ON tasks (expiry_unix);
 CREATE INDEX IF NOT EXISTS tasks_by_foreman ON tasks (foreman_id);
@@ -407,7 +408,7 @@ class SqliteStore(LedgerStore):
                         len(group),
                         request.task_expiry_unix,
                         " ".join(ids),
-                        request.replication,
+                        replicas.ADAPTIVE if request.spot_checks else request.replication,
                     )
                 )
                 assignments.append(
@@ -521,8 +522,8 @@ class SqliteStore(LedgerStore):
             ).fetchone()
             if row is None:
                 return None
-            escrow, worker_text, expiry_unix, replication = row
-            replication = replication or request.replication
+            escrow, worker_text, expiry_unix, stored = row
+            replication, adaptive = task_replication(stored, request.replication)
             workers = worker_text.split()
             strangers = request.release_workers - set(workers)
             if strangers:
@@ -551,7 +552,12 @@ class SqliteStore(LedgerStore):
                 trusted = self._trusted_usable(db, request.now, request.foreman_id,
                                                request.runtime, request.trusted_after,
                                                request.exclude_workers)  # fmt: skip
-                cap = untrusted_cap(replication, trusted) if request.trusted_after else None
+                untrusted = sum(not m.trusted for m in members)
+                cap = (
+                    replica_cap(replication, adaptive, trusted, untrusted)
+                    if request.trusted_after
+                    else None
+                )
                 group = choose(
                     candidates,
                     1,
@@ -559,7 +565,7 @@ class SqliteStore(LedgerStore):
                     spread=request.spread,
                     taken=taken,
                     untrusted_cap=cap,
-                    untrusted_taken=sum(not m.trusted for m in members),
+                    untrusted_taken=untrusted,
                 )
                 if group:
                     chosen = WorkerRef(group[0][0].client_id, group[0][0].address)
@@ -651,8 +657,9 @@ class SqliteStore(LedgerStore):
             let_go = " ".join(sorted(released)) if valid else ""
             if row is None:
                 return self._repeated_settle(db, foreman_id, task_id, valid, wanted, let_go)
-            key, escrow, worker_text, expiry_unix, replication = row
-            quorum = replicas.quorum(replication) if replication else quorum
+            key, escrow, worker_text, expiry_unix, stored = row
+            if stored:
+                quorum = replicas.quorum(task_replication(stored, 0)[0])
             workers = set(worker_text.split())
             for what, named in (("missing", missing), ("released", released)):
                 if named - workers:

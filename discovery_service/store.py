@@ -102,6 +102,25 @@ def untrusted_cap(replication: int, trusted_live: int) -> int | None:
     return replication - quorum if trusted_live >= quorum else None
 
 
+def task_replication(stored: int, service: int) -> tuple[int, bool]:
+    """(full replication, adaptive) of a task from what the store kept
+    (replicas.ADAPTIVE for an adaptive task; 0 for one made before tasks
+    kept theirs: the service's)."""
+    if stored == replicas.ADAPTIVE:
+        return replicas.ADAPTIVE_FULL, True
+    return stored or service, False
+
+
+def replica_cap(full: int, adaptive: bool, trusted_live: int, untrusted_taken: int) -> int | None:
+    """The untrusted workers a task may hold once AddReplica adds one: an
+    adaptive task gets only trusted ones while 2 are live (its third
+    decides between two trusted workers that disagree), any other task the
+    trust rule's cap (untrusted_cap)."""
+    if adaptive and trusted_live >= replicas.ADAPTIVE_START:
+        return untrusted_taken
+    return untrusted_cap(full, trusted_live)
+
+
 def adaptive_rules(spot_checks: Sequence[bool], trusted_live: int) -> list[GroupRule]:
     """Adaptive replication's draw per task: 2 trusted workers, or on a spot
     check 3 with an untrusted one first; with fewer than 2 trusted workers

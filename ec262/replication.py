@@ -61,8 +61,10 @@ def wrong_task_bound(
 ) -> float:
     """The chance an adaptive task's accepted result is wrong, at most, when
     a fraction `colluding_trusted` of trusted workers collude and every
-    untrusted worker may: a 2-of-2 task needs both trusted workers to
-    collude (f²); a spot check (2 trusted, 1 untrusted) needs one of its
-    trusted workers to (1 - (1 - f)²)."""
+    untrusted worker may. A task of 2 trusted workers is wrong when both
+    collude, or when one does and the trusted third that decides between
+    them does too: 3f² - 2f³, as 2 of 3 trusted. A spot check (2 trusted,
+    1 untrusted) is wrong when one of its trusted workers colludes:
+    1 - (1 - f)²."""
     f, s = colluding_trusted, spot_checks
-    return (1 - s) * f * f + s * (1 - (1 - f) ** 2)
+    return (1 - s) * (3 * f * f - 2 * f**3) + s * (1 - (1 - f) ** 2)

@@ -650,16 +650,17 @@ def test_an_adaptive_task_settles_on_two_commitments_and_takes_a_third_replica(
     quorum, whatever the service's default."""
     discovery = discovery_factory(LedgerConfig(trusted_after=1, starting_credits=1000))
     foreman = discovery.client()
-    _trusted_pool(discovery, foreman, trusted=4, untrusted=0)
-    reply = discovery.request(foreman, n=20, replication=-1)
-    task = next(t for t in reply.tasks if len(t.workers) == 2)
-    added = discovery.add_replica(foreman, task.task_id)
-    assert added.client_id and added.client_id not in {w.client_id for w in task.workers}
+    trusted, untrusted = _trusted_pool(discovery, foreman, trusted=6, untrusted=6)
+    reply = discovery.request(foreman, n=40, replication=-1)
+    pairs = [t for t in reply.tasks if len(t.workers) == 2]
+    for task in pairs:  # the third decides between two trusted: trusted itself
+        added = discovery.add_replica(foreman, task.task_id)
+        assert added.client_id in trusted - {w.client_id for w in task.workers}
+    task = pairs[0]
     settled = discovery.settle(foreman, task.task_id, valid=True)
     assert len(settled.paid_workers) == 3
+    assert untrusted  # they were there to be drawn
     # An explicit replication of 5: its quorum is 3, so 2 commitments are not enough.
-    for _ in range(2):
-        discovery.worker(slots=4)
     (five,) = discovery.request(foreman, n=1, replication=5).tasks
     assert len(five.workers) == 5
     for member in five.workers[:2]:
