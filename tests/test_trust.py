@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import ec262
 from discovery_service.ledger import (
     DEFAULT_LATE_WINDOW,
     MAX_SLOTS_PER_REQUEST,
@@ -26,8 +27,19 @@ from discovery_service.store import IDENTITY, NETWORK, Candidate
 from ec262.addresses import network_of
 from ec262.envelope import ciphertext_sha256
 from ec262.errors import TooManyNewClients
+from ec262.identity import load_identity
+from ec262.local_cluster import LocalCluster
 from ec262.v1 import discovery_pb2 as pb
 from tests.discovery_harness import ManualClock
+from tests.job_harness import (
+    identity_files,
+    sequential,
+    settled_books,
+    stdlib_text,
+    sum_reducer,
+    word_mapper,
+)
+from tests.processes import start_server
 
 
 def test_networks_are_slash_24_and_slash_48():
@@ -211,11 +223,6 @@ def test_the_adversary_lab_shows_the_defences_work(tmp_path):
     ones, the misbehaving ones on one /24, the honest each on its own.
     Network diversity never lets two of them into one task, so every result
     is right, the liars are caught, and the summary says so."""
-    import ec262
-    from ec262.identity import load_identity
-    from tests.job_harness import sequential, stdlib_text, sum_reducer, word_mapper
-    from tests.processes import start_server
-
     lab = "colluding:2,wrong:1,silent:1,slow:1"
     directory = tmp_path / "lab"
     args = ["cluster", "--workers", "4", "--adversaries", lab, "--dir", str(directory)]
@@ -259,6 +266,16 @@ def test_the_issues_sybil_flood_on_one_network_wins_no_majority(discovery_factor
 
 
 # -- commitments ----------------------------------------------------------------
+
+
+def _one_task_of_three(discovery):
+    """A new foreman's task on 3 new workers: (foreman, task, its workers'
+    identities in the task's order)."""
+    foreman = discovery.client()
+    for _ in range(3):
+        discovery.worker()
+    (task,) = discovery.request(foreman).tasks
+    return foreman, task, [discovery.identity(w.client_id) for w in task.workers]
 
 
 def _commit(discovery, worker, task_id: str, text: str) -> None:
@@ -313,10 +330,7 @@ def test_commitments_name_the_quorum_a_valid_settle_reports(discovery):
 def test_without_a_quorum_of_commitments_a_valid_settle_is_refused(discovery):
     """Both stores: no key for results nobody committed to; nothing moves,
     and the foreman can still settle the task invalid (all refunded)."""
-    foreman = discovery.client()
-    workers = {w.client_id: w for w in (discovery.worker() for _ in range(3))}
-    (task,) = discovery.request(foreman).tasks
-    members = [workers[w.client_id] for w in task.workers]
+    foreman, task, members = _one_task_of_three(discovery)
     _commit(discovery, members[0], task.task_id, "a")
     _commit(discovery, members[1], task.task_id, "b")
     with pytest.raises(grpc.RpcError) as refused:
@@ -335,16 +349,14 @@ def test_without_a_quorum_of_commitments_a_valid_settle_is_refused(discovery):
 def test_a_foreman_cannot_withhold_pay_from_workers_that_committed_the_quorum(discovery):
     """The issue's free-work settle: valid, with every worker "missing",
     took the key and paid nobody. Commitments decide now (both stores)."""
-    foreman = discovery.client()
-    workers = {w.client_id: w for w in (discovery.worker() for _ in range(3))}
-    (task,) = discovery.request(foreman).tasks
-    for member in task.workers:
-        _commit(discovery, workers[member.client_id], task.task_id, "the result")
+    foreman, task, members = _one_task_of_three(discovery)
+    for member in members:
+        _commit(discovery, member, task.task_id, "the result")
     everyone = [w.client_id for w in task.workers]
     settled = discovery.settle(foreman, task.task_id, valid=True, commit=False, missing=everyone)
     assert settled.key and sorted(settled.paid_workers) == sorted(everyone)
     assert settled.credits == 12 - 3
-    for worker in workers.values():
+    for worker in members:
         info = discovery.info(worker)
         assert (info.credits, info.tasks_completed, info.tasks_failed) == (13, 1, 0)
     assert discovery.total_credits() == discovery.issued_credits()
@@ -354,10 +366,7 @@ def test_commitments_also_decide_against_a_lenient_foreman(discovery):
     """A worker that committed another result is failed even when the
     foreman does not name it; one released after committing the quorum's
     result did the work and is paid."""
-    foreman = discovery.client()
-    workers = {w.client_id: w for w in (discovery.worker() for _ in range(3))}
-    (task,) = discovery.request(foreman).tasks
-    honest, late, liar = (workers[w.client_id] for w in task.workers)
+    foreman, task, (honest, late, liar) = _one_task_of_three(discovery)
     _commit(discovery, honest, task.task_id, "right")
     _commit(discovery, late, task.task_id, "right")
     _commit(discovery, liar, task.task_id, "wrong")
@@ -540,10 +549,7 @@ def test_the_late_window_is_a_setting_and_survives_a_restart(discovery_factory):
 def test_the_cheating_foreman_releasing_everyone_after_the_commitments_still_pays(discovery):
     """Released after it committed the quorum's result, a worker did the
     work: paid. Released before it committed, it is refunded, not late."""
-    foreman = discovery.client()
-    workers = {w.client_id: w for w in (discovery.worker() for _ in range(3))}
-    (task,) = discovery.request(foreman).tasks
-    a, b, c = (workers[w.client_id] for w in task.workers)
+    foreman, task, (a, b, c) = _one_task_of_three(discovery)
     _commit(discovery, a, task.task_id, "right")
     _commit(discovery, b, task.task_id, "right")
     everyone = [w.client_id for w in task.workers]
@@ -559,18 +565,6 @@ def test_a_slow_honest_worker_is_paid_for_every_task_and_never_failed(tmp_path):
     unpaid and counted failed on 76 % of its tasks. Now the foreman leaves
     it at work after the quorum and the discovery service pays its late
     commitments: every task it took is paid, none failed, books balanced."""
-    import ec262
-    from ec262.identity import load_identity
-    from ec262.local_cluster import LocalCluster
-    from tests.job_harness import (
-        identity_files,
-        sequential,
-        settled_books,
-        stdlib_text,
-        sum_reducer,
-        word_mapper,
-    )
-
     with LocalCluster(workers=3, adversaries=["slow"], directory=str(tmp_path)) as cluster:
         slow = load_identity(tmp_path / "worker3.json").client_id
         data = stdlib_text(0.6)
@@ -689,17 +683,6 @@ def test_adaptive_replication_end_to_end_saves_credits_and_keeps_results_right(t
     first job), most tasks cost 2 credits, the results stay right and the
     summary says what was saved and the error bound; `replication=1` and
     `replication=3` asked by the job itself are honoured per request."""
-    import ec262
-    from ec262.local_cluster import LocalCluster
-    from tests.job_harness import (
-        identity_files,
-        sequential,
-        settled_books,
-        stdlib_text,
-        sum_reducer,
-        word_mapper,
-    )
-
     args = ("--replication", "adaptive", "--trusted-after", "2", "--starting-credits", "5000")
     with LocalCluster(workers=4, directory=str(tmp_path), discovery_args=args) as cluster:
         data = stdlib_text(0.2)
