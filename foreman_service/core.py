@@ -311,7 +311,7 @@ class Task:
     add_in_flight: bool = False
     next_add_at: float = 0.0
     settling: Settle | None = None
-    short: int = 0  # adaptive replication: workers fewer than the full replication
+    escalated: bool = False  # adaptive replication: the rest was asked for
     winner: str | None = None
     accused: frozenset[str] = frozenset()  # made cheaters by this task's quorum
     assumed_paid: int = 0  # workers the settle pays, as the foreman sees it
@@ -567,7 +567,6 @@ class JobCore:
                 replicas={},
                 started=now,
                 deadline=now + self.config.task_timeout,
-                short=max(0, self.replication - len(workers)) if self.adaptive else 0,
             )
             self._tasks[task_id] = task
             self.stats.states["assigned"] += 1
@@ -812,16 +811,26 @@ class JobCore:
         if now >= task.deadline:
             self._settle_invalid(task, "deadline passed", commands)
         elif count + len(live) + task.replicas_wanted < self.quorum and not task.add_in_flight:
-            if task.short:
-                self._escalate(task, now, commands)
+            missing = self._short_of_full(task)
+            if missing:
+                self._escalate(task, missing, now, commands)
             else:
                 self._settle_invalid(task, "no quorum possible", commands)
 
-    def _escalate(self, task: Task, now: float, commands: list) -> None:
+    def _short_of_full(self, task: Task) -> int:
+        """Adaptive replication: the workers a task that has not escalated
+        yet lacks for the full replication (replacements and speculative
+        replicas count)."""
+        if not self.adaptive or task.escalated:
+            return 0
+        held = sum(1 for r in task.replicas.values() if r.state != RELEASED)
+        return max(0, self.replication - held)
+
+    def _escalate(self, task: Task, missing: int, now: float, commands: list) -> None:
         """Adaptive replication: the task's workers disagree (or one refused):
         the rest of the full replication is asked for, at once and once."""
-        task.replicas_wanted += task.short
-        task.short = 0
+        task.replicas_wanted += missing
+        task.escalated = True
         task.next_add_at = now
         self.stats.adaptive_escalations += 1
         self._ask_replicas(task, now, commands)

@@ -646,6 +646,20 @@ def test_an_adaptive_task_whose_second_worker_is_late_gets_a_third_as_a_speculat
     assert d.stats.credits_saved == 0
 
 
+def test_an_adaptive_task_that_has_its_third_already_asks_for_no_fourth():
+    """A speculative third (the second was late) is the full replication:
+    when the three disagree the task is retried, not given a fourth."""
+    d = Driver(adaptive=True)
+    d.grant(None, [["w1", "w2"]])
+    d.accept_all("t0")
+    d.at(1).results("t0", w1=OUTPUT)
+    assert d.wake() == [AddReplica("t0", "req2", NONE, NONE)]  # w2 late
+    d.at(5.1).added("t0", "w3")
+    d.answer("t0", "w3")
+    assert d.at(6).results("t0", w2=WRONG, w3=OTHER)[0] == Settle("t0", False)
+    assert d.stats.adaptive_escalations == 0 and d.stats.retries == 1
+
+
 def test_when_the_third_adaptive_worker_does_not_settle_it_either_the_task_is_retried():
     d = Driver(adaptive=True)
     d.grant(None, [["w1", "w2"]])
