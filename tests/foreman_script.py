@@ -3,9 +3,27 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+from pathlib import Path
 
 import ec262
+
+
+def interruptible_as_in_a_terminal(identity: str) -> None:
+    """Ctrl-C as a user at a terminal sends it: SIGINT handled by Python,
+    not blocked. A test process can pass this script an ignored or blocked
+    SIGINT (both survive fork and exec), and the test would then measure
+    that instead of the foreman; what was inherited is noted beside the
+    identity file, for the test's report."""
+    inherited = signal.getsignal(signal.SIGINT)
+    blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    if inherited is not signal.default_int_handler or blocked:
+        Path(identity).with_suffix(".signals").write_text(
+            f"SIGINT inherited as {inherited!r}, blocked: {blocked}\n"
+        )
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT, signal.SIGTERM])
 
 
 def slow_words(key, line):
@@ -21,6 +39,7 @@ def total(key, values):
 
 if __name__ == "__main__":
     discovery, identity, seconds, records = sys.argv[1:5]
+    interruptible_as_in_a_terminal(identity)
     data = {f"r{i}": f"{seconds} words" for i in range(int(records))}
     print("starting", flush=True)
     job = ec262.Job(discovery=discovery, identity=identity, progress=False, chunk_bytes=16,
