@@ -13,9 +13,10 @@ import ec262
 def interruptible_as_in_a_terminal(identity: str) -> None:
     """Ctrl-C as a user at a terminal sends it: SIGINT handled by Python,
     not blocked. A test process can pass this script an ignored or blocked
-    SIGINT (both survive fork and exec), and the test would then measure
-    that instead of the foreman; what was inherited is noted beside the
-    identity file, for the test's report."""
+    SIGINT (both survive fork and exec; a shell without job control starts
+    its background jobs with SIGINT ignored, as POSIX says, so `make test &`
+    in a script does), and the test would then measure that instead of the
+    foreman; what was inherited is noted beside the identity file."""
     inherited = signal.getsignal(signal.SIGINT)
     blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
     if inherited is not signal.default_int_handler or blocked:
