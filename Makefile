@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test chaos demo protos lint bench bench-discovery bench-worker packages clean
+.PHONY: install test chaos demo protos lint bench bench-lines bench-discovery bench-worker packages clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +57,12 @@ lint: $(STAMP)
 # benchmarks are separate. `make bench ARGS=--profile` adds where the CPU goes.
 bench: $(STAMP)
 	$(PY) bench/job_bench.py $(ARGS)
+
+# Line-shaped input beside the sequential loop and Dask distributed (which
+# only this bench needs, so it is installed here, not with the package).
+bench-lines: $(STAMP)
+	$(PY) -m pip install --quiet 'dask[distributed]'
+	$(PY) bench/lines_bench.py $(ARGS)
 
 bench-discovery: $(STAMP)
 	$(PY) bench/discovery_cycles.py

@@ -1,0 +1,162 @@
+"""Line-shaped input (issue 16's workload): a word count over one record per
+line of text, ec262 beside the tightest sequential loop and beside Dask
+distributed on the same data, in one run.
+
+    make bench-lines   or   .venv/bin/python bench/lines_bench.py [--lines 300000] [--rounds 3]
+
+The data: `--lines` lines of 3-18 words drawn from a Zipf vocabulary of
+about 20,000 words (seeded). The mapper splits a line (no combiner unless
+the row says so); the reducer sums. Every ratio is to a sequential run made
+right before that system's run:
+  sequential   for line in lines: for w in line.split(): d[w].append(1); then sums
+  Dask         distributed.LocalCluster(2 workers, 1 thread each), one future
+               per chunk of lines counting with a Counter, the Counters merged
+  ec262        a local cluster of 3 worker processes, replication 3 and 1, and
+               replication 3 with a combiner
+Dask is skipped, saying so, when it is not installed (`make bench-lines`
+installs it into the bench's environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import ec262
+from ec262.local_cluster import LocalCluster
+
+
+def make_lines(count: int, seed: int = 16, vocabulary: int = 20_000) -> list[str]:
+    rng = random.Random(seed)
+    words = [f"w{n}" for n in range(vocabulary)]
+    weights = [1 / (rank + 1) for rank in range(vocabulary)]
+    lines = []
+    pool = rng.choices(words, weights, k=count * 11)
+    at = 0
+    for _ in range(count):
+        length = rng.randint(3, 18)
+        lines.append(" ".join(pool[at : at + length]))
+        at += length
+        if at + 18 > len(pool):
+            at = 0
+    return lines
+
+
+def sequential(lines: list[str]) -> dict[str, int]:
+    grouped: dict[str, list[int]] = defaultdict(list)
+    for line in lines:
+        for word in line.split():
+            grouped[word].append(1)
+    return {word: sum(ones) for word, ones in grouped.items()}
+
+
+def split_line(key, line):
+    for word in line.split():
+        yield word, 1
+
+
+def add_up(word, counts):
+    yield word, sum(counts)
+
+
+def total(word, counts):
+    return sum(counts)
+
+
+def count_chunk(chunk: list[str]) -> Counter:
+    counts: Counter = Counter()
+    for line in chunk:
+        counts.update(line.split())
+    return counts
+
+
+def timed(run) -> tuple[float, object]:
+    started = time.perf_counter()
+    result = run()
+    return time.perf_counter() - started, result
+
+
+def dask_runner(workers: int = 2):
+    """A function running the word count on a Dask LocalCluster, or None."""
+    try:
+        from dask.distributed import Client
+        from dask.distributed import LocalCluster as DaskCluster
+    except ImportError:
+        return None, None
+    cluster = DaskCluster(n_workers=workers, threads_per_worker=1, processes=True)
+    client = Client(cluster)
+
+    def run(lines: list[str], chunk: int = 20_000) -> dict[str, int]:
+        parts = [lines[i : i + chunk] for i in range(0, len(lines), chunk)]
+        merged: Counter = Counter()
+        for counts in client.gather(client.map(count_chunk, parts)):
+            merged.update(counts)
+        return dict(merged)
+
+    def close() -> None:
+        client.close()
+        cluster.close()
+
+    return run, close
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lines", type=int, default=300_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    lines = make_lines(args.lines)
+    data = {f"l{n}": line for n, line in enumerate(lines)}
+    expected = sequential(lines)
+    rows: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    dask_run, dask_close = dask_runner()
+    with LocalCluster(workers=3) as cluster:
+        jobs = {
+            "ec262 replication 3": ec262.Job(mapper=split_line, reducer=total, replication=3),
+            "ec262 replication 1": ec262.Job(mapper=split_line, reducer=total, replication=1),
+            "ec262 replication 3 + combiner": ec262.Job(
+                mapper=split_line, reducer=total, combiner=add_up, replication=3
+            ),
+        }
+        for _ in range(args.rounds):
+            systems = {
+                name: (lambda job=job: job.run(
+                    data, discovery=cluster.address, identity=cluster.foreman_identity,
+                    progress=False,
+                ))
+                for name, job in jobs.items()
+            }  # fmt: skip
+            if dask_run is not None:
+                systems["Dask distributed, 2 workers"] = lambda: dask_run(lines)
+            for name, run in systems.items():
+                floor, _ = timed(lambda: sequential(lines))
+                seconds, result = timed(run)
+                assert dict(result) == expected, name
+                rows[name].append((seconds, seconds / floor))
+            rows["sequential"].append((floor, 1.0))
+    if dask_close is not None:
+        dask_close()
+    print(
+        f"word count over {args.lines} lines ({sum(map(len, lines)) / 1e6:.1f} MB),"
+        f" median of {args.rounds} rounds; each ratio is to a sequential run right before"
+    )
+    print(f"{'':34} {'seconds':>8} {'x sequential':>13}")
+    for name, measured in rows.items():
+        seconds = statistics.median(m[0] for m in measured)
+        ratio = statistics.median(m[1] for m in measured)
+        print(f"  {name:32} {seconds:>8.2f} {ratio:>13.2f}")
+    if dask_run is None:
+        print("  Dask: not installed (make bench-lines installs it)")
+    print(f"\ncommand: {' '.join([sys.executable, *sys.argv])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
