@@ -22,15 +22,13 @@ from typing import Any
 
 from ec262 import replication as replicas
 from ec262.addresses import routable_host
+from ec262.defaults import ENV_ADVERTISE, ENV_DISCOVERY, ENV_HOST
 from ec262.discovery_client import DiscoveryClient
 from ec262.identity import identity_path
 
 logger = logging.getLogger(__name__)
 
 ROLE = "__ec262_role__"
-ENV_DISCOVERY = "EC262_DISCOVERY"
-ENV_HOST = "EC262_HOST"
-ENV_ADVERTISE = "EC262_ADVERTISE"
 
 
 def _host_toward(discovery: str) -> str:

@@ -13,9 +13,8 @@ import grpc
 
 from ec262 import __version__
 from ec262 import replication as replicas
+from ec262.defaults import DEFAULT_DISCOVERY, DEFAULT_HOST, DEFAULT_PORT, ENV_DISCOVERY
 from ec262.errors import Ec262Error
-
-DEFAULT_DISCOVERY = "127.0.0.1:26262"
 
 
 def _configure_logging(args: argparse.Namespace) -> None:
@@ -84,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     discovery = commands.add_parser(
         "discovery", help="run the discovery service (worker pool, task keys, credit ledger)"
     )
-    discovery.add_argument("--host", default="127.0.0.1", help="interface to listen on")
-    discovery.add_argument("--port", type=_port, default=26262, help="0 picks a free port")
+    discovery.add_argument("--host", default=DEFAULT_HOST, help="interface to listen on")
+    discovery.add_argument("--port", type=_port, default=DEFAULT_PORT, help="0 picks a free port")
     discovery.add_argument(
         "--store",
         default=DEFAULT_STORE,
@@ -188,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.set_defaults(handler=_run_cluster)
 
     status = commands.add_parser("status", help="your credits and counters")
-    status.add_argument("--discovery", default=os.environ.get("EC262_DISCOVERY", DEFAULT_DISCOVERY))
+    status.add_argument("--discovery", default=os.environ.get(ENV_DISCOVERY, DEFAULT_DISCOVERY))
     status.add_argument("--identity", default=None)
     add_discovery_cert_argument(status)
     _add_logging_flags(status)
@@ -228,7 +227,7 @@ def add_discovery_cert_argument(parser: argparse.ArgumentParser) -> None:
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `ec262 worker` (also used by `python worker.py`)."""
     parser.add_argument("-P", "--port", type=_port, default=11235, help="0 picks a free port")
-    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    parser.add_argument("--host", default=DEFAULT_HOST, help="interface to listen on")
     parser.add_argument(
         "--advertise",
         default=None,
@@ -238,7 +237,7 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--discovery",
-        default=os.environ.get("EC262_DISCOVERY", DEFAULT_DISCOVERY),
+        default=os.environ.get(ENV_DISCOVERY, DEFAULT_DISCOVERY),
         help="HOST:PORT of the discovery service, or several front-ends of one ledger"
         " (HOST:PORT,HOST:PORT) (default: $EC262_DISCOVERY or %(default)s)",
     )

@@ -25,12 +25,12 @@ import grpc
 
 from ec262 import tls
 from ec262.addresses import address_is_loopback, split_address
+from ec262.defaults import ENV_DISCOVERY_CERT
 from ec262.errors import CertificateMismatch, ServiceUnavailable, TrustError
 from ec262.identity import Pin, load_pins, save_pin
 
 logger = logging.getLogger(__name__)
 
-ENV_DISCOVERY_CERT = "EC262_DISCOVERY_CERT"
 CHECK_TIMEOUT = 2.0  # seconds for the look at the presented certificate
 # gRPC's words for a failed handshake (a wrong certificate, or TLS against
 # plaintext): only then is the presented certificate looked at again.

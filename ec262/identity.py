@@ -23,9 +23,10 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ec262.defaults import ENV_IDENTITY
+
 logger = logging.getLogger(__name__)
 
-ENV_IDENTITY = "EC262_IDENTITY"
 DEFAULT_IDENTITY = Path("~/.config/ec262/identity.json")
 UNKNOWN_LEDGER = ""  # the single form's identity, until its ledger is known
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ec262 import serving
 from ec262.addresses import is_wildcard, join_address, routable_host
+from ec262.defaults import DEFAULT_DISCOVERY
 from ec262.discovery_client import DiscoveryClient, this_runtime
 from ec262.identity import identity_path
 from ec262.tls import ServerCertificate, server_certificate
@@ -25,7 +26,6 @@ from worker_service.worker import Worker
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
-DEFAULT_DISCOVERY = "127.0.0.1:26262"
 
 
 @dataclass(frozen=True)
