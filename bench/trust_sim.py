@@ -93,7 +93,12 @@ def wrong_per_10k(
     wrong = 0
     for _ in range(tasks):
         [group] = choose_workers(
-            workers, 1, REPLICATION, rng, spread=spread, untrusted_cap=untrusted_cap
+            workers,
+            1,
+            REPLICATION,
+            rng,
+            spread=spread,
+            rules=[GroupRule(REPLICATION, untrusted_cap)],
         )
         if sum(w.client_id in bad for w in group) >= QUORUM:
             wrong += 1

@@ -163,7 +163,6 @@ def choose_workers(
     *,
     spread: str = IDENTITY,
     taken: frozenset[str] = frozenset(),
-    untrusted_cap: int | None = None,
     untrusted_taken: int = 0,
     rules: Sequence[GroupRule] | None = None,
 ) -> list[list[Candidate]]:
@@ -179,21 +178,20 @@ def choose_workers(
     is favoured by its lease or its place in the table. Stops at the first
     group it cannot fill: a task is never made short-handed.
 
-    `untrusted_cap` (replication - quorum, while at least a quorum of
-    trusted workers is live): at most that many untrusted workers per
-    group, `untrusted_taken` of them there already (AddReplica); the rest
-    are drawn among trusted workers, or the group is not made, so a flood
-    of new identities never forms a quorum.
-
-    `rules` (one per group, TaskRequest.rules) replace n, replication and
-    untrusted_cap when groups differ: adaptive replication's 2 trusted
-    workers, or a spot check's 3 with an untrusted one drawn first.
+    `rules` (one per group, TaskRequest.rules) replace n and replication
+    when the trust rule applies or groups differ. A rule's cap (replication
+    - quorum while at least a quorum of trusted workers is live) allows at
+    most that many untrusted workers per group, `untrusted_taken` of them
+    there already (AddReplica); the rest are drawn among trusted workers,
+    or the group is not made, so a flood of new identities never forms a
+    quorum. Adaptive replication's rules give 2 trusted workers, or a spot
+    check's 3 with an untrusted one drawn first.
 
     The Redis store runs the same draws in Lua (`redis_store._ASSIGN`).
     """
     rng = rng or _worker_draws.generator()
     if rules is None:
-        rules = [GroupRule(replication, untrusted_cap)] * n
+        rules = [GroupRule(replication)] * n
     free = {c.client_id: min(c.free_slots, MAX_SLOTS_PER_REQUEST) for c in candidates}
     groups: list[list[Candidate]] = []
     for rule in rules:

@@ -32,6 +32,7 @@ from discovery_service.store import (
     Candidate,
     ChooseWorkers,
     ClientRecord,
+    GroupRule,
     LedgerStore,
     LedgerTotals,
     NewClientLimit,
@@ -564,8 +565,8 @@ class SqliteStore(LedgerStore):
                     1,
                     spread=request.spread,
                     taken=taken,
-                    untrusted_cap=cap,
                     untrusted_taken=untrusted,
+                    rules=[GroupRule(1, cap)],
                 )
                 if group:
                     chosen = WorkerRef(group[0][0].client_id, group[0][0].address)

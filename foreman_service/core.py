@@ -972,13 +972,7 @@ class JobCore:
             # The agreeing workers sent the same garbage: they were paid, but
             # their result is useless; run the chunk again without them.
             # Those who disagreed with them were right: no longer suspects.
-            agreeing = {r.worker_id for r in task.replicas.values() if r.result == task.winner}
-            verdict = self.stats.verdicts.get(task.task_id)
-            if verdict is not None:  # they agreed on what is no result
-                verdict["disagreed"] += verdict["agreed"]
-                verdict["agreed"] = []
-            self.cheaters = (self.cheaters - task.accused) | agreeing
-            self.stats.cheaters = (self.stats.cheaters - task.accused) | agreeing
+            self._overturn(task, cheaters=sent)
             self._retry(
                 task,
                 "the agreed result does not decrypt, decode or have an output's shape",
@@ -1028,19 +1022,26 @@ class JobCore:
         without the workers that answered; those it accused of disagreeing
         with an uncommitted result are cleared."""
         self._tasks[task.task_id] = task
-        self.cheaters -= task.accused
-        self.stats.cheaters -= task.accused
-        task.accused = frozenset()
+        self._overturn(task)
         task.settling = Settle(task.task_id, False)
         commands.append(task.settling)
         self.stats.credits_spent -= task.assumed_paid
         self.stats.tasks_invalid += 1
         self.stats.states["invalid"] += 1
+        self._retry(task, "no quorum of its workers committed to the agreed result", commands)
+
+    def _overturn(self, task: Task, *, cheaters: frozenset[str] | set[str] = frozenset()) -> None:
+        """The quorum a settle stood on does not stand: in the verdict its
+        agreeing replicas move to disagreed, those it accused of disagreeing
+        are cleared, and `cheaters` (its agreeing workers, when what they
+        agreed on is no result) are made cheaters."""
         verdict = self.stats.verdicts.get(task.task_id)
-        if verdict is not None:  # nobody's result was the committed one
+        if verdict is not None:
             verdict["disagreed"] += verdict["agreed"]
             verdict["agreed"] = []
-        self._retry(task, "no quorum of its workers committed to the agreed result", commands)
+        self.cheaters = (self.cheaters - task.accused) | cheaters
+        self.stats.cheaters = (self.stats.cheaters - task.accused) | cheaters
+        task.accused = frozenset()
 
     # -- stopping ---------------------------------------------------------------------
 
