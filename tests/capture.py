@@ -43,7 +43,9 @@ def tcpdump(
     runs (`launcher` before the command, e.g. to run it in a network
     namespace); returns once tcpdump says it is listening, and stops it
     (flushed) at the end."""
-    command = ["tcpdump", "--immediate-mode", "-i", interface, "-U", "-n", "-s", "0"]
+    # A 32 MiB kernel buffer (-B, KiB): a packet dropped in a burst would
+    # leave a gap in a stream and the HPACK decoder out of step.
+    command = ["tcpdump", "--immediate-mode", "-i", interface, "-U", "-n", "-s", "0", "-B", "32768"]
     process = subprocess.Popen(
         [*launcher, *command, "-w", str(path), expression],
         stdout=subprocess.DEVNULL,
@@ -84,14 +86,19 @@ class Stream:
 
     @property
     def data(self) -> bytes:
-        """The payload in order, retransmissions once."""
-        out, next_seq = bytearray(), None
-        for seq in sorted(self.segments):
+        """The payload in order, retransmissions once. Sequence numbers
+        start at random and wrap at 2**32: they are ordered from the first
+        segment seen (the connection's first), not by their value."""
+        if not self.segments:
+            return b""
+        base = next(iter(self.segments))
+        out, next_at = bytearray(), None
+        for at, seq in sorted(((seq - base) % 2**32, seq) for seq in self.segments):
             payload = self.segments[seq]
-            if next_seq is not None and seq < next_seq:
-                payload = payload[next_seq - seq :]
+            if next_at is not None and at < next_at:
+                payload = payload[next_at - at :]
             out += payload
-            next_seq = max(next_seq or 0, seq + len(self.segments[seq]))
+            next_at = max(next_at or 0, at + len(self.segments[seq]))
         return bytes(out)
 
 
