@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test chaos demo protos lint bench bench-lines bench-discovery bench-worker packages clean
+.PHONY: install test chaos demo protos lint bench bench-lines bench-planning bench-discovery bench-worker packages clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,9 @@ bench: $(STAMP)
 bench-lines: $(STAMP)
 	$(PY) -m pip install --quiet 'dask[distributed]'
 	$(PY) bench/lines_bench.py $(ARGS)
+
+bench-planning: $(STAMP)
+	$(PY) bench/planning_bench.py --job $(ARGS)
 
 bench-discovery: $(STAMP)
 	$(PY) bench/discovery_cycles.py

@@ -51,8 +51,7 @@ def parse(value: int | str | None) -> int:
 
 def _bad(value: object) -> str:
     return (
-        f"replication is 1-{MAX_REPLICATION} workers per task"
-        f" or {ADAPTIVE_NAME!r}, not {value!r}"
+        f"replication is 1-{MAX_REPLICATION} workers per task or {ADAPTIVE_NAME!r}, not {value!r}"
     )
 
 

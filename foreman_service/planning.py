@@ -10,12 +10,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ec262.encoding import canonical_bytes
+from ec262.encoding import join_blocks, pairs_blocks
 from ec262.errors import EncodingError, InsufficientCredits
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB of canonical JSON per map task
 MAX_CHUNK_BYTES = 32 << 20  # under ec262.limits.MAX_ROWS_BYTES
 MAX_REDUCE_CHUNKS = 64
+# Chunks are cut between blocks of encoded rows, a block about a sixteenth
+# of a chunk: chunks even to a few percent, a thousand rows per encoder call.
+BLOCKS_PER_CHUNK = 16
+MAX_BLOCK_BYTES = 256 << 10
 
 
 @dataclass(frozen=True)
@@ -34,28 +38,33 @@ class Plan:
         return self.tasks * self.replication
 
 
-def input_rows(data: Mapping | Sequence | Iterable) -> list[tuple[Any, Any]]:
+def input_rows(data: Mapping | Sequence | Iterable) -> Iterable[tuple[Any, Any]]:
     """(key, value) rows of the job's input: a dict's items, or a list's
-    (index, item) pairs as mincemeat did."""
+    (index, item) pairs as mincemeat did. An iterable, not a list: the
+    plan encodes it a block at a time, so no row object outlives its block."""
     if isinstance(data, Mapping):
-        return list(data.items())
+        return data.items()
     if isinstance(data, str | bytes):
         raise TypeError("run_job needs a dict (or a list) of records, not a single string")
-    return list(enumerate(data))
+    return enumerate(data)
 
 
-def _row_texts(rows: list[tuple[Any, Any]]) -> list[bytes]:
-    texts = []
-    for key, value in rows:
-        try:
-            texts.append(canonical_bytes([key, value]))
-        except (TypeError, ValueError) as error:
-            raise EncodingError(f"input record {key!r} cannot be sent as JSON: {error}") from None
-    return texts
+def _encoded_blocks(rows: Iterable[tuple[Any, Any]], block_bytes: int) -> tuple[list[bytes], int]:
+    """The rows' canonical text in blocks (see `pairs_blocks`), and how many
+    rows there were."""
+    blocks: list[bytes] = []
+    count = 0
+    try:
+        for text, pairs in pairs_blocks(rows, block_bytes):
+            blocks.append(text)
+            count += pairs
+    except EncodingError as error:
+        raise EncodingError(f"an input record cannot be sent as JSON: {error}") from None
+    return blocks, count
 
 
 def plan_job(
-    rows: list[tuple[Any, Any]],
+    rows: Iterable[tuple[Any, Any]],
     *,
     balance: int,
     replication: int,
@@ -68,11 +77,16 @@ def plan_job(
     tasks are as many as map tasks (at most MAX_REDUCE_CHUNKS) within what
     remains affordable. Retries are paid from refunds (an invalid task is
     refunded before its chunk is retried), so the plan's credits suffice.
+
+    Rows are encoded in blocks of about a sixteenth of a chunk, and chunks
+    are cut between blocks: the foreman holds the input's canonical text
+    and one chunk's copy of it, and no object per row.
     """
-    if not rows:
+    block_bytes = max(1, min(MAX_BLOCK_BYTES, chunk_bytes // BLOCKS_PER_CHUNK))
+    blocks, count = _encoded_blocks(rows, block_bytes)
+    if not count:
         return Plan(map_chunks=[], reduce_chunks=0, replication=replication, input_bytes=0)
-    texts = _row_texts(rows)
-    total = sum(len(t) + 1 for t in texts) + 1
+    total = sum(map(len, blocks)) + len(blocks) + 1  # the text of one list of every row
     affordable = balance // replication
     if affordable < 2:
         raise InsufficientCredits(
@@ -81,7 +95,7 @@ def plan_job(
             f"not enough credits: the smallest job (1 map + 1 reduce task x {replication}"
             f" workers) needs {2 * replication}, the account has {balance}",
         )
-    wanted_maps = max(1, min(len(texts), math.ceil(total / chunk_bytes)))
+    wanted_maps = max(1, min(count, math.ceil(total / chunk_bytes)))
     wanted_reduces = max(1, min(wanted_maps, MAX_REDUCE_CHUNKS))
     if wanted_maps + wanted_reduces > affordable:
         maps = max(1, (affordable * wanted_maps) // (wanted_maps + wanted_reduces))
@@ -99,7 +113,7 @@ def plan_job(
             f" of at most {MAX_CHUNK_BYTES} bytes, so {needed} credits; the account has {balance}",
         )
     return Plan(
-        map_chunks=_split_even(texts, maps),
+        map_chunks=_chunks_of(blocks, maps),
         reduce_chunks=reduces,
         replication=replication,
         input_bytes=total,
@@ -121,7 +135,14 @@ def split_evenly(items: list, weights: list[int], count: int) -> list[list]:
     return [group for group in groups if group]
 
 
-def _split_even(texts: list[bytes], count: int) -> list[bytes]:
-    """Encoded rows into at most `count` chunks of canonical JSON."""
-    groups = split_evenly(texts, [len(t) + 1 for t in texts], count)
-    return [b"[" + b",".join(group) + b"]" for group in groups]
+def _chunks_of(blocks: list[bytes], count: int) -> list[bytes]:
+    """Encoded blocks into at most `count` chunks of canonical JSON, each
+    block let go once its chunk is joined (the peak is the input's text
+    and one chunk, not two copies of the input)."""
+    groups = split_evenly(blocks, [len(b) + 1 for b in blocks], count)
+    blocks.clear()
+    chunks = []
+    for at, group in enumerate(groups):
+        chunks.append(join_blocks(group))
+        groups[at] = []
+    return chunks

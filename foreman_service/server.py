@@ -43,9 +43,7 @@ def start_foreman_server(
     """The result server on an ephemeral port; TLS when `tls` or off
     loopback, with a certificate made for this job alone: workers learn it
     from AssignTask, so it needs no file and no stable fingerprint."""
-    certificate = (
-        new_certificate(subject_names(host, advertise)) if serves_tls(host, tls) else None
-    )
+    certificate = new_certificate(subject_names(host, advertise)) if serves_tls(host, tls) else None
     server = serving.new_server(max_workers=8)
     foreman_pb2_grpc.add_ForemanServicer_to_server(ForemanServicer(inbox, stats), server)
     serving.add_standard_services(server, [SERVICE_NAME])

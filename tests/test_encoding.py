@@ -14,7 +14,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ec262
-from ec262.encoding import canonical_bytes, canonical_json, decode_result, encode_result, loads
+from ec262 import encoding
+from ec262.encoding import (
+    canonical_bytes,
+    canonical_json,
+    decode_result,
+    encode_pairs,
+    encode_result,
+    join_blocks,
+    loads,
+    pairs_blocks,
+)
 
 scalars = st.one_of(
     st.none(),
@@ -199,3 +209,30 @@ def test_a_word_count_map_output_takes_the_fast_path():
     )
     assert _list_valued_dict_text({"a]": [1]}) is None
     assert _list_valued_dict_text({'q"\\': [1]}) == b'[["q\\"\\\\",[1]]]'  # escapes are fine
+
+
+pair_rows = st.lists(st.tuples(st.one_of(st.text(max_size=6), st.integers()), values), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pair_rows, st.integers(1, 200))
+def test_property_blocks_join_to_the_canonical_text_of_all_the_pairs(rows, block_bytes):
+    blocks = list(pairs_blocks(rows, block_bytes))
+    assert join_blocks(text for text, _ in blocks) == standard([list(row) for row in rows])
+    assert sum(count for _, count in blocks) == len(rows)
+    for text, count in blocks:
+        assert count >= 1
+        assert len(text) + 2 <= 2 * block_bytes or count == 1  # a fat block is halved
+
+
+def test_pairs_of_plain_scalars_are_proved_by_their_columns_not_a_walk(monkeypatch):
+    """Dotted words send the text to the check; str and int columns settle
+    it without walking the pairs one by one."""
+    rows = [(f"k{n}", f"a line. with {n} dots.") for n in range(1000)]
+    walked = []
+    real = encoding._holds_only
+    monkeypatch.setattr(encoding, "_holds_only", lambda *a, **k: walked.append(1) or real(*a, **k))
+    assert encode_pairs(rows) == standard([list(row) for row in rows])
+    assert walked == []
+    assert encode_pairs([("k", 1.5)]) == b'[["k",1.5]]'
+    assert walked  # a float column does need the walk

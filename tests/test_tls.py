@@ -392,9 +392,7 @@ def _ca_pem() -> str:
     return ca.public_bytes(serialization.Encoding.PEM).decode()
 
 
-def test_a_local_job_ignores_the_trust_and_addresses_set_for_another_cluster(
-    tmp_path, monkeypatch
-):
+def test_a_local_job_ignores_the_trust_and_addresses_set_for_another_cluster(tmp_path, monkeypatch):
     """$EC262_DISCOVERY_CERT, $EC262_HOST and $EC262_ADVERTISE name a remote
     cluster; the cluster `run_job` starts on this machine trusts by its own
     flags (its workers inherit the environment too)."""
