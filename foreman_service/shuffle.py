@@ -3,7 +3,8 @@ key's values come in the order a sequential run produces them), then cut
 into reduce chunks. Merging happens as map results arrive, overlapping the
 map phase, in chunk order.
 
-Map outputs arrive as canonical JSON text. When every key is a string and
+Map outputs arrive as canonical JSON text (split and joined as bytes by
+`ec262.encoding`, where the proofs are). When every key is a string and
 every value list is flat (word counts and most jobs), they are merged as
 text: each key's value-list bodies are concatenated without decoding a
 single value, and the reduce rows are written by joining bytes; decoding
@@ -16,41 +17,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ec262.encoding import canonical_bytes, decode_result
+from ec262.encoding import canonical_bytes, decode_result, flat_row, flat_rows, join_blocks
 from foreman_service.planning import split_evenly
 
 MIN_REDUCE_CHUNKS = 4
-
-_ROW_SEPARATOR = b']],["'  # between `["k1",[...]]` and `["k2",[...]]`
-_KEY_END = b'",['
-
-
-def flat_rows(text: bytes) -> tuple[list[bytes], list[bytes]] | None:
-    """The key texts and value-list texts of the `["key",[values]]` rows of
-    a canonical output, found by splitting bytes (at memory speed) rather
-    than parsing; None unless that split is provably the JSON structure.
-
-    Proof: with no bracket but the rows' own (two per row and the outer
-    pair), no key or value list holds one. So every `]],["` separates two
-    rows, the first `[` after a row's key opens its (flat) value list, and
-    the `",[` before it ends the key, escaped quotes and all. Replacing the
-    separators by `",[` then leaves exactly one `",[` after each key and
-    after each row's values.
-    """
-    if text == b"[]":
-        return [], []
-    if not (text.startswith(b'[["') and text.endswith(b"]]]")):
-        return None
-    inner = text[3:-3]
-    rows = inner.count(_ROW_SEPARATOR) + 1
-    structural = 2 * rows + 1
-    if text.count(b"[") != structural or text.count(b"]") != structural:
-        return None
-    parts = inner.replace(_ROW_SEPARATOR, _KEY_END).split(_KEY_END)
-    if len(parts) != 2 * rows:
-        return None
-    keys = parts[0::2]
-    return keys, parts[1::2]
 
 
 class Shuffle:
@@ -117,9 +87,9 @@ class Shuffle:
         released (tens of thousands of lists the foreman's collector would
         otherwise keep walking through the reduce phase)."""
         if self._bodies is not None:
-            rows = [b'["%b",[%b]]' % (key, b",".join(parts)) for key, parts in self._bodies.items()]
+            rows = [flat_row(key, parts) for key, parts in self._bodies.items()]
             weights = [len(row) + 1 for row in rows]
-            encode = _join_rows
+            encode = join_blocks
         else:
             rows = [[key, values] for key, values in self.grouped.items()]
             weights = [2 * len(values) + 8 for values in self.grouped.values()]
@@ -133,10 +103,6 @@ class Shuffle:
             return []
         count = min(count, max(MIN_REDUCE_CHUNKS, math.ceil(sum(weights) / chunk_bytes)))
         return [encode(group) for group in split_evenly(rows, weights, count)]
-
-
-def _join_rows(rows: list[bytes]) -> bytes:
-    return b"[" + b",".join(rows) + b"]"
 
 
 def _encode_rows(rows: list) -> bytes:

@@ -21,9 +21,11 @@ from ec262.encoding import (
     decode_result,
     encode_pairs,
     encode_result,
+    flat_rows,
     join_blocks,
     loads,
     pairs_blocks,
+    valid_flat_rows,
 )
 
 scalars = st.one_of(
@@ -236,3 +238,103 @@ def test_pairs_of_plain_scalars_are_proved_by_their_columns_not_a_walk(monkeypat
     assert walked == []
     assert encode_pairs([("k", 1.5)]) == b'[["k",1.5]]'
     assert walked  # a float column does need the walk
+
+
+structural_text = st.text(alphabet='[]",\\{}: a1', max_size=6)
+
+
+@settings(max_examples=500)
+@given(
+    st.dictionaries(
+        structural_text,
+        st.lists(st.one_of(st.integers(-3, 3), structural_text, st.none()), max_size=3),
+        max_size=5,
+    )
+)
+def test_property_flat_rows_is_the_json_structure_or_nothing(output):
+    """Keys and values made of JSON's structural characters: whenever the
+    byte split answers, it is what parsing the JSON gives."""
+    text = encode_result(output)
+    found = flat_rows(text)
+    if found is not None:
+        keys, bodies = found
+        parsed = [
+            (json.loads(b'"' + k + b'"'), json.loads(b"[" + b + b"]"))
+            for k, b in zip(keys, bodies, strict=True)
+        ]
+        assert parsed == [tuple(row) for row in json.loads(text)]
+    if all(isinstance(v, int) for vs in output.values() for v in vs) and not any(
+        c in key for key in output for c in '[]"\\'
+    ):
+        assert found is not None  # the common case must take the fast path
+
+
+def _parsed_flat(text: bytes):
+    rows = json.loads(text)
+    assert isinstance(rows, list)
+    for row in rows:
+        assert isinstance(row, list) and len(row) == 2
+        assert isinstance(row[0], str) and isinstance(row[1], list)
+    return rows
+
+
+@settings(max_examples=1500)
+@given(
+    st.lists(
+        st.tuples(
+            st.text(alphabet='ab"\\\x01é', max_size=3),
+            st.one_of(
+                st.text(alphabet="0123456789,-x. ", max_size=8),
+                st.lists(st.sampled_from(["0", "7", "10", "01", "-", "-0", "-01", "", "1.5"])).map(
+                    ",".join
+                ),
+            ),
+        ),
+        max_size=4,
+    )
+)
+def test_property_a_proved_flat_output_is_json_integers_and_every_json_one_is_proved(rows):
+    """Near-misses of `[["k",[1,2]]]` built as bytes, not by an encoder:
+    whatever `valid_flat_rows` proves, json reads as string keys and
+    integer lists; whatever json reads so, canonical and with plain keys,
+    it proves."""
+    text = b"[" + b",".join(b'["%b",[%b]]' % (k.encode(), v.encode()) for k, v in rows) + b"]"
+    try:
+        parsed = _parsed_flat(text)
+        exact = all(type(v) is int for _, values in parsed for v in values)
+    except (ValueError, AssertionError):
+        parsed, exact = None, False
+    proved = valid_flat_rows(text)
+    if proved is not None:
+        assert parsed is not None and exact, text
+        assert [json.loads(b'"' + key + b'"') for key in proved[0]] == [k for k, _ in parsed]
+    elif exact and standard(parsed) == text and not any(c in k for k, _ in rows for c in '"\\\x01'):
+        pytest.fail(f"JSON integer lists with plain keys not proved: {text!r}")
+
+
+@settings(max_examples=300)
+@given(st.dictionaries(st.text(max_size=6), st.lists(st.integers(), max_size=5), max_size=8))
+def test_property_encoded_integer_outputs_are_proved_unless_a_key_needs_an_escape(output):
+    text = encode_result(output)
+    plain = not any(c in key for key in output for c in '[]"\\') and all(
+        ord(c) >= 0x20 for key in output for c in key
+    )
+    assert (valid_flat_rows(text) is not None) == plain
+
+
+def test_a_word_count_output_is_proved_by_bytes_and_garbage_is_not():
+    assert valid_flat_rows(encode_result({"the": [1, 1], "é": [-3, 0, 10]})) is not None
+    for garbage in [
+        b'[["k",[garbage]]]',
+        b'[["k",[01]]]',
+        b'[["k",[1,]]]',
+        b'[["k",[1-2]]]',
+        b'[["k",[-]]]',
+        b'[["k",[1,01]]]',
+        b'[["k",[-01]]]',
+        b'[["k",[1]],["j",[2,-00]]]',
+        b'[["k\\",[1]]]',
+        b'[["\xff",[1]]]',
+        b'[["k",[1.5]]]',
+    ]:
+        assert valid_flat_rows(garbage) is None, garbage

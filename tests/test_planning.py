@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import tracemalloc
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from ec262.encoding import decode_pairs, decode_result, encode_result
 from ec262.errors import EncodingError, InsufficientCredits
 from foreman_service.planning import input_rows, plan_job, split_evenly
-from foreman_service.shuffle import Shuffle, flat_rows
+from foreman_service.shuffle import Shuffle
 
 
 @given(st.lists(st.integers(0, 50), max_size=60), st.integers(1, 12))
@@ -114,35 +113,6 @@ def test_property_text_and_object_merging_agree(outputs):
         for key, values in decode_result(encode_result(output)).items():
             expected.setdefault(key, []).extend(values)
     assert rows == list(expected.items())
-
-
-structural_text = st.text(alphabet='[]",\\{}: a1', max_size=6)
-
-
-@settings(max_examples=500)
-@given(
-    st.dictionaries(
-        structural_text,
-        st.lists(st.one_of(st.integers(-3, 3), structural_text, st.none()), max_size=3),
-        max_size=5,
-    )
-)
-def test_property_flat_rows_is_the_json_structure_or_nothing(output):
-    """Keys and values made of JSON's structural characters: whenever the
-    byte split answers, it is what parsing the JSON gives."""
-    text = encode_result(output)
-    found = flat_rows(text)
-    if found is not None:
-        keys, bodies = found
-        parsed = [
-            (json.loads(b'"' + k + b'"'), json.loads(b"[" + b + b"]"))
-            for k, b in zip(keys, bodies, strict=True)
-        ]
-        assert parsed == [tuple(row) for row in json.loads(text)]
-    if all(isinstance(v, int) for vs in output.values() for v in vs) and not any(
-        c in key for key in output for c in '[]"\\'
-    ):
-        assert found is not None  # the common case must take the fast path
 
 
 def test_planning_holds_the_input_text_once_and_no_object_per_row():
