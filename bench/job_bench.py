@@ -28,13 +28,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ec262
+from ec262.collector import BULK_GC_THRESHOLDS as SANDBOX_GC_THRESHOLDS
 from ec262.encoding import decode_pairs, decode_result, encode_result
 from ec262.envelope import open_sealed, seal
 from ec262.local_cluster import LocalCluster
 from foreman_service.planning import input_rows, plan_job
 from foreman_service.shuffle import Shuffle
 from worker_service.mapreduce import run_map, run_reduce
-from worker_service.sandbox.child import GC_THRESHOLDS as SANDBOX_GC_THRESHOLDS
 
 WORD = re.compile(r"[A-Za-z_]+")
 

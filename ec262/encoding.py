@@ -25,7 +25,7 @@ import re
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from operator import itemgetter
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -391,7 +391,15 @@ _NOT_INTEGER_LISTS = (b"x", b",,", b"--", b"-,", b"0-", b"1-", b",00", b",01", b
 _KEY_ESCAPE_OR_CONTROL = re.compile(rb'[\x00-\x1f"\\]')
 
 
-def valid_flat_rows(text: bytes) -> tuple[list[bytes], list[bytes]] | None:
+class FlatRows(NamedTuple):
+    """A map output's canonical text, proved JSON, and its split."""
+
+    text: bytes
+    keys: list[bytes]
+    bodies: list[bytes]
+
+
+def valid_flat_rows(text: bytes) -> FlatRows | None:
     """`flat_rows(text)` when it is also provably valid JSON of that shape
     with integer values (a word count's, a histogram's): at memory speed,
     where decoding a map output to check it costs about 30 ms a megabyte.
@@ -421,7 +429,7 @@ def valid_flat_rows(text: bytes) -> tuple[list[bytes], list[bytes]] | None:
         return None
     if any(pattern in values for pattern in _NOT_INTEGER_LISTS):
         return None
-    return found
+    return FlatRows(text, keys, bodies)
 
 
 def flat_row(key: bytes, bodies: list[bytes]) -> bytes:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ec262 import replication as replicas
-from ec262.encoding import decode_result, valid_flat_rows
+from ec262.encoding import FlatRows, decode_result, valid_flat_rows
 from ec262.envelope import ciphertext_sha256, open_sealed
 from ec262.errors import (
     DecryptionError,
@@ -245,6 +245,7 @@ class Deliver:
 
     chunk: Chunk
     output: Any
+    rows: FlatRows | None = field(default=None, compare=False)  # a map output's split, if proved
 
 
 @dataclass(frozen=True)
@@ -336,8 +337,8 @@ def open_output(phase: int, ciphertext: str, key: bytes) -> Any:
     decoding it all, at about 30 ms per MB (the shuffle's byte split alone
     would pass `[["k",[garbage]]]`)."""
     plaintext = open_sealed(ciphertext, key)
-    if phase == MAP and valid_flat_rows(plaintext) is not None:
-        return plaintext
+    if phase == MAP and (proved := valid_flat_rows(plaintext)) is not None:
+        return proved
     output = decode_result(plaintext)  # all of it: a flat-looking text may not be JSON
     if phase == MAP and not is_error_document(output):
         _check_map_output(output)
@@ -999,7 +1000,10 @@ class JobCore:
             return
         self.stats.tasks_validated += 1
         self.stats.states["validated"] += 1
-        commands.append(Deliver(task.chunk, output))
+        if isinstance(output, FlatRows):
+            commands.append(Deliver(task.chunk, output.text, rows=output))
+        else:
+            commands.append(Deliver(task.chunk, output))
 
     def _settle_failed(self, event: SettleFailed, commands: list) -> None:
         task = self._tasks.pop(event.task_id, None)

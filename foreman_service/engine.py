@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from ec262.collector import bulk_allocation
 from ec262.discovery_client import DiscoveryClient
 from ec262.payload import digest, pack_functions
 from foreman_service.core import (
@@ -113,6 +114,12 @@ class JobEngine:
     def run(
         self, data: Any, mapper: Callable, reducer: Callable, combiner: Callable | None = None
     ) -> dict:
+        with bulk_allocation():  # the input, its chunks, the shuffle: all kept to the end
+            return self._run(data, mapper, reducer, combiner)
+
+    def _run(
+        self, data: Any, mapper: Callable, reducer: Callable, combiner: Callable | None
+    ) -> dict:
         started = self._clock()
         stats = self.stats
         stats.job_id = uuid.uuid4().hex
@@ -157,7 +164,7 @@ class JobEngine:
                 events,
                 [Chunk(MAP, i, rows) for i, rows in enumerate(plan.map_chunks)],
                 pack_functions(mapper, combiner),
-                lambda chunk, output: shuffle.add(chunk.index, output),
+                lambda done: shuffle.add(done.chunk.index, done.output, done.rows),
             )
             reduce_rows = shuffle.reduce_chunks(plan.reduce_chunks, self.config.chunk_bytes)
             outputs: dict[int, dict] = {}
@@ -167,7 +174,7 @@ class JobEngine:
                 events,
                 [Chunk(REDUCE, i, rows) for i, rows in enumerate(reduce_rows)],
                 pack_functions(reducer),
-                lambda chunk, output: outputs.__setitem__(chunk.index, output),
+                lambda done: outputs.__setitem__(done.chunk.index, done.output),
             )
             result: dict = {}
             for index in sorted(outputs):
@@ -199,7 +206,7 @@ class JobEngine:
         events: EventQueue,
         chunks: list[Chunk],
         payload: bytes,
-        on_result: Callable[[Chunk, Any], None],
+        on_result: Callable[[Deliver], None],
     ) -> None:
         phase = chunks[0].phase if chunks else MAP
         name = PHASE_NAMES[phase]
@@ -220,7 +227,7 @@ class JobEngine:
         self,
         commands: list,
         outbound: ForemanOutbound,
-        on_result: Callable[[Chunk, Any], None],
+        on_result: Callable[[Deliver], None],
     ) -> None:
         """Calls first, so freed workers get their next task before a map
         output is merged (milliseconds each); a failure raises at once."""
@@ -233,7 +240,7 @@ class JobEngine:
             else:
                 outbound.execute(command)
         for command in delivered:
-            on_result(command.chunk, command.output)
+            on_result(command)
         seen = (self.stats.tasks_validated, self.stats.retries, self.stats.tasks_invalid)
         if seen != self._progress_seen:
             self._progress_seen = seen

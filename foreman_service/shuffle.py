@@ -17,7 +17,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ec262.encoding import canonical_bytes, decode_result, flat_row, flat_rows, join_blocks
+from ec262.encoding import (
+    FlatRows,
+    canonical_bytes,
+    decode_result,
+    flat_row,
+    flat_rows,
+    join_blocks,
+)
 from foreman_service.planning import split_evenly
 
 MIN_REDUCE_CHUNKS = 4
@@ -36,23 +43,24 @@ class Shuffle:
     def text_mode(self) -> bool:
         return self._bodies is not None
 
-    def add(self, index: int, output: bytes) -> None:
-        """The canonical JSON map output of chunk `index`; merged once all
+    def add(self, index: int, output: bytes, rows: FlatRows | None = None) -> None:
+        """The canonical JSON map output of chunk `index` (and its split,
+        when the foreman proved it: not split twice); merged once all
         chunks before it are."""
-        self._pending[index] = output
+        self._pending[index] = (output, rows)
         while self._next in self._pending:
-            text = self._pending.pop(self._next)
+            text, rows = self._pending.pop(self._next)
             self._merged.append(text)
-            if self._bodies is not None and not self._merge_text(text):
+            if self._bodies is not None and not self._merge_text(text, rows):
                 self._switch_to_objects()
             elif self._bodies is None:
                 self._merge_objects(decode_result(text))
             self._next += 1
 
-    def _merge_text(self, text: bytes) -> bool:
+    def _merge_text(self, text: bytes, rows: FlatRows | None) -> bool:
         """Merge one output as text; False (changing nothing: the caller
         re-merges everything as objects) if it is not flat."""
-        found = flat_rows(text)
+        found = flat_rows(text) if rows is None else (rows.keys, rows.bodies)
         if found is None:
             return False
         bodies = self._bodies

@@ -307,7 +307,7 @@ def test_property_a_proved_flat_output_is_json_integers_and_every_json_one_is_pr
     proved = valid_flat_rows(text)
     if proved is not None:
         assert parsed is not None and exact, text
-        assert [json.loads(b'"' + key + b'"') for key in proved[0]] == [k for k, _ in parsed]
+        assert [json.loads(b'"' + key + b'"') for key in proved.keys] == [k for k, _ in parsed]
     elif exact and standard(parsed) == text and not any(c in k for k, _ in rows for c in '"\\\x01'):
         pytest.fail(f"JSON integer lists with plain keys not proved: {text!r}")
 

@@ -131,3 +131,19 @@ def test_planning_holds_the_input_text_once_and_no_object_per_row():
     assert max(sizes) < 1.2 * min(sizes)  # cut between blocks, still even
     decoded = [tuple(pair) for chunk in plan.map_chunks for pair in decode_pairs(chunk)]
     assert decoded == list(data.items())
+
+
+def test_a_job_paces_the_collector_for_bulk_data_and_gives_the_callers_pace_back():
+    import gc
+
+    from ec262.collector import BULK_GC_THRESHOLDS, bulk_allocation
+
+    before = gc.get_threshold()
+    gc.set_threshold(123, 4, 5)
+    try:
+        with pytest.raises(RuntimeError), bulk_allocation():
+            assert gc.get_threshold() == BULK_GC_THRESHOLDS
+            raise RuntimeError("a job that fails")
+        assert gc.get_threshold() == (123, 4, 5)
+    finally:
+        gc.set_threshold(*before)

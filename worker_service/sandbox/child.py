@@ -19,6 +19,7 @@ from multiprocessing.connection import Connection
 import dill
 import dill._dill as dill_internals
 
+from ec262.collector import BULK_GC_THRESHOLDS
 from ec262.encoding import decode_pairs, encode_result
 from ec262.remote_errors import document_for, error_document
 from worker_service.mapreduce import run_task
@@ -194,16 +195,9 @@ def _handle(
             return _failed("MemoryError", "the task ran out of memory")
 
 
-# A task allocates millions of objects that all live until it ends (the
-# map output's lists, the reduce input's rows): with the default threshold
-# of 700 the collector re-walks them over and over, a third of the time of
-# decoding a reduce chunk. Garbage cycles still go, a little later.
-GC_THRESHOLDS = (50_000, 20, 100)
-
-
 def main(conn: Connection, limits: SandboxLimits, isolation: Isolation, cgroup: str) -> None:
     """Entry point of the sandbox process (forked by its keeper)."""
-    gc.set_threshold(*GC_THRESHOLDS)
+    gc.set_threshold(*BULK_GC_THRESHOLDS)  # for good: a sandbox only runs tasks
     layers, safe_builtins = lock_down(conn, limits, isolation, cgroup)
     conn.send_bytes(READY + json.dumps(layers).encode())
     loader = PayloadLoader(limits.allowed_modules, safe_builtins)
