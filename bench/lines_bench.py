@@ -13,6 +13,9 @@ right before that system's run:
                per chunk of lines counting with a Counter, the Counters merged
   ec262        a local cluster of 3 worker processes, replication 3 and 1, and
                replication 3 with a combiner
+  floor        what the sandboxes must compute whatever the protocol costs:
+               one replica's decode + map + reduce + encode CPU (measured here,
+               in one process), times the replication, over the 2 cores
 Dask is skipped, saying so, when it is not installed (`make bench-lines`
 installs it into the bench's environment).
 """
@@ -75,6 +78,41 @@ def count_chunk(chunk: list[str]) -> Counter:
     for line in chunk:
         counts.update(line.split())
     return counts
+
+
+def replica_floor(data: dict, cores: int = 2) -> float:
+    """The CPU one replica of the whole job spends in the sandbox's own
+    steps, run here in one process with the job's code and chunks: decode
+    each chunk, run the user's map (and reduce), encode the output, with
+    the sandbox's collector pace. No RPC, no sealing, no foreman. Times
+    replication and divided by the cores, it is the least a validated job
+    can take: the floor the replication rows stand on."""
+    import gc
+
+    from ec262.collector import BULK_GC_THRESHOLDS
+    from ec262.encoding import decode_pairs, encode_result
+    from foreman_service.planning import input_rows, plan_job
+    from foreman_service.shuffle import Shuffle
+    from worker_service.mapreduce import run_map, run_reduce
+
+    plan = plan_job(input_rows(data), balance=10**9, replication=1)
+    before = gc.get_threshold()
+    gc.set_threshold(*BULK_GC_THRESHOLDS)
+    spent = 0.0
+    try:
+        shuffle = Shuffle(len(plan.map_chunks))
+        for index, chunk in enumerate(plan.map_chunks):
+            started = time.process_time()
+            text = encode_result(run_map(split_line, decode_pairs(chunk)))
+            spent += time.process_time() - started
+            shuffle.add(index, text)
+        for chunk in shuffle.reduce_chunks(plan.reduce_chunks):
+            started = time.process_time()
+            encode_result(run_reduce(total, decode_pairs(chunk)))
+            spent += time.process_time() - started
+    finally:
+        gc.set_threshold(*before)
+    return spent / cores
 
 
 def timed(run) -> tuple[float, object]:
@@ -141,17 +179,23 @@ def main() -> int:
                 assert dict(result) == expected, name
                 rows[name].append((seconds, seconds / floor))
             rows["sequential"].append((floor, 1.0))
+            floor, _ = timed(lambda: sequential(lines))
+            one = replica_floor(data)
+            for replication in (3, 1):
+                rows[f"floor: {replication} replica(s) of the sandbox steps / 2 cores"].append(
+                    (replication * one, replication * one / floor)
+                )
     if dask_close is not None:
         dask_close()
     print(
         f"word count over {args.lines} lines ({sum(map(len, lines)) / 1e6:.1f} MB),"
         f" median of {args.rounds} rounds; each ratio is to a sequential run right before"
     )
-    print(f"{'':34} {'seconds':>8} {'x sequential':>13}")
+    print(f"{'':56} {'seconds':>8} {'x sequential':>13}")
     for name, measured in rows.items():
         seconds = statistics.median(m[0] for m in measured)
         ratio = statistics.median(m[1] for m in measured)
-        print(f"  {name:32} {seconds:>8.2f} {ratio:>13.2f}")
+        print(f"  {name:54} {seconds:>8.2f} {ratio:>13.2f}")
     if dask_run is None:
         print("  Dask: not installed (make bench-lines installs it)")
     print(f"\ncommand: {' '.join([sys.executable, *sys.argv])}")
