@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from ec262.limits import MAX_MESSAGE_BYTES
+from ec262.defaults import MAX_MESSAGE_BYTES
 from ec262.serving import bind
 from ec262.tls import ServerCertificate
 

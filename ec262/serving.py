@@ -15,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ec262.addresses import join_address
-from ec262.limits import MAX_MESSAGE_BYTES
+from ec262.defaults import MAX_MESSAGE_BYTES
 from ec262.tls import ServerCertificate
 
 logger = logging.getLogger(__name__)

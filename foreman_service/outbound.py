@@ -24,8 +24,8 @@ import grpc
 
 from ec262 import tls
 from ec262.addresses import address_is_loopback
+from ec262.defaults import MAX_MESSAGE_BYTES
 from ec262.discovery_client import DiscoveryClient
-from ec262.limits import MAX_MESSAGE_BYTES
 from ec262.retry import call_with_retry
 from ec262.v1 import worker_pb2, worker_pb2_grpc
 from foreman_service.core import (

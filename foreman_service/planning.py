@@ -14,7 +14,7 @@ from ec262.encoding import join_blocks, pairs_blocks
 from ec262.errors import EncodingError, InsufficientCredits
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB of canonical JSON per map task
-MAX_CHUNK_BYTES = 32 << 20  # under ec262.limits.MAX_ROWS_BYTES
+MAX_CHUNK_BYTES = 32 << 20  # under ec262.defaults.MAX_ROWS_BYTES
 MAX_REDUCE_CHUNKS = 64
 # Chunks are cut between blocks of encoded rows, a block about a sixteenth
 # of a chunk: chunks even to a few percent, a thousand rows per encoder call.

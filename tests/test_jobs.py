@@ -16,8 +16,8 @@ import grpc
 import pytest
 
 import ec262
+from ec262.defaults import MAX_RESULT_BYTES
 from ec262.identity import load_identity
-from ec262.limits import MAX_RESULT_BYTES
 from ec262.local_cluster import LocalCluster
 from ec262.v1 import foreman_pb2, foreman_pb2_grpc
 from tests.job_harness import (
@@ -215,7 +215,7 @@ def first_value(key, values):
 
 
 def test_a_result_just_under_the_cap_arrives_and_one_over_it_is_a_remote_error(cluster, tmp_path):
-    """The gRPC message limit is derived from the result cap (ec262/limits.py):
+    """The gRPC message limit is derived from the result cap (ec262/defaults.py):
     a result a little under the cap reaches the foreman and decrypts; one
     over it is a ResultTooLarge naming both sizes, at once, not a message
     gRPC drops while the job waits for its deadline."""

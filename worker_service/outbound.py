@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from ec262 import tls
+from ec262.defaults import MAX_MESSAGE_BYTES
 from ec262.discovery_client import DiscoveryClient
 from ec262.errors import CommitConflict, ResultNotDelivered, ServiceUnavailable, UnknownTask
-from ec262.limits import MAX_MESSAGE_BYTES
 from ec262.retry import call_with_retry, is_transient
 from ec262.v1 import foreman_pb2, foreman_pb2_grpc
 from worker_service.sandbox.pool import Cancellation, Cancelled

@@ -7,9 +7,9 @@ import re
 from dataclasses import dataclass
 
 from ec262.addresses import is_loopback, split_address
+from ec262.defaults import MAX_FUNCTION_BYTES, MAX_ROWS_BYTES
 from ec262.errors import InvalidRequest
 from ec262.ids import is_client_id, is_task_id
-from ec262.limits import MAX_FUNCTION_BYTES, MAX_ROWS_BYTES
 from ec262.tls import check_peer_certificate
 from worker_service.mapreduce import MAP, REDUCE
 

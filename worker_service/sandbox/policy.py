@@ -9,7 +9,7 @@ import sys
 import sysconfig
 from dataclasses import dataclass, field
 
-from ec262.limits import MAX_RESULT_BYTES
+from ec262.defaults import MAX_RESULT_BYTES
 
 DEFAULT_ALLOWED_MODULES = frozenset({
     "math", "cmath", "re", "string", "collections", "itertools", "functools",
