@@ -77,9 +77,13 @@ _LONG_NUMBER = b"0" * 19
 
 def _same_text(value: Any, text: bytes) -> bool:
     """True if orjson's `text` for `value` is what json writes."""
-    if text != b"null" and not any(hint in text for hint in _FLOAT_OR_NULL_HINTS):
-        return True
-    return _holds_only_same_text_types(value)
+    return not _may_differ(text) or _holds_only_same_text_types(value)
+
+
+def _may_differ(text: bytes) -> bool:
+    """False if orjson's `text` is json's whatever it encoded: no float
+    and no null in it (see _FLOAT_OR_NULL_HINTS)."""
+    return text == b"null" or any(hint in text for hint in _FLOAT_OR_NULL_HINTS)
 
 
 def _holds_only_same_text_types(value: Any) -> bool:
@@ -189,7 +193,9 @@ def encode_pairs(pairs: Iterable[tuple[Any, Any]]) -> bytes:
         text = orjson.dumps(rows, default=_refuse, option=_ORJSON_OPTIONS)
     except TypeError:
         text = None
-    if text is not None and (_same_text_columns(rows, text) or _same_text(rows, text)):
+    if text is not None and (
+        not _may_differ(text) or _scalar_pairs(rows) or _holds_only_same_text_types(rows)
+    ):
         return text
     try:
         return _encoder.encode(rows).encode()
@@ -200,11 +206,9 @@ def encode_pairs(pairs: Iterable[tuple[Any, Any]]) -> bytes:
         raise
 
 
-def _same_text_columns(rows: list, text: bytes) -> bool:
+def _scalar_pairs(rows: list) -> bool:
     """True if `rows` are 2-tuples of str, int or bool only (so orjson's
-    `text` is json's): a few C-speed scans, no Python step per row."""
-    if text != b"null" and not any(hint in text for hint in _FLOAT_OR_NULL_HINTS):
-        return True
+    text for them is json's): a few C-speed scans, no Python step per row."""
     if set(map(type, rows)) != {tuple} or set(map(len, rows)) != {2}:
         return False
     keys, values = set(map(type, map(_first, rows))), set(map(type, map(_second, rows)))
