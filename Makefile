@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test chaos demo protos lint bench bench-lines bench-planning bench-discovery bench-worker packages clean
+.PHONY: install test chaos demo protos lint bench bench-lines bench-planning bench-latency bench-discovery bench-worker packages clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -66,6 +66,9 @@ bench-lines: $(STAMP)
 
 bench-planning: $(STAMP)
 	$(PY) bench/planning_bench.py --job $(ARGS)
+
+bench-latency: $(STAMP)
+	$(PY) bench/latency_bench.py $(ARGS)
 
 bench-discovery: $(STAMP)
 	$(PY) bench/discovery_cycles.py

@@ -23,12 +23,14 @@ _READ_BYTES = 1 << 16
 
 
 class DelayLine:
-    def __init__(self, target: str, delay: float, host: str = "127.0.0.1") -> None:
+    def __init__(self, target: str, delay: float, host: str = "127.0.0.1", port: int = 0) -> None:
+        """`port` 0 picks a free one; a worker's line takes the worker's own
+        port on another loopback address, so `--advertise HOST` points at it."""
         target_host, _, target_port = target.rpartition(":")
         self.target = (target_host, int(target_port))
         self.delay = delay
         self.host = host
-        self.port = 0
+        self.port = port
         self.connections = 0  # accepted so far
         self._loop = asyncio.new_event_loop()
         self._server: asyncio.AbstractServer | None = None
@@ -43,7 +45,7 @@ class DelayLine:
     def __enter__(self) -> DelayLine:
         self._thread.start()
         self._server = asyncio.run_coroutine_threadsafe(
-            asyncio.start_server(self._accept, self.host, 0), self._loop
+            asyncio.start_server(self._accept, self.host, self.port), self._loop
         ).result(timeout=10)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -51,10 +53,13 @@ class DelayLine:
     def __exit__(self, *exc) -> None:
         async def stop() -> None:
             self._server.close()
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._server.wait_closed()
+            # Cancelling a pump's task starts none, but a connection accepted
+            # meanwhile may: until none is left.
+            while tasks := [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(stop(), self._loop).result(timeout=10)
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -68,13 +73,17 @@ class DelayLine:
         except OSError:
             writer.close()
             return
-        await asyncio.gather(
-            self._pump(reader, upstream_writer),
-            self._pump(upstream_reader, writer),
-            return_exceptions=True,
-        )
-        for end in (writer, upstream_writer):
-            end.close()
+        try:
+            await asyncio.gather(
+                self._pump(reader, upstream_writer),
+                self._pump(upstream_reader, writer),
+                return_exceptions=True,
+            )
+        except asyncio.CancelledError:
+            pass  # the line is closing: asyncio's stream callback must not see a cancel
+        finally:
+            for end in (writer, upstream_writer):
+                end.close()
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Reads as fast as the sender sends; each piece is written when its

@@ -1,0 +1,119 @@
+"""Latency between the parties (issue 16, item 3): one job of small tasks
+with 0, 10 and 50 ms added each way by tests/delay_line.py, in front of the
+discovery service and of each worker (which advertise their line).
+
+    .venv/bin/python bench/latency_bench.py [--tasks 56] [--delays 0,10,50]
+
+Reported per delay: the job's seconds, and the round trips it paid in
+series per task: (seconds - seconds at 0 ms) / (2 x delay) / tasks. The
+target is <= 0.2 round trips per task in series at 50 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import socket
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import ec262
+from ec262.local_cluster import LOCAL_STARTING_CREDITS, OWN_TRUST
+from ec262.processes import PendingServer, spawn_server
+from tests.delay_line import DelayLine
+
+
+def words(key, line):
+    for word in line.split():
+        yield word, 1
+
+
+def total(word, counts):
+    return sum(counts)
+
+
+def _free_port() -> int:
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        return probe.getsockname()[1]
+
+
+def run_at(delay: float, tasks: int, workers: int, directory: Path) -> tuple[float, int]:
+    with contextlib.ExitStack() as stack:
+        discovery = spawn_server(
+            ["discovery", "--host", "127.0.0.1", "--port", "0",
+             "--store", f"sqlite:///{directory / f'ledger-{delay}.sqlite3'}",
+             "--starting-credits", str(LOCAL_STARTING_CREDITS)],
+            env=OWN_TRUST,
+        )  # fmt: skip
+        stack.callback(discovery.kill)
+        discovery_line = stack.enter_context(DelayLine(discovery.address, delay, "127.0.8.1"))
+        pending = []
+        for n in range(workers):
+            port = _free_port()
+            line = DelayLine(f"127.0.0.1:{port}", delay, f"127.0.9.{n + 1}", port)
+            stack.enter_context(line)
+            pending.append(
+                PendingServer(
+                    [
+                        "worker",
+                        "--host",
+                        "127.0.0.1",
+                        "-P",
+                        str(port),
+                        "--advertise",
+                        line.host,
+                        "--discovery",
+                        discovery_line.address,
+                        "--slots",
+                        "2",
+                        "--identity",
+                        str(directory / f"w{delay}-{n}.json"),
+                        "-v",
+                    ],
+                    env=OWN_TRUST,
+                )
+            )
+        for launched in pending:
+            worker = launched.listening()
+            stack.callback(worker.kill)
+            worker.wait_for("registered with discovery")
+        data = {f"l{n}": f"w{n % 7} w{n % 5} w{n % 3}" for n in range(tasks * 4)}
+        job = ec262.Job(mapper=words, reducer=total, chunk_bytes=80)
+        run = lambda: job.run(  # noqa: E731
+            data, discovery=discovery_line.address,
+            identity=directory / f"foreman-{delay}.json", progress=False,
+        )  # fmt: skip
+        run()  # connections made, payloads cached
+        started = time.perf_counter()
+        result = run()
+        seconds = time.perf_counter() - started
+        assert result == Counter(w for line in data.values() for w in line.split())
+        return seconds, job.stats.tasks_validated
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, default=56)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--delays", default="0,10,50", help="ms one way")
+    args = parser.parse_args()
+    delays = [int(d) / 1000 for d in args.delays.split(",")]
+    with tempfile.TemporaryDirectory(prefix="ec262-latency-") as tmp:
+        measured = {d: run_at(d, args.tasks, args.workers, Path(tmp)) for d in delays}
+    base = measured[min(delays)][0]
+    print(f"one job, {args.workers} workers x 2 slots, replication 3; delay added each way")
+    print(f"{'ms one way':>11} {'seconds':>8} {'tasks':>6} {'round trips in series per task':>31}")
+    for delay, (seconds, done) in measured.items():
+        series = (seconds - base) / (2 * delay) / done if delay else 0.0
+        print(f"{delay * 1000:>11.0f} {seconds:>8.2f} {done:>6} {series:>31.2f}")
+    print(f"\ncommand: {' '.join([sys.executable, *sys.argv])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
