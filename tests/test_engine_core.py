@@ -1188,3 +1188,20 @@ def test_a_worker_that_sent_the_result_but_committed_another_is_a_cheater():
     d.events(Settled(task, key_of(task), good, ws("w1", "w2")))
     assert [c.output for c in only(d.log, Deliver)]  # the result stands
     assert d.core.cheaters == {"w3"}
+
+
+def test_a_proved_map_output_is_delivered_with_its_split_and_an_unproved_one_without():
+    """The shuffle must not split a proved output again (issue 16); an
+    output whose values are not integers is decoded to be checked and comes
+    without a split, the shuffle then splitting it itself."""
+    for output, proved in [(OUTPUT, True), ({"apple": ["a.b"], "pear": [1.5]}, False)]:
+        d = Driver()
+        task = d.running(["w1", "w2", "w3"])
+        d.results(task, w1=output, w2=output, w3=output)
+        (delivered,) = d.settle_answer(task)
+        assert delivered == Deliver(d.chunks[0], encode_result(output))
+        if proved:
+            assert delivered.rows.text == delivered.output
+            assert [bytes(k) for k in delivered.rows.keys] == [b"apple", b"pear"]
+        else:
+            assert delivered.rows is None
