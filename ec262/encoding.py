@@ -23,7 +23,7 @@ import json
 import math
 import re
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from operator import itemgetter
 from typing import Any, NamedTuple
 
@@ -132,11 +132,17 @@ def canonical_bytes(value: Any) -> bytes:
     """`canonical_json(value)` as UTF-8, by orjson when the text is sure to
     be the same (no float, no null, nothing but JSON's own types and 64-bit
     integers), else by json."""
+    return _canonical(value, _holds_only_same_text_types)
+
+
+def _canonical(value: Any, holds_only_same_text_types: Callable[[Any], bool]) -> bytes:
+    """canonical_bytes, with the proof that `value` holds nothing orjson
+    writes otherwise given (a quicker one where the shape is known)."""
     try:
         text = orjson.dumps(value, default=_refuse, option=_ORJSON_OPTIONS)
     except TypeError:  # orjson.JSONEncodeError: a type, a key or an integer orjson leaves to json
         return _encoder.encode(value).encode()
-    if _same_text(value, text):
+    if not _may_differ(text) or holds_only_same_text_types(value):
         return text
     return _encoder.encode(value).encode()
 
@@ -190,15 +196,7 @@ def encode_pairs(pairs: Iterable[tuple[Any, Any]]) -> bytes:
     even when a dotted word sends the text to the check."""
     rows = pairs if isinstance(pairs, list) else list(pairs)
     try:
-        text = orjson.dumps(rows, default=_refuse, option=_ORJSON_OPTIONS)
-    except TypeError:
-        text = None
-    if text is not None and (
-        not _may_differ(text) or _scalar_pairs(rows) or _holds_only_same_text_types(rows)
-    ):
-        return text
-    try:
-        return _encoder.encode(rows).encode()
+        return _canonical(rows, _pairs_hold_only_same_text_types)
     except (TypeError, ValueError):
         for key, value in rows:
             _key_text(key)
@@ -206,13 +204,15 @@ def encode_pairs(pairs: Iterable[tuple[Any, Any]]) -> bytes:
         raise
 
 
-def _scalar_pairs(rows: list) -> bool:
-    """True if `rows` are 2-tuples of str, int or bool only (so orjson's
-    text for them is json's): a few C-speed scans, no Python step per row."""
-    if set(map(type, rows)) != {tuple} or set(map(len, rows)) != {2}:
-        return False
-    keys, values = set(map(type, map(_first, rows))), set(map(type, map(_second, rows)))
-    return keys <= _SAME_TEXT_SCALARS and values <= _SAME_TEXT_SCALARS
+def _pairs_hold_only_same_text_types(rows: list) -> bool:
+    """`_holds_only_same_text_types(rows)`, settled by a few C-speed
+    column scans when `rows` are 2-tuples of str, int or bool (no Python
+    step per row), else by the walk."""
+    if set(map(type, rows)) == {tuple} and set(map(len, rows)) == {2}:
+        keys, values = set(map(type, map(_first, rows))), set(map(type, map(_second, rows)))
+        if keys <= _SAME_TEXT_SCALARS and values <= _SAME_TEXT_SCALARS:
+            return True
+    return _holds_only_same_text_types(rows)
 
 
 _first, _second = itemgetter(0), itemgetter(1)
