@@ -4,6 +4,7 @@ gRPC unchanged."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -41,11 +42,15 @@ def _round_trip(address: str, payload: bytes) -> tuple[float, bytes]:
     host, _, port = address.rpartition(":")
     with socket.create_connection((host, int(port))) as connection:
         started = time.monotonic()
-        connection.sendall(payload)
-        connection.shutdown(socket.SHUT_WR)
+        # A line whose target is gone may close before we finish sending
+        # (ENOTCONN, EPIPE, a reset): what came back, if anything, says so.
+        with contextlib.suppress(OSError):
+            connection.sendall(payload)
+            connection.shutdown(socket.SHUT_WR)
         received = bytearray()
-        while data := connection.recv(1 << 16):
-            received += data
+        with contextlib.suppress(ConnectionResetError):
+            while data := connection.recv(1 << 16):
+                received += data
         return time.monotonic() - started, bytes(received)
 
 
