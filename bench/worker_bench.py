@@ -41,7 +41,7 @@ from ec262.payload import digest, pack_functions
 from worker_service.sandbox.policy import LAYERS, SandboxLimits
 from worker_service.sandbox.pool import SandboxPool
 from worker_service.tasks import checked_task
-from worker_service.worker import Worker
+from worker_service.worker import Worker, one_by_one
 
 ROWS = encode_pairs([("doc", "the quick brown fox")])
 KEY = bytes(range(16))
@@ -143,7 +143,7 @@ def bench_worker_core(pool: SandboxPool, tasks: int) -> list[float]:
     worker = Worker(
         slots=1,
         sandbox=pool,
-        fetch_key=lambda task_id: (KEY, BENCH_FOREMAN),
+        fetch_keys=one_by_one(lambda task_id: (KEY, BENCH_FOREMAN)),
         submit=submit,
         client_id=lambda: "bench",
     )

@@ -22,7 +22,7 @@ from discovery_service.store import Assignment, ClientRecord, WorkerRef
 from ec262.addresses import network_of, split_address
 from ec262.auth import AUTHORIZATION_KEY
 from ec262.errors import InvalidRequest
-from ec262.grpc_errors import translate_errors
+from ec262.grpc_errors import answer_each, translate_errors
 from ec262.v1 import discovery_pb2 as pb
 from ec262.v1 import discovery_pb2_grpc
 
@@ -172,15 +172,13 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
             diversity=self._ledger.config.diversity,
         )
 
-    @translate_errors
-    async def FetchKey(self, request, context):
-        key, foreman_id = self._ledger.fetch_key(self._caller(context), request.task_id)
+    def _fetch_key(self, caller: str, request: pb.FetchKeyRequest) -> pb.FetchKeyResponse:
+        key, foreman_id = self._ledger.fetch_key(caller, request.task_id)
         return pb.FetchKeyResponse(key=key, foreman_id=foreman_id)
 
-    @translate_errors
-    async def SettleTask(self, request, context):
+    def _settle_task(self, caller: str, request: pb.SettleTaskRequest) -> pb.SettleTaskResponse:
         settlement = self._ledger.settle_task(
-            self._caller(context),
+            caller,
             request.task_id,
             valid=request.valid,
             missing=request.missing,
@@ -195,12 +193,53 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
             late_workers=list(settlement.late),
         )
 
+    def _commit_result(self, caller: str, request: pb.CommitResultRequest) -> None:
+        self._ledger.commit_result(caller, request.task_id, request.ciphertext_sha256)
+
+    @translate_errors
+    async def FetchKey(self, request, context):
+        return self._fetch_key(self._caller(context), request)
+
+    @translate_errors
+    async def SettleTask(self, request, context):
+        return self._settle_task(self._caller(context), request)
+
     @translate_errors
     async def CommitResult(self, request, context):
-        self._ledger.commit_result(
-            self._caller(context), request.task_id, request.ciphertext_sha256
-        )
+        self._commit_result(self._caller(context), request)
         return pb.CommitResultResponse()
+
+    # The batch forms: one authentication, then each item as its single
+    # call (docs/protocol.md section 2, batch calls).
+
+    @translate_errors
+    async def FetchKeys(self, request, context):
+        caller = self._caller(context)
+        answers = answer_each(request.tasks, lambda r: self._fetch_key(caller, r), "FetchKeys")
+        return pb.FetchKeysResponse(
+            answers=[
+                pb.FetchKeyAnswer(status=status, response=response) for status, response in answers
+            ]
+        )
+
+    @translate_errors
+    async def SettleTasks(self, request, context):
+        caller = self._caller(context)
+        answers = answer_each(request.tasks, lambda r: self._settle_task(caller, r), "SettleTasks")
+        return pb.SettleTasksResponse(
+            answers=[
+                pb.SettleTaskAnswer(status=status, response=response)
+                for status, response in answers
+            ]
+        )
+
+    @translate_errors
+    async def CommitResults(self, request, context):
+        caller = self._caller(context)
+        answers = answer_each(
+            request.commitments, lambda r: self._commit_result(caller, r), "CommitResults"
+        )
+        return pb.CommitResultsResponse(statuses=[status for status, _ in answers])
 
     @translate_errors
     async def AddReplica(self, request, context):

@@ -42,3 +42,9 @@ def sealed_text_length(plaintext_bytes: int) -> int:
 MAX_MESSAGE_BYTES = (
     max(sealed_text_length(MAX_RESULT_BYTES), MAX_ROWS_BYTES + MAX_FUNCTION_BYTES) + _MESSAGE_SLACK
 )
+
+# Batch calls (docs/protocol.md section 2, batch calls): the most items one
+# may carry (the services refuse more), and the bytes of rows or results a
+# sender packs into one (an item bigger than that alone still goes, alone).
+MAX_BATCH_ITEMS = 256
+BATCH_BYTES = 4 * 1024 * 1024

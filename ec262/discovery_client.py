@@ -17,7 +17,7 @@ import grpc
 from ec262.discovery_trust import DiscoveryTrust
 from ec262.envelope import ciphertext_sha256
 from ec262.errors import AuthenticationError, TrustError
-from ec262.grpc_errors import error_from_rpc
+from ec262.grpc_errors import error_from_item, error_from_rpc
 from ec262.identity import Identity, load_identities, save_identity
 from ec262.retry import TRANSIENT_CODES
 from ec262.v1 import discovery_pb2 as pb
@@ -269,6 +269,37 @@ class DiscoveryClient:
                 task_id=task_id, ciphertext_sha256=ciphertext_sha256(ciphertext)
             ),
         )
+
+    # -- batch forms (docs/protocol.md section 2, batch calls): one result or
+    # exception per item, in order; a failure of the call itself raises.
+
+    def fetch_keys(self, task_ids: Sequence[str]) -> list[pb.FetchKeyResponse | Exception]:
+        response = self._call(
+            "FetchKeys",
+            pb.FetchKeysRequest(tasks=[pb.FetchKeyRequest(task_id=t) for t in task_ids]),
+        )
+        return [error_from_item(a.status) or a.response for a in response.answers]
+
+    def commit_results(self, results: Sequence[tuple[str, str]]) -> list[Exception | None]:
+        """Commit to several results, each (task id, ciphertext)."""
+        response = self._call(
+            "CommitResults",
+            pb.CommitResultsRequest(
+                commitments=[
+                    pb.CommitResultRequest(
+                        task_id=task_id, ciphertext_sha256=ciphertext_sha256(ciphertext)
+                    )
+                    for task_id, ciphertext in results
+                ]
+            ),
+        )
+        return [error_from_item(status) for status in response.statuses]
+
+    def settle_tasks(
+        self, requests: Sequence[pb.SettleTaskRequest]
+    ) -> list[pb.SettleTaskResponse | Exception]:
+        response = self._call("SettleTasks", pb.SettleTasksRequest(tasks=list(requests)))
+        return [error_from_item(a.status) or a.response for a in response.answers]
 
     def add_replica(
         self,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import grpc
@@ -19,6 +19,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from ec262.defaults import MAX_BATCH_ITEMS
 from ec262.errors import (
     AddressRefused,
     AuthenticationError,
@@ -36,6 +37,7 @@ from ec262.errors import (
     TooManyNewClients,
     UnknownTask,
 )
+from ec262.v1 import batch_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +64,8 @@ _TABLE: tuple[tuple[type[Ec262Error], grpc.StatusCode, str], ...] = (
 _BY_REASON = {reason: cls for cls, _, reason in _TABLE}
 
 
-def status_for(error: Ec262Error) -> grpc.Status:
-    """The rich status a server sends for one of ec262's errors."""
+def _classified(error: Ec262Error) -> tuple[grpc.StatusCode, str, dict[str, str]]:
+    """(status code, ErrorInfo reason, ErrorInfo metadata) of one of ec262's errors."""
     code, reason = next(
         ((code, reason) for cls, code, reason in _TABLE if isinstance(error, cls)),
         (grpc.StatusCode.INTERNAL, "INTERNAL"),
@@ -71,10 +73,72 @@ def status_for(error: Ec262Error) -> grpc.Status:
     metadata: dict[str, str] = {}
     if isinstance(error, InsufficientCredits):
         metadata = {"needed": str(error.needed), "available": str(error.available)}
+    return code, reason, metadata
+
+
+def status_for(error: Ec262Error) -> grpc.Status:
+    """The rich status a server sends for one of ec262's errors."""
+    code, reason, metadata = _classified(error)
     detail = any_pb2.Any()
     detail.Pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata))
     return rpc_status.to_status(
         status_pb2.Status(code=code.value[0], message=str(error), details=[detail])
+    )
+
+
+def _error(reason: str, message: str, metadata) -> Ec262Error | None:
+    cls = _BY_REASON.get(reason)
+    if cls is None:
+        return None
+    if cls is InsufficientCredits:
+        return InsufficientCredits(int(metadata["needed"]), int(metadata["available"]), message)
+    return cls(message)
+
+
+# -- one item of a batch call (docs/protocol.md section 2, batch calls) ---------
+
+ITEM_OK = batch_pb2.ItemStatus()
+
+
+def item_status(error: Exception | None) -> batch_pb2.ItemStatus:
+    """How one item of a batch call ended: OK for None, the code and reason
+    a single call would carry for ec262's errors, INTERNAL (logged by the
+    caller, never its text) for anything else."""
+    if error is None:
+        return ITEM_OK
+    if not isinstance(error, Ec262Error):
+        internal = grpc.StatusCode.INTERNAL.value[0]
+        return batch_pb2.ItemStatus(code=internal, message=INTERNAL_MESSAGE)
+    code, reason, metadata = _classified(error)
+    return batch_pb2.ItemStatus(
+        code=code.value[0], message=str(error), reason=reason, metadata=metadata
+    )
+
+
+class ItemFailed(Exception):
+    """An item of a batch call that failed with a code ec262 has no
+    exception for (INTERNAL, or a newer service's reason)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}")
+        self.code = code
+        self.message = message
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def item_code(status: batch_pb2.ItemStatus) -> grpc.StatusCode:
+    return _CODES.get(status.code, grpc.StatusCode.UNKNOWN)
+
+
+def error_from_item(status: batch_pb2.ItemStatus) -> Exception | None:
+    """None for an item that succeeded, else the exception its single call
+    would have raised on the client (error_from_rpc's counterpart)."""
+    if status.code == 0:
+        return None
+    return _error(status.reason, status.message, status.metadata) or ItemFailed(
+        item_code(status), status.message
     )
 
 
@@ -88,17 +152,45 @@ def error_from_rpc(error: grpc.RpcError) -> Exception:
             info = candidate
             break
     message = error.details() if hasattr(error, "details") else str(error)
-    if info is None or info.reason not in _BY_REASON:
+    if info is None:
         return error
-    cls = _BY_REASON[info.reason]
-    if cls is InsufficientCredits:
-        return InsufficientCredits(
-            int(info.metadata["needed"]), int(info.metadata["available"]), message
+    return _error(info.reason, message, info.metadata) or error
+
+
+def checked_batch(items: Sequence, what: str) -> Sequence:
+    """`items` of a batch call, or InvalidRequest when there are none or
+    more than MAX_BATCH_ITEMS (the whole call is refused then)."""
+    if not items:
+        raise InvalidRequest(f"{what} carries no items")
+    if len(items) > MAX_BATCH_ITEMS:
+        raise InvalidRequest(
+            f"{what} carries {len(items)} items; at most {MAX_BATCH_ITEMS} in one call"
         )
-    return cls(message)
+    return items
+
+
+def answer_each(
+    items: Sequence[T], handle: Callable[[T], R], what: str
+) -> list[tuple[batch_pb2.ItemStatus, R | None]]:
+    """Each item of a batch call handled as its single call would be: (OK,
+    the result) or (its error's status, None); one item's failure never
+    stops the others. Anything unexpected is logged with its traceback and
+    answered INTERNAL, as translate_errors does for a single call."""
+    answers: list[tuple[batch_pb2.ItemStatus, R | None]] = []
+    for item in checked_batch(items, what):
+        try:
+            answers.append((ITEM_OK, handle(item)))
+        except Ec262Error as error:
+            answers.append((item_status(error), None))
+        except Exception as error:
+            logger.exception("%s: an item failed", what)
+            answers.append((item_status(error), None))
+    return answers
 
 
 Method = TypeVar("Method", bound=Callable)
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def translate_errors(method: Method) -> Method:

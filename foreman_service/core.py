@@ -139,6 +139,13 @@ class AssignAnswered:
 
 
 @dataclass(frozen=True)
+class WorkerLost:
+    """The connection to a worker ended and it cannot be reached again."""
+
+    worker_id: str
+
+
+@dataclass(frozen=True)
 class ResultArrived:
     task_id: str
     worker_id: str
@@ -183,6 +190,7 @@ Event = (
     Granted
     | RequestFailed
     | AssignAnswered
+    | WorkerLost
     | ResultArrived
     | ReplicaAdded
     | ReplicaFailed
@@ -491,6 +499,8 @@ class JobCore:
                 commands.append(Fail(event.error))
             case AssignAnswered():
                 self._assign_answered(event, now, commands)
+            case WorkerLost():
+                self._worker_lost(event, now)
             case ResultArrived():
                 self._result(event, now)
             case ReplicaAdded():
@@ -698,6 +708,22 @@ class JobCore:
         else:
             replica.state = FAILED
 
+    def _worker_lost(self, event: WorkerLost, now: float) -> None:
+        """A worker found gone: left out of requests for a while, and its
+        replicas not yet answered released, and replaced where the task
+        has no quorum yet, as if they had never started (the chunk spends
+        no attempt on them)."""
+        self._unreachable[event.worker_id] = now + UNREACHABLE_EXCLUDED_SECONDS
+        for task in self._tasks.values():
+            replica = task.replicas.get(event.worker_id)
+            if task.settling or replica is None or replica.state not in (ASSIGNING, RUNNING):
+                continue
+            replica.state = RELEASED
+            task.to_release.add(replica.worker_id)
+            if task.quorum_at is None:
+                task.replicas_wanted += 1
+            self.stats.replicas_released += 1
+
     # -- replicas ------------------------------------------------------------------
 
     def _speculate(self, task: Task, now: float, commands: list) -> None:
@@ -848,7 +874,7 @@ class JobCore:
         quorum's result in time (an honest slow worker is never punished)."""
         released = set()
         for replica in task.replicas.values():
-            if keep_working and replica.state == RUNNING and not replica.assign_timed_out:
+            if keep_working and self._may_answer_late(replica):
                 continue
             if replica.state in (ASSIGNING, RUNNING):
                 commands.append(
@@ -860,6 +886,16 @@ class JobCore:
                 released.add(replica.worker_id)
         return frozenset(released)
 
+    def _may_answer_late(self, replica: Replica) -> bool:
+        """A replica a valid settle leaves at work: it took the task, and
+        its worker was not found gone since (a worker killed with tasks
+        queued would otherwise hold their credits for the late window)."""
+        return (
+            replica.state == RUNNING
+            and not replica.assign_timed_out
+            and replica.worker_id not in self._unreachable
+        )
+
     def _record_verdict(self, task: Task, winner: str | None) -> None:
         """Which replicas agreed with the quorum, disagreed (all that
         answered, when there was none), were late (took the task, no result
@@ -870,7 +906,7 @@ class JobCore:
         for replica in task.replicas.values():
             if replica.state == ANSWERED:
                 kind = "agreed" if winner is not None and replica.result == winner else "disagreed"
-            elif replica.state == RUNNING and not replica.assign_timed_out:
+            elif self._may_answer_late(replica):
                 kind = "late"
             elif replica.state in (ASSIGNING, FAILED, RUNNING) or replica.assign_timed_out:
                 kind = "silent"

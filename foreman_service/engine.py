@@ -231,14 +231,13 @@ class JobEngine:
     ) -> None:
         """Calls first, so freed workers get their next task before a map
         output is merged (milliseconds each); a failure raises at once."""
-        delivered = []
+        delivered, calls = [], []
         for command in commands:
             if isinstance(command, Fail):
+                outbound.execute_all(calls)
                 raise command.error
-            if isinstance(command, Deliver):
-                delivered.append(command)
-            else:
-                outbound.execute(command)
+            (delivered if isinstance(command, Deliver) else calls).append(command)
+        outbound.execute_all(calls)
         for command in delivered:
             on_result(command)
         seen = (self.stats.tasks_validated, self.stats.retries, self.stats.tasks_invalid)

@@ -24,10 +24,12 @@ import grpc
 
 from ec262 import tls
 from ec262.addresses import address_is_loopback
-from ec262.defaults import MAX_MESSAGE_BYTES
+from ec262.batching import Batcher
+from ec262.defaults import BATCH_BYTES, MAX_BATCH_ITEMS, MAX_MESSAGE_BYTES
 from ec262.discovery_client import DiscoveryClient
+from ec262.grpc_errors import item_code
 from ec262.retry import call_with_retry
-from ec262.v1 import worker_pb2, worker_pb2_grpc
+from ec262.v1 import discovery_pb2, worker_pb2, worker_pb2_grpc
 from foreman_service.core import (
     AddReplica,
     Assign,
@@ -42,6 +44,7 @@ from foreman_service.core import (
     Settle,
     Settled,
     SettleFailed,
+    WorkerLost,
 )
 from foreman_service.inbox import ResultInbox
 
@@ -53,6 +56,9 @@ DISCOVERY_RETRY_SECONDS = 65.0
 CANCEL_DEADLINE = 2.0
 DISCOVERY_THREADS = 4
 STOP_THREADS = 16  # settles in parallel as a job stops
+SETTLE_THREADS = 64
+# Batch calls of one kind under way at once (ec262/batching.py).
+BATCHES_IN_FLIGHT = 2
 STOP_SECONDS_FOR_LATE_GRANTS = 5.0
 
 
@@ -87,9 +93,10 @@ class WorkerChannels:
     certificate the discovery service handed out for it, plaintext only to a
     loopback worker that registered none (docs/protocol.md section 8)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_lost: Callable[[str], None] = lambda worker_id: None) -> None:
         self._channels: dict[tuple[str, str], grpc.Channel] = {}
         self._certificates: dict[str, str] = {}  # worker id -> PEM
+        self._on_lost = on_lost
 
     def learn(self, worker_id: str, certificate: str) -> None:
         self._certificates[worker_id] = certificate
@@ -108,7 +115,25 @@ class WorkerChannels:
                 certificate,
                 options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
             )
+            channel.subscribe(self._watcher(worker_id, channel))
         return worker_pb2_grpc.WorkerStub(channel)
+
+    def _watcher(self, worker_id: str, channel: grpc.Channel) -> Callable:
+        """Tells `on_lost` when a worker is found gone: its connection ended
+        and connecting again fails (a killed worker; a frozen one keeps its
+        connection and is left to the timeouts). Its tasks, queued there,
+        would otherwise wait for their deadlines."""
+        Connectivity = grpc.ChannelConnectivity
+        last = [Connectivity.IDLE]
+
+        def changed(state: grpc.ChannelConnectivity) -> None:
+            if state == Connectivity.IDLE and last[0] == Connectivity.READY:
+                grpc.channel_ready_future(channel)  # connect again now, to see
+            elif state == Connectivity.TRANSIENT_FAILURE and last[0] != state:
+                self._on_lost(worker_id)
+            last[0] = state
+
+        return changed
 
     def close(self) -> None:
         for channel in self._channels.values():
@@ -131,8 +156,14 @@ class ForemanOutbound:
         self._inbox = inbox
         self._events = events
         self._assign_timeout = assign_timeout
-        self._channels = WorkerChannels()
+        self._channels = WorkerChannels(lambda worker_id: events.put(WorkerLost(worker_id)))
         self._pool = ThreadPoolExecutor(DISCOVERY_THREADS, thread_name_prefix="discovery")
+        # Each settle waits on its own thread (retried while the discovery
+        # service is unreachable); those waiting at once share SettleTasks.
+        self._settlers = ThreadPoolExecutor(SETTLE_THREADS, thread_name_prefix="settle")
+        self._settles = Batcher(
+            discovery.settle_tasks, name="settles", max_in_flight=BATCHES_IN_FLIGHT
+        )
         self._stop = threading.Event()
         self._stopping = threading.Event()  # the job is over (finish)
         self._pending_lock = threading.Lock()
@@ -150,19 +181,36 @@ class ForemanOutbound:
 
     # -- carrying out ---------------------------------------------------------------
 
+    def execute_all(self, commands: list) -> None:
+        """Carry out `commands`: the Assigns to one worker go in one
+        AssignTasks (or a few, each within BATCH_BYTES), the rest one by one."""
+        assigns: dict[tuple[str, str], list[Assign]] = {}
+        for command in commands:
+            if isinstance(command, Assign):
+                assigns.setdefault((command.worker_id, command.address), []).append(command)
+            else:
+                self.execute(command)
+        for group in assigns.values():
+            for batch in _within(group, BATCH_BYTES, MAX_BATCH_ITEMS, self._assign_bytes):
+                self._assign(batch)
+
+    def _assign_bytes(self, command: Assign) -> int:
+        payload = self._phase_payload[0] if command.send_payload else b""
+        return len(command.chunk.rows) + len(payload)
+
     def execute(self, command: Any) -> None:
         match command:
             case RequestTasks():  # tracked: a job that stops waits for its answer
                 self._tracked(self._pool.submit(self._request_tasks, command))
             case Assign():
-                self._assign(command)
+                self._assign([command])
             case Cancel():
                 self._cancel(command)
             case AddReplica():
                 self._in_thread(self._add_replica, command)
             case Settle():
                 self._inbox.close_task(command.task_id)
-                self._tracked(self._pool.submit(self._settle, command, DISCOVERY_RETRY_SECONDS))
+                self._tracked(self._settlers.submit(self._settle, command, DISCOVERY_RETRY_SECONDS))
             case _:
                 raise TypeError(f"not a command for the outbound layer: {command!r}")
 
@@ -228,15 +276,14 @@ class ForemanOutbound:
 
     def _settle(self, command: Settle, seconds: float) -> None:
         try:
+            request = discovery_pb2.SettleTaskRequest(
+                task_id=command.task_id,
+                valid=command.valid,
+                missing=sorted(command.missing),
+                released=sorted(command.released),
+            )
             response = self._retrying(
-                lambda: self._discovery.settle_task(
-                    command.task_id,
-                    valid=command.valid,
-                    missing=sorted(command.missing),
-                    released=sorted(command.released),
-                ),
-                f"SettleTask({command.task_id})",
-                seconds,
+                lambda: self._settles.call(request), f"SettleTask({command.task_id})", seconds
             )
         except Exception as error:
             self._events.put(SettleFailed(command.task_id, error))
@@ -252,43 +299,57 @@ class ForemanOutbound:
             )
         )
 
-    def _assign(self, command: Assign) -> None:
+    def _assign(self, commands: list[Assign]) -> None:
+        """One AssignTasks to one worker; each task's answer an event."""
         payload, digest = self._phase_payload
-        self._inbox.expect(command.task_id, command.worker_id, command.token)
-        request = worker_pb2.AssignTaskRequest(
-            task_id=command.task_id,
-            job_id=self.job_id,
-            phase=command.chunk.phase,
-            function=payload if command.send_payload else b"",
-            function_sha256=digest,
-            rows=command.chunk.rows,
-            result_address=self.result_address,
-            foreman_id=self._discovery.identity.client_id,
-            submit_token=command.token,
-            result_certificate=self.result_certificate,
-        )
-        try:
-            stub = self._channels.stub(command.worker_id, command.address)
-        except UntrustedWorker as error:
-            self._events.put(
-                AssignAnswered(command.task_id, command.worker_id, "UNAVAILABLE", str(error))
+        first = commands[0]
+        requests = []
+        for command in commands:
+            self._inbox.expect(command.task_id, command.worker_id, command.token)
+            requests.append(
+                worker_pb2.AssignTaskRequest(
+                    task_id=command.task_id,
+                    job_id=self.job_id,
+                    phase=command.chunk.phase,
+                    function=payload if command.send_payload else b"",
+                    function_sha256=digest,
+                    rows=command.chunk.rows,
+                    result_address=self.result_address,
+                    foreman_id=self._discovery.identity.client_id,
+                    submit_token=command.token,
+                    result_certificate=self.result_certificate,
+                )
             )
+        try:
+            stub = self._channels.stub(first.worker_id, first.address)
+        except UntrustedWorker as error:
+            for command in commands:
+                self._events.put(
+                    AssignAnswered(command.task_id, command.worker_id, "UNAVAILABLE", str(error))
+                )
             return
-        future = stub.AssignTask.future(request, timeout=self._assign_timeout)
+        future = stub.AssignTasks.future(
+            worker_pb2.AssignTasksRequest(tasks=requests), timeout=self._assign_timeout
+        )
 
         def answered(call: grpc.Future) -> None:
             code = call.code()
-            if code != grpc.StatusCode.OK:
-                logger.info(
-                    "worker %s did not take %s (%s: %s)",
-                    command.worker_id[:8],
-                    command.chunk.label,
-                    code.name,
-                    call.details(),
-                )
-            self._events.put(
-                AssignAnswered(command.task_id, command.worker_id, code.name, call.details() or "")
-            )
+            if code == grpc.StatusCode.OK:
+                answers = [
+                    (item_code(status).name, status.message) for status in call.result().statuses
+                ]
+            else:
+                answers = [(code.name, call.details() or "")] * len(commands)
+            for command, (name, details) in zip(commands, answers, strict=False):
+                if name != "OK":
+                    logger.info(
+                        "worker %s did not take %s (%s: %s)",
+                        command.worker_id[:8],
+                        command.chunk.label,
+                        name,
+                        details,
+                    )
+                self._events.put(AssignAnswered(command.task_id, command.worker_id, name, details))
 
         future.add_done_callback(answered)
 
@@ -382,3 +443,21 @@ class ForemanOutbound:
         self._stop.set()
         self._channels.close()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._settlers.shutdown(wait=True, cancel_futures=True)
+        self._settles.close()
+
+
+def _within(items: list, max_bytes: int, max_items: int, size: Callable[[Any], int]) -> list[list]:
+    """`items` in order, cut into runs of at most `max_items` and
+    `max_bytes` (an item bigger than that alone makes a run of its own)."""
+    runs: list[list] = [[]]
+    total = 0
+    for item in items:
+        n = size(item)
+        run = runs[-1]
+        if run and (len(run) >= max_items or total + n > max_bytes):
+            runs.append(run := [])
+            total = 0
+        run.append(item)
+        total += n
+    return runs

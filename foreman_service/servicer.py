@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ec262.grpc_errors import translate_errors
+from ec262.grpc_errors import answer_each, translate_errors
 from ec262.v1 import foreman_pb2 as pb
 from ec262.v1 import foreman_pb2_grpc
 from foreman_service.inbox import ResultInbox
@@ -14,12 +14,20 @@ class ForemanServicer(foreman_pb2_grpc.ForemanServicer):
         self._inbox = inbox
         self._stats = stats
 
-    @translate_errors
-    def SubmitResult(self, request, context):
+    def _submit(self, request: pb.SubmitResultRequest) -> None:
         self._inbox.submit(
             request.task_id, request.worker_id, request.submit_token, request.ciphertext
         )
+
+    @translate_errors
+    def SubmitResult(self, request, context):
+        self._submit(request)
         return pb.SubmitResultResponse()
+
+    @translate_errors
+    def SubmitResults(self, request, context):
+        answers = answer_each(request.results, self._submit, "SubmitResults")
+        return pb.SubmitResultsResponse(statuses=[status for status, _ in answers])
 
     @translate_errors
     def GetJob(self, request, context):

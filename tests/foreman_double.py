@@ -8,7 +8,12 @@ import threading
 import grpc
 
 from ec262 import serving
-from ec262.v1 import foreman_pb2, foreman_pb2_grpc
+from ec262.v1 import batch_pb2, foreman_pb2, foreman_pb2_grpc
+
+_MESSAGES = {
+    grpc.StatusCode.NOT_FOUND: "no such assignment",
+    grpc.StatusCode.PERMISSION_DENIED: "wrong submit token",
+}
 
 
 class RecordingForeman(foreman_pb2_grpc.ForemanServicer):
@@ -23,19 +28,36 @@ class RecordingForeman(foreman_pb2_grpc.ForemanServicer):
             for worker_id in worker_ids:
                 self._tokens[(task_id, worker_id)] = token
 
-    def SubmitResult(self, request, context):
+    def _take(self, request) -> grpc.StatusCode:
         key = (request.task_id, request.worker_id)
         with self._changed:
             token = self._tokens.get(key)
             if token is None or key in self.results:
                 self.rejected.append((*key, "NOT_FOUND"))
-                context.abort(grpc.StatusCode.NOT_FOUND, "no such assignment")
+                return grpc.StatusCode.NOT_FOUND
             if token != request.submit_token:
                 self.rejected.append((*key, "PERMISSION_DENIED"))
-                context.abort(grpc.StatusCode.PERMISSION_DENIED, "wrong submit token")
+                return grpc.StatusCode.PERMISSION_DENIED
             self.results[key] = request.ciphertext
             self._changed.notify_all()
+        return grpc.StatusCode.OK
+
+    def SubmitResult(self, request, context):
+        code = self._take(request)
+        if code != grpc.StatusCode.OK:
+            context.abort(code, _MESSAGES[code])
         return foreman_pb2.SubmitResultResponse()
+
+    def SubmitResults(self, request, context):
+        statuses = []
+        for item in request.results:
+            code = self._take(item)
+            statuses.append(
+                batch_pb2.ItemStatus()
+                if code == grpc.StatusCode.OK
+                else batch_pb2.ItemStatus(code=code.value[0], message=_MESSAGES[code])
+            )
+        return foreman_pb2.SubmitResultsResponse(statuses=statuses)
 
     def wait_for(self, task_id: str, count: int, timeout: float = 60.0) -> dict[str, str]:
         """worker_id -> ciphertext once `count` workers have submitted."""

@@ -54,10 +54,14 @@ def test_every_protocol_name_is_in_the_protos():
                 "SettleTask",
                 "AddReplica",
                 "CommitResult",
+                # extra: the batch forms (docs/protocol.md section 2)
+                "FetchKeys",
+                "CommitResults",
+                "SettleTasks",
             },
         ),
-        worker_pb2: ("Worker", {"AssignTask", "CancelTask", "GetStatus"}),
-        foreman_pb2: ("Foreman", {"SubmitResult", "GetJob"}),
+        worker_pb2: ("Worker", {"AssignTask", "CancelTask", "GetStatus", "AssignTasks"}),
+        foreman_pb2: ("Foreman", {"SubmitResult", "GetJob", "SubmitResults"}),
     }
     for module, (name, methods) in services.items():
         service = module.DESCRIPTOR.services_by_name[name]

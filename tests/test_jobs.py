@@ -485,7 +485,8 @@ def test_get_job_reports_progress_while_the_job_runs(cluster, tmp_path):
     (status,) = watcher.seen
     assert status.job_id == result.stats.job_id
     assert status.phase == "map"
-    assert status.tasks_by_state["validated"] == 1
+    # The first advance: one SettleTasks may have validated several at once.
+    assert 1 <= status.tasks_by_state["validated"] < result.stats.tasks_validated
     assert status.tasks_by_state["assigned"] >= 1
     # The verdicts of the tasks settled so far (at least the validated one),
     # as GetJob gives them (docs/protocol.md section 10).

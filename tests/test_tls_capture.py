@@ -50,19 +50,18 @@ class Secrets:
 
 def _run_captured(tmp_path: Path, monkeypatch, *, tls: bool) -> tuple[Secrets, object]:
     secrets = Secrets()
-    settle, expect = DiscoveryClient.settle_task, ResultInbox.expect
+    settle, expect = DiscoveryClient.settle_tasks, ResultInbox.expect
 
-    def recording_settle(self, task_id, **kwargs):
-        reply = settle(self, task_id, **kwargs)
-        if reply.key:
-            secrets.keys.append(reply.key)
-        return reply
+    def recording_settle(self, requests):
+        replies = settle(self, requests)
+        secrets.keys += [r.key for r in replies if not isinstance(r, Exception) and r.key]
+        return replies
 
     def recording_expect(self, task_id, worker_id, token):
         secrets.tokens.append(token)
         return expect(self, task_id, worker_id, token)
 
-    monkeypatch.setattr(DiscoveryClient, "settle_task", recording_settle)
+    monkeypatch.setattr(DiscoveryClient, "settle_tasks", recording_settle)
     monkeypatch.setattr(ResultInbox, "expect", recording_expect)
     directory = tmp_path / ("tls" if tls else "plain")
     capture = tmp_path / f"{directory.name}.pcap"

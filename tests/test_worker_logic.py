@@ -28,7 +28,7 @@ from worker_service import worker as worker_module
 from worker_service.sandbox.policy import SandboxLimits
 from worker_service.sandbox.pool import Cancellation, Cancelled, SandboxPool, SandboxResult
 from worker_service.tasks import checked_task
-from worker_service.worker import Worker
+from worker_service.worker import Worker, one_by_one
 
 KEY = bytes(range(16))
 FOREMAN_A = "00000000-0000-4000-8000-00000000000a"
@@ -145,7 +145,11 @@ def _task_id_of(rows: bytes) -> str:
 def stand_in():
     ledger, sandbox, submitted = Ledger(), CountingSandbox(), Submissions()
     worker = Worker(
-        slots=1, sandbox=sandbox, fetch_key=ledger, submit=submitted, client_id=lambda: "w"
+        slots=1,
+        sandbox=sandbox,
+        fetch_keys=one_by_one(ledger),
+        submit=submitted,
+        client_id=lambda: "w",
     )
     yield worker, ledger, sandbox, submitted
     worker.close()
@@ -155,7 +159,11 @@ def test_a_sandbox_is_reused_for_one_foreman_but_never_shared_with_another():
     pool = SandboxPool(SandboxLimits(task_timeout=10), size=4)
     ledger, submitted = Ledger(), Submissions()
     worker = Worker(
-        slots=1, sandbox=pool, fetch_key=ledger, submit=submitted, client_id=lambda: "w"
+        slots=1,
+        sandbox=pool,
+        fetch_keys=one_by_one(ledger),
+        submit=submitted,
+        client_id=lambda: "w",
     )
     try:
         payload = pack_functions(counting)
@@ -219,10 +227,10 @@ def test_a_task_id_runs_at_most_once(stand_in):
 
 
 def test_a_place_is_held_while_the_discovery_service_is_asked(stand_in):
-    """One slot and one place in the queue: two offers being confirmed
-    hold both, and a third is refused as busy."""
+    """One slot, no queue, and one place for a late copy: two offers being
+    confirmed hold both, and a third is refused as busy."""
     worker, _, _, submitted = stand_in
-    assert worker_module.QUEUED_PER_SLOT == 1
+    worker.capacity = worker.slots
     payload = pack_functions(counting)
     asking, answer = threading.Semaphore(0), threading.Event()
 
@@ -231,7 +239,7 @@ def test_a_place_is_held_while_the_discovery_service_is_asked(stand_in):
         assert answer.wait(10)
         return KEY, FOREMAN_A
 
-    worker._fetch_key = slow_ledger
+    worker._fetch_keys = one_by_one(slow_ledger)
     offers = [
         threading.Thread(target=worker.assign, args=(_task(n, FOREMAN_A, payload),)) for n in (1, 2)
     ]
@@ -272,7 +280,11 @@ def gated(request):
     ledger, submitted = Ledger(), Submissions()
     sandbox = GatedSandbox(obey_cancel=getattr(request, "param", True))
     worker = Worker(
-        slots=1, sandbox=sandbox, fetch_key=ledger, submit=submitted, client_id=lambda: "w"
+        slots=1,
+        sandbox=sandbox,
+        fetch_keys=one_by_one(ledger),
+        submit=submitted,
+        client_id=lambda: "w",
     )
     yield worker, ledger, sandbox, submitted
     worker.close()
@@ -346,6 +358,7 @@ def test_the_slot_is_free_when_cancel_returns_though_the_run_has_not_noticed(gat
     be seen dead) and even returns a result: the slot was free at once, the
     result is never sent, and the run's end frees nothing more."""
     worker, ledger, sandbox, submitted = gated
+    worker.capacity = worker.slots  # one slot, one place for a late copy
     task = _assign(worker, ledger, 1)
     stuck = sandbox.next()
     assert worker.cancel(task.task_id, "t") is True

@@ -21,7 +21,7 @@ from worker_service import outbound
 from worker_service.outbound import ResultSubmitter
 from worker_service.sandbox.pool import Cancellation, Cancelled, SandboxResult
 from worker_service.tasks import checked_task
-from worker_service.worker import Worker, WorkerCounters
+from worker_service.worker import Worker, WorkerCounters, one_by_one
 
 KEY = bytes(range(16))
 FOREMAN = "00000000-0000-4000-8000-00000000000a"
@@ -111,7 +111,8 @@ def test_the_workers_stop_still_ends_the_retries_at_once(stop):
 
 
 class SilentForeman(foreman_pb2_grpc.ForemanServicer):
-    """Takes SubmitResult and never answers, noting when the caller hangs up."""
+    """Takes SubmitResults (a batch of one here) and never answers, noting
+    when the caller hangs up."""
 
     def __init__(self) -> None:
         self.calls = 0
@@ -119,7 +120,7 @@ class SilentForeman(foreman_pb2_grpc.ForemanServicer):
         self.hung_up = threading.Event()
         self.release = threading.Event()
 
-    def SubmitResult(self, request, context):
+    def SubmitResults(self, request, context):
         self.calls += 1
         context.add_callback(self.hung_up.set)
         self.received.set()
@@ -166,7 +167,7 @@ def test_a_task_cancelled_in_its_submit_retries_frees_its_slot_and_is_not_droppe
     worker = Worker(
         slots=1,
         sandbox=Instant(),
-        fetch_key=lambda task_id: (KEY, FOREMAN),
+        fetch_keys=one_by_one(lambda task_id: (KEY, FOREMAN)),
         submit=watched,
         client_id=lambda: "w",
     )

@@ -5,19 +5,28 @@ stops when its task is cancelled."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 
 from ec262 import tls
-from ec262.defaults import MAX_MESSAGE_BYTES
+from ec262.batching import Abandoned, Batcher, Pending
+from ec262.defaults import BATCH_BYTES, MAX_MESSAGE_BYTES
 from ec262.discovery_client import DiscoveryClient
-from ec262.errors import CommitConflict, ResultNotDelivered, ServiceUnavailable, UnknownTask
-from ec262.retry import call_with_retry, is_transient
+from ec262.errors import (
+    CommitConflict,
+    Ec262Error,
+    ResultNotDelivered,
+    ServiceUnavailable,
+    UnknownTask,
+)
+from ec262.grpc_errors import ItemFailed, error_from_item
+from ec262.retry import backoff_delays, call_with_retry, is_transient
 from ec262.v1 import foreman_pb2, foreman_pb2_grpc
 from worker_service.sandbox.pool import Cancellation, Cancelled
 from worker_service.tasks import Task
@@ -29,6 +38,9 @@ logger = logging.getLogger(__name__)
 KEY_DEADLINE = 5.0
 SUBMIT_DEADLINE = 120.0
 MAX_FOREMAN_CHANNELS = 16
+# Batch calls of one kind under way at once (ec262/batching.py): a lone
+# call never waits, and calls that come while these are out share the next.
+BATCHES_IN_FLIGHT = 2
 
 
 def _attempt_seconds(ciphertext: str) -> float:
@@ -37,28 +49,54 @@ def _attempt_seconds(ciphertext: str) -> float:
 
 
 class KeyFetcher:
+    """The discovery service's confirmation of tasks (their keys), batched:
+    the tasks of one AssignTasks, and those of AssignTasks arriving while a
+    FetchKeys is under way, share one call."""
+
     def __init__(self, discovery: DiscoveryClient, stop: threading.Event) -> None:
         self._discovery = discovery
         self._stop = stop
+        self._keys = Batcher(discovery.fetch_keys, name="keys", max_in_flight=BATCHES_IN_FLIGHT)
 
-    def __call__(self, task_id: str) -> tuple[bytes, str]:
-        """(key, owning foreman); UnknownTask, or ServiceUnavailable when the
-        discovery service does not answer in KEY_DEADLINE seconds."""
-        try:
-            response = call_with_retry(
-                lambda: self._discovery.fetch_key(task_id),
-                what=f"FetchKey({task_id})",
-                deadline=time.monotonic() + KEY_DEADLINE,
-                stop=self._stop,
-            )
-        except grpc.RpcError as error:
-            if not is_transient(error):
-                raise
-            raise ServiceUnavailable(
-                f"the discovery service {self._discovery.address} did not confirm task"
-                f" {task_id} within {KEY_DEADLINE:g} s ({error.code().name}); try again"
-            ) from None
-        return response.key, response.foreman_id
+    def __call__(self, task_ids: Sequence[str]) -> list[tuple[bytes, str] | Exception]:
+        """Per task, in order: (key, owning foreman), or UnknownTask and the
+        like, or ServiceUnavailable when the discovery service does not
+        answer in KEY_DEADLINE seconds."""
+        deadline = time.monotonic() + KEY_DEADLINE
+        answers: dict[int, tuple[bytes, str] | Exception] = {}
+        asking = list(enumerate(task_ids))
+        for delay in backoff_delays():
+            waiting = [(i, task_id, self._keys.submit(task_id)) for i, task_id in asking]
+            asking = []
+            for i, task_id, pending in waiting:
+                try:
+                    response = pending.wait()
+                except Exception as error:
+                    if is_transient(error) and time.monotonic() < deadline:
+                        asking.append((i, task_id))
+                    else:
+                        answers[i] = self._unconfirmed(task_id, error)
+                    continue
+                answers[i] = (response.key, response.foreman_id)
+            if not asking:
+                break
+            if self._stop.wait(min(delay, max(0.0, deadline - time.monotonic()))):
+                for i, task_id in asking:
+                    answers[i] = self._unconfirmed(task_id, ServiceUnavailable("stopping"))
+                break
+        return [answers[i] for i in range(len(task_ids))]
+
+    def _unconfirmed(self, task_id: str, error: Exception) -> Exception:
+        if not is_transient(error):
+            return error
+        code = error.code().name if isinstance(error, grpc.RpcError) else "UNAVAILABLE"
+        return ServiceUnavailable(
+            f"the discovery service {self._discovery.address} did not confirm task"
+            f" {task_id} within {KEY_DEADLINE:g} s ({code}); try again"
+        )
+
+    def close(self) -> None:
+        self._keys.close()
 
     def still_assigned(self, task_id: str) -> bool:
         """Whether the discovery service still has the task open for this
@@ -76,15 +114,16 @@ class KeyFetcher:
 
 class _Attempts:
     """One result's SubmitResult attempts, as `call_with_retry` makes them,
-    stoppable from another thread: once `cancel` runs, the attempt in
-    flight is cancelled, no other starts, and `halt` ends the wait between
-    two (the worker's stop sets `halt` too, which only ends the waits)."""
+    stoppable from another thread: once `cancel` runs, the attempt waiting
+    for its batch is withdrawn (or, sent already, no longer waited for), no
+    other starts, and `halt` ends the wait between two (the worker's stop
+    sets `halt` too, which only ends the waits)."""
 
-    def __init__(self, send: Callable[[], grpc.Future]) -> None:
+    def __init__(self, send: Callable[[], Pending]) -> None:
         self._send = send
         self._lock = threading.Lock()
         self._cancelled = False
-        self._in_flight: grpc.Future | None = None
+        self._in_flight: Pending | None = None
         self.halt = threading.Event()
 
     def cancel(self) -> None:
@@ -94,16 +133,16 @@ class _Attempts:
             in_flight = self._in_flight
         self.halt.set()
         if in_flight is not None:
-            in_flight.cancel()
+            in_flight.abandon()
 
     def __call__(self) -> object:
         with self._lock:
             if self._cancelled:
                 raise Cancelled("the task was cancelled before this attempt")
-            self._in_flight = future = self._send()
+            self._in_flight = pending = self._send()
         try:
-            return future.result()
-        except grpc.FutureCancelledError:
+            return pending.wait()
+        except Abandoned:
             raise Cancelled("the task was cancelled during this attempt") from None
         finally:
             with self._lock:
@@ -132,7 +171,8 @@ class ResultSubmitter:
         self._lock = threading.Lock()
         # (address, certificate): a foreman's result server at an address
         # is trusted only with the certificate its AssignTask named.
-        self._channels: OrderedDict[tuple[str, str], grpc.Channel] = OrderedDict()
+        self._batchers: OrderedDict[tuple[str, str], Batcher] = OrderedDict()
+        self._channels: dict[tuple[str, str], grpc.Channel] = {}
         self._halts: set[threading.Event] = set()
         self._stopped = False
         threading.Thread(target=self._relay_stop, name="submit-stop", daemon=True).start()
@@ -159,22 +199,33 @@ class ResultSubmitter:
             with self._lock:
                 self._halts.discard(halt)
 
-    def _stub(self, address: str, certificate: str) -> foreman_pb2_grpc.ForemanStub:
+    def _results_to(self, address: str, certificate: str) -> Batcher:
+        """The SubmitResults batcher of one foreman's result server, over its
+        own channel."""
         key = (address, certificate)
         with self._lock:
-            channel = self._channels.get(key)
-            if channel is None:
+            batcher = self._batchers.get(key)
+            if batcher is None:
                 channel = tls.channel(
                     address,
                     certificate,
                     options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
                 )
+                batcher = Batcher(
+                    functools.partial(_submit_results, foreman_pb2_grpc.ForemanStub(channel)),
+                    name="results",
+                    max_bytes=BATCH_BYTES,
+                    size=lambda request: len(request.ciphertext),
+                    max_in_flight=BATCHES_IN_FLIGHT,
+                )
+                self._batchers[key] = batcher
                 self._channels[key] = channel
-                while len(self._channels) > MAX_FOREMAN_CHANNELS:
-                    _, old = self._channels.popitem(last=False)
+                while len(self._batchers) > MAX_FOREMAN_CHANNELS:
+                    old_key, old = self._batchers.popitem(last=False)
                     old.close()
-            self._channels.move_to_end(key)
-            return foreman_pb2_grpc.ForemanStub(channel)
+                    self._channels.pop(old_key).close()
+            self._batchers.move_to_end(key)
+            return batcher
 
     def __call__(
         self, task: Task, worker_id: str, ciphertext: str, cancel: Cancellation | None = None
@@ -189,10 +240,8 @@ class ResultSubmitter:
         )
         if self._commit is not None:
             self._committed(task, ciphertext)
-        stub = self._stub(task.result_address, task.result_certificate)
-        attempts = _Attempts(
-            lambda: stub.SubmitResult.future(request, timeout=_attempt_seconds(ciphertext))
-        )
+        results = self._results_to(task.result_address, task.result_certificate)
+        attempts = _Attempts(lambda: results.submit(request))
         cancel = cancel if cancel is not None else Cancellation()
         try:
             with self._halted_on_stop(attempts.halt), cancel.on_cancel(attempts.cancel):
@@ -205,27 +254,28 @@ class ResultSubmitter:
                         is_transient(error) and self._still_assigned(task.task_id)
                     ),
                 )
-        except grpc.RpcError as error:
+        except (grpc.RpcError, Ec262Error, ItemFailed) as error:
             if cancel.cancelled:
                 raise Cancelled(f"task {task.task_id} was cancelled while it was sent") from None
+            code, details = _described(error)
             if is_transient(error):
                 logger.warning(
                     "gave up sending task %s's result to foreman %s (%s: %s): the task is"
                     " closed, or the foreman stayed unreachable from this worker",
                     task.task_id,
                     task.result_address,
-                    error.code().name,
-                    error.details(),
+                    code,
+                    details,
                 )
             else:
                 logger.warning(
                     "foreman %s refused task %s's result: %s %s",
                     task.result_address,
                     task.task_id,
-                    error.code().name,
-                    error.details(),
+                    code,
+                    details,
                 )
-            raise ResultNotDelivered(f"task {task.task_id}: {error.code().name}") from None
+            raise ResultNotDelivered(f"task {task.task_id}: {code}") from None
 
     def _committed(self, task: Task, ciphertext: str) -> None:
         """Commit (retried while the discovery service is unreachable and
@@ -251,6 +301,44 @@ class ResultSubmitter:
 
     def close(self) -> None:
         with self._lock:
+            for batcher in self._batchers.values():
+                batcher.close()
             for channel in self._channels.values():
                 channel.close()
+            self._batchers.clear()
             self._channels.clear()
+
+
+class _Submitted:
+    """A SubmitResults call under way (ec262.batching.Call): its answers
+    once it ends; cancelled on the wire when all its tasks are."""
+
+    def __init__(self, future: grpc.Future) -> None:
+        self._future = future
+
+    def result(self) -> list[Exception | None]:
+        return [error_from_item(status) for status in self._future.result().statuses]
+
+    def cancel(self) -> bool:
+        return self._future.cancel()
+
+
+def _submit_results(
+    stub: foreman_pb2_grpc.ForemanStub, requests: list[foreman_pb2.SubmitResultRequest]
+) -> _Submitted:
+    """One SubmitResults call: its deadline the sum of the single calls'."""
+    return _Submitted(
+        stub.SubmitResults.future(
+            foreman_pb2.SubmitResultsRequest(results=requests),
+            timeout=sum(_attempt_seconds(r.ciphertext) for r in requests),
+        )
+    )
+
+
+def _described(error: Exception) -> tuple[str, str]:
+    """(code name, details) of a failed call or item, for the log."""
+    if isinstance(error, grpc.RpcError):
+        return error.code().name, error.details() or ""
+    if isinstance(error, ItemFailed):
+        return error.code.name, error.message
+    return type(error).__name__, str(error)

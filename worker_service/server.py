@@ -10,18 +10,19 @@ from pathlib import Path
 
 from ec262 import serving
 from ec262.addresses import is_wildcard, join_address, routable_host
+from ec262.batching import Batcher
 from ec262.defaults import DEFAULT_DISCOVERY
 from ec262.discovery_client import DiscoveryClient, this_runtime
 from ec262.identity import identity_path
 from ec262.tls import ServerCertificate, server_certificate
 from ec262.v1 import worker_pb2, worker_pb2_grpc
 from worker_service import adversaries
-from worker_service.outbound import KeyFetcher, ResultSubmitter
+from worker_service.outbound import BATCHES_IN_FLIGHT, KeyFetcher, ResultSubmitter
 from worker_service.registration import Registrar
 from worker_service.sandbox.policy import SandboxLimits
 from worker_service.sandbox.pool import SandboxPool
 from worker_service.servicer import WorkerServicer
-from worker_service.worker import Worker
+from worker_service.worker import Worker, capacity_for
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class RunningWorker:
     submitter: ResultSubmitter
     stop_event: threading.Event
     certificate: ServerCertificate | None = None
+    batchers: tuple = ()  # closed last (ec262/batching.py)
 
     def stop(self, grace: float = 2.0) -> None:
         """Leave the pool, stop taking calls, let running tasks finish for
@@ -89,6 +91,8 @@ class RunningWorker:
         self.worker.close()
         self.pool.close()
         self.submitter.close()
+        for batcher in self.batchers:
+            batcher.close()
         self.discovery.close()
 
 
@@ -117,7 +121,10 @@ def start_worker(config: WorkerConfig) -> RunningWorker:
         config.discovery, certificate=config.discovery_cert, pins=identity_path(config.identity)
     )
     key_fetcher = KeyFetcher(discovery, stop)
-    submitter = ResultSubmitter(stop, key_fetcher.still_assigned, discovery.commit_result)
+    commitments = Batcher(discovery.commit_results, name="commit", max_in_flight=BATCHES_IN_FLIGHT)
+    submitter = ResultSubmitter(
+        stop, key_fetcher.still_assigned, lambda task_id, text: commitments.call((task_id, text))
+    )
     advertised = _advertised_host(config)
     identity = identity_path(config.identity)
     certificate = server_certificate(
@@ -135,7 +142,7 @@ def start_worker(config: WorkerConfig) -> RunningWorker:
         discovery,
         identity,
         advertise=address,
-        slots=config.slots,
+        slots=capacity_for(config.slots),
         lease_seconds=config.lease_seconds,
         stop=stop,
         tls_certificate=certificate.certificate_pem.decode() if certificate else "",
@@ -143,7 +150,7 @@ def start_worker(config: WorkerConfig) -> RunningWorker:
     worker = Worker(
         slots=config.slots,
         sandbox=adversaries.sandbox_for(config.adversary, pool),
-        fetch_key=key_fetcher,
+        fetch_keys=key_fetcher,
         submit=adversaries.submit_for(config.adversary, submitter),
         client_id=registrar.client_id,
     )
@@ -179,6 +186,7 @@ def start_worker(config: WorkerConfig) -> RunningWorker:
         submitter,
         stop,
         certificate,
+        (key_fetcher, commitments),
     )
 
 

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
-from ec262.grpc_errors import translate_errors
+from ec262.grpc_errors import answer_each, item_status, translate_errors
 from ec262.v1 import worker_pb2 as pb
 from ec262.v1 import worker_pb2_grpc
-from worker_service.tasks import checked_task, checked_task_id
+from worker_service.tasks import Task, checked_task, checked_task_id
 from worker_service.worker import Worker
+
+
+def _task(request: pb.AssignTaskRequest) -> Task:
+    return checked_task(
+        task_id=request.task_id,
+        job_id=request.job_id,
+        phase=request.phase,
+        function=request.function,
+        function_sha256=request.function_sha256,
+        rows=request.rows,
+        result_address=request.result_address,
+        foreman_id=request.foreman_id,
+        submit_token=request.submit_token,
+        result_certificate=request.result_certificate,
+    )
 
 
 class WorkerServicer(worker_pb2_grpc.WorkerServicer):
@@ -17,20 +32,20 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     @translate_errors
     def AssignTask(self, request, context):
-        task = checked_task(
-            task_id=request.task_id,
-            job_id=request.job_id,
-            phase=request.phase,
-            function=request.function,
-            function_sha256=request.function_sha256,
-            rows=request.rows,
-            result_address=request.result_address,
-            foreman_id=request.foreman_id,
-            submit_token=request.submit_token,
-            result_certificate=request.result_certificate,
-        )
-        self._worker.assign(task)
+        self._worker.assign(_task(request))
         return pb.AssignTaskResponse(accepted=True)
+
+    @translate_errors
+    def AssignTasks(self, request, context):
+        """Each task checked and taken as AssignTask would, with one
+        confirmation from the discovery service for all of them."""
+        checked = answer_each(request.tasks, _task, "AssignTasks")
+        tasks = [task for _, task in checked if task is not None]
+        taken = iter(self._worker.assign_many(tasks))
+        return pb.AssignTasksResponse(
+            statuses=[item_status(next(taken)) if task is not None else status
+                      for status, task in checked]
+        )  # fmt: skip
 
     @translate_errors
     def CancelTask(self, request, context):

@@ -1,3 +1,4 @@
+from ec262.v1 import batch_pb2 as _batch_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -191,3 +192,55 @@ class CommitResultRequest(_message.Message):
 class CommitResultResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class FetchKeysRequest(_message.Message):
+    __slots__ = ("tasks",)
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    tasks: _containers.RepeatedCompositeFieldContainer[FetchKeyRequest]
+    def __init__(self, tasks: _Optional[_Iterable[_Union[FetchKeyRequest, _Mapping]]] = ...) -> None: ...
+
+class FetchKeyAnswer(_message.Message):
+    __slots__ = ("status", "response")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    status: _batch_pb2.ItemStatus
+    response: FetchKeyResponse
+    def __init__(self, status: _Optional[_Union[_batch_pb2.ItemStatus, _Mapping]] = ..., response: _Optional[_Union[FetchKeyResponse, _Mapping]] = ...) -> None: ...
+
+class FetchKeysResponse(_message.Message):
+    __slots__ = ("answers",)
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    answers: _containers.RepeatedCompositeFieldContainer[FetchKeyAnswer]
+    def __init__(self, answers: _Optional[_Iterable[_Union[FetchKeyAnswer, _Mapping]]] = ...) -> None: ...
+
+class CommitResultsRequest(_message.Message):
+    __slots__ = ("commitments",)
+    COMMITMENTS_FIELD_NUMBER: _ClassVar[int]
+    commitments: _containers.RepeatedCompositeFieldContainer[CommitResultRequest]
+    def __init__(self, commitments: _Optional[_Iterable[_Union[CommitResultRequest, _Mapping]]] = ...) -> None: ...
+
+class CommitResultsResponse(_message.Message):
+    __slots__ = ("statuses",)
+    STATUSES_FIELD_NUMBER: _ClassVar[int]
+    statuses: _containers.RepeatedCompositeFieldContainer[_batch_pb2.ItemStatus]
+    def __init__(self, statuses: _Optional[_Iterable[_Union[_batch_pb2.ItemStatus, _Mapping]]] = ...) -> None: ...
+
+class SettleTasksRequest(_message.Message):
+    __slots__ = ("tasks",)
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    tasks: _containers.RepeatedCompositeFieldContainer[SettleTaskRequest]
+    def __init__(self, tasks: _Optional[_Iterable[_Union[SettleTaskRequest, _Mapping]]] = ...) -> None: ...
+
+class SettleTaskAnswer(_message.Message):
+    __slots__ = ("status", "response")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    status: _batch_pb2.ItemStatus
+    response: SettleTaskResponse
+    def __init__(self, status: _Optional[_Union[_batch_pb2.ItemStatus, _Mapping]] = ..., response: _Optional[_Union[SettleTaskResponse, _Mapping]] = ...) -> None: ...
+
+class SettleTasksResponse(_message.Message):
+    __slots__ = ("answers",)
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    answers: _containers.RepeatedCompositeFieldContainer[SettleTaskAnswer]
+    def __init__(self, answers: _Optional[_Iterable[_Union[SettleTaskAnswer, _Mapping]]] = ...) -> None: ...

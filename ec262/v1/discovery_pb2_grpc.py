@@ -74,6 +74,21 @@ class DiscoveryStub:
                 request_serializer=ec262_dot_v1_dot_discovery__pb2.CommitResultRequest.SerializeToString,
                 response_deserializer=ec262_dot_v1_dot_discovery__pb2.CommitResultResponse.FromString,
                 _registered_method=True)
+        self.FetchKeys = channel.unary_unary(
+                '/ec262.v1.Discovery/FetchKeys',
+                request_serializer=ec262_dot_v1_dot_discovery__pb2.FetchKeysRequest.SerializeToString,
+                response_deserializer=ec262_dot_v1_dot_discovery__pb2.FetchKeysResponse.FromString,
+                _registered_method=True)
+        self.CommitResults = channel.unary_unary(
+                '/ec262.v1.Discovery/CommitResults',
+                request_serializer=ec262_dot_v1_dot_discovery__pb2.CommitResultsRequest.SerializeToString,
+                response_deserializer=ec262_dot_v1_dot_discovery__pb2.CommitResultsResponse.FromString,
+                _registered_method=True)
+        self.SettleTasks = channel.unary_unary(
+                '/ec262.v1.Discovery/SettleTasks',
+                request_serializer=ec262_dot_v1_dot_discovery__pb2.SettleTasksRequest.SerializeToString,
+                response_deserializer=ec262_dot_v1_dot_discovery__pb2.SettleTasksResponse.FromString,
+                _registered_method=True)
 
 
 class DiscoveryServicer:
@@ -137,6 +152,27 @@ class DiscoveryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchKeys(self, request, context):
+        """Batch forms of FetchKey, CommitResult and SettleTask: each item is
+        answered as its single call would be, in order, with its own status
+        (docs/protocol.md section 2, batch calls).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitResults(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SettleTasks(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DiscoveryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +215,21 @@ def add_DiscoveryServicer_to_server(servicer, server):
                     servicer.CommitResult,
                     request_deserializer=ec262_dot_v1_dot_discovery__pb2.CommitResultRequest.FromString,
                     response_serializer=ec262_dot_v1_dot_discovery__pb2.CommitResultResponse.SerializeToString,
+            ),
+            'FetchKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchKeys,
+                    request_deserializer=ec262_dot_v1_dot_discovery__pb2.FetchKeysRequest.FromString,
+                    response_serializer=ec262_dot_v1_dot_discovery__pb2.FetchKeysResponse.SerializeToString,
+            ),
+            'CommitResults': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitResults,
+                    request_deserializer=ec262_dot_v1_dot_discovery__pb2.CommitResultsRequest.FromString,
+                    response_serializer=ec262_dot_v1_dot_discovery__pb2.CommitResultsResponse.SerializeToString,
+            ),
+            'SettleTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.SettleTasks,
+                    request_deserializer=ec262_dot_v1_dot_discovery__pb2.SettleTasksRequest.FromString,
+                    response_serializer=ec262_dot_v1_dot_discovery__pb2.SettleTasksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -397,6 +448,87 @@ class Discovery:
             '/ec262.v1.Discovery/CommitResult',
             ec262_dot_v1_dot_discovery__pb2.CommitResultRequest.SerializeToString,
             ec262_dot_v1_dot_discovery__pb2.CommitResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ec262.v1.Discovery/FetchKeys',
+            ec262_dot_v1_dot_discovery__pb2.FetchKeysRequest.SerializeToString,
+            ec262_dot_v1_dot_discovery__pb2.FetchKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ec262.v1.Discovery/CommitResults',
+            ec262_dot_v1_dot_discovery__pb2.CommitResultsRequest.SerializeToString,
+            ec262_dot_v1_dot_discovery__pb2.CommitResultsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SettleTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ec262.v1.Discovery/SettleTasks',
+            ec262_dot_v1_dot_discovery__pb2.SettleTasksRequest.SerializeToString,
+            ec262_dot_v1_dot_discovery__pb2.SettleTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from ec262.v1 import batch_pb2 as ec262_dot_v1_dot_batch__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65\x63\x32\x36\x32/v1/foreman.proto\x12\x08\x65\x63\x32\x36\x32.v1\"c\n\x13SubmitResultRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x14\n\x0csubmit_token\x18\x03 \x01(\t\x12\x12\n\nciphertext\x18\x04 \x01(\t\"\x16\n\x14SubmitResultResponse\"\x0f\n\rGetJobRequest\"\x9d\x02\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12=\n\x0etasks_by_state\x18\x03 \x03(\x0b\x32%.ec262.v1.JobStatus.TasksByStateEntry\x12\x0f\n\x07retries\x18\x04 \x01(\x03\x12\x15\n\rcheaters_seen\x18\x05 \x01(\x03\x12\x15\n\rcredits_spent\x18\x06 \x01(\x03\x12\'\n\x08verdicts\x18\x07 \x03(\x0b\x32\x15.ec262.v1.TaskVerdict\x12\x15\n\rcredits_saved\x18\x08 \x01(\x03\x1a\x33\n\x11TasksByStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"_\n\x0bTaskVerdict\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61greed\x18\x02 \x03(\t\x12\x11\n\tdisagreed\x18\x03 \x03(\t\x12\x0c\n\x04late\x18\x04 \x03(\t\x12\x0e\n\x06silent\x18\x05 \x03(\t2\x90\x01\n\x07\x46oreman\x12M\n\x0cSubmitResult\x12\x1d.ec262.v1.SubmitResultRequest\x1a\x1e.ec262.v1.SubmitResultResponse\x12\x36\n\x06GetJob\x12\x17.ec262.v1.GetJobRequest\x1a\x13.ec262.v1.JobStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x65\x63\x32\x36\x32/v1/foreman.proto\x12\x08\x65\x63\x32\x36\x32.v1\x1a\x14\x65\x63\x32\x36\x32/v1/batch.proto\"c\n\x13SubmitResultRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x14\n\x0csubmit_token\x18\x03 \x01(\t\x12\x12\n\nciphertext\x18\x04 \x01(\t\"\x16\n\x14SubmitResultResponse\"\x0f\n\rGetJobRequest\"\x9d\x02\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\t\x12=\n\x0etasks_by_state\x18\x03 \x03(\x0b\x32%.ec262.v1.JobStatus.TasksByStateEntry\x12\x0f\n\x07retries\x18\x04 \x01(\x03\x12\x15\n\rcheaters_seen\x18\x05 \x01(\x03\x12\x15\n\rcredits_spent\x18\x06 \x01(\x03\x12\'\n\x08verdicts\x18\x07 \x03(\x0b\x32\x15.ec262.v1.TaskVerdict\x12\x15\n\rcredits_saved\x18\x08 \x01(\x03\x1a\x33\n\x11TasksByStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"_\n\x0bTaskVerdict\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61greed\x18\x02 \x03(\t\x12\x11\n\tdisagreed\x18\x03 \x03(\t\x12\x0c\n\x04late\x18\x04 \x03(\t\x12\x0e\n\x06silent\x18\x05 \x03(\t\"F\n\x14SubmitResultsRequest\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.ec262.v1.SubmitResultRequest\"?\n\x15SubmitResultsResponse\x12&\n\x08statuses\x18\x01 \x03(\x0b\x32\x14.ec262.v1.ItemStatus2\xe2\x01\n\x07\x46oreman\x12M\n\x0cSubmitResult\x12\x1d.ec262.v1.SubmitResultRequest\x1a\x1e.ec262.v1.SubmitResultResponse\x12\x36\n\x06GetJob\x12\x17.ec262.v1.GetJobRequest\x1a\x13.ec262.v1.JobStatus\x12P\n\rSubmitResults\x12\x1e.ec262.v1.SubmitResultsRequest\x1a\x1f.ec262.v1.SubmitResultsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,18 +34,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOBSTATUS_TASKSBYSTATEENTRY']._loaded_options = None
   _globals['_JOBSTATUS_TASKSBYSTATEENTRY']._serialized_options = b'8\001'
-  _globals['_SUBMITRESULTREQUEST']._serialized_start=36
-  _globals['_SUBMITRESULTREQUEST']._serialized_end=135
-  _globals['_SUBMITRESULTRESPONSE']._serialized_start=137
-  _globals['_SUBMITRESULTRESPONSE']._serialized_end=159
-  _globals['_GETJOBREQUEST']._serialized_start=161
-  _globals['_GETJOBREQUEST']._serialized_end=176
-  _globals['_JOBSTATUS']._serialized_start=179
-  _globals['_JOBSTATUS']._serialized_end=464
-  _globals['_JOBSTATUS_TASKSBYSTATEENTRY']._serialized_start=413
-  _globals['_JOBSTATUS_TASKSBYSTATEENTRY']._serialized_end=464
-  _globals['_TASKVERDICT']._serialized_start=466
-  _globals['_TASKVERDICT']._serialized_end=561
-  _globals['_FOREMAN']._serialized_start=564
-  _globals['_FOREMAN']._serialized_end=708
+  _globals['_SUBMITRESULTREQUEST']._serialized_start=58
+  _globals['_SUBMITRESULTREQUEST']._serialized_end=157
+  _globals['_SUBMITRESULTRESPONSE']._serialized_start=159
+  _globals['_SUBMITRESULTRESPONSE']._serialized_end=181
+  _globals['_GETJOBREQUEST']._serialized_start=183
+  _globals['_GETJOBREQUEST']._serialized_end=198
+  _globals['_JOBSTATUS']._serialized_start=201
+  _globals['_JOBSTATUS']._serialized_end=486
+  _globals['_JOBSTATUS_TASKSBYSTATEENTRY']._serialized_start=435
+  _globals['_JOBSTATUS_TASKSBYSTATEENTRY']._serialized_end=486
+  _globals['_TASKVERDICT']._serialized_start=488
+  _globals['_TASKVERDICT']._serialized_end=583
+  _globals['_SUBMITRESULTSREQUEST']._serialized_start=585
+  _globals['_SUBMITRESULTSREQUEST']._serialized_end=655
+  _globals['_SUBMITRESULTSRESPONSE']._serialized_start=657
+  _globals['_SUBMITRESULTSRESPONSE']._serialized_end=720
+  _globals['_FOREMAN']._serialized_start=723
+  _globals['_FOREMAN']._serialized_end=949
 # @@protoc_insertion_point(module_scope)

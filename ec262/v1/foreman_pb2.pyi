@@ -1,3 +1,4 @@
+from ec262.v1 import batch_pb2 as _batch_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -66,3 +67,15 @@ class TaskVerdict(_message.Message):
     late: _containers.RepeatedScalarFieldContainer[str]
     silent: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, task_id: _Optional[str] = ..., agreed: _Optional[_Iterable[str]] = ..., disagreed: _Optional[_Iterable[str]] = ..., late: _Optional[_Iterable[str]] = ..., silent: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SubmitResultsRequest(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[SubmitResultRequest]
+    def __init__(self, results: _Optional[_Iterable[_Union[SubmitResultRequest, _Mapping]]] = ...) -> None: ...
+
+class SubmitResultsResponse(_message.Message):
+    __slots__ = ("statuses",)
+    STATUSES_FIELD_NUMBER: _ClassVar[int]
+    statuses: _containers.RepeatedCompositeFieldContainer[_batch_pb2.ItemStatus]
+    def __init__(self, statuses: _Optional[_Iterable[_Union[_batch_pb2.ItemStatus, _Mapping]]] = ...) -> None: ...

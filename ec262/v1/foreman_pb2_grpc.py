@@ -44,6 +44,11 @@ class ForemanStub:
                 request_serializer=ec262_dot_v1_dot_foreman__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=ec262_dot_v1_dot_foreman__pb2.JobStatus.FromString,
                 _registered_method=True)
+        self.SubmitResults = channel.unary_unary(
+                '/ec262.v1.Foreman/SubmitResults',
+                request_serializer=ec262_dot_v1_dot_foreman__pb2.SubmitResultsRequest.SerializeToString,
+                response_deserializer=ec262_dot_v1_dot_foreman__pb2.SubmitResultsResponse.FromString,
+                _registered_method=True)
 
 
 class ForemanServicer:
@@ -63,6 +68,14 @@ class ForemanServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitResults(self, request, context):
+        """Several SubmitResults in one call, each answered as its single call
+        would be, in order (docs/protocol.md section 2, batch calls).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ForemanServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +88,11 @@ def add_ForemanServicer_to_server(servicer, server):
                     servicer.GetJob,
                     request_deserializer=ec262_dot_v1_dot_foreman__pb2.GetJobRequest.FromString,
                     response_serializer=ec262_dot_v1_dot_foreman__pb2.JobStatus.SerializeToString,
+            ),
+            'SubmitResults': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitResults,
+                    request_deserializer=ec262_dot_v1_dot_foreman__pb2.SubmitResultsRequest.FromString,
+                    response_serializer=ec262_dot_v1_dot_foreman__pb2.SubmitResultsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +149,33 @@ class Foreman:
             '/ec262.v1.Foreman/GetJob',
             ec262_dot_v1_dot_foreman__pb2.GetJobRequest.SerializeToString,
             ec262_dot_v1_dot_foreman__pb2.JobStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ec262.v1.Foreman/SubmitResults',
+            ec262_dot_v1_dot_foreman__pb2.SubmitResultsRequest.SerializeToString,
+            ec262_dot_v1_dot_foreman__pb2.SubmitResultsResponse.FromString,
             options,
             channel_credentials,
             insecure,

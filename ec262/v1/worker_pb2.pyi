@@ -1,8 +1,9 @@
+from ec262.v1 import batch_pb2 as _batch_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -83,3 +84,15 @@ class WorkerStatus(_message.Message):
     address: str
     runtime: str
     def __init__(self, client_id: _Optional[str] = ..., slots: _Optional[int] = ..., busy_slots: _Optional[int] = ..., tasks_done: _Optional[int] = ..., tasks_failed: _Optional[int] = ..., cached_functions: _Optional[_Iterable[str]] = ..., address: _Optional[str] = ..., runtime: _Optional[str] = ...) -> None: ...
+
+class AssignTasksRequest(_message.Message):
+    __slots__ = ("tasks",)
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    tasks: _containers.RepeatedCompositeFieldContainer[AssignTaskRequest]
+    def __init__(self, tasks: _Optional[_Iterable[_Union[AssignTaskRequest, _Mapping]]] = ...) -> None: ...
+
+class AssignTasksResponse(_message.Message):
+    __slots__ = ("statuses",)
+    STATUSES_FIELD_NUMBER: _ClassVar[int]
+    statuses: _containers.RepeatedCompositeFieldContainer[_batch_pb2.ItemStatus]
+    def __init__(self, statuses: _Optional[_Iterable[_Union[_batch_pb2.ItemStatus, _Mapping]]] = ...) -> None: ...

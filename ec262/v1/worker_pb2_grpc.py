@@ -49,6 +49,11 @@ class WorkerStub:
                 request_serializer=ec262_dot_v1_dot_worker__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=ec262_dot_v1_dot_worker__pb2.WorkerStatus.FromString,
                 _registered_method=True)
+        self.AssignTasks = channel.unary_unary(
+                '/ec262.v1.Worker/AssignTasks',
+                request_serializer=ec262_dot_v1_dot_worker__pb2.AssignTasksRequest.SerializeToString,
+                response_deserializer=ec262_dot_v1_dot_worker__pb2.AssignTasksResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -75,6 +80,14 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AssignTasks(self, request, context):
+        """Several AssignTasks in one call, each answered as its single call
+        would be, in order (docs/protocol.md section 2, batch calls).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +105,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=ec262_dot_v1_dot_worker__pb2.GetStatusRequest.FromString,
                     response_serializer=ec262_dot_v1_dot_worker__pb2.WorkerStatus.SerializeToString,
+            ),
+            'AssignTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.AssignTasks,
+                    request_deserializer=ec262_dot_v1_dot_worker__pb2.AssignTasksRequest.FromString,
+                    response_serializer=ec262_dot_v1_dot_worker__pb2.AssignTasksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +193,33 @@ class Worker:
             '/ec262.v1.Worker/GetStatus',
             ec262_dot_v1_dot_worker__pb2.GetStatusRequest.SerializeToString,
             ec262_dot_v1_dot_worker__pb2.WorkerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AssignTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ec262.v1.Worker/AssignTasks',
+            ec262_dot_v1_dot_worker__pb2.AssignTasksRequest.SerializeToString,
+            ec262_dot_v1_dot_worker__pb2.AssignTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,
