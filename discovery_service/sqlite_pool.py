@@ -14,9 +14,14 @@ a worker's slots can forget them:
   add a worker when it becomes pooled-and-free and take it out when it
   stops being so; a trigger on `free_pool` fills the hole a removal leaves
   with the last position, so positions stay dense.
-- partial indexes on (trust) and (runtime, trust) over the pooled workers:
-  the trust rule's count stops after the few trusted workers it needs, and
-  a trust class with few members is listed from an index range.
+- a partial index on trust over the pooled workers: the trust rule's count
+  stops after the few trusted workers it needs, and a trust class with few
+  members is listed from an index range. One index only, on trust alone:
+  every valid settle changes its workers' trust, and each index on it
+  costs that write again (a second one on (runtime, trust) made a settle
+  in a pool of 10,000 cost twice what it does in a pool of 30). The
+  runtime is checked on the row, so a count for a runtime few trusted
+  workers run reads past the others: slower in that case, never wrong.
 
 `FreeWorkers` is the draws.FreePool that `draws.draw_groups` samples.
 """
@@ -34,9 +39,7 @@ POOL_SCHEMA = (
     pos       INTEGER PRIMARY KEY,  -- dense: 0 .. count - 1
     client_id TEXT NOT NULL UNIQUE
 )""",
-    f"CREATE INDEX IF NOT EXISTS clients_by_trust ON clients (trust, expiry_unix) WHERE {_POOLED}",
-    "CREATE INDEX IF NOT EXISTS clients_by_runtime_trust"
-    f" ON clients (runtime, trust, expiry_unix) WHERE {_POOLED}",
+    f"CREATE INDEX IF NOT EXISTS clients_by_trust ON clients (trust) WHERE {_POOLED}",
     """CREATE TRIGGER IF NOT EXISTS free_pool_join
 AFTER UPDATE OF pooled, slots, busy_slots ON clients
 WHEN NEW.pooled = 1 AND NEW.busy_slots < NEW.slots
@@ -88,11 +91,11 @@ def trusted_usable(
     """The trusted workers this request could use (live, of its runtime, not
     the foreman, not excluded), counted up to `enough` (store.trusted_enough:
     the rule only compares the count with that); 0 without a trust rule.
-    Reads at most enough + len(exclude) + 1 rows beside lapsed ones, which
-    leave the pool as they are met."""
+    Reads at most enough + len(exclude) + 1 rows beside lapsed ones (which
+    leave the pool as they are met) and those of other runtimes."""
     if not trusted_after:
         return 0
-    query = f"SELECT client_id, expiry_unix FROM clients c WHERE {_POOLED} AND trust >= ?"
+    query = f"SELECT client_id, expiry_unix FROM clients WHERE {_POOLED} AND trust >= ?"
     args: tuple = (trusted_after,)
     if runtime:
         query += " AND runtime = ?"
