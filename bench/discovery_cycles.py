@@ -34,9 +34,11 @@ prints one combined table.
 per store (SQLite and Redis), one ledger with 30 live workers and one with
 10,000 (`--pool-sizes`), registered through the ledger's own code before
 the servers start (identities the clients hold, so any of them can fetch
-a key it is assigned), both servers up at once and measured round by round
-in turn; it reports cycles/s with the large pool over cycles/s with the
-small one (target >= 0.9).
+a key it is assigned) and each credential used once through the server
+(as registration and heartbeats would), both servers up at once and
+measured round by round in turn; it reports cycles/s with the large pool
+over cycles/s with the small one (target >= 0.9). The clients' channels go
+without HPACK's dynamic table there (POOL_CHANNEL_OPTIONS says why).
 
 `--profile` instead runs one 1-process phase against a server whose every
 thread runs under its own cProfile (`python -m cProfile` would see only the
@@ -97,6 +99,11 @@ RPCS_PER_CYCLE = 8  # RequestTasks, 3 x FetchKey, 3 x CommitResult, SettleTask
 COMMITTED_SHA256 = "c" * 64  # what every worker of a cycle commits to: a quorum
 POOL_SIZES = (30, 10_000)  # --pool-scale: live workers in the small and the large pool
 SEEDED_PORTS = 40_000  # seeded workers' addresses (never dialled), above the clients'
+# --pool-scale: the clients act as every worker over one channel, where real
+# workers each have their own connection. HPACK's dynamic table (4 KB)
+# would keep 30 workers' authorization headers, not 10,000: a saving of
+# the bench's one channel, not of the service, so both pools go without.
+POOL_CHANNEL_OPTIONS = (("grpc.http2.hpack_table_size.encoder", 0),)
 SERVE_PROFILED = "--serve-profiled"  # internal: this script as the profiled server
 _LISTENING = re.compile(r"listening on (\S+):(\d+)(?: \(tls sha256:[0-9a-f]{64}\))?\s*$")
 
@@ -328,13 +335,16 @@ def client_process(
     barriers: dict[int, Barrier],
     conn: Connection,
     certificate: bytes | None = None,
+    channel_options: Sequence[tuple[str, object]] = (),
 ) -> None:
     """Entry point of a spawned client: one channel per front-end (TLS to
     `certificate` when given), make identities, then run phases on command.
     Client 0 also reads the CPU time of the servers (and of Redis)."""
     try:
         with contextlib.ExitStack() as stack:
-            channels = [stack.enter_context(tls.channel(a, certificate)) for a in addresses]
+            channels = [
+                stack.enter_context(tls.channel(a, certificate, channel_options)) for a in addresses
+            ]
             for channel in channels:
                 grpc.channel_ready_future(channel).result(timeout=30)
             _serve_phases(index, channels, cpu_pids, workers_per_client, barriers, conn)
@@ -430,11 +440,13 @@ class ClientPool:
         counts: Sequence[int],
         certificate: bytes | None = None,
         seeded: Sequence[tuple[str, str]] = (),
+        channel_options: Sequence[tuple[str, object]] = (),
     ) -> None:
         self._conns: list[Connection] = []
         self._processes: list[multiprocessing.process.BaseProcess] = []
         self._certificate = certificate
         self._seeded = list(seeded)
+        self._channel_options = list(channel_options)
         try:
             self._start(addresses, cpu_pids, size, workers_per_client, counts)
         except BaseException:
@@ -464,6 +476,7 @@ class ClientPool:
                     barriers,
                     child_end,
                     self._certificate,
+                    self._channel_options,
                 ),
                 name=f"bench-client-{index}",
             )
@@ -512,6 +525,7 @@ def running(
     counts: Sequence[int],
     certificate: bytes | None = None,
     seeded: Sequence[tuple[str, str]] = (),
+    channel_options: Sequence[tuple[str, object]] = (),
 ) -> Iterator[tuple[list[Server], ClientPool]]:
     """The front-ends (one per command) and the client processes; clients
     stop before the servers. The pool reads the front-ends' CPU, summed,
@@ -525,7 +539,14 @@ def running(
             cpu_pids["redis"] = [redis_pid]
         addresses = [server.address for server in servers]
         pool = ClientPool(
-            addresses, cpu_pids, size, workers_per_client, counts, certificate, seeded
+            addresses,
+            cpu_pids,
+            size,
+            workers_per_client,
+            counts,
+            certificate,
+            seeded,
+            channel_options,
         )
         try:
             yield servers, pool
@@ -716,6 +737,18 @@ def seed_pool(url: str, count: int) -> list[tuple[str, str]]:
         store.close()
 
 
+def warm_credentials(address: str, seeded: Sequence[tuple[str, str]]) -> None:
+    """One call as each seeded worker, as a real worker's registration and
+    heartbeats make: the server verifies a credential once and then keeps
+    it (Ledger.authenticate), which the timed phases should not pay for
+    10,000 workers and not for 30."""
+    request = pb.GetClientRequest()
+    with grpc.insecure_channel(address) as channel:
+        stub = discovery_pb2_grpc.DiscoveryStub(channel)
+        for client_id, secret in seeded:
+            stub.GetClient(request, metadata=bearer_metadata(client_id, secret))
+
+
 def pool_scale(args: argparse.Namespace, stores: Stores) -> list[dict]:
     """Per store, a ledger per pool size, all of one store's servers up at
     once and measured in turn round by round (so drift hits each alike)."""
@@ -740,12 +773,13 @@ def pool_scale(args: argparse.Namespace, stores: Stores) -> list[dict]:
             pools = []
             for pool_size, url, seeded in ledgers:
                 command = server_command(url, None)
-                _, pool = stack.enter_context(
+                servers, pool = stack.enter_context(
                     running(
                         [command], redis_pid, max(counts), args.workers_per_client, counts,
-                        seeded=seeded,
+                        seeded=seeded, channel_options=POOL_CHANNEL_OPTIONS,
                     )
                 )  # fmt: skip
+                warm_credentials(servers[0].address, seeded)
                 pools.append((pool_size, url, command, pool, {k: [] for k in counts}))
             for repeat in range(args.repeat):
                 for pool_size, _, _, pool, rows in pools:
