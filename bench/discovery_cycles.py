@@ -49,7 +49,7 @@ time goes.
     .venv/bin/python bench/discovery_cycles.py --synchronous FULL
     .venv/bin/python bench/discovery_cycles.py --store redis --frontends 2
     .venv/bin/python bench/discovery_cycles.py --compare  # ~2 min
-    .venv/bin/python bench/discovery_cycles.py --pool-scale  # ~2 min
+    .venv/bin/python bench/discovery_cycles.py --pool-scale  # ~3 min
     .venv/bin/python bench/discovery_cycles.py --profile [--store redis]
 """
 
