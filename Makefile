@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test chaos demo protos lint bench bench-lines bench-planning bench-latency bench-discovery bench-worker packages clean
+.PHONY: install test chaos demo protos lint bench bench-lines bench-planning bench-latency bench-discovery bench-pool bench-worker packages clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +72,10 @@ bench-latency: $(STAMP)
 
 bench-discovery: $(STAMP)
 	$(PY) bench/discovery_cycles.py
+
+# RequestTasks with 30 vs 10,000 live workers, both stores (issue 16, item 5)
+bench-pool: $(STAMP) packages
+	$(PY) bench/discovery_cycles.py --pool-scale
 
 bench-worker: $(STAMP)
 	$(PY) bench/worker_bench.py

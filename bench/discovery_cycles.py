@@ -1,14 +1,16 @@
 """Discovery task cycles per second, measured against gRPC's own floor.
 
-Why: a cycle (RequestTasks(n=1), three FetchKey, SettleTask) is what each
-task of a MapReduce job costs the discovery service, so cycles/s bounds how
-fast jobs are handed out. On a small machine the Python gRPC stack, not the
-ledger, is the physical limit, so a bare cycles/s says little. This script
-measures in the same run, with the same client processes, the floor (the
-health service's no-op Check through the same server) and reports
-ratio = cycles/s / (no-op calls/s / 5): 1.0 would mean the ledger's work is
-free and a cycle costs just its five RPCs. Target: ratio >= 0.8 and p99
-cycle latency <= 10 ms at 1 client process.
+Why: a cycle (RequestTasks(n=1), FetchKey and CommitResult by each of the
+three workers, SettleTask) is what each task of a MapReduce job costs the
+discovery service, so cycles/s bounds how fast jobs are handed out. (A
+valid settle needs a quorum of commitments, docs/protocol.md section 10,
+so the workers commit as real ones do.) On a small machine the Python gRPC
+stack, not the ledger, is the physical limit, so a bare cycles/s says
+little. This script measures in the same run, with the same client
+processes, the floor (the health service's no-op Check through the same
+server) and reports ratio = cycles/s / (no-op calls/s / 8): 1.0 would mean
+the ledger's work is free and a cycle costs just its eight RPCs. Target:
+ratio >= 0.8 and p99 cycle latency <= 10 ms at 1 client process.
 
 It starts the real server (`python -m ec262 discovery`, SQLite file ledger)
 on loopback and drives it from 1, 2 and 4 spawned client *processes* (one
@@ -28,6 +30,16 @@ front-ends; Redis's own CPU is reported beside it. `--compare` runs SQLite
 with one front-end, Redis with one and Redis with two in one invocation and
 prints one combined table.
 
+`--pool-scale` measures what the size of the pool costs (issue 16, item 5):
+per store (SQLite and Redis), one ledger with 30 live workers and one with
+10,000 (`--pool-sizes`), registered through the ledger's own code before
+the servers start (identities the clients hold, so any of them can fetch
+a key it is assigned) and each credential used once through the server
+(as registration and heartbeats would), both servers up at once and
+measured round by round in turn; it reports cycles/s with the large pool
+over cycles/s with the small one (target >= 0.9). The clients' channels go
+without HPACK's dynamic table there (POOL_CHANNEL_OPTIONS says why).
+
 `--profile` instead runs one 1-process phase against a server whose every
 thread runs under its own cProfile (`python -m cProfile` would see only the
 main thread, which just waits for SIGTERM) and prints where the server's
@@ -37,6 +49,7 @@ time goes.
     .venv/bin/python bench/discovery_cycles.py --synchronous FULL
     .venv/bin/python bench/discovery_cycles.py --store redis --frontends 2
     .venv/bin/python bench/discovery_cycles.py --compare  # ~2 min
+    .venv/bin/python bench/discovery_cycles.py --pool-scale  # ~3 min
     .venv/bin/python bench/discovery_cycles.py --profile [--store redis]
 """
 
@@ -82,7 +95,15 @@ STARTING_CREDITS = 10**9  # a cycle nets the foreman nothing, but never run out
 RUNTIME = "cpython-3.11"
 WORKER_SLOTS = 1000
 WORKER_TTL = 3600
-RPCS_PER_CYCLE = 5
+RPCS_PER_CYCLE = 8  # RequestTasks, 3 x FetchKey, 3 x CommitResult, SettleTask
+COMMITTED_SHA256 = "c" * 64  # what every worker of a cycle commits to: a quorum
+POOL_SIZES = (30, 10_000)  # --pool-scale: live workers in the small and the large pool
+SEEDED_PORTS = 40_000  # seeded workers' addresses (never dialled), above the clients'
+# --pool-scale: the clients act as every worker over one channel, where real
+# workers each have their own connection. HPACK's dynamic table (4 KB)
+# would keep 30 workers' authorization headers, not 10,000: a saving of
+# the bench's one channel, not of the service, so both pools go without.
+POOL_CHANNEL_OPTIONS = (("grpc.http2.hpack_table_size.encoder", 0),)
 SERVE_PROFILED = "--serve-profiled"  # internal: this script as the profiled server
 _LISTENING = re.compile(r"listening on (\S+):(\d+)(?: \(tls sha256:[0-9a-f]{64}\))?\s*$")
 
@@ -244,10 +265,10 @@ def cycle_step(
     foreman: Metadata,
     workers: dict[str, Metadata],
 ) -> Callable[[], None]:
-    """One full task cycle, each FetchKey with the credentials of a worker
-    the service actually assigned. With several front-ends, cycle j sends
-    RequestTasks to front-end (first + j) % N and the FetchKeys and the
-    SettleTask to the next one, so every cycle crosses front-ends."""
+    """One full task cycle, each FetchKey and CommitResult with the
+    credentials of a worker the service actually assigned. With several
+    front-ends, cycle j sends RequestTasks to front-end (first + j) % N and
+    the rest to the next one, so every cycle crosses front-ends."""
     request = pb.RequestTasksRequest(n=1, runtime=RUNTIME)
     turn = first
 
@@ -261,8 +282,11 @@ def cycle_step(
             raise RuntimeError(f"RequestTasks(n=1) gave {len(tasks)} tasks; add workers")
         task_id = tasks[0].task_id
         fetch = pb.FetchKeyRequest(task_id=task_id)
+        commit = pb.CommitResultRequest(task_id=task_id, ciphertext_sha256=COMMITTED_SHA256)
         for worker in tasks[0].workers:
             rest.FetchKey(fetch, metadata=workers[worker.client_id])
+        for worker in tasks[0].workers:
+            rest.CommitResult(commit, metadata=workers[worker.client_id])
         rest.SettleTask(pb.SettleTaskRequest(task_id=task_id, valid=True), metadata=foreman)
 
     return step
@@ -311,13 +335,16 @@ def client_process(
     barriers: dict[int, Barrier],
     conn: Connection,
     certificate: bytes | None = None,
+    channel_options: Sequence[tuple[str, object]] = (),
 ) -> None:
     """Entry point of a spawned client: one channel per front-end (TLS to
     `certificate` when given), make identities, then run phases on command.
     Client 0 also reads the CPU time of the servers (and of Redis)."""
     try:
         with contextlib.ExitStack() as stack:
-            channels = [stack.enter_context(tls.channel(a, certificate)) for a in addresses]
+            channels = [
+                stack.enter_context(tls.channel(a, certificate, channel_options)) for a in addresses
+            ]
             for channel in channels:
                 grpc.channel_ready_future(channel).result(timeout=30)
             _serve_phases(index, channels, cpu_pids, workers_per_client, barriers, conn)
@@ -400,7 +427,9 @@ def summarize(phase: str, duration: float, results: list[dict]) -> PhaseResult:
 
 
 class ClientPool:
-    """`size` spawned client processes; `run` drives the first k of them."""
+    """`size` spawned client processes; `run` drives the first k of them.
+    `seeded`: (id, secret) of workers already in the ledger, which every
+    client can act as when the service assigns them."""
 
     def __init__(
         self,
@@ -410,10 +439,14 @@ class ClientPool:
         workers_per_client: int,
         counts: Sequence[int],
         certificate: bytes | None = None,
+        seeded: Sequence[tuple[str, str]] = (),
+        channel_options: Sequence[tuple[str, object]] = (),
     ) -> None:
         self._conns: list[Connection] = []
         self._processes: list[multiprocessing.process.BaseProcess] = []
         self._certificate = certificate
+        self._seeded = list(seeded)
+        self._channel_options = list(channel_options)
         try:
             self._start(addresses, cpu_pids, size, workers_per_client, counts)
         except BaseException:
@@ -443,6 +476,7 @@ class ClientPool:
                     barriers,
                     child_end,
                     self._certificate,
+                    self._channel_options,
                 ),
                 name=f"bench-client-{index}",
             )
@@ -451,6 +485,7 @@ class ClientPool:
             self._conns.append(parent_end)
             self._processes.append(process)
         everyone = [cred for conn in self._conns for cred in self._receive(conn, "ready")]
+        everyone += self._seeded
         for conn in self._conns:
             conn.send(("workers", everyone))
 
@@ -489,6 +524,8 @@ def running(
     workers_per_client: int,
     counts: Sequence[int],
     certificate: bytes | None = None,
+    seeded: Sequence[tuple[str, str]] = (),
+    channel_options: Sequence[tuple[str, object]] = (),
 ) -> Iterator[tuple[list[Server], ClientPool]]:
     """The front-ends (one per command) and the client processes; clients
     stop before the servers. The pool reads the front-ends' CPU, summed,
@@ -501,7 +538,16 @@ def running(
         if redis_pid is not None:
             cpu_pids["redis"] = [redis_pid]
         addresses = [server.address for server in servers]
-        pool = ClientPool(addresses, cpu_pids, size, workers_per_client, counts, certificate)
+        pool = ClientPool(
+            addresses,
+            cpu_pids,
+            size,
+            workers_per_client,
+            counts,
+            certificate,
+            seeded,
+            channel_options,
+        )
         try:
             yield servers, pool
         finally:
@@ -579,7 +625,7 @@ class Row:
 
     @property
     def server_cpu_ratio(self) -> float:
-        """Server CPU of a cycle over that of five no-op calls."""
+        """Server CPU of a cycle over that of RPCS_PER_CYCLE no-op calls."""
         return self.cycles.server_cpu_us / (RPCS_PER_CYCLE * self.floor.server_cpu_us)
 
 
@@ -611,6 +657,7 @@ class Config:
     store: str  # "sqlite" or "redis"
     frontends: int
     tls: bool = False
+    pool: int = 0  # --pool-scale: live workers in the ledger (0: just the clients')
 
     @property
     def label(self) -> str:
@@ -662,6 +709,123 @@ def benchmark(
     }
 
 
+def seed_pool(url: str, count: int) -> list[tuple[str, str]]:
+    """`count` live workers registered in the ledger at `url` through the
+    ledger's own code (no server runs on it yet), each at an address of its
+    own; their (id, secret), for the clients to act as them."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    from discovery_service.ledger import Ledger, LedgerConfig
+    from discovery_service.stores import open_store
+
+    store = open_store(url)
+    try:
+        ledger = Ledger(store, LedgerConfig(max_worker_ttl=WORKER_TTL))
+        seeded = []
+        for i in range(count):
+            record, secret = ledger.create_client()
+            ledger.register_worker(
+                record.client_id,
+                address=f"127.0.0.1:{SEEDED_PORTS + i}",
+                ttl_seconds=WORKER_TTL,
+                slots=WORKER_SLOTS,
+                runtime=RUNTIME,
+            )
+            seeded.append((record.client_id, secret))
+        return seeded
+    finally:
+        store.close()
+
+
+def warm_credentials(address: str, seeded: Sequence[tuple[str, str]]) -> None:
+    """One call as each seeded worker, as a real worker's registration and
+    heartbeats make: the server verifies a credential once and then keeps
+    it (Ledger.authenticate), which the timed phases should not pay for
+    10,000 workers and not for 30."""
+    request = pb.GetClientRequest()
+    with grpc.insecure_channel(address) as channel:
+        stub = discovery_pb2_grpc.DiscoveryStub(channel)
+        for client_id, secret in seeded:
+            stub.GetClient(request, metadata=bearer_metadata(client_id, secret))
+
+
+def pool_scale(args: argparse.Namespace, stores: Stores) -> list[dict]:
+    """Per store, a ledger per pool size, all of one store's servers up at
+    once and measured in turn round by round (so drift hits each alike)."""
+    counts = sorted(set(args.clients))
+    own = args.workers_per_client * max(counts)
+    outcomes = []
+    for store in args.pool_stores:
+        ledgers = []
+        for pool_size in args.pool_sizes:
+            url = stores.url(store)
+            started = time.perf_counter()
+            seeded = seed_pool(url, pool_size - own)
+            print(
+                f"  {store}: {pool_size - own:,} workers seeded in"
+                f" {time.perf_counter() - started:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
+            ledgers.append((pool_size, url, seeded))
+        redis_pid = stores.redis_pid if store == "redis" else None
+        with contextlib.ExitStack() as stack:
+            pools = []
+            for pool_size, url, seeded in ledgers:
+                command = server_command(url, None)
+                servers, pool = stack.enter_context(
+                    running(
+                        [command], redis_pid, max(counts), args.workers_per_client, counts,
+                        seeded=seeded, channel_options=POOL_CHANNEL_OPTIONS,
+                    )
+                )  # fmt: skip
+                warm_credentials(servers[0].address, seeded)
+                pools.append((pool_size, url, command, pool, {k: [] for k in counts}))
+            for repeat in range(args.repeat):
+                for pool_size, _, _, pool, rows in pools:
+                    for k in counts:
+                        floor = pool.run("floor", k, args.duration, args.warmup)
+                        cycles = pool.run("cycles", k, args.duration, args.warmup)
+                        rows[k].append(Row(k, floor, cycles))
+                        print(
+                            f"  {store}, {pool_size:,} workers, repeat {repeat + 1}/{args.repeat},"
+                            f" {k} process(es): {cycles.rate:,.0f} cycles/s,"
+                            f" p99 {cycles.p99_ms:.2f} ms",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+        for pool_size, url, command, _, rows in pools:
+            outcomes.append(
+                {
+                    "config": Config(store, 1, pool=pool_size),
+                    "store_url": url,
+                    "server_commands": [command],
+                    "rows": {k: (median_row(v), v) for k, v in rows.items()},
+                }
+            )
+    return outcomes
+
+
+def pool_table(outcomes: list[dict]) -> str:
+    """Cycles/s per pool size, and each over the smallest pool's of its store."""
+    lines = ["store    workers procs  cycles/s  x smallest  p50 ms  p99 ms  srv us/cycle  ratio"]
+    smallest: dict[tuple[str, int], float] = {}
+    for outcome in outcomes:
+        config: Config = outcome["config"]
+        for k, (row, _) in outcome["rows"].items():
+            c = row.cycles
+            base = smallest.setdefault((config.store, k), c.rate)
+            lines.append(
+                f"{config.store:<8} {config.pool:>7,} {k:>5} {c.rate:>9,.0f} {c.rate / base:>11.2f}"
+                f" {c.p50_ms:>7.2f} {c.p99_ms:>7.2f} {c.server_cpu_us:>13.0f} {row.ratio:>6.2f}"
+            )
+    lines += [
+        "x smallest: cycles/s over those with the smallest pool, same store and processes,",
+        "same run (target >= 0.9 at 10,000 workers); ratio: cycles/s over the floor as above.",
+    ]
+    return "\n".join(lines)
+
+
 def _merged(outcomes: list[dict]) -> dict:
     """One configuration's rounds, run apart, as one outcome with medians."""
     rows: dict[int, list[Row]] = {}
@@ -691,9 +855,11 @@ def table(rows: list[Row]) -> str:
             + (f" {_us(c.redis_cpu_us, 9)}" if redis else "")
         )
     lines += [
-        "ratio = cycles/s / (no-op/s / 5), target >= 0.8; p99 at 1 process target <= 10 ms.",
+        f"ratio = cycles/s / (no-op/s / {RPCS_PER_CYCLE}), target >= 0.8;"
+        " p99 at 1 process target <= 10 ms.",
         "srv us, cli us: CPU microseconds per call or cycle of the server(s, summed over",
-        "front-ends) / of all clients; srv x = server CPU per cycle / server CPU of 5 no-op calls.",
+        "front-ends) / of all clients; srv x = server CPU per cycle / server CPU of"
+        f" {RPCS_PER_CYCLE} no-op calls.",
     ]
     if redis:
         lines.append("redis us: CPU microseconds of the redis-server process per cycle.")
@@ -716,7 +882,8 @@ def compare_table(outcomes: list[dict]) -> str:
                 f" {c.server_cpu_us:>13.0f} {_us(c.redis_cpu_us, 15)}"
             )
     lines += [
-        "floor: health Check through the same front-end(s); ratio = cycles/s / (floor/s / 5).",
+        "floor: health Check through the same front-end(s);"
+        f" ratio = cycles/s / (floor/s / {RPCS_PER_CYCLE}).",
         "srv us/cycle: CPU of all front-end processes together per cycle; redis us/cycle:",
         "CPU of the redis-server process per cycle. With 2 front-ends every cycle crosses them.",
     ]
@@ -763,6 +930,7 @@ def write_json(
                 "store": outcome["config"].store,
                 "tls": outcome["config"].tls,
                 "frontends": outcome["config"].frontends,
+                "pool_workers": outcome["config"].pool or None,
                 "store_url": outcome["store_url"],
                 "server_commands": [shlex.join(c) for c in outcome["server_commands"]],
                 "results": [
@@ -918,7 +1086,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--repeat", type=int, help="rounds, the table shows medians (default 3; 1 with --compare)"
     )
-    parser.add_argument("--clients", type=client_counts, default=[1, 2, 4], help="e.g. 1,2,4")
+    parser.add_argument(
+        "--clients", type=client_counts, help="e.g. 1,2,4 (the default; 1 with --pool-scale)"
+    )
     parser.add_argument(
         "--store",
         choices=("sqlite", "redis"),
@@ -943,6 +1113,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         " and the cost of TLS",
     )
     parser.add_argument(
+        "--pool-scale",
+        action="store_true",
+        help="cycles/s with --pool-sizes live workers, per store, and the ratio to the smallest",
+    )
+    parser.add_argument(
+        "--pool-sizes",
+        type=client_counts,
+        default=list(POOL_SIZES),
+        help="live workers per ledger with --pool-scale (default 30,10000)",
+    )
+    parser.add_argument(
+        "--pool-stores",
+        type=lambda text: text.split(","),
+        default=["sqlite", "redis"],
+        help="stores measured by --pool-scale (default sqlite,redis)",
+    )
+    parser.add_argument(
         "--synchronous", choices=("NORMAL", "FULL"), default="NORMAL", help="SQLite only"
     )
     parser.add_argument(
@@ -961,6 +1148,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile-phase", choices=("cycles", "floor"), default="cycles")
     parser.add_argument("--top", type=int, default=25, help="functions listed by --profile")
     args = parser.parse_args(argv)
+    if args.clients is None:
+        args.clients = [1] if args.pool_scale else [1, 2, 4]
     if args.workers_per_client * max(args.clients) < 3:
         parser.error("need at least 3 workers in all (the replication)")
     if args.frontends < 1:
@@ -969,10 +1158,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(
             "--frontends > 1 needs --store redis: a SQLite ledger file is held by one process"
         )
-    if (args.compare or args.tls_compare) and (
+    if (args.compare or args.tls_compare or args.pool_scale) and (
         args.profile or args.store != "sqlite" or args.frontends != 1
     ):
-        parser.error("--compare and --tls-compare pick the stores and front-ends themselves")
+        parser.error(
+            "--compare, --tls-compare and --pool-scale pick the stores and front-ends themselves"
+        )
+    if args.pool_scale:
+        if set(args.pool_stores) - {"sqlite", "redis"}:
+            parser.error("--pool-stores lists sqlite and/or redis")
+        if min(args.pool_sizes) < args.workers_per_client * max(args.clients):
+            parser.error("every pool size must hold at least the clients' own workers")
     if args.profile and args.frontends != 1:
         parser.error("--profile profiles one front-end")
     if args.duration is None:
@@ -980,7 +1176,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.repeat is None:
         args.repeat = 1 if args.compare else 3
     if args.json is None:
-        if args.tls_compare:
+        if args.pool_scale:
+            name = "discovery_cycles_pool"
+        elif args.tls_compare:
             name = "discovery_cycles_tls"
         elif args.compare:
             name = "discovery_cycles_compare"
@@ -1006,7 +1204,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.tls_compare:
         configs = TLS_COMPARED
     with Stores(args.dir, args.synchronous) as stores:
-        if args.tls_compare:  # taking turns, so the machine's drift hits both alike
+        if args.pool_scale:
+            outcomes = pool_scale(args, stores)
+        elif args.tls_compare:  # taking turns, so the machine's drift hits both alike
             rounds = [
                 [benchmark(args, stores, config, [r]) for config in configs]
                 for r in range(args.repeat)
@@ -1020,7 +1220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for server in outcome["server_commands"]:
             print(f"server ({outcome['config'].label}): {shlex.join(server)}")
     settings = f"{args.duration:g} s per phase, median of {args.repeat}"
-    if args.tls_compare:
+    if args.pool_scale:
+        print(f"SQLite synchronous={args.synchronous}, {settings}")
+        print(pool_table(outcomes))
+    elif args.tls_compare:
         print(f"SQLite synchronous={args.synchronous}, {settings}")
         print(compare_table(outcomes))
         plain, secure = (o["rows"] for o in outcomes)

@@ -18,10 +18,11 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 
+from discovery_service.draws import CandidateList, FreePool, draw_groups
 from discovery_service.store import (
     COMMIT_CONFLICT,
     IDENTITY,
-    MAX_SLOTS_PER_REQUEST,
+    MAX_SLOTS_PER_REQUEST,  # noqa: F401 - the choice's rule, imported from here too
     NETWORK,
     Assignment,
     Candidate,
@@ -156,7 +157,7 @@ def check_runtime(runtime: str) -> str:
 
 
 def choose_workers(
-    candidates: Sequence[Candidate],
+    candidates: Sequence[Candidate] | FreePool,
     n: int,
     replication: int,
     rng: random.Random | None = None,
@@ -187,40 +188,18 @@ def choose_workers(
     quorum. Adaptive replication's rules give 2 trusted workers, or a spot
     check's 3 with an untrusted one drawn first.
 
-    The Redis store runs the same draws in Lua (`redis_store._ASSIGN`).
+    `candidates` is a list, or a store's index of its free workers
+    (draws.FreePool), drawn from by rejection without reading it whole
+    (draws.draw_groups). The Redis store runs the same draws in Lua
+    (`redis_store._DRAW`).
     """
     rng = rng or _worker_draws.generator()
     if rules is None:
         rules = [GroupRule(replication)] * n
-    free = {c.client_id: min(c.free_slots, MAX_SLOTS_PER_REQUEST) for c in candidates}
-    groups: list[list[Candidate]] = []
-    for rule in rules:
-        pool = [c for c in candidates if free[c.client_id] > 0]
-        if len(pool) < rule.size:
-            break
-        chosen: list[Candidate] = []
-        used = set(taken)
-        untrusted = untrusted_taken
-        pool = [c for c in pool if c.spread_key(spread) not in used]
-        while len(chosen) < rule.size and pool:
-            if rule.cap is not None and untrusted >= rule.cap:
-                pool = [c for c in pool if c.trusted]
-                if not pool:
-                    break
-            draw = pool
-            if rule.untrusted_first and not chosen:
-                draw = [c for c in pool if not c.trusted] or pool
-            pick = draw[int(rng.random() * len(draw))]
-            chosen.append(pick)
-            untrusted += not pick.trusted
-            used.add(pick.spread_key(spread))
-            pool = [c for c in pool if c.spread_key(spread) not in used]
-        if len(chosen) < rule.size:
-            break
-        for worker in chosen:
-            free[worker.client_id] -= 1
-        groups.append(chosen)
-    return groups
+    pool = CandidateList(candidates) if isinstance(candidates, Sequence) else candidates
+    return draw_groups(
+        pool, rules, rng, spread=spread, taken=taken, untrusted_taken=untrusted_taken
+    )
 
 
 class _ReseededRandom:

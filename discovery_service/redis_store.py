@@ -6,8 +6,10 @@ double pay, a task settled exactly once, and slots never lost. Worker
 leases live in a sorted set scored by lease expiry, open tasks in another
 scored by task expiry; every script first refunds tasks past their expiry.
 Workers are drawn inside the assignment script, uniformly among the live
-ones with a free slot, with random numbers the front-end passes in (so the
-script stays deterministic for Redis's replication).
+ones with a free slot, by rejection from an index of the free workers
+(redis_pool: O(replication x n) keys touched, not the pool), with random
+numbers from a seed the front-end passes in (so a draw is reproducible
+from the script's arguments).
 
 Keys (under a prefix, "ec262:" by default): `c:<client id>` hash per client,
 `pool` (zset client id -> lease expiry), `t:<task id>` hash per open task,
@@ -18,7 +20,9 @@ task ids, so a foreman whose lease ends loses them),
 `r:<foreman>:<request id>` hash per RequestTasks remembered for repeats
 (`rexp`, zset -> expiry), `m:<task id>` (worker -> commitment, open tasks),
 `l:<task id>` hash per settled task with late workers (`lexp`, zset ->
-the end of its late window), `issued` (credits handed out, for audits).
+the end of its late window), `issued` (credits handed out, for audits),
+and the pool's indexes `free`, `trust`, `trust:<runtime>`, `pool_index`
+(redis_pool).
 Standalone Redis only: the scripts touch keys they compute, which a Redis
 Cluster would refuse.
 """
@@ -36,6 +40,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from discovery_service.redis_pool import DRAW, POOL
 from discovery_service.store import (
     IDENTITY,
     MAX_SLOTS_PER_REQUEST,
@@ -58,6 +63,7 @@ from discovery_service.store import (
     not_assigned,
     request_mismatch,
     settle_conflict,
+    trusted_enough,
 )
 from ec262.errors import InsufficientCredits, InvalidRequest, ServiceUnavailable
 
@@ -65,15 +71,15 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_EXPIRE = """
+_EXPIRE = (
+    POOL
+    + """
 local function close_open(prefix, tid)
   local t = prefix .. 't:' .. tid
   local f = redis.call('HMGET', t, 'foreman_id', 'escrow', 'workers')
   if f[1] then
     redis.call('HINCRBY', prefix .. 'c:' .. f[1], 'credits', tonumber(f[2]))
-    for w in string.gmatch(f[3], '%S+') do
-      redis.call('HINCRBY', prefix .. 'c:' .. w, 'busy_slots', -1)
-    end
+    for w in string.gmatch(f[3], '%S+') do busy(prefix, w, -1) end
     redis.call('DEL', t)
     redis.call('SREM', prefix .. 'ft:' .. f[1], tid)
   end
@@ -104,9 +110,9 @@ local function expire(prefix, now)
     local fields, silent = redis.call('HGETALL', l), 0
     for i = 1, #fields, 2 do
       if string.sub(fields[i], 1, 2) == 'w:' and fields[i + 1] == '' then
-        local c = prefix .. 'c:' .. string.sub(fields[i], 3)
-        redis.call('HINCRBY', c, 'tasks_failed', 1)
-        redis.call('HINCRBY', c, 'busy_slots', -1)
+        local w = string.sub(fields[i], 3)
+        redis.call('HINCRBY', prefix .. 'c:' .. w, 'tasks_failed', 1)
+        busy(prefix, w, -1)
         silent = silent + 1
       end
     end
@@ -125,6 +131,7 @@ local function expire(prefix, now)
   return closed
 end
 """
+)
 
 # ARGV: prefix, id, secret hash, credits, now, then (or '') the origin's
 # network, limit and window: a sorted set per network of when it made each.
@@ -164,11 +171,12 @@ local c = prefix .. 'c:' .. id
 if redis.call('EXISTS', c) == 0 then return {} end
 if ARGV[4] == 'leave' then
   redis.call('HSET', c, 'expiry_unix', '0')
-  redis.call('ZREM', prefix .. 'pool', id)
+  unpool(prefix, id)
 else
+  local old_runtime = redis.call('HGET', c, 'runtime')
   redis.call('HSET', c, 'address', ARGV[5], 'slots', ARGV[6], 'runtime', ARGV[7],
     'expiry_unix', ARGV[8], 'tls_certificate', ARGV[9], 'network', ARGV[10])
-  redis.call('ZADD', prefix .. 'pool', ARGV[8], id)
+  join_pool(prefix, id, ARGV[8], old_runtime)
 end
 return redis.call('HGETALL', c)
 """
@@ -178,18 +186,21 @@ return redis.call('HGETALL', c)
 # (sorted, space-separated), request id ('' for none), the spread mode
 # (--diversity), the most slots of one worker a request takes,
 # --trusted-after (0: no trust rule), adaptive replication's spot checks
-# ('' when not adaptive, else one '0' or '1' per task), then n (task id,
-# key) pairs, then n * replication uniform random numbers in [0, 1). The
-# draws are ledger.choose_workers's, step for step, under the rules of
+# ('' when not adaptive, else one '0' or '1' per task), the most trusted
+# workers the rule need count (store.trusted_enough), a seed for the draw's
+# random numbers, then n (task id, key) pairs. The draws are
+# draws.draw_groups's, step for step (redis_pool.DRAW), under the rules of
 # store.TaskRequest.rules. A request id seen before returns what that
 # request made (store.assignments_text).
 _ASSIGN = (
     _EXPIRE
+    + DRAW
     + """
 local prefix, foreman = ARGV[1], ARGV[2]
 local n, r, now, texpiry = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5], ARGV[6]
 local runtime, exclude, rid = ARGV[7], ARGV[8], ARGV[9]
 local spread, cap, ta, spots = ARGV[10], tonumber(ARGV[11]), tonumber(ARGV[12]), ARGV[13]
+local enough, seed = tonumber(ARGV[14]), tonumber(ARGV[15])
 expire(prefix, now)
 local fkey = prefix .. 'c:' .. foreman
 local rname = foreman .. ':' .. rid
@@ -201,28 +212,11 @@ if rid ~= '' then
   end
 end
 local balance = tonumber(redis.call('HGET', fkey, 'credits'))
+ensure_index(prefix)
 redis.call('ZREMRANGEBYSCORE', prefix .. 'pool', '-inf', now)
 local excluded = {}
 for w in string.gmatch(exclude, '%S+') do excluded[w] = true end
-local cand, free, addr, spot, trusted = {}, {}, {}, {}, {}
-local trusted_live = 0
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', prefix .. 'pool', '(' .. now, '+inf')) do
-  if id ~= foreman then
-    local h = redis.call('HMGET', prefix .. 'c:' .. id, 'slots', 'busy_slots', 'address', 'runtime',
-      'network', 'trust')
-    if runtime == '' or h[4] == runtime then
-      local is_trusted = ta > 0 and tonumber(h[6] or 0) >= ta
-      if is_trusted and not excluded[id] then trusted_live = trusted_live + 1 end
-      local f = tonumber(h[1]) - tonumber(h[2])
-      if f > 0 and not excluded[id] then
-        table.insert(cand, id); free[id] = math.min(f, cap); addr[id] = h[3]
-        trusted[id] = is_trusted
-        spot[id] = h[3]
-        if spread == 'network' and h[5] and h[5] ~= '' then spot[id] = h[5] end
-      end
-    end
-  end
-end
+local trusted_live = trusted_usable(prefix, tonumber(now), foreman, runtime, excluded, ta, enough)
 -- Each task's rule (store.TaskRequest.rules): its size, its cap on untrusted
 -- workers (-1: none; store.untrusted_cap, at most r - quorum while a quorum
 -- of trusted is live), and whether an untrusted one is drawn first
@@ -241,50 +235,30 @@ for i = 1, n do
 end
 if balance < needed then return {'INSUFFICIENT', balance, needed} end
 local out = {'OK', 0}
-local rnd = 14 + 2 * n
 local spent = 0
+local d = new_draw(prefix, tonumber(now), foreman, runtime, excluded, ta, spread, cap, seed)
+local used = {}
 for i = 1, n do
-  local size, ucap = sizes[i], caps[i]
-  local pool = {}
-  for _, id in ipairs(cand) do if free[id] > 0 then table.insert(pool, id) end end
-  if #pool < size then break end
-  local chosen, addresses, used, untrusted = {}, {}, {}, 0
-  while #chosen < size and #pool > 0 do
-    if ucap >= 0 and untrusted >= ucap then
-      local only = {}
-      for _, id in ipairs(pool) do if trusted[id] then table.insert(only, id) end end
-      pool = only
-      if #pool == 0 then break end
-    end
-    local draw = pool
-    if firsts[i] and #chosen == 0 then
-      local others = {}
-      for _, id in ipairs(pool) do if not trusted[id] then table.insert(others, id) end end
-      if #others > 0 then draw = others end
-    end
-    local pick = draw[1 + math.floor(tonumber(ARGV[rnd]) * #draw)]
-    rnd = rnd + 1
-    table.insert(chosen, pick); table.insert(addresses, addr[pick]); used[spot[pick]] = true
-    if not trusted[pick] then untrusted = untrusted + 1 end
-    local rest = {}
-    for _, id in ipairs(pool) do if not used[spot[id]] then table.insert(rest, id) end end
-    pool = rest
+  local size = sizes[i]
+  local chosen = draw_group(d, size, caps[i], firsts[i], used, {}, 0)
+  if not chosen then break end
+  local ids, addresses = {}, {}
+  for _, c in ipairs(chosen) do
+    used[c.id] = (used[c.id] or 0) + 1
+    table.insert(ids, c.id); table.insert(addresses, c.address)
   end
-  if #chosen < size then break end
-  local tid, key = ARGV[14 + 2 * (i - 1)], ARGV[15 + 2 * (i - 1)]
+  local tid, key = ARGV[16 + 2 * (i - 1)], ARGV[17 + 2 * (i - 1)]
   redis.call('HSET', prefix .. 't:' .. tid, 'foreman_id', foreman, 'key', key, 'escrow', size,
-    'expiry_unix', texpiry, 'workers', table.concat(chosen, ' '),
+    'expiry_unix', texpiry, 'workers', table.concat(ids, ' '),
     'replication', spots == '' and r or -1)  -- store.task_replication
   redis.call('ZADD', prefix .. 'texp', texpiry, tid)
   redis.call('SADD', prefix .. 'ft:' .. foreman, tid)
-  for _, w in ipairs(chosen) do
-    free[w] = free[w] - 1
-    redis.call('HINCRBY', prefix .. 'c:' .. w, 'busy_slots', 1)
-  end
   spent = spent + size
-  table.insert(out, tid); table.insert(out, table.concat(chosen, ' '))
+  table.insert(out, tid); table.insert(out, table.concat(ids, ' '))
   table.insert(out, table.concat(addresses, ' '))
 end
+finish_draw(d)
+for w, count in pairs(used) do busy(prefix, w, count) end
 out[2] = redis.call('HINCRBY', fkey, 'credits', 0 - spent)  -- never "-0"
 if rid ~= '' then
   local lines = {}
@@ -364,8 +338,7 @@ end
 if valid and quorum == '' then return {'NOQUORUM'} end
 -- Trust: matching commitments in a row; another commitment resets it.
 for w, sha in pairs(commits) do
-  if sha == quorum then redis.call('HINCRBY', prefix .. 'c:' .. w, 'trust', 1)
-  else redis.call('HSET', prefix .. 'c:' .. w, 'trust', 0) end
+  if sha == quorum then set_trust(prefix, w, nil) else set_trust(prefix, w, 0) end
 end
 -- Who is paid, failed, late or refunded: store.settle_outcome, step for step.
 local refund, paid, late = tonumber(h[3]), {}, {}
@@ -388,7 +361,7 @@ for _, w in ipairs(list) do
       table.insert(late, w)
     end
   end
-  if not waits then redis.call('HINCRBY', c, 'busy_slots', -1) end
+  if not waits then busy(prefix, w, -1) end
 end
 table.sort(paid)
 table.sort(late)
@@ -447,14 +420,14 @@ if not workers then
   end
   redis.call('HSET', l, 'w:' .. worker, sha)
   local c = prefix .. 'c:' .. worker
-  redis.call('HINCRBY', c, 'busy_slots', -1)
+  busy(prefix, worker, -1)
   if sha == redis.call('HGET', l, 'quorum') then
     redis.call('HINCRBY', c, 'credits', 1)
     redis.call('HINCRBY', c, 'tasks_completed', 1)
-    redis.call('HINCRBY', c, 'trust', 1)
+    set_trust(prefix, worker, nil)
   else
     redis.call('HINCRBY', c, 'tasks_failed', 1)
-    redis.call('HSET', c, 'trust', 0)
+    set_trust(prefix, worker, 0)
     redis.call('HINCRBY', prefix .. 'c:' .. redis.call('HGET', l, 'foreman_id'), 'credits', 1)
   end
   return 'committed'
@@ -475,20 +448,17 @@ return 'committed'
 
 # ARGV: prefix, foreman, task id, now, runtime, exclude and release (each
 # sorted, space-separated), request id ('' for none), the remembered form of
-# the request, the most workers a task holds per its replication, one
-# uniform random number, the spread mode (--diversity), --trusted-after, the
-# service's replication (a task made with another keeps its own).
+# the request, the most workers a task holds per its replication, a seed for
+# the draw's random numbers, the spread mode (--diversity), --trusted-after,
+# the service's replication (a task made with another keeps its own).
 _REPLICA = (
     _EXPIRE
+    + DRAW
     + """
-local prefix, foreman, tid, now, runtime = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local prefix, foreman, tid, now, runtime = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local rid, remembered = ARGV[8], ARGV[9]
-local spread, ta, r = ARGV[12], tonumber(ARGV[13]), tonumber(ARGV[14])
-local function spot(h)  -- h: address, network
-  if spread == 'network' and h[2] and h[2] ~= '' then return h[2] end
-  return h[1]
-end
-expire(prefix, now)
+local seed, spread, ta, r = tonumber(ARGV[11]), ARGV[12], tonumber(ARGV[13]), tonumber(ARGV[14])
+expire(prefix, ARGV[4])
 local fkey = prefix .. 'c:' .. foreman
 local rname = foreman .. ':' .. rid
 if rid ~= '' then
@@ -517,46 +487,36 @@ for w in string.gmatch(h[3], '%S+') do
 end
 local balance = tonumber(redis.call('HGET', fkey, 'credits'))
 if balance + released < 1 then return {'INSUFFICIENT', balance} end
-for w, _ in pairs(release) do redis.call('HINCRBY', prefix .. 'c:' .. w, 'busy_slots', -1) end
+for w, _ in pairs(release) do busy(prefix, w, -1) end
 local chosen, address = '', ''
 if #kept < most then
+  ensure_index(prefix)
   redis.call('ZREMRANGEBYSCORE', prefix .. 'pool', '-inf', now)
   local taken, untrusted = {}, 0
   for _, w in ipairs(kept) do
     local m = redis.call('HMGET', prefix .. 'c:' .. w, 'address', 'network', 'trust')
-    taken[spot(m)] = true
+    local key = m[1]
+    if spread == 'network' and m[2] and m[2] ~= '' then key = m[2] end
+    taken[key] = true
     if not (ta > 0 and tonumber(m[3] or 0) >= ta) then untrusted = untrusted + 1 end
   end
-  local avail, addr, trusted, trusted_live = {}, {}, {}, 0
   local by_foreman = {}  -- the foreman's exclusions, not the task's own workers
   for w in string.gmatch(ARGV[6], '%S+') do by_foreman[w] = true end
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', prefix .. 'pool', '(' .. now, '+inf')) do
-    if id ~= foreman then
-      local c = redis.call('HMGET', prefix .. 'c:' .. id, 'slots', 'busy_slots', 'address',
-        'runtime', 'network', 'trust')
-      if runtime == '' or c[4] == runtime then
-        local is_trusted = ta > 0 and tonumber(c[6] or 0) >= ta
-        if is_trusted and not by_foreman[id] then trusted_live = trusted_live + 1 end
-        if not excluded[id] and tonumber(c[1]) > tonumber(c[2])
-          and not taken[spot({c[3], c[5]})] then
-          table.insert(avail, id); addr[id] = c[3]; trusted[id] = is_trusted
-        end
-      end
-    end
-  end
   local q = math.floor(r / 2) + 1
+  local enough = math.max(q, 2)  -- store.trusted_enough
+  local trusted_live = trusted_usable(prefix, now, foreman, runtime, by_foreman, ta, enough)
   -- store.replica_cap: an adaptive task's third is trusted while 2 are live
-  if ta > 0 and ((adaptive and trusted_live >= 2) or
-      (not adaptive and trusted_live >= q and untrusted >= r - q)) then
-    local only = {}
-    for _, id in ipairs(avail) do if trusted[id] then table.insert(only, id) end end
-    avail = only
-  end
-  if #avail > 0 then
-    chosen = avail[1 + math.floor(tonumber(ARGV[11]) * #avail)]
-    address = addr[chosen]
+  local ucap = -1
+  if ta > 0 and adaptive and trusted_live >= 2 then ucap = untrusted
+  elseif ta > 0 and trusted_live >= q then ucap = r - q end
+  -- one slot is all a replica takes: the draw's per-request cap is 1
+  local d = new_draw(prefix, now, foreman, runtime, excluded, ta, spread, 1, seed)
+  local group = draw_group(d, 1, ucap, false, {}, taken, untrusted)
+  finish_draw(d)
+  if group then
+    chosen, address = group[1].id, group[1].address
     table.insert(kept, chosen)
-    redis.call('HINCRBY', prefix .. 'c:' .. chosen, 'busy_slots', 1)
+    busy(prefix, chosen, 1)
   end
 end
 local added = chosen ~= '' and 1 or 0
@@ -667,6 +627,11 @@ class RedisStore(LedgerStore):
                 error,
             )
 
+    def _seed(self) -> int:
+        """A fresh seed for one script's draw (Lua's math.randomseed takes
+        a 32-bit int)."""
+        return self._random.randrange(2**31)
+
     @staticmethod
     def _now(now: float) -> str:
         return repr(float(now))
@@ -756,7 +721,6 @@ class RedisStore(LedgerStore):
         # `choose` is the SQLite store's Python draw; here the same uniform
         # draw runs inside the script, so it sees slots as they are.
         pairs = [new_task() for _ in range(request.n)]
-        draws = [repr(self._random.random()) for _ in range(request.n * request.replication)]
         args = [
             self.prefix,
             request.foreman_id,
@@ -771,10 +735,12 @@ class RedisStore(LedgerStore):
             MAX_SLOTS_PER_REQUEST,
             request.trusted_after,
             "".join("1" if spot else "0" for spot in request.spot_checks),
+            trusted_enough(request.replication),
+            self._seed(),
         ]
         for task_id, key in pairs:
             args += [task_id, key]
-        reply = self._assign(args=args + draws)
+        reply = self._assign(args=args)
         if reply[0] == b"INSUFFICIENT":
             raise insufficient_credits(request, int(reply[1]), int(reply[2]))
         if reply[0] == b"MISMATCH":
@@ -896,7 +862,7 @@ class RedisStore(LedgerStore):
                 request.request_id,
                 request.remembered_as(),
                 MAX_WORKERS_PER_REPLICA,
-                repr(self._random.random()),
+                self._seed(),
                 request.spread,
                 request.trusted_after,
                 request.replication,

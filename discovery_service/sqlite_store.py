@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from discovery_service.sqlite_pool import POOL_SCHEMA, FreeWorkers, trusted_usable
 from discovery_service.store import (
     COMMIT_CONFLICT,
     COMMITTED,
@@ -52,6 +53,7 @@ from discovery_service.store import (
     settle_conflict,
     settle_outcome,
     task_replication,
+    trusted_enough,
 )
 from ec262 import replication as replicas
 from ec262.errors import InsufficientCredits, InvalidRequest
@@ -62,9 +64,9 @@ logger = logging.getLogger(__name__)
 _PAY = "credits = credits + 1, tasks_completed = tasks_completed + 1, busy_slots = busy_slots - 1"
 _FAIL = "tasks_failed = tasks_failed + 1, busy_slots = busy_slots - 1"
 
-SCHEMA_VERSION = 7  # 2: settled.released; 3: clients.tls_certificate; 4: clients.network;
+SCHEMA_VERSION = 8  # 2: settled.released; 3: clients.tls_certificate; 4: clients.network;
 # 5: commitments, settled.quorum_sha256 and .agreeing; 6: late, settled.late;
-# 7: tasks.replication
+# 7: tasks.replication; 8: clients.pooled, free_pool (sqlite_pool)
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 _SCHEMA = """
@@ -83,7 +85,8 @@ CREATE TABLE IF NOT EXISTS clients (
     busy_slots       INTEGER NOT NULL DEFAULT 0 CHECK (busy_slots >= 0),
     tasks_completed  INTEGER NOT NULL DEFAULT 0,
     tasks_failed     INTEGER NOT NULL DEFAULT 0,
-    created_unix     REAL NOT NULL
+    created_unix     REAL NOT NULL,
+    pooled           INTEGER NOT NULL DEFAULT 0  -- in the pool's indexes (sqlite_pool)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS clients_by_lease ON clients (expiry_unix);
 CREATE TABLE IF NOT EXISTS tasks (
@@ -227,6 +230,12 @@ class SqliteStore(LedgerStore):
                 db.execute("ALTER TABLE settled ADD COLUMN late TEXT NOT NULL DEFAULT ''")
             if version in (1, 2, 3, 4, 5, 6):
                 db.execute("ALTER TABLE tasks ADD COLUMN replication INTEGER NOT NULL DEFAULT 0")
+            if version in (1, 2, 3, 4, 5, 6, 7):
+                db.execute("ALTER TABLE clients ADD COLUMN pooled INTEGER NOT NULL DEFAULT 0")
+            for statement in POOL_SCHEMA:
+                db.execute(statement)
+            if version in (1, 2, 3, 4, 5, 6, 7):  # the triggers fill free_pool
+                db.execute("UPDATE clients SET pooled = 1 WHERE expiry_unix > 0")
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             earliest = self._earliest_expiry(db)
         # The earliest expiry of any open or remembered task: until then no
@@ -316,7 +325,7 @@ class SqliteStore(LedgerStore):
             self._expire(db, now)
             db.execute(
                 "UPDATE clients SET address = ?, slots = ?, runtime = ?, expiry_unix = ?,"
-                " tls_certificate = ?, network = ? WHERE client_id = ?",
+                " tls_certificate = ?, network = ?, pooled = 1 WHERE client_id = ?",
                 (address, slots, runtime, expiry_unix, tls_certificate, network, client_id),
             )
             return self._require_client(db, client_id)
@@ -336,7 +345,9 @@ class SqliteStore(LedgerStore):
     def leave_pool(self, client_id: str, now: float) -> ClientRecord:
         with self._transaction() as db:
             self._expire(db, now)
-            db.execute("UPDATE clients SET expiry_unix = 0 WHERE client_id = ?", (client_id,))
+            db.execute(
+                "UPDATE clients SET expiry_unix = 0, pooled = 0 WHERE client_id = ?", (client_id,)
+            )
             return self._require_client(db, client_id)
 
     def _require_client(self, db: sqlite3.Connection, client_id: str) -> ClientRecord:
@@ -366,9 +377,15 @@ class SqliteStore(LedgerStore):
                         "SELECT credits FROM clients WHERE client_id = ?", (request.foreman_id,)
                     ).fetchone()
                     return assignments_from_text(seen[2], seen[3]), balance
-            trusted = self._trusted_usable(db, request.now, request.foreman_id,
-                                           request.runtime, request.trusted_after,
-                                           request.exclude_workers)  # fmt: skip
+            trusted = trusted_usable(
+                db,
+                now=request.now,
+                foreman_id=request.foreman_id,
+                runtime=request.runtime,
+                trusted_after=request.trusted_after,
+                exclude=request.exclude_workers,
+                enough=trusted_enough(request.replication),
+            )
             rules = request.rules(trusted)
             needed = sum(rule.size for rule in rules)
             # Check and charge the whole request in one statement; refund
@@ -383,17 +400,18 @@ class SqliteStore(LedgerStore):
                     "SELECT credits FROM clients WHERE client_id = ?", (request.foreman_id,)
                 ).fetchone()
                 raise insufficient_credits(request, balance, needed)
-            candidates = self._candidates(
+            free = FreeWorkers(
                 db,
-                request.now,
-                request.foreman_id,
-                request.runtime,
-                request.exclude_workers,
-                request.trusted_after,
+                now=request.now,
+                foreman_id=request.foreman_id,
+                runtime=request.runtime,
+                exclude=request.exclude_workers,
+                trusted_after=request.trusted_after,
             )
             groups = choose(
-                candidates, request.n, request.replication, spread=request.spread, rules=rules
+                free, request.n, request.replication, spread=request.spread, rules=rules
             )
+            free.close()
             assignments: list[Assignment] = []
             rows = []
             busy: Counter[str] = Counter()
@@ -451,52 +469,6 @@ class SqliteStore(LedgerStore):
                 self._next_expiry = min(self._next_expiry, request.task_expiry_unix)
             return assignments, balance
 
-    @staticmethod
-    def _candidates(
-        db: sqlite3.Connection,
-        now: float,
-        foreman_id: str,
-        runtime: str,
-        exclude: frozenset[str],
-        trusted_after: int = 0,
-    ) -> list[Candidate]:
-        """Live workers with a free slot, of `runtime` when set."""
-        query = (
-            "SELECT client_id, address, slots - busy_slots, network, ? > 0 AND trust >= ?"
-            " FROM clients WHERE expiry_unix > ? AND busy_slots < slots AND client_id != ?"
-        )
-        args: tuple = (trusted_after, trusted_after, now, foreman_id)
-        if runtime:
-            query += " AND runtime = ?"
-            args += (runtime,)
-        return [
-            Candidate(*row[:4], bool(row[4]))
-            for row in db.execute(query, args)
-            if row[0] not in exclude
-        ]
-
-    @staticmethod
-    def _trusted_usable(
-        db: sqlite3.Connection,
-        now: float,
-        foreman_id: str,
-        runtime: str,
-        trusted_after: int,
-        exclude: frozenset[str] = frozenset(),
-    ) -> int:
-        """The trusted workers this request could use (live, of its runtime,
-        not excluded by the foreman), for the trust rule; 0 without one."""
-        if not trusted_after:
-            return 0
-        query = (
-            "SELECT client_id FROM clients WHERE expiry_unix > ? AND client_id != ? AND trust >= ?"
-        )
-        args: tuple = (now, foreman_id, trusted_after)
-        if runtime:
-            query += " AND runtime = ?"
-            args += (runtime,)
-        return sum(1 for (i,) in db.execute(query, args) if i not in exclude)
-
     def add_replica(
         self, request: ReplicaRequest, choose: ChooseWorkers
     ) -> tuple[WorkerRef | None, int] | None:
@@ -536,11 +508,6 @@ class SqliteStore(LedgerStore):
             self._update_each(db, "busy_slots = busy_slots - 1", request.release_workers)
             chosen = None
             if len(kept) < MAX_WORKERS_PER_REPLICA * replication:
-                exclude = request.exclude_workers | set(workers)
-                candidates = self._candidates(
-                    db, request.now, request.foreman_id, request.runtime, exclude,
-                    request.trusted_after,
-                )  # fmt: skip
                 members = [
                     Candidate(*row[:4], bool(row[4]))
                     for row in db.execute(
@@ -550,17 +517,31 @@ class SqliteStore(LedgerStore):
                     )
                 ]
                 taken = frozenset(m.spread_key(request.spread) for m in members)
-                trusted = self._trusted_usable(db, request.now, request.foreman_id,
-                                               request.runtime, request.trusted_after,
-                                               request.exclude_workers)  # fmt: skip
+                trusted = trusted_usable(
+                    db,
+                    now=request.now,
+                    foreman_id=request.foreman_id,
+                    runtime=request.runtime,
+                    trusted_after=request.trusted_after,
+                    exclude=request.exclude_workers,
+                    enough=trusted_enough(replication),
+                )
                 untrusted = sum(not m.trusted for m in members)
                 cap = (
                     replica_cap(replication, adaptive, trusted, untrusted)
                     if request.trusted_after
                     else None
                 )
+                free = FreeWorkers(
+                    db,
+                    now=request.now,
+                    foreman_id=request.foreman_id,
+                    runtime=request.runtime,
+                    exclude=request.exclude_workers | set(workers),
+                    trusted_after=request.trusted_after,
+                )
                 group = choose(
-                    candidates,
+                    free,
                     1,
                     1,
                     spread=request.spread,
@@ -568,6 +549,7 @@ class SqliteStore(LedgerStore):
                     untrusted_taken=untrusted,
                     rules=[GroupRule(1, cap)],
                 )
+                free.close()
                 if group:
                     chosen = WorkerRef(group[0][0].client_id, group[0][0].address)
                     kept.append(chosen.client_id)
@@ -613,6 +595,9 @@ class SqliteStore(LedgerStore):
     def live_workers(
         self, foreman_id: str, runtime: str, now: float, spread: str = IDENTITY
     ) -> tuple[int, int]:
+        """A scan of the live workers (by the lease index): RequestTasks
+        asks only when it made fewer tasks than asked, for the reply's
+        live_workers and live_networks."""
         query = (
             "SELECT COUNT(*), COUNT(DISTINCT CASE WHEN ? AND network != '' THEN network"
             " ELSE address END) FROM clients WHERE expiry_unix > ? AND client_id != ?"

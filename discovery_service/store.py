@@ -102,6 +102,15 @@ def untrusted_cap(replication: int, trusted_live: int) -> int | None:
     return replication - quorum if trusted_live >= quorum else None
 
 
+def trusted_enough(replication: int) -> int:
+    """How many usable trusted workers a store need count for the trust rule
+    of a task of this (full) replication: every rule only compares the count
+    with a quorum of it or with adaptive replication's start
+    (untrusted_cap, adaptive_rules, replica_cap), so counting stops here
+    and a pool of thousands of trusted workers costs a few reads."""
+    return max(replicas.quorum(replication), replicas.ADAPTIVE_START)
+
+
 def task_replication(stored: int, service: int) -> tuple[int, bool]:
     """(full replication, adaptive) of a task from what the store kept
     (replicas.ADAPTIVE for an adaptive task; 0 for one made before tasks
