@@ -26,6 +26,10 @@ from typing import Generic, Protocol, TypeVar
 
 from ec262.defaults import MAX_BATCH_ITEMS
 
+# Batch calls of one kind under way at once: a lone call never waits, and
+# calls that come while these are out share the next one.
+IN_FLIGHT = 2
+
 logger = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
@@ -111,7 +115,7 @@ class Batcher(Generic[Item, Result]):
         max_items: int = MAX_BATCH_ITEMS,
         max_bytes: int | None = None,
         size: Callable[[Item], int] = lambda item: 0,
-        max_in_flight: int = 1,
+        max_in_flight: int = IN_FLIGHT,
     ) -> None:
         if max_items < 1 or max_in_flight < 1:
             raise ValueError("a batcher needs max_items >= 1 and max_in_flight >= 1")

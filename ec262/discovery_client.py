@@ -58,6 +58,7 @@ class DiscoveryClient:
             raise ValueError("a discovery address is HOST:PORT (or several, comma-separated)")
         self.address = ",".join(self.addresses)
         self.identity = identity
+        self._checked_info: pb.ClientInfo | None = None  # see fresh_client_info
         self.timeout = timeout
         self._current = 0
         self._channels: dict[str, grpc.Channel] = {}
@@ -171,6 +172,7 @@ class DiscoveryClient:
             except AuthenticationError:
                 continue  # this address serves another ledger now
             known = replace(identity, ledger_id=info.ledger_id or identity.ledger_id)
+            self._checked_info = info
             return self._use(path, known.used_at(self.address), identity)
         made = self.create_client()
         same_ledger = [i for i in identities if made.ledger_id and i.ledger_id == made.ledger_id]
@@ -195,6 +197,13 @@ class DiscoveryClient:
 
     def get_client(self) -> pb.ClientInfo:
         return self._call("GetClient", pb.GetClientRequest())
+
+    def fresh_client_info(self) -> pb.ClientInfo:
+        """The caller's record: the one `load_or_create_identity` just read
+        when there is one (once: a round trip saved as a job starts, which
+        on a network is what a small job costs), else GetClient's."""
+        info, self._checked_info = self._checked_info, None
+        return info if info is not None else self.get_client()
 
     def register_worker(
         self,

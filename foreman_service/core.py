@@ -393,6 +393,7 @@ class JobCore:
         self.cheaters: set[str] = set()
         self._holders: dict[str, set[str]] = {}  # payload digest -> workers holding it
         self._task_seconds: list[float] = []  # assignment to matching result, per replica
+        self._speculate_cache = (0, SPECULATE_AFTER_SECONDS)  # (len(_task_seconds), value)
         self._phase = MAP
         self._digest = ""
         self._pending: deque[Chunk] = deque()
@@ -462,8 +463,12 @@ class JobCore:
         """max(5 s, 3 x the median task time so far; 5 s before the first)."""
         if not self._task_seconds:
             return SPECULATE_AFTER_SECONDS
-        median = statistics.median(self._task_seconds)
-        return max(SPECULATE_AFTER_SECONDS, SPECULATE_MEDIAN_FACTOR * median)
+        count, after = self._speculate_cache
+        if count != len(self._task_seconds):  # a median per call cost a job's loop 15 %
+            median = statistics.median(self._task_seconds)
+            after = max(SPECULATE_AFTER_SECONDS, SPECULATE_MEDIAN_FACTOR * median)
+            self._speculate_cache = (len(self._task_seconds), after)
+        return after
 
     def tick(self, now: float) -> list:
         commands: list = []
@@ -595,10 +600,16 @@ class JobCore:
             self._starved_since, self._empty_requests = None, 0
             if exclude and not chunks[0].suspects:
                 self._fresh_starved_since = None
-            # Still pending means every free slot is taken: ask again when
-            # a settle of ours frees one, or after a while for slots freed
-            # by others and workers joining.
-            self._next_request_at = now + BUSY_POLL_SECONDS if self._pending else now
+            # Filled in part: cut short by the free slots, or by the slots
+            # one request may take of a worker (docs/protocol.md section
+            # 10), which the next request may find again: ask at once (an
+            # empty answer backs off below). Filled whole with chunks left
+            # beyond the batch: ask when a settle of ours frees a slot, or
+            # after a while for slots freed by others and workers joining.
+            if not self._pending or len(made) < len(chunks):
+                self._next_request_at = now
+            else:
+                self._next_request_at = now + BUSY_POLL_SECONDS
         else:
             self._empty_requests += 1
             delay = min(1.0, 0.025 * 2**self._empty_requests)

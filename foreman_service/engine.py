@@ -123,7 +123,7 @@ class JobEngine:
         started = self._clock()
         stats = self.stats
         stats.job_id = uuid.uuid4().hex
-        info = self.discovery.get_client()
+        info = self.discovery.fresh_client_info()
         replication, adaptive = self.config.replication_with(
             info.replication, info.adaptive_replication
         )

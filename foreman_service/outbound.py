@@ -57,8 +57,6 @@ CANCEL_DEADLINE = 2.0
 DISCOVERY_THREADS = 4
 STOP_THREADS = 16  # settles in parallel as a job stops
 SETTLE_THREADS = 64
-# Batch calls of one kind under way at once (ec262/batching.py).
-BATCHES_IN_FLIGHT = 2
 STOP_SECONDS_FOR_LATE_GRANTS = 5.0
 
 
@@ -161,9 +159,7 @@ class ForemanOutbound:
         # Each settle waits on its own thread (retried while the discovery
         # service is unreachable); those waiting at once share SettleTasks.
         self._settlers = ThreadPoolExecutor(SETTLE_THREADS, thread_name_prefix="settle")
-        self._settles = Batcher(
-            discovery.settle_tasks, name="settles", max_in_flight=BATCHES_IN_FLIGHT
-        )
+        self._settles = Batcher(discovery.settle_tasks, name="settles")
         self._stop = threading.Event()
         self._stopping = threading.Event()  # the job is over (finish)
         self._pending_lock = threading.Lock()

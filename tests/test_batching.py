@@ -42,7 +42,7 @@ def _arrived(peer: Peer, count: int = 1) -> None:
 
 def test_a_lone_call_goes_at_once_and_gets_its_own_answer():
     peer = Peer()
-    batcher = Batcher(peer, name="t")
+    batcher = Batcher(peer, name="t", max_in_flight=1)
     pending = batcher.submit(1)
     _arrived(peer)
     peer.let_go(0)
@@ -84,7 +84,7 @@ def test_up_to_max_in_flight_calls_go_without_waiting():
 
 def test_batches_are_cut_by_items_and_bytes_and_a_big_item_goes_alone():
     peer = Peer()
-    batcher = Batcher(peer, name="t", max_items=3, max_bytes=100, size=lambda n: n)
+    batcher = Batcher(peer, name="t", max_items=3, max_bytes=100, size=lambda n: n, max_in_flight=1)
     first = batcher.submit(1)
     _arrived(peer)
     rest = [batcher.submit(n) for n in (10, 20, 30, 40, 60, 50, 500, 5)]
@@ -101,7 +101,7 @@ def test_batches_are_cut_by_items_and_bytes_and_a_big_item_goes_alone():
 
 def test_an_items_own_failure_is_its_own_and_a_call_failure_is_everyones():
     peer = Peer(fail_items=frozenset({2}))
-    batcher = Batcher(peer, name="t")
+    batcher = Batcher(peer, name="t", max_in_flight=1)
     blocker = batcher.submit(1)
     _arrived(peer)
     good, bad = batcher.submit(3), batcher.submit(2)
@@ -134,7 +134,7 @@ def test_an_answer_count_that_does_not_match_fails_every_item():
         assert blocker_gate.wait(10)
         return [0]
 
-    short = Batcher(slow_then_short, name="t")
+    short = Batcher(slow_then_short, name="t", max_in_flight=1)
     x = short.submit(1)
     y, z = short.submit(2), short.submit(3)
     blocker_gate.set()
@@ -148,7 +148,7 @@ def test_an_answer_count_that_does_not_match_fails_every_item():
 
 def test_an_abandoned_item_is_never_sent():
     peer = Peer()
-    batcher = Batcher(peer, name="t")
+    batcher = Batcher(peer, name="t", max_in_flight=1)
     blocker = batcher.submit(1)
     _arrived(peer)
     dropped, kept = batcher.submit(2), batcher.submit(3)
@@ -204,7 +204,7 @@ def test_a_call_is_cancelled_on_the_wire_once_every_item_in_it_is_abandoned():
 
 def test_close_fails_what_is_still_queued_and_refuses_more():
     peer = Peer()
-    batcher = Batcher(peer, name="t")
+    batcher = Batcher(peer, name="t", max_in_flight=1)
     batcher.submit(1)
     _arrived(peer)
     queued = batcher.submit(2)

@@ -898,6 +898,18 @@ def test_a_settle_asks_for_the_next_tasks_at_once():
     ]
 
 
+def test_a_request_filled_in_part_asks_again_at_once():
+    """A request cut short (by the slots one request may take of a worker)
+    goes again at once, not after the busy poll: on a network a poll's wait
+    is what many small tasks cost (issue 16). An empty answer backs off."""
+    d = Driver(chunks=3, batch=3)
+    assert d.first == [RequestTasks("req1", 3, NONE)]
+    commands = d.grant(None, [["w1", "w2", "w3"]])
+    assert [c for c in commands if isinstance(c, RequestTasks)] == [RequestTasks("req2", 2, NONE)]
+    assert [c for c in d.grant(None, []) if isinstance(c, RequestTasks)] == []
+    assert d.core.wake_at() > d.now  # backed off
+
+
 def test_requests_are_paced_while_our_tasks_run_with_one_in_flight():
     d = Driver(chunks=3, batch=1)
     task = d.running(["w1", "w2", "w3"])

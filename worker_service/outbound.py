@@ -38,9 +38,6 @@ logger = logging.getLogger(__name__)
 KEY_DEADLINE = 5.0
 SUBMIT_DEADLINE = 120.0
 MAX_FOREMAN_CHANNELS = 16
-# Batch calls of one kind under way at once (ec262/batching.py): a lone
-# call never waits, and calls that come while these are out share the next.
-BATCHES_IN_FLIGHT = 2
 
 
 def _attempt_seconds(ciphertext: str) -> float:
@@ -56,7 +53,7 @@ class KeyFetcher:
     def __init__(self, discovery: DiscoveryClient, stop: threading.Event) -> None:
         self._discovery = discovery
         self._stop = stop
-        self._keys = Batcher(discovery.fetch_keys, name="keys", max_in_flight=BATCHES_IN_FLIGHT)
+        self._keys = Batcher(discovery.fetch_keys, name="keys")
 
     def __call__(self, task_ids: Sequence[str]) -> list[tuple[bytes, str] | Exception]:
         """Per task, in order: (key, owning foreman), or UnknownTask and the
@@ -216,7 +213,6 @@ class ResultSubmitter:
                     name="results",
                     max_bytes=BATCH_BYTES,
                     size=lambda request: len(request.ciphertext),
-                    max_in_flight=BATCHES_IN_FLIGHT,
                 )
                 self._batchers[key] = batcher
                 self._channels[key] = channel

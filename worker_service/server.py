@@ -17,7 +17,7 @@ from ec262.identity import identity_path
 from ec262.tls import ServerCertificate, server_certificate
 from ec262.v1 import worker_pb2, worker_pb2_grpc
 from worker_service import adversaries
-from worker_service.outbound import BATCHES_IN_FLIGHT, KeyFetcher, ResultSubmitter
+from worker_service.outbound import KeyFetcher, ResultSubmitter
 from worker_service.registration import Registrar
 from worker_service.sandbox.policy import SandboxLimits
 from worker_service.sandbox.pool import SandboxPool
@@ -121,7 +121,7 @@ def start_worker(config: WorkerConfig) -> RunningWorker:
         config.discovery, certificate=config.discovery_cert, pins=identity_path(config.identity)
     )
     key_fetcher = KeyFetcher(discovery, stop)
-    commitments = Batcher(discovery.commit_results, name="commit", max_in_flight=BATCHES_IN_FLIGHT)
+    commitments = Batcher(discovery.commit_results, name="commit")
     submitter = ResultSubmitter(
         stop, key_fetcher.still_assigned, lambda task_id, text: commitments.call((task_id, text))
     )
