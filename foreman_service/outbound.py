@@ -95,6 +95,7 @@ class WorkerChannels:
         self._channels: dict[tuple[str, str], grpc.Channel] = {}
         self._certificates: dict[str, str] = {}  # worker id -> PEM
         self._on_lost = on_lost
+        self._watchers: list[tuple[grpc.Channel, Callable]] = []
 
     def learn(self, worker_id: str, certificate: str) -> None:
         self._certificates[worker_id] = certificate
@@ -113,7 +114,9 @@ class WorkerChannels:
                 certificate,
                 options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES)],
             )
-            channel.subscribe(self._watcher(worker_id, channel))
+            watcher = self._watcher(worker_id, channel)
+            channel.subscribe(watcher)
+            self._watchers.append((channel, watcher))
         return worker_pb2_grpc.WorkerStub(channel)
 
     def _watcher(self, worker_id: str, channel: grpc.Channel) -> Callable:
@@ -134,6 +137,9 @@ class WorkerChannels:
         return changed
 
     def close(self) -> None:
+        for channel, watcher in self._watchers:
+            channel.unsubscribe(watcher)
+        self._watchers.clear()
         for channel in self._channels.values():
             channel.close()
         self._channels.clear()
@@ -435,9 +441,12 @@ class ForemanOutbound:
 
     def close(self) -> None:
         """Stop retries, close the channels (calls still in flight, to a
-        frozen worker say, end at once) and the threads."""
+        frozen worker say, end at once) and the threads. The channels close
+        on a thread of their own: closing one whose connectivity is watched
+        waits for gRPC's polling (0.12 s measured), which a job that has its
+        result need not wait for."""
         self._stop.set()
-        self._channels.close()
+        threading.Thread(target=self._channels.close, name="close-channels", daemon=True).start()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._settlers.shutdown(wait=True, cancel_futures=True)
         self._settles.close()

@@ -214,3 +214,32 @@ def test_close_fails_what_is_still_queued_and_refuses_more():
     with pytest.raises(RuntimeError, match="closed"):
         batcher.submit(3)
     peer.let_go(0)
+
+
+def test_call_many_sends_on_the_callers_thread_and_hands_the_rest_on():
+    """A caller whose call may go now makes it itself (no hand-off to a
+    sender thread); items queued meanwhile go on a sender thread after."""
+    threads: list[str] = []
+    gate, inside = threading.Event(), threading.Event()
+
+    def send(items):
+        threads.append(threading.current_thread().name)
+        if len(threads) == 1:
+            inside.set()
+            assert gate.wait(10)
+        return [i * 10 for i in items]
+
+    batcher = Batcher(send, name="t", max_in_flight=1)
+    mine: list = []
+    caller = threading.Thread(
+        target=lambda: mine.extend(p.wait(10) for p in batcher.call_many([1, 2])), name="caller"
+    )
+    caller.start()
+    assert inside.wait(10)
+    later = batcher.submit(3)  # queued while the caller's call is out
+    gate.set()
+    caller.join(10)
+    assert mine == [10, 20]
+    assert later.wait(10) == 30
+    assert threads[0] == "caller" and threads[1].startswith("t")
+    batcher.close()

@@ -48,6 +48,7 @@ from foreman_service.core import (
     Settle,
     Settled,
     SettleFailed,
+    WorkerLost,
 )
 from foreman_service.stats import JobStats
 
@@ -1217,3 +1218,30 @@ def test_a_proved_map_output_is_delivered_with_its_split_and_an_unproved_one_wit
             assert [bytes(k) for k in delivered.rows.keys] == [b"apple", b"pear"]
         else:
             assert delivered.rows is None
+
+
+# -- a worker found gone --------------------------------------------------------------
+
+
+def test_a_lost_workers_unanswered_replicas_are_released_and_replaced_at_once():
+    """A worker killed with tasks queued: its replicas are let go and
+    replaced now (costing the chunk no attempt), not left to the deadline."""
+    d = Driver(chunks=1)
+    task = d.running(["w1", "w2", "w3"])
+    [add] = only(d.events(WorkerLost("w2")), AddReplica)
+    assert (add.task_id, add.release) == (task, frozenset({"w2"}))
+    assert d.chunks[0].attempts == 0
+
+
+def test_a_lost_worker_is_released_at_a_valid_settle_not_left_late():
+    """Past the quorum its replica is not replaced, and the settle (at once:
+    nobody is left to wait for) releases it, its credit back now, instead of
+    leaving it to the late window."""
+    d = Driver(chunks=1)
+    task = d.running(["w1", "w2", "w3"])
+    assert d.results(task, w1=OUTPUT, w3=OUTPUT) == []  # quorum; grace for w2
+    commands = d.events(WorkerLost("w2"))
+    assert only(commands, AddReplica) == []
+    [settle] = only(commands, Settle)  # nobody left to wait for: at once
+    assert settle.valid and settle.released == frozenset({"w2"})
+    assert d.core.stats.verdicts[task]["late"] == []

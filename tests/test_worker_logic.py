@@ -482,3 +482,59 @@ def test_the_pool_kills_a_cancelled_tasks_sandbox_at_once_and_runs_the_next_task
         assert pool._live == 1  # that one, idle: the killed one is not counted
     finally:
         pool.close()
+
+
+# -- the queue ---------------------------------------------------------------------
+
+
+def test_the_queue_holds_many_tasks_but_a_bounded_amount_of_rows(gated, monkeypatch):
+    """Queued tasks beyond the running slot are taken (the worker registers
+    them as slots), but never more rows than MAX_QUEUED_ROWS_BYTES."""
+    worker, ledger, sandbox, _submitted = gated
+    assert worker.capacity == 1 + worker_module.QUEUED_PER_SLOT > 2
+    big = encode_pairs([("task", "x" * 400)])
+    monkeypatch.setattr(worker_module, "MAX_QUEUED_ROWS_BYTES", 3 * len(big))
+    first = _assign(worker, ledger, 1)  # running: its rows count too
+    stuck = sandbox.entered.get(timeout=10)
+    queued = [_assign(worker, ledger, n, rows=big) for n in (2, 3)]
+    with pytest.raises(NoFreeSlot, match="queue is full"):
+        _assign(worker, ledger, 4, rows=big)
+    small = [_assign(worker, ledger, n) for n in (5, 6, 7)]  # small rows still fit
+    assert worker.snapshot().busy_slots == 1 + len(queued) + len(small)
+    stuck.go.set()
+    assert first.task_id == stuck.task_id
+    for _ in range(len(queued) + len(small)):
+        gate = sandbox.entered.get(timeout=10)
+        gate.go.set()
+    assert worker.wait_idle(10)
+
+
+def test_a_result_not_delivered_drops_that_foremans_closed_queued_tasks(gated):
+    """A foreman killed with tasks queued here: once a result of its cannot
+    be delivered, its queued tasks the discovery service no longer has are
+    dropped, unrun, in one confirmation; those still open stay."""
+    worker, ledger, sandbox, _submitted = gated
+    payload = pack_functions(counting)
+
+    def undeliverable(task, worker_id, ciphertext, cancel=None):
+        raise ResultNotDelivered("the foreman is gone")
+
+    worker._submit = undeliverable
+    tasks = [_task(n, FOREMAN_A, payload) for n in range(1, 5)]
+    for task in tasks:
+        ledger.owners[task.task_id] = FOREMAN_A
+        worker.assign(task)
+    running = sandbox.entered.get(timeout=10)
+    del ledger.owners[tasks[2].task_id], ledger.owners[tasks[3].task_id]  # closed
+    asked = len(ledger.asked)
+    running.go.set()  # its result cannot be delivered; the slot takes task 1
+    next_up = sandbox.entered.get(timeout=10)
+    assert next_up.task_id == tasks[1].task_id
+    with worker._idle:  # the undelivered result, then the two closed ones dropped
+        assert worker._idle.wait_for(lambda: worker.counters.tasks_dropped >= 3, 10)
+    assert set(ledger.asked[asked:]) <= {t.task_id for t in tasks[1:]}
+    assert {tasks[2].task_id, tasks[3].task_id} <= set(ledger.asked[asked:])
+    next_up.go.set()
+    assert worker.wait_idle(10)
+    assert worker.counters.tasks_dropped == 4  # two undelivered, two dropped unrun
+    assert sandbox.ran == [tasks[0].task_id, tasks[1].task_id]

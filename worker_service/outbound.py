@@ -63,7 +63,8 @@ class KeyFetcher:
         answers: dict[int, tuple[bytes, str] | Exception] = {}
         asking = list(enumerate(task_ids))
         for delay in backoff_delays():
-            waiting = [(i, task_id, self._keys.submit(task_id)) for i, task_id in asking]
+            answered = self._keys.call_many([task_id for _, task_id in asking])
+            waiting = [(i, task_id, p) for (i, task_id), p in zip(asking, answered, strict=True)]
             asking = []
             for i, task_id, pending in waiting:
                 try:

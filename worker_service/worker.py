@@ -47,7 +47,7 @@ MAX_CACHED_PAYLOADS = 64
 # worker with tasks queued runs the next one meanwhile. The worker
 # registers running and queued together as its slots (what it takes at
 # once, docs/protocol.md section 2), so the discovery service grants them.
-QUEUED_PER_SLOT = 16
+QUEUED_PER_SLOT = 32
 # Rows held by queued tasks, at most: a queue must not let a foreman fill a
 # volunteer's memory (a task runs whatever its size once a slot is free).
 MAX_QUEUED_ROWS_BYTES = 64 * 1024 * 1024
