@@ -133,18 +133,23 @@ class Batcher(Generic[Item, Result]):
         self.batches = 0  # calls made, for tests and benches
         self.items = 0
 
+    def _enqueue(self, pendings: list[Pending[Result]]) -> bool:
+        """Queue `pendings`; True when a call may go now (its place taken)."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"{self._name} is closed")
+            self._queue.extend(pendings)
+            if self._in_flight >= self._max_in_flight:
+                return False
+            self._in_flight += 1
+            return True
+
     def submit(self, item: Item) -> Pending[Result]:
         """Queue `item`; a sender thread carries it (see call_many for the
         caller's own thread)."""
         pending: Pending[Result] = Pending(self, item)
-        with self._lock:
-            if self._closed:
-                raise RuntimeError(f"{self._name} is closed")
-            self._queue.append(pending)
-            if self._in_flight >= self._max_in_flight:
-                return pending
-            self._in_flight += 1
-        self._senders.submit(self._drain)
+        if self._enqueue([pending]):
+            self._senders.submit(self._drain)
         return pending
 
     def call_many(self, items: Sequence[Item]) -> list[Pending[Result]]:
@@ -152,14 +157,7 @@ class Batcher(Generic[Item, Result]):
         until they are answered (a hand-off to a sender thread costs a GIL
         switch, up to 5 ms on a busy process); the answers to wait for."""
         pendings: list[Pending[Result]] = [Pending(self, item) for item in items]
-        with self._lock:
-            if self._closed:
-                raise RuntimeError(f"{self._name} is closed")
-            self._queue.extend(pendings)
-            here = self._in_flight < self._max_in_flight
-            if here:
-                self._in_flight += 1
-        if here:
+        if self._enqueue(pendings):
             self._drain(until=pendings)
         return pendings
 
