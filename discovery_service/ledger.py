@@ -43,6 +43,7 @@ from ec262.errors import (
     AuthenticationError,
     CommitConflict,
     InvalidRequest,
+    LateTask,
     ServiceUnavailable,
     UnknownTask,
 )
@@ -497,6 +498,11 @@ class Ledger:
         check_task_id(task_id)
         found = self.store.fetch_key(worker_id, task_id, self._clock())
         if found is None:
+            if self.store.is_late(worker_id, task_id, self._clock()):
+                raise LateTask(
+                    f"task {task_id} was settled without your result: commit it"
+                    " before your late window ends to be paid"
+                )
             raise UnknownTask(f"no open task {task_id} is assigned to you")
         return found
 

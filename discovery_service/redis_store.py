@@ -794,6 +794,15 @@ class RedisStore(LedgerStore):
         return key, foreman.decode()
 
     @_unavailable_is_clear
+    def is_late(self, worker_id: str, task_id: str, now: float) -> bool:
+        late = f"{self.prefix}l:{task_id}"
+        with self._redis.pipeline(transaction=False) as pipe:
+            made, until = (
+                pipe.hget(late, f"w:{worker_id}").zscore(f"{self.prefix}lexp", task_id).execute()
+            )
+        return made == b"" and until is not None and until > now
+
+    @_unavailable_is_clear
     def settle_task(
         self,
         foreman_id: str,

@@ -620,6 +620,15 @@ class SqliteStore(LedgerStore):
             return None
         return row[0], row[1]
 
+    def is_late(self, worker_id: str, task_id: str, now: float) -> bool:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM late WHERE task_id = ? AND worker_id = ? AND sha256 = ''"
+                " AND until_unix > ?",
+                (task_id, worker_id, now),
+            ).fetchone()
+        return row is not None
+
     def settle_task(
         self,
         foreman_id: str,
@@ -799,8 +808,12 @@ class SqliteStore(LedgerStore):
 
     @staticmethod
     def _update_each(db: sqlite3.Connection, assignments: str, client_ids: Iterable[str]) -> None:
-        """One UPDATE for a set of clients (none when the set is empty)."""
+        """One UPDATE for a set of clients (none when the set is empty). A
+        client named twice would be updated once (SQL's IN), so that is an
+        error, never a quiet undercount."""
         ids = tuple(client_ids)
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"clients named twice in one update: {sorted(ids)}")
         if ids:
             db.execute(
                 f"UPDATE clients SET {assignments} WHERE client_id IN ({_placeholders(len(ids))})",
@@ -890,7 +903,13 @@ class SqliteStore(LedgerStore):
             (now,),
         ).fetchall()
         silent = [(worker, foreman) for worker, foreman, sha in ended if not sha]
-        self._update_each(db, _FAIL, (worker for worker, _ in silent))
+        # A worker may be late for several tasks whose windows end together
+        # (a settle batch, a deep queue): each counts.
+        db.executemany(
+            "UPDATE clients SET tasks_failed = tasks_failed + ?, busy_slots = busy_slots - ?"
+            " WHERE client_id = ?",
+            [(count, count, worker) for worker, count in Counter(w for w, _ in silent).items()],
+        )
         for foreman_id, count in Counter(foreman for _, foreman in silent).items():
             db.execute(
                 "UPDATE clients SET credits = credits + ? WHERE client_id = ?", (count, foreman_id)

@@ -444,6 +444,11 @@ class LedgerStore(abc.ABC):
         """(key, foreman_id) for an open task this worker is assigned to, else None."""
 
     @abc.abstractmethod
+    def is_late(self, worker_id: str, task_id: str, now: float) -> bool:
+        """Whether a settle left this worker late for the task and its late
+        window is open, with no commitment from it yet."""
+
+    @abc.abstractmethod
     def settle_task(
         self,
         foreman_id: str,

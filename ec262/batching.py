@@ -36,7 +36,6 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
-
 class Abandoned(Exception):
     """The caller gave up on this item (its task was cancelled)."""
 
@@ -219,9 +218,7 @@ class Batcher(Generic[Item, Result]):
                     outcome = outcome.result()
                 answers = list(outcome)
                 if len(answers) != len(batch):
-                    raise ValueError(
-                        f"{self._name}: {len(answers)} answers for {len(batch)} items"
-                    )
+                    raise ValueError(f"{self._name}: {len(answers)} answers for {len(batch)} items")
             except Exception as error:
                 for pending in batch:
                     pending._answer(None, error)

@@ -26,6 +26,13 @@ class UnknownTask(Ec262Error, LookupError):
     about tasks that are not its own."""
 
 
+class LateTask(UnknownTask):
+    """A task settled without this worker's result, which it took: NOT_FOUND
+    like any closed task, but its commitment is still judged until the late
+    window ends (docs/protocol.md section 10), so the worker keeps it. Only
+    that worker is told; anyone else gets plain UnknownTask."""
+
+
 class InsufficientCredits(Ec262Error):
     """The caller's balance cannot pay for what it asked (gRPC RESOURCE_EXHAUSTED)."""
 

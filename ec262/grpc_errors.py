@@ -28,6 +28,7 @@ from ec262.errors import (
     FunctionNotCached,
     InsufficientCredits,
     InvalidRequest,
+    LateTask,
     NoCommittedQuorum,
     NoFreeSlot,
     PermissionDenied,
@@ -48,6 +49,7 @@ INTERNAL_MESSAGE = "internal error in the service; its log has the traceback"
 _TABLE: tuple[tuple[type[Ec262Error], grpc.StatusCode, str], ...] = (
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
     (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"),
+    (LateTask, grpc.StatusCode.NOT_FOUND, "LATE_TASK"),
     (UnknownTask, grpc.StatusCode.NOT_FOUND, "UNKNOWN_TASK"),
     (InsufficientCredits, grpc.StatusCode.RESOURCE_EXHAUSTED, "INSUFFICIENT_CREDITS"),
     (ServiceUnavailable, grpc.StatusCode.UNAVAILABLE, "SERVICE_UNAVAILABLE"),

@@ -66,6 +66,7 @@ def test_jobs_in_a_row_while_workers_freeze_thaw_and_die(tmp_path):
     ) as cluster:
         stop, idle, leave = threading.Event(), threading.Event(), threading.Event()
         frozen: list = []
+        killed: list = []  # their logs, should a slot stay held
 
         def chaos() -> None:
             while not stop.wait(rng.uniform(0.2, 1.0)):
@@ -83,6 +84,7 @@ def test_jobs_in_a_row_while_workers_freeze_thaw_and_die(tmp_path):
                     victim.process.send_signal(signal.SIGKILL)
                     victim.process.wait(timeout=10)
                     cluster.workers.remove(victim)
+                    killed.append(victim)
                     cluster.add_workers(1)
             idle.set()
             # Workers started here die with this thread (their parent-death
@@ -112,7 +114,7 @@ def test_jobs_in_a_row_while_workers_freeze_thaw_and_die(tmp_path):
                 worker.process.send_signal(signal.SIGCONT)
         try:
             _alive(cluster)
-            _slots_free_within(cluster, 10)
+            _slots_free_within(cluster, 10, killed)
         finally:
             leave.set()
             thread.join(10)

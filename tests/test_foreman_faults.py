@@ -6,17 +6,20 @@ service and the workers report them."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 
 import pytest
 
 from ec262.discovery_client import DiscoveryClient
 from ec262.identity import load_identity
 from ec262.local_cluster import LocalCluster
+from ec262.processes import ServerProcess
 from ec262.v1 import worker_pb2, worker_pb2_grpc
 from tests.job_harness import books, identity_files
 from tests.processes import ROOT
@@ -77,14 +80,62 @@ def _start_slow_job(cluster: LocalCluster, identity) -> subprocess.Popen:
     return foreman
 
 
-def _slots_free_within(cluster: LocalCluster, seconds: float) -> float:
+def _slots_free_within(
+    cluster: LocalCluster, seconds: float, gone: Sequence[ServerProcess] = ()
+) -> float:
     """Seconds until every slot is free (reading only the workers'
     identities: a call with the foreman's would renew its lease)."""
     started = time.monotonic()
     while _busy(cluster) != (0, 0) and time.monotonic() < started + seconds:
         time.sleep(0.1)  # watching the slots, not waiting for a fixed time
-    assert _busy(cluster) == (0, 0), f"slots still busy {seconds} s on"
+    busy = _busy(cluster)
+    assert busy == (0, 0), f"slots still busy {seconds} s on: {busy}\n{_holders(cluster, gone)}"
     return time.monotonic() - started
+
+
+_GIVING_UP = ("abandoned", "dropped", "gave up", "not sending", "refused", "cancelled")
+
+
+def _holders(cluster: LocalCluster, gone: Sequence[ServerProcess] = ()) -> str:
+    """Who holds the busy slots, for a failing test's message: each
+    identity the discovery service counts busy, with the last lines its
+    worker logged (the ledger itself is locked to its front-end)."""
+    lines = []
+    for path in identity_files(cluster):
+        with DiscoveryClient(cluster.address, load_identity(path)) as client:
+            info = client.get_client()
+        if info.busy_slots == 0:
+            continue
+        lines.append(f"{path.name} {info.client_id}: {info.busy_slots} busy")
+        for worker in [*cluster.workers, *gone]:
+            if any(info.client_id in line for line in worker.lines[:50]):
+                state = "killed" if worker.process.poll() is not None else "running"
+                lines.append(f"  its worker at {worker.address} ({state}) last logged:")
+                telling = [line for line in worker.lines if any(w in line for w in _GIVING_UP)]
+                lines += [f"    {line.rstrip()}" for line in [*telling[-10:], *worker.lines[-8:]]]
+    return "\n".join([*lines, *_ledger_rows(cluster)])
+
+
+def _ledger_rows(cluster: LocalCluster) -> list[str]:
+    """The open and late tasks in a SQLite ledger, read once its discovery
+    service is stopped (it locks the file while it runs): this is only for
+    a test that has failed."""
+    import sqlite3
+
+    path = cluster.directory / "ledger.sqlite3"
+    if not path.exists():
+        return []
+    cluster.discovery.stop()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        rows = db.execute(
+            "SELECT 'open', task_id, foreman_id, workers, expiry_unix FROM tasks UNION ALL"
+            " SELECT 'late ' || sha256, task_id, foreman_id, worker_id, until_unix FROM late"
+            " UNION ALL SELECT 'busy ' || busy_slots, client_id, slots, address, expiry_unix"
+            " FROM clients WHERE busy_slots > 0"
+        ).fetchall()
+    now = time.time()
+    return [f"ledger: {kind} {task} {foreman}: {workers}, {until - now:+.1f} s"
+            for kind, task, foreman, workers, until in rows]  # fmt: skip
 
 
 def _assert_nothing_in_escrow(cluster: LocalCluster, identity) -> None:

@@ -119,6 +119,33 @@ def index_of(ledger: Ledger) -> set[str]:
     return _redis_index(store, now)
 
 
+def _slots_held(ledger: Ledger) -> Counter:
+    """For each worker, the slots its tasks hold, read from the tasks
+    themselves: open tasks it is assigned to, and settled ones it is late
+    for without a commitment yet."""
+    store, held = ledger.store, Counter()
+    if isinstance(store, SqliteStore):
+        for (workers,) in store._db.execute("SELECT workers FROM tasks"):
+            held.update(workers.split())
+        held.update(w for (w,) in store._db.execute("SELECT worker_id FROM late WHERE sha256 = ''"))
+        return held
+    r, p = store._redis, store.prefix
+    for key in r.scan_iter(match=f"{p}t:*"):
+        held.update((r.hget(key, "workers") or b"").decode().split())
+    for key in r.scan_iter(match=f"{p}l:*"):
+        held.update(
+            field.decode()[2:] for field, sha in r.hgetall(key).items()
+            if field.startswith(b"w:") and sha == b""
+        )  # fmt: skip
+    return held
+
+
+def _assert_busy_slots_are_held(ledger: Ledger, ids: list[str]) -> None:
+    now, held = ledger._clock(), _slots_held(ledger)
+    busy = {c: ledger.store.get_client(c, now).busy_slots for c in ids}
+    assert busy == {c: held[c] for c in ids}, "a busy slot no task holds, or the reverse"
+
+
 def _live_free(ledger: Ledger, ids: list[str]) -> set[str]:
     now = ledger._clock()
     records = [ledger.store.get_client(c, now) for c in ids]
@@ -194,6 +221,7 @@ def test_the_index_follows_the_clients_through_a_random_walk(open_ledger, seed):
             clock.advance(rng.choice([1, 5, 15, 30]))
             ledger.sweep()
         assert _live_free(ledger, workers) <= index_of(ledger)
+        _assert_busy_slots_are_held(ledger, workers)
 
 
 def test_a_worker_that_fills_its_slots_leaves_the_index_and_comes_back(open_ledger):

@@ -26,7 +26,8 @@ from discovery_service.sqlite_store import SqliteStore
 from discovery_service.store import IDENTITY, NETWORK, Candidate
 from ec262.addresses import network_of
 from ec262.envelope import ciphertext_sha256
-from ec262.errors import TooManyNewClients
+from ec262.errors import LateTask, TooManyNewClients, UnknownTask
+from ec262.grpc_errors import error_from_rpc
 from ec262.identity import load_identity
 from ec262.local_cluster import LocalCluster
 from ec262.v1 import discovery_pb2 as pb
@@ -525,6 +526,57 @@ def test_a_late_worker_silent_until_the_window_ends_is_failed_and_refunded(disco
     assert closed.value.code() == grpc.StatusCode.NOT_FOUND
     assert "late window" in closed.value.details()
     assert discovery.total_credits() == discovery.issued_credits()
+
+
+def test_a_worker_late_for_several_tasks_whose_windows_end_together_is_failed_for_each(
+    discovery,
+):
+    """Both stores. A worker left late by two settles in the same instant
+    (a settle batch; a frozen worker with a deep queue): when the windows
+    end, each task counts failed and frees its slot, and each credit goes
+    back (SQLite's `IN` once undercounted this, leaving a slot held for good)."""
+    foreman = discovery.client()
+    workers = [discovery.worker(slots=2) for _ in range(3)]
+    tasks = discovery.request(foreman, n=2).tasks
+    assert len(tasks) == 2
+    late = workers[2]
+    for task in tasks:
+        for worker in workers[:2]:
+            _commit(discovery, worker, task.task_id, "right")
+        discovery.settle(foreman, task.task_id, valid=True, commit=False)
+    assert discovery.info(late).busy_slots == 2
+    discovery.clock.advance(DEFAULT_LATE_WINDOW + 1)
+    discovery.sweep()
+    info = discovery.info(late)
+    assert (info.busy_slots, info.tasks_failed, info.credits) == (0, 2, 12)
+    assert discovery.credits(foreman) == 12 - 4
+    assert discovery.total_credits() == discovery.issued_credits()
+
+
+def _fetch_key_refusal(discovery, worker, task_id: str) -> type:
+    """What a client makes of FetchKey's NOT_FOUND for this worker."""
+    with pytest.raises(grpc.RpcError) as refused:
+        discovery.fetch_key(worker, task_id)
+    assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    return type(error_from_rpc(refused.value))
+
+
+def test_fetch_key_tells_a_late_worker_alone_that_its_commitment_still_counts(discovery):
+    """Both stores. A settled task is NOT_FOUND to FetchKey for everyone,
+    its key handed out no more; the worker it left late is told so (reason
+    LATE_TASK: it keeps a queued copy, docs/protocol.md section 10) until
+    it commits or its window ends; a paid worker and a stranger are told
+    UNKNOWN_TASK, and learn nothing."""
+    _, paid, late, task_id, _ = _settled_with_a_late_worker(discovery)
+    stranger = discovery.worker()
+    assert _fetch_key_refusal(discovery, late, task_id) is LateTask
+    assert _fetch_key_refusal(discovery, paid[0], task_id) is UnknownTask
+    assert _fetch_key_refusal(discovery, stranger, task_id) is UnknownTask
+    discovery.clock.advance(DEFAULT_LATE_WINDOW + 1)
+    assert _fetch_key_refusal(discovery, late, task_id) is UnknownTask  # the window ended
+    _, _, committed, task_id, _ = _settled_with_a_late_worker(discovery)
+    _commit(discovery, committed, task_id, "right")
+    assert _fetch_key_refusal(discovery, committed, task_id) is UnknownTask  # judged
 
 
 def test_the_late_window_is_a_setting_and_survives_a_restart(discovery_factory):

@@ -17,6 +17,7 @@ from ec262.encoding import decode_pairs, encode_pairs
 from ec262.envelope import decrypt_data
 from ec262.errors import (
     FunctionNotCached,
+    LateTask,
     NoFreeSlot,
     PermissionDenied,
     ResultNotDelivered,
@@ -47,10 +48,13 @@ class Ledger:
 
     def __init__(self) -> None:
         self.owners: dict[str, str] = {}
+        self.late: set[str] = set()  # settled, this worker late for them
         self.asked: list[str] = []
 
     def __call__(self, task_id: str) -> tuple[bytes, str]:
         self.asked.append(task_id)
+        if task_id in self.late:
+            raise LateTask(f"task {task_id} settled, your commitment still counts")
         if task_id not in self.owners:
             raise UnknownTask(f"task {task_id} not found")
         return KEY, self.owners[task_id]
@@ -512,7 +516,9 @@ def test_the_queue_holds_many_tasks_but_a_bounded_amount_of_rows(gated, monkeypa
 def test_a_result_not_delivered_drops_that_foremans_closed_queued_tasks(gated):
     """A foreman killed with tasks queued here: once a result of its cannot
     be delivered, its queued tasks the discovery service no longer has are
-    dropped, unrun, in one confirmation; those still open stay."""
+    dropped, unrun, in one confirmation; those still open stay, and so does
+    one a settle left this worker late for (its commitment is still judged:
+    dropped, it would hold its slot there for the late window)."""
     worker, ledger, sandbox, _submitted = gated
     payload = pack_functions(counting)
 
@@ -520,12 +526,14 @@ def test_a_result_not_delivered_drops_that_foremans_closed_queued_tasks(gated):
         raise ResultNotDelivered("the foreman is gone")
 
     worker._submit = undeliverable
-    tasks = [_task(n, FOREMAN_A, payload) for n in range(1, 5)]
+    tasks = [_task(n, FOREMAN_A, payload) for n in range(1, 6)]
     for task in tasks:
         ledger.owners[task.task_id] = FOREMAN_A
         worker.assign(task)
     running = sandbox.entered.get(timeout=10)
-    del ledger.owners[tasks[2].task_id], ledger.owners[tasks[3].task_id]  # closed
+    for closed in tasks[2:]:
+        del ledger.owners[closed.task_id]
+    ledger.late.add(tasks[4].task_id)  # settled without this worker's result
     asked = len(ledger.asked)
     running.go.set()  # its result cannot be delivered; the slot takes task 1
     next_up = sandbox.entered.get(timeout=10)
@@ -533,8 +541,9 @@ def test_a_result_not_delivered_drops_that_foremans_closed_queued_tasks(gated):
     with worker._idle:  # the undelivered result, then the two closed ones dropped
         assert worker._idle.wait_for(lambda: worker.counters.tasks_dropped >= 3, 10)
     assert set(ledger.asked[asked:]) <= {t.task_id for t in tasks[1:]}
-    assert {tasks[2].task_id, tasks[3].task_id} <= set(ledger.asked[asked:])
+    assert {t.task_id for t in tasks[2:]} <= set(ledger.asked[asked:])
     next_up.go.set()
+    sandbox.entered.get(timeout=10).go.set()  # the late one runs
     assert worker.wait_idle(10)
-    assert worker.counters.tasks_dropped == 4  # two undelivered, two dropped unrun
-    assert sandbox.ran == [tasks[0].task_id, tasks[1].task_id]
+    assert worker.counters.tasks_dropped == 5  # three undelivered, two dropped unrun
+    assert sandbox.ran == [tasks[0].task_id, tasks[1].task_id, tasks[4].task_id]

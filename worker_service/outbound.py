@@ -21,6 +21,7 @@ from ec262.discovery_client import DiscoveryClient
 from ec262.errors import (
     CommitConflict,
     Ec262Error,
+    LateTask,
     ResultNotDelivered,
     ServiceUnavailable,
     UnknownTask,
@@ -97,10 +98,13 @@ class KeyFetcher:
         self._keys.close()
 
     def still_assigned(self, task_id: str) -> bool:
-        """Whether the discovery service still has the task open for this
-        worker (True when it cannot tell: unreachable)."""
+        """Whether the discovery service still takes this worker's
+        commitment: the task open for it, or settled while it was late and
+        its window open (True when it cannot tell: unreachable)."""
         try:
             self._discovery.fetch_key(task_id)
+        except LateTask:
+            return True
         except UnknownTask:
             return False
         except Exception as error:

@@ -29,6 +29,7 @@ from typing import Protocol
 from ec262.envelope import seal
 from ec262.errors import (
     FunctionNotCached,
+    LateTask,
     NoFreeSlot,
     PermissionDenied,
     ResultNotDelivered,
@@ -426,7 +427,10 @@ class Worker:
         closed, or the foreman gone): its tasks still queued here are
         confirmed in one FetchKeys, and those the discovery service no
         longer has are dropped before they run for nothing (a foreman
-        killed with tasks queued here)."""
+        killed with tasks queued here). A task settled while this worker
+        was late is kept: dropped, its slot would stay held at the
+        discovery service until the late window ends, and it be counted
+        failed."""
         with self._lock:
             queued = [
                 t for t in self._taken.values() if t.stage == QUEUED and t.foreman_id == foreman_id
@@ -436,8 +440,8 @@ class Worker:
         answers = self._fetch_keys([t.task_id for t in queued])
         dropped = 0
         for taken, answer in zip(queued, answers, strict=True):
-            if not isinstance(answer, UnknownTask):
-                continue
+            if not isinstance(answer, UnknownTask) or isinstance(answer, LateTask):
+                continue  # open, or late and still paid for a result in time
             with self._lock:
                 if taken.stage != QUEUED:
                     continue
