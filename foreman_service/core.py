@@ -186,6 +186,17 @@ class SettleFailed:
     error: BaseException
 
 
+@dataclass(frozen=True)
+class Withdrawn:
+    """A Withdraw answered: `dropped` when the worker dropped the replica
+    unstarted, or may have (the call failed: its answer may be what was
+    lost, and a replica released while at work loses its worker nothing)."""
+
+    task_id: str
+    worker_id: str
+    dropped: bool
+
+
 Event = (
     Granted
     | RequestFailed
@@ -196,6 +207,7 @@ Event = (
     | ReplicaFailed
     | Settled
     | SettleFailed
+    | Withdrawn
 )
 
 
@@ -223,6 +235,16 @@ class Assign:
 
 @dataclass(frozen=True)
 class Cancel:
+    task_id: str
+    worker_id: str
+    address: str
+    token: str
+
+
+@dataclass(frozen=True)
+class Withdraw:
+    """CancelTask for a replica only if its worker has not started it."""
+
     task_id: str
     worker_id: str
     address: str
@@ -305,6 +327,7 @@ class Replica:
     answered_in: float = 0.0  # seconds from assignment to result
     assign_timed_out: bool = False  # AssignTask answered DEADLINE_EXCEEDED
     released_at_discovery: bool = False  # by AddReplica: not in the task any more
+    withdrawing: bool = False  # a Withdraw under way: the settle waits for its answer
 
 
 @dataclass(eq=False)
@@ -444,11 +467,11 @@ class JobCore:
             if task.settling:
                 continue
             if task.quorum_at is not None:
-                # Settled when its grace ends, or when its AddReplica is
-                # answered (an event); its deadline, replicas wanted and
-                # speculation no longer apply, and a time already past
-                # would make the engine's loop spin until then.
-                if not task.add_in_flight:
+                # Settled when its grace ends, or when its AddReplica or
+                # its withdrawals are answered (events); its deadline,
+                # replicas wanted and speculation no longer apply, and a
+                # time already past would make the engine's loop spin.
+                if not task.add_in_flight and not any(r.withdrawing for r in task.live()):
                     times.append(task.quorum_at + self._grace(task))
                 continue
             times.append(task.deadline)
@@ -516,6 +539,8 @@ class JobCore:
                 self._settled(event, commands)
             case SettleFailed():
                 self._settle_failed(event, commands)
+            case Withdrawn():
+                self._withdrawn(event)
         return self._checked(commands)
 
     def _checked(self, commands: list) -> list:
@@ -844,6 +869,9 @@ class JobCore:
         if count >= self.quorum:
             if task.quorum_at is None:
                 task.quorum_at = now
+                self._withdraw_unstarted(task, commands)
+            if any(r.withdrawing for r in live):
+                return  # a replica dropped unstarted is released, never left late
             if live and now < task.quorum_at + self._grace(task):
                 return
             if task.add_in_flight:
@@ -858,6 +886,29 @@ class JobCore:
                 self._escalate(task, missing, now, commands)
             else:
                 self._settle_invalid(task, "no quorum possible", commands)
+
+    def _withdraw_unstarted(self, task: Task, commands: list) -> None:
+        """At the quorum, the replicas a valid settle would leave late are
+        asked to drop the task if they have not started it: with workers
+        holding queues, the last replica of a task is often still queued,
+        and run it would spend a volunteer's CPU and the foreman's credit
+        on a result nobody compares (docs/protocol.md section 10)."""
+        for replica in task.live():
+            if self._may_answer_late(replica):
+                replica.withdrawing = True
+                commands.append(
+                    Withdraw(task.task_id, replica.worker_id, replica.address, replica.token)
+                )
+
+    def _withdrawn(self, event: Withdrawn) -> None:
+        task = self._tasks.get(event.task_id)
+        replica = task.replicas.get(event.worker_id) if task else None
+        if replica is None or not replica.withdrawing:
+            return
+        replica.withdrawing = False
+        if event.dropped and replica.state == RUNNING and not task.settling:
+            replica.state = RELEASED  # released by the settle: slot and credit back
+            self.stats.replicas_withdrawn += 1
 
     def _short_of_full(self, task: Task) -> int:
         """Adaptive replication: the workers a task that has not escalated

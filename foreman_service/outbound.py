@@ -44,6 +44,8 @@ from foreman_service.core import (
     Settle,
     Settled,
     SettleFailed,
+    Withdraw,
+    Withdrawn,
     WorkerLost,
 )
 from foreman_service.inbox import ResultInbox
@@ -208,6 +210,8 @@ class ForemanOutbound:
                 self._assign([command])
             case Cancel():
                 self._cancel(command)
+            case Withdraw():
+                self._withdraw(command)
             case AddReplica():
                 self._in_thread(self._add_replica, command)
             case Settle():
@@ -257,6 +261,7 @@ class ForemanOutbound:
         )
 
     def _add_replica(self, command: AddReplica) -> None:
+        logger.debug("AddReplica(%s) releasing %s", command.task_id, sorted(command.release))
         try:
             ref = self._retrying(
                 lambda: self._discovery.add_replica(
@@ -277,6 +282,13 @@ class ForemanOutbound:
         self._events.put(ReplicaAdded(command.task_id, worker))
 
     def _settle(self, command: Settle, seconds: float) -> None:
+        logger.debug(
+            "SettleTask(%s) valid %s, missing %s, released %s",
+            command.task_id,
+            command.valid,
+            sorted(command.missing),
+            sorted(command.released),
+        )
         try:
             request = discovery_pb2.SettleTaskRequest(
                 task_id=command.task_id,
@@ -374,6 +386,36 @@ class ForemanOutbound:
                     command.worker_id[:8],
                     call.code().name,
                 )
+
+        future.add_done_callback(answered)
+
+    def _withdraw(self, command: Withdraw) -> None:
+        """CancelTask only if unstarted; its answer an event (a failed call
+        counts as dropped: core.Withdrawn)."""
+        try:
+            stub = self._channels.stub(command.worker_id, command.address)
+        except UntrustedWorker:
+            self._events.put(Withdrawn(command.task_id, command.worker_id, True))
+            return
+        future = stub.CancelTask.future(
+            worker_pb2.CancelTaskRequest(
+                task_id=command.task_id, submit_token=command.token, only_queued=True
+            ),
+            timeout=CANCEL_DEADLINE,
+        )
+        self._tracked(future)
+
+        def answered(call: grpc.Future) -> None:
+            ok = call.code() == grpc.StatusCode.OK
+            if not ok:
+                logger.debug(
+                    "CancelTask(%s, only queued) to %s: %s",
+                    command.task_id,
+                    command.worker_id[:8],
+                    call.code().name,
+                )
+            dropped = not ok or call.result().cancelled
+            self._events.put(Withdrawn(command.task_id, command.worker_id, dropped))
 
         future.add_done_callback(answered)
 

@@ -28,11 +28,13 @@ class JobStats:
     retry_reasons: Counter = field(default_factory=Counter)
     # Replicas that never started (refused: full or unreachable), added
     # (replacements and speculative ones), speculative ones asked for, and
-    # cancelled (late after the quorum, or the job stopped).
+    # cancelled (late after the quorum, or the job stopped), and withdrawn
+    # (dropped unstarted at the quorum, which no longer needed them).
     replicas_released: int = 0
     replicas_added: int = 0
     speculative_replicas: int = 0
     replicas_cancelled: int = 0
+    replicas_withdrawn: int = 0
     # Per task settled: {"agreed", "disagreed", "late", "silent"} -> worker ids.
     verdicts: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     # Adaptive replication (docs/protocol.md section 10): credits its valid

@@ -48,6 +48,8 @@ from foreman_service.core import (
     Settle,
     Settled,
     SettleFailed,
+    Withdraw,
+    Withdrawn,
     WorkerLost,
 )
 from foreman_service.stats import JobStats
@@ -88,7 +90,13 @@ class Driver:
 
     After every tick, until the job fails or stops, `wake_at()` must lie
     ahead: a time already past would spin the engine's loop (it sleeps
-    until then, i.e. not at all)."""
+    until then, i.e. not at all).
+
+    A worker asked to withdraw a replica at the quorum answers at once that
+    it had started it (the rules of the late window apply), unless
+    `withdrawn` says otherwise: True, that it dropped it unstarted; None,
+    no answer (the test gives it, and sees the Withdraw commands). Those
+    answered for it are in `withdrawals`."""
 
     def __init__(
         self,
@@ -98,9 +106,12 @@ class Driver:
         phase: int = MAP,
         digest: str = "map-digest",
         adaptive: bool = False,
+        withdrawn: bool | None = False,
         **config,
     ) -> None:
         self.now = 0.0
+        self.withdrawn = withdrawn
+        self.withdrawals: list[Withdraw] = []
         self.stats = JobStats()
         tokens, requests = itertools.count(1), itertools.count(1)
         self.core = JobCore(
@@ -141,10 +152,20 @@ class Driver:
         return self._kept(self.core.stop())
 
     def _ticked(self, commands: list) -> list:
+        commands = self._withdrawals_answered(commands)
         self._kept(commands)
         if not self.stopped and not only(self.log, Fail):
             assert self.core.wake_at() > self.now, "wake_at() is past: a busy loop"
         return commands
+
+    def _withdrawals_answered(self, commands: list) -> list:
+        asked = only(commands, Withdraw)
+        if self.withdrawn is None or not asked:
+            return commands
+        self.withdrawals += asked
+        answers = [Withdrawn(w.task_id, w.worker_id, self.withdrawn) for w in asked]
+        rest = [c for c in commands if not isinstance(c, Withdraw)]
+        return rest + self._withdrawals_answered(self.core.handle_all(answers, self.now))
 
     def wake(self) -> list:
         """Move the clock to `wake_at()` and tick."""
@@ -301,6 +322,56 @@ def test_a_third_result_matching_within_the_grace_settles_at_once():
     assert d.core.wake_at() == 2.0
     assert d.at(1.5).results(task, w3=OUTPUT) == [Settle(task, True, NONE, NONE)]
     assert d.stats.credits_spent == 3 and d.stats.replicas_cancelled == 0
+
+
+def test_a_replica_still_queued_at_the_quorum_is_withdrawn_and_released_at_once():
+    """With queues at the workers the last replica is often not started
+    when the quorum forms: it is asked to drop the task if unstarted, and
+    the settle waits for that answer (never past it: a replica dropped but
+    left late would hold its worker's slot for the late window and then
+    count failed). Dropped, it is released with its credit, and the settle
+    goes without waiting out the grace."""
+    d = Driver(withdrawn=None)
+    task = d.running(["w1", "w2", "w3"])
+    token = d.assigns[task, "w3"].token
+    assert d.at(1).results(task, w1=OUTPUT, w2=OUTPUT) == [Withdraw(task, "w3", addr("w3"), token)]
+    assert d.core.wake_at() == math.inf  # only the answer settles it
+    assert d.at(3).tick() == []  # past the grace: it still waits for the answer
+    assert d.events(Withdrawn(task, "w3", True)) == [Settle(task, True, NONE, ws("w3"))]
+    assert d.stats.replicas_withdrawn == 1 and d.stats.replicas_cancelled == 0
+    assert d.stats.credits_spent == 2  # w3's came back
+    assert d.stats.verdicts[task] == {
+        "agreed": ["w1", "w2"],
+        "disagreed": [],
+        "late": [],
+        "silent": [],
+    }
+    assert d.settle_answer(task) == [Deliver(d.chunks[0], encode_result(OUTPUT))]
+    assert d.stats.credits_spent == 2
+
+
+def test_a_replica_that_had_started_keeps_its_grace_and_is_left_late():
+    d = Driver(withdrawn=None)
+    task = d.running(["w1", "w2", "w3"])
+    assert only(d.at(1).results(task, w1=OUTPUT, w2=OUTPUT), Withdraw)
+    assert d.at(1.5).events(Withdrawn(task, "w3", False)) == []  # at work: its grace
+    assert d.core.wake_at() == 2.0
+    assert d.wake() == [Settle(task, True, NONE, NONE)]
+    assert d.stats.verdicts[task]["late"] == ["w3"] and d.stats.replicas_withdrawn == 0
+
+
+def test_a_withdrawn_replicas_result_or_a_late_answer_changes_nothing_it_should_not():
+    """Its result arriving first (it had started and finished): compared as
+    any, and the answer after it ignored; an answer after the settle is
+    ignored too."""
+    d = Driver(withdrawn=None)
+    task = d.running(["w1", "w2", "w3"])
+    d.at(1).results(task, w1=OUTPUT, w2=OUTPUT)
+    assert d.at(1.1).results(task, w3=OUTPUT) == [Settle(task, True, NONE, NONE)]
+    assert d.events(Withdrawn(task, "w3", True)) == []
+    assert d.stats.replicas_withdrawn == 0 and d.stats.credits_spent == 3
+    d.settle_answer(task)
+    assert d.events(Withdrawn(task, "w3", True)) == []
 
 
 def test_a_replica_that_never_answered_its_assign_gets_no_grace():

@@ -122,6 +122,9 @@ def _ledger_rows(cluster: LocalCluster) -> list[str]:
     a test that has failed."""
     import sqlite3
 
+    args = list(cluster.discovery_args)
+    if "--store" in args and args[args.index("--store") + 1].startswith("redis"):
+        return _redis_rows(args[args.index("--store") + 1])
     path = cluster.directory / "ledger.sqlite3"
     if not path.exists():
         return []
@@ -136,6 +139,28 @@ def _ledger_rows(cluster: LocalCluster) -> list[str]:
     now = time.time()
     return [f"ledger: {kind} {task} {foreman}: {workers}, {until - now:+.1f} s"
             for kind, task, foreman, workers, until in rows]  # fmt: skip
+
+
+def _redis_rows(url: str) -> list[str]:
+    """The open and late tasks, and the busy workers, in a Redis ledger."""
+    from discovery_service.stores import open_store
+
+    store = open_store(url)
+    r, p, now, rows = store._redis, store.prefix, time.time(), []
+    for key in r.scan_iter(match=f"{p}t:*"):
+        workers, expiry = r.hmget(key, "workers", "expiry_unix")
+        left = float(expiry) - now
+        rows.append(f"ledger: open {key.decode()}: {workers.decode()}, {left:+.1f} s")
+    for key in r.scan_iter(match=f"{p}l:*"):
+        fields = r.hgetall(key).items()
+        waiting = [f.decode() for f, sha in fields if f.startswith(b"w:") and not sha]
+        rows.append(f"ledger: late {key.decode()}: {waiting}")
+    for key in r.scan_iter(match=f"{p}c:*"):
+        busy = int(r.hget(key, "busy_slots") or 0)
+        if busy:
+            rows.append(f"ledger: busy {busy} {key.decode()}")
+    store.close()
+    return rows
 
 
 def _assert_nothing_in_escrow(cluster: LocalCluster, identity) -> None:

@@ -348,6 +348,34 @@ def test_a_cancelled_task_stops_at_once_sends_nothing_and_frees_its_slot(cluster
     cluster.discovery.settle(cluster.foreman, following.task_id, valid=False)
 
 
+def _withdraw(worker, task_id: str, token: str) -> bool:
+    request = worker_pb2.CancelTaskRequest(task_id=task_id, submit_token=token, only_queued=True)
+    return worker.stub().CancelTask(request, timeout=10).cancelled
+
+
+def test_a_withdrawal_drops_a_task_not_yet_started_and_no_other(cluster):
+    """CancelTask with only_queued over the wire: a task queued behind a
+    spinning one is dropped (true) and never sends; a finished one is not
+    (false). A running one goes on: tests/test_worker_logic.py."""
+    spinning, workers = new_task(cluster)
+    worker = workers[0]
+    cluster.assign(worker, spinning.task_id, spinning_mapper, rows=[("spin", 30)], token="run")
+    queued, _ = new_task(cluster)
+    cluster.assign(worker, queued.task_id, word_count_mapper, rows=TEXT, token="wait")
+    assert _status(worker).busy_slots == 2
+    assert _withdraw(worker, queued.task_id, "wait")
+    assert _status(worker).busy_slots == 1
+    assert _cancel(worker, spinning.task_id, "run").cancelled
+    finished, _ = new_task(cluster)
+    cluster.assign(worker, finished.task_id, word_count_mapper, rows=TEXT, token="done")
+    worker.server.wait_for(f"task {finished.task_id} done")
+    assert not _withdraw(worker, finished.task_id, "done")
+    assert not [k for k in cluster.recorder.results if k[0] == queued.task_id]
+    assert _status(worker).busy_slots == 0
+    for task in (spinning, queued, finished):
+        cluster.discovery.settle(cluster.foreman, task.task_id, valid=False)
+
+
 def test_cancel_task_needs_the_assignments_token_and_a_well_formed_id(cluster):
     task, workers = new_task(cluster)
     worker = workers[0]

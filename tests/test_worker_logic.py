@@ -334,6 +334,27 @@ def test_a_queued_task_cancelled_never_runs(gated):
     _nothing_failed(worker)
 
 
+def test_a_withdrawal_drops_a_queued_task_and_leaves_a_started_one_at_work(gated):
+    """CancelTask with only_queued (the foreman's quorum no longer needs
+    the replica): a queued task is dropped unrun, a running one goes on
+    and sends its result, and a wrong token learns nothing."""
+    worker, ledger, sandbox, submitted = gated
+    running = _assign(worker, ledger, 1)
+    gate = sandbox.next()
+    queued = _assign(worker, ledger, 2)
+    assert worker.cancel(running.task_id, "t", only_queued=True) is False
+    assert worker.cancel(queued.task_id, "t", only_queued=True) is True
+    assert worker.cancel(queued.task_id, "t", only_queued=True) is True  # a repeat
+    with pytest.raises(UnknownTask):
+        worker.cancel(queued.task_id, "another token", only_queued=True)
+    assert worker.snapshot().busy_slots == 1
+    gate.go.set()
+    assert _sent(submitted, 1, worker) == [running.task_id]
+    assert sandbox.ran == [running.task_id]
+    assert worker.counters.tasks_cancelled == 1
+    _nothing_failed(worker)
+
+
 def test_a_running_task_cancelled_is_stopped_and_sends_nothing(gated, caplog):
     worker, ledger, sandbox, submitted = gated
     task = _assign(worker, ledger, 1)

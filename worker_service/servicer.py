@@ -49,7 +49,11 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     @translate_errors
     def CancelTask(self, request, context):
-        cancelled = self._worker.cancel(checked_task_id(request.task_id), request.submit_token)
+        cancelled = self._worker.cancel(
+            checked_task_id(request.task_id),
+            request.submit_token,
+            only_queued=request.only_queued,
+        )
         return pb.CancelTaskResponse(cancelled=cancelled)
 
     @translate_errors

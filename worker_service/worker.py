@@ -343,12 +343,13 @@ class Worker:
 
     # -- cancelling a task (called by the servicer) ------------------------------
 
-    def cancel(self, task_id: str, submit_token: str) -> bool:
+    def cancel(self, task_id: str, submit_token: str, *, only_queued: bool = False) -> bool:
         """Stop a task this worker took with `submit_token`: True when it was
         queued, running or sending its result (it never will now, and its
         slot is free on return), or was cancelled already; False when it
-        had finished. UnknownTask for an id not taken here or another
-        token, alike, so a stranger learns nothing of the task."""
+        had finished, or, with `only_queued`, had started (it goes on).
+        UnknownTask for an id not taken here or another token, alike, so a
+        stranger learns nothing of the task."""
         with self._lock:
             taken = self._taken.get(task_id)
             if taken is None or not secrets.compare_digest(
@@ -356,6 +357,9 @@ class Worker:
             ):
                 raise UnknownTask(f"task {task_id} was not taken here with that submit token")
             stage = taken.stage
+            if only_queued and stage not in (QUEUED, CANCELLED):
+                logger.info("task %s: withdrawal asked, the task is %s already", task_id, stage)
+                return False
             if stage in _STOPPABLE:
                 taken.stage = CANCELLED
                 self.counters.tasks_cancelled += 1

@@ -48,12 +48,14 @@ class AssignTaskResponse(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ...) -> None: ...
 
 class CancelTaskRequest(_message.Message):
-    __slots__ = ("task_id", "submit_token")
+    __slots__ = ("task_id", "submit_token", "only_queued")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     SUBMIT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ONLY_QUEUED_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     submit_token: str
-    def __init__(self, task_id: _Optional[str] = ..., submit_token: _Optional[str] = ...) -> None: ...
+    only_queued: bool
+    def __init__(self, task_id: _Optional[str] = ..., submit_token: _Optional[str] = ..., only_queued: _Optional[bool] = ...) -> None: ...
 
 class CancelTaskResponse(_message.Message):
     __slots__ = ("cancelled",)
