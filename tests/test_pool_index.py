@@ -129,12 +129,12 @@ def _slots_held(ledger: Ledger) -> Counter:
             held.update(workers.split())
         held.update(w for (w,) in store._db.execute("SELECT worker_id FROM late WHERE sha256 = ''"))
         return held
-    r, p = store._redis, store.prefix
-    for key in r.scan_iter(match=f"{p}t:*"):
-        held.update((r.hget(key, "workers") or b"").decode().split())
-    for key in r.scan_iter(match=f"{p}l:*"):
+    r, p = store._redis, store.prefix  # the tasks' own expiry sets list them
+    for task_id in r.zrange(f"{p}texp", 0, -1):
+        held.update((r.hget(f"{p}t:{task_id.decode()}", "workers") or b"").decode().split())
+    for task_id in r.zrange(f"{p}lexp", 0, -1):
         held.update(
-            field.decode()[2:] for field, sha in r.hgetall(key).items()
+            field.decode()[2:] for field, sha in r.hgetall(f"{p}l:{task_id.decode()}").items()
             if field.startswith(b"w:") and sha == b""
         )  # fmt: skip
     return held

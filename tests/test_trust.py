@@ -764,6 +764,9 @@ def test_adaptive_replication_end_to_end_saves_credits_and_keeps_results_right(t
             fixed = run(replication=replication)
             assert fixed == expected and not fixed.stats.adaptive
             members = [sum(map(len, v.values())) for v in fixed.stats.verdicts.values()]
-            assert min(members) == replication, members
+            # Each task's replicas, but those withdrawn at the quorum unstarted.
+            withdrawn = fixed.stats.replicas_withdrawn
+            assert sum(members) + withdrawn == replication * len(members), members
+            assert min(members) >= replication // 2 + 1, members
         books = settled_books(cluster.address, identity_files(cluster))
         assert sum(c for c, _, _ in books.values()) == 5000 * len(books)
