@@ -193,10 +193,16 @@ class JobEngine:
                 outbound.finish(core.stop(), within=STOP_SECONDS)
             outbound.close()
             stats.seconds = self._clock() - started
-            try:
-                stats.credits_spent = info.credits - self.discovery.get_client().credits
-            except Exception:
-                logger.debug("could not read the final balance", exc_info=True)
+            # A finished job's credits_spent is the core's count from the
+            # discovery service's answers (charges, refunds, who a settle paid
+            # or left late), the balance's change without a GetClient round
+            # trip before the job returns (tests/test_jobs.py checks they
+            # agree); a job stopped or failed reads the balance.
+            if not finished:
+                try:
+                    stats.credits_spent = info.credits - self.discovery.get_client().credits
+                except Exception:
+                    logger.debug("could not read the final balance", exc_info=True)
             self.progress.close(stats)
 
     def _run_phase(
