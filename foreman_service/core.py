@@ -801,10 +801,14 @@ class JobCore:
                 # Never a worker that refused this task, nor one that cannot
                 # be reached just now (the discovery service skips the
                 # task's own workers, those released here included).
+                # Nor one this task let go before: released at the discovery
+                # service it is no longer the task's, so it could be drawn
+                # again, and a worker that did not take the task once is no
+                # better a second time.
                 exclude=frozenset(
                     self.cheaters
                     | task.chunk.suspects
-                    | {r.worker_id for r in task.replicas.values() if r.state == FAILED}
+                    | {r.worker_id for r in task.replicas.values() if r.state in (FAILED, RELEASED)}
                     | self._unreachable_now(now)
                 ),
                 release=release,
@@ -823,7 +827,16 @@ class JobCore:
         task.replicas_wanted = max(0, task.replicas_wanted - 1)
         self.stats.credits_spent += 1
         self.stats.replicas_added += 1
-        if task.settling or worker_id in task.replicas:
+        old = task.replicas.get(worker_id)
+        if old is not None and old.released_at_discovery and not task.settling:
+            # Drawn again after this task released it (its exclusions say
+            # not to; a discovery service that ignores them): the task's
+            # worker again there, it is named released at the settle, never
+            # left to the late window, and another replica is asked for.
+            old.released_at_discovery = False
+            task.replicas_wanted += 1
+            return
+        if task.settling or old is not None:
             return  # settled meanwhile (not possible in order) or a repeat
         self._assign(task, worker_id, address, now, commands)
 
