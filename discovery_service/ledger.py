@@ -13,6 +13,7 @@ import math
 import os
 import random
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -246,6 +247,8 @@ class Ledger:
         # When this front-end last renewed each caller's lease: at most once
         # a second per caller, so a call costs no store write most times.
         self._renewed: dict[str, float] = {}
+        self._due: dict[str, float] = {}  # lease expiries for the next sweep to write
+        self._due_lock = threading.Lock()
         self._ledger_id: str | None = None
         self._store_was_down = False
         try:
@@ -292,18 +295,42 @@ class Ledger:
         return client_id
 
     def _lease_span(self) -> float:
-        # +1: a renewal skipped within a second of the last one must not
-        # shorten the lease (docs/protocol.md section 9).
-        return self.config.foreman_lease + LEASE_RENEWAL_INTERVAL
+        # A renewal skipped within a second of the last one, or written by
+        # the next sweep rather than now, must not shorten the lease, even
+        # when another front-end's sweep runs first (docs/protocol.md
+        # section 9).
+        return self.config.foreman_lease + LEASE_RENEWAL_INTERVAL + SWEEP_INTERVAL
 
     def _renew(self, client_id: str) -> None:
+        """Noted here and written by the next sweep, all in one write: a
+        store round trip per call was what 10,000 workers calling now and
+        then cost RequestTasks (bench/discovery_cycles.py --pool-scale).
+        The expiry is the call's own, and the span has SWEEP_INTERVAL of
+        slack for the wait, so a foreman's lease still runs from its last
+        call."""
         now = self._clock()
         if now - self._renewed.get(client_id, -math.inf) < LEASE_RENEWAL_INTERVAL:
             return
-        self.store.renew_lease(client_id, now + self._lease_span())
+        with self._due_lock:
+            self._due[client_id] = now + self._lease_span()
         if len(self._renewed) >= MAX_VERIFIED_CREDENTIALS:
             self._renewed.clear()
         self._renewed[client_id] = now
+
+    def flush_renewals(self) -> None:
+        """Write the leases renewed since the last flush (kept for the next
+        one if the store cannot take them now)."""
+        with self._due_lock:
+            due, self._due = self._due, {}
+        if not due:
+            return
+        try:
+            self.store.renew_leases(due)
+        except Exception:
+            with self._due_lock:
+                for client_id, expiry in due.items():
+                    self._due[client_id] = max(expiry, self._due.get(client_id, expiry))
+            raise
 
     @property
     def ledger_id(self) -> str:
@@ -623,6 +650,7 @@ class Ledger:
                 self._renewed.clear()
                 self._store_was_down = False
                 logger.info("serving again; every foreman's lease starts again")
+            self.flush_renewals()
             return self.expire_tasks()
         except ServiceUnavailable:
             self._store_was_down = True

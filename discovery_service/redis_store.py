@@ -33,7 +33,7 @@ import functools
 import logging
 import random
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TypeVar
 
 import redis
@@ -897,8 +897,8 @@ class RedisStore(LedgerStore):
         return int(self._expire_all(args=[self.prefix, self._now(now)]))
 
     @_unavailable_is_clear
-    def renew_lease(self, client_id: str, expiry_unix: float) -> None:
-        self._redis.zadd(f"{self.prefix}leases", {client_id: expiry_unix}, gt=True)
+    def renew_leases(self, expiries: Mapping[str, float]) -> None:
+        self._redis.zadd(f"{self.prefix}leases", dict(expiries), gt=True)
 
     @_unavailable_is_clear
     def restart_leases(self, expiry_unix: float) -> None:

@@ -19,7 +19,7 @@ import sqlite3
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from discovery_service.sqlite_pool import POOL_SCHEMA, FreeWorkers, trusted_usable
@@ -824,12 +824,12 @@ class SqliteStore(LedgerStore):
         with self._transaction() as db:
             return self._expire(db, now) + self._expire_leases(db, now)
 
-    def renew_lease(self, client_id: str, expiry_unix: float) -> None:
+    def renew_leases(self, expiries: Mapping[str, float]) -> None:
         with self._transaction() as db:
-            db.execute(
+            db.executemany(
                 "INSERT INTO leases (foreman_id, expiry_unix) VALUES (?, ?) ON CONFLICT"
                 " (foreman_id) DO UPDATE SET expiry_unix = MAX(expiry_unix, excluded.expiry_unix)",
-                (client_id, expiry_unix),
+                expiries.items(),
             )
 
     def restart_leases(self, expiry_unix: float) -> None:

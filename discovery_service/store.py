@@ -10,7 +10,7 @@ in `ledger.py`, so every store shares them.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from ec262 import replication as replicas
@@ -494,8 +494,9 @@ class LedgerStore(abc.ABC):
         whose window ended are counted failed and their credit refunded."""
 
     @abc.abstractmethod
-    def renew_lease(self, client_id: str, expiry_unix: float) -> None:
-        """The client called: its lease runs to at least `expiry_unix`."""
+    def renew_leases(self, expiries: Mapping[str, float]) -> None:
+        """These clients called: each one's lease runs to at least its
+        expiry (one write for all: the ledger gathers them between sweeps)."""
 
     @abc.abstractmethod
     def restart_leases(self, expiry_unix: float) -> None:

@@ -483,3 +483,26 @@ def test_a_schema_7_ledger_gets_its_index_on_open(tmp_path):
         assert index_of(reopened) == set(workers[1:])
     finally:
         reopened.store.close()
+
+
+def test_lease_renewals_wait_for_the_sweep_and_go_in_one_write(open_ledger, monkeypatch):
+    """Both stores. Every authenticated call renews its caller's lease,
+    but a pool of workers calling now and then must not cost a store round
+    trip each: the renewals are noted and the next sweep writes them all at
+    once, each with its own call's expiry, before it ends any lease."""
+    ledger = open_ledger(LedgerConfig(starting_credits=10**6, foreman_lease=60))
+    clients = [ledger.create_client() for _ in range(50)]
+    writes: list[dict] = []
+    real = ledger.store.renew_leases
+    monkeypatch.setattr(
+        ledger.store, "renew_leases", lambda due: (writes.append(dict(due)), real(due))
+    )
+    called_at = ledger._clock()
+    for record, secret in clients:
+        assert ledger.authenticate(f"Bearer {record.client_id}:{secret}") == record.client_id
+    assert writes == []
+    ledger.sweep()
+    assert len(writes) == 1 and set(writes[0]) == {r.client_id for r, _ in clients}
+    assert set(writes[0].values()) == {called_at + ledger._lease_span()}
+    ledger.sweep()
+    assert len(writes) == 1  # nothing new to write
