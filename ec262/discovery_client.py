@@ -61,7 +61,9 @@ class DiscoveryClient:
         self._checked_info: pb.ClientInfo | None = None  # see fresh_client_info
         self.timeout = timeout
         self._current = 0
-        self._channels: dict[str, grpc.Channel] = {}
+        # A stub per channel, made once: making one builds a callable per RPC
+        # of the service, which cost as much as a small call's own work.
+        self._channels: dict[str, tuple[grpc.Channel, discovery_pb2_grpc.DiscoveryStub]] = {}
         self._channels_lock = threading.Lock()
         self.trust = DiscoveryTrust(certificate, pins, environment=trust_environment)
 
@@ -74,19 +76,23 @@ class DiscoveryClient:
     def _stub(self) -> discovery_pb2_grpc.DiscoveryStub:
         address = self.addresses[self._current]
         with self._channels_lock:
-            channel = self._channels.get(address)
-            if channel is None:
-                channel = self._channels[address] = self.trust.channel(address)
-        return discovery_pb2_grpc.DiscoveryStub(channel)
+            made = self._channels.get(address)
+            if made is None:
+                channel = self.trust.channel(address)
+                made = self._channels[address] = (
+                    channel,
+                    discovery_pb2_grpc.DiscoveryStub(channel),
+                )
+        return made[1]
 
     def _trust_problem(self, error: grpc.RpcError) -> TrustError | None:
         address = self.addresses[self._current]
         problem = self.trust.explain(address, error)
         if problem is not None:
             with self._channels_lock:
-                channel = self._channels.pop(address, None)
-            if channel is not None:
-                channel.close()
+                made = self._channels.pop(address, None)
+            if made is not None:
+                made[0].close()
         return problem
 
     def _next_front_end(self, error: grpc.RpcError) -> bool:
@@ -106,8 +112,8 @@ class DiscoveryClient:
 
     def close(self) -> None:
         with self._channels_lock:
-            channels, self._channels = list(self._channels.values()), {}
-        for channel in channels:
+            made, self._channels = list(self._channels.values()), {}
+        for channel, _ in made:
             channel.close()
 
     def __enter__(self) -> DiscoveryClient:

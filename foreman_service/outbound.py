@@ -95,6 +95,9 @@ class WorkerChannels:
 
     def __init__(self, on_lost: Callable[[str], None] = lambda worker_id: None) -> None:
         self._channels: dict[tuple[str, str], grpc.Channel] = {}
+        # Made once per channel (a stub builds a callable per RPC: as costly
+        # as a small call's own work when made per call).
+        self._stubs: dict[tuple[str, str], worker_pb2_grpc.WorkerStub] = {}
         self._certificates: dict[str, str] = {}  # worker id -> PEM
         self._on_lost = on_lost
         self._watchers: list[tuple[grpc.Channel, Callable]] = []
@@ -109,8 +112,8 @@ class WorkerChannels:
                 f"worker {address} is not loopback and has no registered certificate"
             )
         key = (address, certificate)
-        channel = self._channels.get(key)
-        if channel is None:
+        stub = self._stubs.get(key)
+        if stub is None:
             channel = self._channels[key] = tls.channel(
                 address,
                 certificate,
@@ -119,7 +122,8 @@ class WorkerChannels:
             watcher = self._watcher(worker_id, channel)
             channel.subscribe(watcher)
             self._watchers.append((channel, watcher))
-        return worker_pb2_grpc.WorkerStub(channel)
+            stub = self._stubs[key] = worker_pb2_grpc.WorkerStub(channel)
+        return stub
 
     def _watcher(self, worker_id: str, channel: grpc.Channel) -> Callable:
         """Tells `on_lost` when a worker is found gone: its connection ended
@@ -145,6 +149,7 @@ class WorkerChannels:
         for channel in self._channels.values():
             channel.close()
         self._channels.clear()
+        self._stubs.clear()
 
 
 class ForemanOutbound:
@@ -187,16 +192,30 @@ class ForemanOutbound:
 
     def execute_all(self, commands: list) -> None:
         """Carry out `commands`: the Assigns to one worker go in one
-        AssignTasks (or a few, each within BATCH_BYTES), the rest one by one."""
+        AssignTasks (or a few, each within BATCH_BYTES), its Cancels and
+        Withdraws in one CancelTasks, the rest one by one."""
         assigns: dict[tuple[str, str], list[Assign]] = {}
+        cancels: list[Cancel | Withdraw] = []
         for command in commands:
             if isinstance(command, Assign):
                 assigns.setdefault((command.worker_id, command.address), []).append(command)
+            elif isinstance(command, Cancel | Withdraw):
+                cancels.append(command)
             else:
                 self.execute(command)
         for group in assigns.values():
             for batch in _within(group, BATCH_BYTES, MAX_BATCH_ITEMS, self._assign_bytes):
                 self._assign(batch)
+        self._cancel_each_worker(cancels)
+
+    def _cancel_each_worker(self, commands: list[Cancel | Withdraw]) -> None:
+        """One CancelTasks per worker (a few past MAX_BATCH_ITEMS)."""
+        by_worker: dict[tuple[str, str], list[Cancel | Withdraw]] = {}
+        for command in commands:
+            by_worker.setdefault((command.worker_id, command.address), []).append(command)
+        for group in by_worker.values():
+            for start in range(0, len(group), MAX_BATCH_ITEMS):
+                self._cancel(group[start : start + MAX_BATCH_ITEMS])
 
     def _assign_bytes(self, command: Assign) -> int:
         payload = self._phase_payload[0] if command.send_payload else b""
@@ -208,10 +227,8 @@ class ForemanOutbound:
                 self._tracked(self._pool.submit(self._request_tasks, command))
             case Assign():
                 self._assign([command])
-            case Cancel():
-                self._cancel(command)
-            case Withdraw():
-                self._withdraw(command)
+            case Cancel() | Withdraw():
+                self._cancel([command])
             case AddReplica():
                 self._in_thread(self._add_replica, command)
             case Settle():
@@ -367,57 +384,55 @@ class ForemanOutbound:
 
         future.add_done_callback(answered)
 
-    def _cancel(self, command: Cancel) -> None:
+    def _cancel(self, commands: list[Cancel | Withdraw]) -> None:
+        """One CancelTasks to one worker. A Cancel's answer only logged; a
+        Withdraw (cancel only if unstarted) answered by an event, a failed
+        call or item counting as dropped (core.Withdrawn)."""
+        first = commands[0]
         try:
-            stub = self._channels.stub(command.worker_id, command.address)
-        except UntrustedWorker:
-            return  # never assigned either
-        future = stub.CancelTask.future(
-            worker_pb2.CancelTaskRequest(task_id=command.task_id, submit_token=command.token),
-            timeout=CANCEL_DEADLINE,
-        )
-        self._tracked(future)
-
-        def answered(call: grpc.Future) -> None:
-            if call.code() != grpc.StatusCode.OK:
-                logger.debug(
-                    "CancelTask(%s) to %s: %s",
-                    command.task_id,
-                    command.worker_id[:8],
-                    call.code().name,
-                )
-
-        future.add_done_callback(answered)
-
-    def _withdraw(self, command: Withdraw) -> None:
-        """CancelTask only if unstarted; its answer an event (a failed call
-        counts as dropped: core.Withdrawn)."""
-        try:
-            stub = self._channels.stub(command.worker_id, command.address)
-        except UntrustedWorker:
-            self._events.put(Withdrawn(command.task_id, command.worker_id, True))
+            stub = self._channels.stub(first.worker_id, first.address)
+        except UntrustedWorker:  # never assigned either
+            self._withdrawn(commands, [True] * len(commands))
             return
-        future = stub.CancelTask.future(
-            worker_pb2.CancelTaskRequest(
-                task_id=command.task_id, submit_token=command.token, only_queued=True
+        future = stub.CancelTasks.future(
+            worker_pb2.CancelTasksRequest(
+                tasks=[
+                    worker_pb2.CancelTaskRequest(
+                        task_id=command.task_id,
+                        submit_token=command.token,
+                        only_queued=isinstance(command, Withdraw),
+                    )
+                    for command in commands
+                ]
             ),
             timeout=CANCEL_DEADLINE,
         )
         self._tracked(future)
 
         def answered(call: grpc.Future) -> None:
-            ok = call.code() == grpc.StatusCode.OK
-            if not ok:
-                logger.debug(
-                    "CancelTask(%s, only queued) to %s: %s",
-                    command.task_id,
-                    command.worker_id[:8],
-                    call.code().name,
-                )
-            dropped = not ok or call.result().cancelled
-            self._events.put(Withdrawn(command.task_id, command.worker_id, dropped))
+            code = call.code()
+            answers = call.result().answers if code == grpc.StatusCode.OK else []
+            dropped = []
+            for n, command in enumerate(commands):
+                answer = answers[n] if n < len(answers) else None
+                name = item_code(answer.status).name if answer is not None else code.name
+                if name != "OK":
+                    logger.debug(
+                        "CancelTask(%s%s) to %s: %s",
+                        command.task_id,
+                        ", only queued" if isinstance(command, Withdraw) else "",
+                        command.worker_id[:8],
+                        name,
+                    )
+                dropped.append(name != "OK" or answer.response.cancelled)
+            self._withdrawn(commands, dropped)
 
         future.add_done_callback(answered)
+
+    def _withdrawn(self, commands: list[Cancel | Withdraw], dropped: list[bool]) -> None:
+        for command, gone in zip(commands, dropped, strict=True):
+            if isinstance(command, Withdraw):
+                self._events.put(Withdrawn(command.task_id, command.worker_id, gone))
 
     def _tracked(self, future) -> None:
         with self._pending_lock:
@@ -453,8 +468,7 @@ class ForemanOutbound:
             if isinstance(command, Settle):
                 self._inbox.close_task(command.task_id)
                 futures.append(extra.submit(self._settle, command, within))
-            elif isinstance(command, Cancel):
-                self._cancel(command)
+        self._cancel_each_worker([c for c in commands if isinstance(c, Cancel)])
         if granted_late:
             futures.append(extra.submit(self._give_back, granted_late))
         wait(futures, timeout=max(0.0, deadline - time.monotonic()))

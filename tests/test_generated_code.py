@@ -60,7 +60,10 @@ def test_every_protocol_name_is_in_the_protos():
                 "SettleTasks",
             },
         ),
-        worker_pb2: ("Worker", {"AssignTask", "CancelTask", "GetStatus", "AssignTasks"}),
+        worker_pb2: (
+            "Worker",
+            {"AssignTask", "CancelTask", "GetStatus", "AssignTasks", "CancelTasks"},
+        ),
         foreman_pb2: ("Foreman", {"SubmitResult", "GetJob", "SubmitResults"}),
     }
     for module, (name, methods) in services.items():

@@ -22,6 +22,7 @@ from discovery_service.server import build_server
 from discovery_service.sqlite_store import SqliteStore
 from ec262.encoding import encode_pairs
 from ec262.envelope import decrypt_data
+from ec262.grpc_errors import item_code
 from ec262.identity import load_identity
 from ec262.payload import digest, pack_functions
 from ec262.remote_errors import is_error_document
@@ -389,6 +390,53 @@ def test_cancel_task_needs_the_assignments_token_and_a_well_formed_id(cluster):
         assert "task_id" in error.details()
     assert cluster.recorder.wait_for(task.task_id, 1)  # none of those stopped it
     cluster.discovery.settle(cluster.foreman, task.task_id, valid=False)
+
+
+def test_cancel_tasks_answers_each_item_as_its_single_call_would(cluster):
+    """The batch form over the wire: a withdrawal of a queued task, a
+    cancel of a spinning one, a wrong token and a malformed id, in one
+    CancelTasks; each item is answered as CancelTask would have answered
+    it, in order, and the bad ones change nothing. A call of no items is
+    refused whole."""
+    spinning, workers = new_task(cluster)
+    worker = workers[0]
+    cluster.assign(worker, spinning.task_id, spinning_mapper, rows=[("spin", 30)], token="run")
+    queued, _ = new_task(cluster)
+    cluster.assign(worker, queued.task_id, word_count_mapper, rows=TEXT, token="wait")
+    assert _status(worker).busy_slots == 2
+    items = [
+        worker_pb2.CancelTaskRequest(task_id=queued.task_id, submit_token="wrong"),
+        worker_pb2.CancelTaskRequest(task_id="nope", submit_token="wait"),
+        worker_pb2.CancelTaskRequest(
+            task_id=spinning.task_id, submit_token="run", only_queued=True
+        ),
+        worker_pb2.CancelTaskRequest(task_id=queued.task_id, submit_token="wait", only_queued=True),
+    ]
+    answers = worker.stub().CancelTasks(worker_pb2.CancelTasksRequest(tasks=items), timeout=10)
+    codes = [item_code(answer.status) for answer in answers.answers]
+    assert codes == [
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.OK,
+        grpc.StatusCode.OK,
+    ], answers
+    assert "task_id" in answers.answers[1].status.message
+    assert not answers.answers[2].response.cancelled  # running: a withdrawal leaves it
+    assert answers.answers[3].response.cancelled  # queued: dropped
+    assert _status(worker).busy_slots == 1
+    again = worker.stub().CancelTasks(
+        worker_pb2.CancelTasksRequest(
+            tasks=[worker_pb2.CancelTaskRequest(task_id=spinning.task_id, submit_token="run")]
+        ),
+        timeout=10,
+    )
+    assert again.answers[0].response.cancelled
+    assert _status(worker).busy_slots == 0
+    error = rpc_error(worker.stub().CancelTasks, worker_pb2.CancelTasksRequest(), timeout=10)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert not [k for k in cluster.recorder.results if k[0] == queued.task_id]
+    for task in (spinning, queued):
+        cluster.discovery.settle(cluster.foreman, task.task_id, valid=False)
 
 
 @pytest.mark.parametrize(

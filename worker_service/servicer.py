@@ -49,6 +49,19 @@ class WorkerServicer(worker_pb2_grpc.WorkerServicer):
 
     @translate_errors
     def CancelTask(self, request, context):
+        return self._cancel(request)
+
+    @translate_errors
+    def CancelTasks(self, request, context):
+        """Each cancel carried out as CancelTask would, in order."""
+        return pb.CancelTasksResponse(
+            answers=[
+                pb.CancelTaskAnswer(status=status, response=response)
+                for status, response in answer_each(request.tasks, self._cancel, "CancelTasks")
+            ]
+        )
+
+    def _cancel(self, request: pb.CancelTaskRequest) -> pb.CancelTaskResponse:
         cancelled = self._worker.cancel(
             checked_task_id(request.task_id),
             request.submit_token,

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from ec262.v1 import batch_pb2 as ec262_dot_v1_dot_batch__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x65\x63\x32\x36\x32/v1/worker.proto\x12\x08\x65\x63\x32\x36\x32.v1\x1a\x14\x65\x63\x32\x36\x32/v1/batch.proto\"\xeb\x01\n\x11\x41ssignTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x1e\n\x05phase\x18\x03 \x01(\x0e\x32\x0f.ec262.v1.Phase\x12\x10\n\x08\x66unction\x18\x04 \x01(\x0c\x12\x17\n\x0f\x66unction_sha256\x18\x05 \x01(\t\x12\x0c\n\x04rows\x18\x06 \x01(\x0c\x12\x16\n\x0eresult_address\x18\x07 \x01(\t\x12\x12\n\nforeman_id\x18\x08 \x01(\t\x12\x14\n\x0csubmit_token\x18\t \x01(\t\x12\x1a\n\x12result_certificate\x18\n \x01(\t\"&\n\x12\x41ssignTaskResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"O\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x14\n\x0csubmit_token\x18\x02 \x01(\t\x12\x13\n\x0bonly_queued\x18\x03 \x01(\x08\"\'\n\x12\x43\x61ncelTaskResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x12\n\x10GetStatusRequest\"\xaa\x01\n\x0cWorkerStatus\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05slots\x18\x02 \x01(\x05\x12\x12\n\nbusy_slots\x18\x03 \x01(\x05\x12\x12\n\ntasks_done\x18\x04 \x01(\x03\x12\x14\n\x0ctasks_failed\x18\x05 \x01(\x03\x12\x18\n\x10\x63\x61\x63hed_functions\x18\x06 \x03(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x07 \x01(\t\x12\x0f\n\x07runtime\x18\x08 \x01(\t\"@\n\x12\x41ssignTasksRequest\x12*\n\x05tasks\x18\x01 \x03(\x0b\x32\x1b.ec262.v1.AssignTaskRequest\"=\n\x13\x41ssignTasksResponse\x12&\n\x08statuses\x18\x01 \x03(\x0b\x32\x14.ec262.v1.ItemStatus*3\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x07\n\x03MAP\x10\x01\x12\n\n\x06REDUCE\x10\x02\x32\xa7\x02\n\x06Worker\x12G\n\nAssignTask\x12\x1b.ec262.v1.AssignTaskRequest\x1a\x1c.ec262.v1.AssignTaskResponse\x12G\n\nCancelTask\x12\x1b.ec262.v1.CancelTaskRequest\x1a\x1c.ec262.v1.CancelTaskResponse\x12?\n\tGetStatus\x12\x1a.ec262.v1.GetStatusRequest\x1a\x16.ec262.v1.WorkerStatus\x12J\n\x0b\x41ssignTasks\x12\x1c.ec262.v1.AssignTasksRequest\x1a\x1d.ec262.v1.AssignTasksResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x65\x63\x32\x36\x32/v1/worker.proto\x12\x08\x65\x63\x32\x36\x32.v1\x1a\x14\x65\x63\x32\x36\x32/v1/batch.proto\"\xeb\x01\n\x11\x41ssignTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x1e\n\x05phase\x18\x03 \x01(\x0e\x32\x0f.ec262.v1.Phase\x12\x10\n\x08\x66unction\x18\x04 \x01(\x0c\x12\x17\n\x0f\x66unction_sha256\x18\x05 \x01(\t\x12\x0c\n\x04rows\x18\x06 \x01(\x0c\x12\x16\n\x0eresult_address\x18\x07 \x01(\t\x12\x12\n\nforeman_id\x18\x08 \x01(\t\x12\x14\n\x0csubmit_token\x18\t \x01(\t\x12\x1a\n\x12result_certificate\x18\n \x01(\t\"&\n\x12\x41ssignTaskResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\"O\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x14\n\x0csubmit_token\x18\x02 \x01(\t\x12\x13\n\x0bonly_queued\x18\x03 \x01(\x08\"\'\n\x12\x43\x61ncelTaskResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"\x12\n\x10GetStatusRequest\"\xaa\x01\n\x0cWorkerStatus\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\r\n\x05slots\x18\x02 \x01(\x05\x12\x12\n\nbusy_slots\x18\x03 \x01(\x05\x12\x12\n\ntasks_done\x18\x04 \x01(\x03\x12\x14\n\x0ctasks_failed\x18\x05 \x01(\x03\x12\x18\n\x10\x63\x61\x63hed_functions\x18\x06 \x03(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x07 \x01(\t\x12\x0f\n\x07runtime\x18\x08 \x01(\t\"@\n\x12\x41ssignTasksRequest\x12*\n\x05tasks\x18\x01 \x03(\x0b\x32\x1b.ec262.v1.AssignTaskRequest\"=\n\x13\x41ssignTasksResponse\x12&\n\x08statuses\x18\x01 \x03(\x0b\x32\x14.ec262.v1.ItemStatus\"@\n\x12\x43\x61ncelTasksRequest\x12*\n\x05tasks\x18\x01 \x03(\x0b\x32\x1b.ec262.v1.CancelTaskRequest\"h\n\x10\x43\x61ncelTaskAnswer\x12$\n\x06status\x18\x01 \x01(\x0b\x32\x14.ec262.v1.ItemStatus\x12.\n\x08response\x18\x02 \x01(\x0b\x32\x1c.ec262.v1.CancelTaskResponse\"B\n\x13\x43\x61ncelTasksResponse\x12+\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x1a.ec262.v1.CancelTaskAnswer*3\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x07\n\x03MAP\x10\x01\x12\n\n\x06REDUCE\x10\x02\x32\xf3\x02\n\x06Worker\x12G\n\nAssignTask\x12\x1b.ec262.v1.AssignTaskRequest\x1a\x1c.ec262.v1.AssignTaskResponse\x12G\n\nCancelTask\x12\x1b.ec262.v1.CancelTaskRequest\x1a\x1c.ec262.v1.CancelTaskResponse\x12?\n\tGetStatus\x12\x1a.ec262.v1.GetStatusRequest\x1a\x16.ec262.v1.WorkerStatus\x12J\n\x0b\x41ssignTasks\x12\x1c.ec262.v1.AssignTasksRequest\x1a\x1d.ec262.v1.AssignTasksResponse\x12J\n\x0b\x43\x61ncelTasks\x12\x1c.ec262.v1.CancelTasksRequest\x1a\x1d.ec262.v1.CancelTasksResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ec262.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PHASE']._serialized_start=779
-  _globals['_PHASE']._serialized_end=830
+  _globals['_PHASE']._serialized_start=1019
+  _globals['_PHASE']._serialized_end=1070
   _globals['_ASSIGNTASKREQUEST']._serialized_start=58
   _globals['_ASSIGNTASKREQUEST']._serialized_end=293
   _globals['_ASSIGNTASKRESPONSE']._serialized_start=295
@@ -50,6 +50,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ASSIGNTASKSREQUEST']._serialized_end=714
   _globals['_ASSIGNTASKSRESPONSE']._serialized_start=716
   _globals['_ASSIGNTASKSRESPONSE']._serialized_end=777
-  _globals['_WORKER']._serialized_start=833
-  _globals['_WORKER']._serialized_end=1128
+  _globals['_CANCELTASKSREQUEST']._serialized_start=779
+  _globals['_CANCELTASKSREQUEST']._serialized_end=843
+  _globals['_CANCELTASKANSWER']._serialized_start=845
+  _globals['_CANCELTASKANSWER']._serialized_end=949
+  _globals['_CANCELTASKSRESPONSE']._serialized_start=951
+  _globals['_CANCELTASKSRESPONSE']._serialized_end=1017
+  _globals['_WORKER']._serialized_start=1073
+  _globals['_WORKER']._serialized_end=1444
 # @@protoc_insertion_point(module_scope)

@@ -98,3 +98,23 @@ class AssignTasksResponse(_message.Message):
     STATUSES_FIELD_NUMBER: _ClassVar[int]
     statuses: _containers.RepeatedCompositeFieldContainer[_batch_pb2.ItemStatus]
     def __init__(self, statuses: _Optional[_Iterable[_Union[_batch_pb2.ItemStatus, _Mapping]]] = ...) -> None: ...
+
+class CancelTasksRequest(_message.Message):
+    __slots__ = ("tasks",)
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    tasks: _containers.RepeatedCompositeFieldContainer[CancelTaskRequest]
+    def __init__(self, tasks: _Optional[_Iterable[_Union[CancelTaskRequest, _Mapping]]] = ...) -> None: ...
+
+class CancelTaskAnswer(_message.Message):
+    __slots__ = ("status", "response")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    status: _batch_pb2.ItemStatus
+    response: CancelTaskResponse
+    def __init__(self, status: _Optional[_Union[_batch_pb2.ItemStatus, _Mapping]] = ..., response: _Optional[_Union[CancelTaskResponse, _Mapping]] = ...) -> None: ...
+
+class CancelTasksResponse(_message.Message):
+    __slots__ = ("answers",)
+    ANSWERS_FIELD_NUMBER: _ClassVar[int]
+    answers: _containers.RepeatedCompositeFieldContainer[CancelTaskAnswer]
+    def __init__(self, answers: _Optional[_Iterable[_Union[CancelTaskAnswer, _Mapping]]] = ...) -> None: ...

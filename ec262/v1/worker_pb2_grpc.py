@@ -54,6 +54,11 @@ class WorkerStub:
                 request_serializer=ec262_dot_v1_dot_worker__pb2.AssignTasksRequest.SerializeToString,
                 response_deserializer=ec262_dot_v1_dot_worker__pb2.AssignTasksResponse.FromString,
                 _registered_method=True)
+        self.CancelTasks = channel.unary_unary(
+                '/ec262.v1.Worker/CancelTasks',
+                request_serializer=ec262_dot_v1_dot_worker__pb2.CancelTasksRequest.SerializeToString,
+                response_deserializer=ec262_dot_v1_dot_worker__pb2.CancelTasksResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -88,6 +93,14 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelTasks(self, request, context):
+        """Several CancelTask calls in one, likewise (a job's withdrawals at its
+        quorums go to a worker together).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +123,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.AssignTasks,
                     request_deserializer=ec262_dot_v1_dot_worker__pb2.AssignTasksRequest.FromString,
                     response_serializer=ec262_dot_v1_dot_worker__pb2.AssignTasksResponse.SerializeToString,
+            ),
+            'CancelTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelTasks,
+                    request_deserializer=ec262_dot_v1_dot_worker__pb2.CancelTasksRequest.FromString,
+                    response_serializer=ec262_dot_v1_dot_worker__pb2.CancelTasksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +238,33 @@ class Worker:
             '/ec262.v1.Worker/AssignTasks',
             ec262_dot_v1_dot_worker__pb2.AssignTasksRequest.SerializeToString,
             ec262_dot_v1_dot_worker__pb2.AssignTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ec262.v1.Worker/CancelTasks',
+            ec262_dot_v1_dot_worker__pb2.CancelTasksRequest.SerializeToString,
+            ec262_dot_v1_dot_worker__pb2.CancelTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,
