@@ -194,28 +194,25 @@ class ForemanOutbound:
         """Carry out `commands`: the Assigns to one worker go in one
         AssignTasks (or a few, each within BATCH_BYTES), its Cancels and
         Withdraws in one CancelTasks, the rest one by one."""
-        assigns: dict[tuple[str, str], list[Assign]] = {}
+        assigns: list[Assign] = []
         cancels: list[Cancel | Withdraw] = []
         for command in commands:
             if isinstance(command, Assign):
-                assigns.setdefault((command.worker_id, command.address), []).append(command)
+                assigns.append(command)
             elif isinstance(command, Cancel | Withdraw):
                 cancels.append(command)
             else:
                 self.execute(command)
-        for group in assigns.values():
+        for group in _by_worker(assigns):
             for batch in _within(group, BATCH_BYTES, MAX_BATCH_ITEMS, self._assign_bytes):
                 self._assign(batch)
         self._cancel_each_worker(cancels)
 
     def _cancel_each_worker(self, commands: list[Cancel | Withdraw]) -> None:
         """One CancelTasks per worker (a few past MAX_BATCH_ITEMS)."""
-        by_worker: dict[tuple[str, str], list[Cancel | Withdraw]] = {}
-        for command in commands:
-            by_worker.setdefault((command.worker_id, command.address), []).append(command)
-        for group in by_worker.values():
-            for start in range(0, len(group), MAX_BATCH_ITEMS):
-                self._cancel(group[start : start + MAX_BATCH_ITEMS])
+        for group in _by_worker(commands):
+            for batch in _within(group, BATCH_BYTES, MAX_BATCH_ITEMS, lambda command: 0):
+                self._cancel(batch)
 
     def _assign_bytes(self, command: Assign) -> int:
         payload = self._phase_payload[0] if command.send_payload else b""
@@ -411,11 +408,13 @@ class ForemanOutbound:
 
         def answered(call: grpc.Future) -> None:
             code = call.code()
-            answers = call.result().answers if code == grpc.StatusCode.OK else []
+            answers = list(call.result().answers) if code == grpc.StatusCode.OK else []
+            # The whole call failed, or (a broken worker) left items unanswered.
+            unanswered = code.name if code != grpc.StatusCode.OK else "no answer"
             dropped = []
             for n, command in enumerate(commands):
                 answer = answers[n] if n < len(answers) else None
-                name = item_code(answer.status).name if answer is not None else code.name
+                name = item_code(answer.status).name if answer is not None else unanswered
                 if name != "OK":
                     logger.debug(
                         "CancelTask(%s%s) to %s: %s",
@@ -506,6 +505,14 @@ class ForemanOutbound:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._settlers.shutdown(wait=True, cancel_futures=True)
         self._settles.close()
+
+
+def _by_worker(commands: list) -> list[list]:
+    """`commands` grouped by the worker they go to, each group in order."""
+    groups: dict[tuple[str, str], list] = {}
+    for command in commands:
+        groups.setdefault((command.worker_id, command.address), []).append(command)
+    return list(groups.values())
 
 
 def _within(items: list, max_bytes: int, max_items: int, size: Callable[[Any], int]) -> list[list]:

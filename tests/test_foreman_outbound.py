@@ -23,9 +23,12 @@ class RecordingWorker(worker_pb2_grpc.WorkerServicer):
     """Answers each item: `dropped` task ids are cancelled, `unknown` ones
     NOT_FOUND, the rest not cancelled (already running)."""
 
-    def __init__(self, dropped=(), unknown=()) -> None:
+    def __init__(self, dropped=(), unknown=(), answered=None) -> None:
+        """`answered`: how many items a reply answers (a broken worker's
+        short reply); all when None."""
         self.calls: list[tuple[str, list[tuple[str, bool]]]] = []
         self.dropped, self.unknown = set(dropped), set(unknown)
+        self.answered = answered
         self.lock = threading.Lock()
 
     def _answer(self, item):
@@ -39,7 +42,8 @@ class RecordingWorker(worker_pb2_grpc.WorkerServicer):
     def CancelTasks(self, request, context):
         with self.lock:
             self.calls.append(("CancelTasks", [(t.task_id, t.only_queued) for t in request.tasks]))
-        return worker_pb2.CancelTasksResponse(answers=[self._answer(t) for t in request.tasks])
+        answers = [self._answer(t) for t in request.tasks][: self.answered]
+        return worker_pb2.CancelTasksResponse(answers=answers)
 
     def CancelTask(self, request, context):
         with self.lock:
@@ -48,51 +52,82 @@ class RecordingWorker(worker_pb2_grpc.WorkerServicer):
 
 
 @pytest.fixture
-def workers():
-    servers, made = [], []
-    for host in ("127.0.0.1", "127.0.0.2"):
-        servicer = RecordingWorker(dropped={"t1", "t4"}, unknown={"t5"})
+def serve():
+    """serve(servicer, host) -> address; every server stopped at the end."""
+    servers = []
+
+    def start(servicer: RecordingWorker, host: str) -> str:
         server = grpc.server(futures.ThreadPoolExecutor(2))
         worker_pb2_grpc.add_WorkerServicer_to_server(servicer, server)
         port = server.add_insecure_port(f"{host}:0")
         server.start()
         servers.append(server)
-        made.append((servicer, f"{host}:{port}"))
-    yield made
+        return f"{host}:{port}"
+
+    yield start
     for server in servers:
         server.stop(None)
 
 
-def test_a_decisions_cancels_go_to_each_worker_in_one_call(workers):
-    (first, first_address), (second, second_address) = workers
+@pytest.fixture
+def workers(serve):
+    made = []
+    for host in ("127.0.0.1", "127.0.0.2"):
+        servicer = RecordingWorker(dropped={"t1", "t4"}, unknown={"t5"})
+        made.append((servicer, serve(servicer, host)))
+    return made
+
+
+def withdrawals_answered(commands: list, count: int) -> list[Withdrawn]:
+    """Carry out one decision's `commands`; the first `count` events."""
     events = EventQueue()
     discovery = DiscoveryClient("127.0.0.1:1")  # never called here
     outbound = ForemanOutbound(discovery, ResultInbox(), events, assign_timeout=5)
     try:
-        outbound.execute_all(
-            [
-                Withdraw("t1", "w1", first_address, "a"),
-                Cancel("t2", "w1", first_address, "b"),
-                Withdraw("t3", "w2", second_address, "c"),
-                Withdraw("t4", "w2", second_address, "d"),
-                Withdraw("t5", "w1", first_address, "e"),
-            ]
-        )
-        answered = []
-        while len(answered) < 4:
+        outbound.execute_all(commands)
+        answered: list = []
+        while len(answered) < count:
             taken = events.take(timeout=10)
             assert taken, f"withdrawals unanswered; so far {answered}"
             answered += taken
+        return sorted(answered, key=lambda event: event.task_id)
     finally:
         outbound.close()
         discovery.close()
+
+
+def test_a_decisions_cancels_go_to_each_worker_in_one_call(workers):
+    (first, first_address), (second, second_address) = workers
+    answered = withdrawals_answered(
+        [
+            Withdraw("t1", "w1", first_address, "a"),
+            Cancel("t2", "w1", first_address, "b"),
+            Withdraw("t3", "w2", second_address, "c"),
+            Withdraw("t4", "w2", second_address, "d"),
+            Withdraw("t5", "w1", first_address, "e"),
+        ],
+        4,
+    )
     assert first.calls == [("CancelTasks", [("t1", True), ("t2", False), ("t5", True)])]
     assert second.calls == [("CancelTasks", [("t3", True), ("t4", True)])]
     # t1 and t4 dropped unstarted, t3 running; t5's item failed, which may
     # mean it was dropped: the core treats it as dropped.
-    assert sorted(answered, key=lambda e: e.task_id) == [
+    assert answered == [
         Withdrawn("t1", "w1", True),
         Withdrawn("t3", "w2", False),
         Withdrawn("t4", "w2", True),
         Withdrawn("t5", "w1", True),
     ]
+
+
+def test_items_a_short_reply_leaves_unanswered_count_as_dropped(serve):
+    """A worker that answers fewer items than it was sent: the ones it
+    answered are taken at their word, the rest count as dropped (as a failed
+    call's do), and every withdrawal still gets its event."""
+    broken = RecordingWorker(answered=1)
+    address = serve(broken, "127.0.0.1")
+    answered = withdrawals_answered(
+        [Withdraw("t1", "w1", address, "a"), Withdraw("t2", "w1", address, "b")], 2
+    )
+    assert broken.calls == [("CancelTasks", [("t1", True), ("t2", True)])]
+    assert answered == [Withdrawn("t1", "w1", False), Withdrawn("t2", "w1", True)]

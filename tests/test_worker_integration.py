@@ -354,16 +354,23 @@ def _withdraw(worker, task_id: str, token: str) -> bool:
     return worker.stub().CancelTask(request, timeout=10).cancelled
 
 
-def test_a_withdrawal_drops_a_task_not_yet_started_and_no_other(cluster):
-    """CancelTask with only_queued over the wire: a task queued behind a
-    spinning one is dropped (true) and never sends; a finished one is not
-    (false). A running one goes on: tests/test_worker_logic.py."""
+def _spinning_and_queued(cluster):
+    """A worker's two slots held: one task spinning for 30 s (token "run"),
+    one queued behind it (token "wait")."""
     spinning, workers = new_task(cluster)
     worker = workers[0]
     cluster.assign(worker, spinning.task_id, spinning_mapper, rows=[("spin", 30)], token="run")
     queued, _ = new_task(cluster)
     cluster.assign(worker, queued.task_id, word_count_mapper, rows=TEXT, token="wait")
     assert _status(worker).busy_slots == 2
+    return worker, spinning, queued
+
+
+def test_a_withdrawal_drops_a_task_not_yet_started_and_no_other(cluster):
+    """CancelTask with only_queued over the wire: a task queued behind a
+    spinning one is dropped (true) and never sends; a finished one is not
+    (false). A running one goes on: tests/test_worker_logic.py."""
+    worker, spinning, queued = _spinning_and_queued(cluster)
     assert _withdraw(worker, queued.task_id, "wait")
     assert _status(worker).busy_slots == 1
     assert _cancel(worker, spinning.task_id, "run").cancelled
@@ -398,12 +405,7 @@ def test_cancel_tasks_answers_each_item_as_its_single_call_would(cluster):
     CancelTasks; each item is answered as CancelTask would have answered
     it, in order, and the bad ones change nothing. A call of no items is
     refused whole."""
-    spinning, workers = new_task(cluster)
-    worker = workers[0]
-    cluster.assign(worker, spinning.task_id, spinning_mapper, rows=[("spin", 30)], token="run")
-    queued, _ = new_task(cluster)
-    cluster.assign(worker, queued.task_id, word_count_mapper, rows=TEXT, token="wait")
-    assert _status(worker).busy_slots == 2
+    worker, spinning, queued = _spinning_and_queued(cluster)
     items = [
         worker_pb2.CancelTaskRequest(task_id=queued.task_id, submit_token="wrong"),
         worker_pb2.CancelTaskRequest(task_id="nope", submit_token="wait"),
