@@ -136,7 +136,7 @@ def bench_worker_core(pool: SandboxPool, tasks: int) -> list[float]:
     done = threading.Semaphore(0)
     finished: dict[str, float] = {}
 
-    def submit(task, worker_id, ciphertext):
+    def submit(task, worker_id, ciphertext, cancel=None):
         finished[task.task_id] = time.perf_counter()
         done.release()
 
