@@ -17,6 +17,11 @@ from dataclasses import dataclass, field
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
+# A server's stderr kept in memory: its first lines (how it started) and
+# its last ones. A worker of the embedded cluster logs a line per task, so
+# a long local job would otherwise keep them all in the foreman's memory.
+KEPT_HEAD_LINES = 200
+KEPT_TAIL_LINES = 5_000
 
 
 @dataclass
@@ -28,7 +33,8 @@ class ServerProcess:
 
     def wait_for(self, text: str, timeout: float = START_TIMEOUT, *, count: int = 1) -> str:
         """Block until `text` has appeared in `count` lines of the server's
-        stderr; AssertionError (with the output) on timeout or exit."""
+        stderr (of those kept: see KEPT_TAIL_LINES); AssertionError (with
+        the output) on timeout or exit."""
         with self.changed:
             found = self.changed.wait_for(
                 lambda: (
@@ -118,15 +124,28 @@ class PendingServer:
         threading.Thread(target=self._pump, name="server-output", daemon=True).start()
 
     def _pump(self) -> None:
+        dropped = 0
         for line in self.process.stderr:
             with self.changed:
                 self.lines.append(line)
+                if len(self.lines) > KEPT_HEAD_LINES + 1 + 2 * KEPT_TAIL_LINES:
+                    dropped = self._drop_middle(dropped)
                 self.changed.notify_all()
             if line.startswith("listening on "):
                 self._announced.put(line.split()[2])  # `listening on ADDR [(tls sha256:FP)]`
         with self.changed:
             self.changed.notify_all()
         self._announced.put(None)
+
+    def _drop_middle(self, dropped: int) -> int:
+        """Forget the oldest lines after the head, leaving the last
+        KEPT_TAIL_LINES and one line saying how many went (done in blocks,
+        so each line costs O(1) on average); the new count dropped."""
+        start = KEPT_HEAD_LINES + (1 if dropped else 0)
+        end = len(self.lines) - KEPT_TAIL_LINES
+        dropped += end - start
+        self.lines[KEPT_HEAD_LINES:end] = [f"[... {dropped} lines of output not kept ...]\n"]
+        return dropped
 
     def listening(self, timeout: float = START_TIMEOUT) -> ServerProcess:
         """The running server once it prints its listening line."""
