@@ -53,6 +53,12 @@ PHASE_NAMES = {MAP: "map", REDUCE: "reduce"}
 # request; this slower poll only catches slots freed by others and workers
 # joining, without an empty RequestTasks after every assignment.
 BUSY_POLL_SECONDS = 0.25
+# Once a request comes back filled in part (by the slots one request may
+# take of a worker, docs/protocol.md section 10), the next round of
+# requests goes as up to this many at once, each for as many tasks as the
+# fullest request made: on a network a round costs one round trip, however
+# many requests it holds (a job of 56 tasks on 4 workers took 3 in series).
+PARALLEL_REQUESTS = 4
 # How long fewer live workers than a task needs are borne before
 # NotEnoughWorkers (a worker restarting comes back sooner).
 NOT_ENOUGH_WORKERS_SECONDS = 5.0
@@ -99,6 +105,19 @@ class EngineConfig:
         if self.replication == replicas.ADAPTIVE:
             return replicas.ADAPTIVE_FULL, True
         return self.replication, False
+
+
+@dataclass
+class _Round:
+    """The requests one `_maybe_request` sent, paced as one when the last
+    is answered (its chunks, tasks made, and the last answer cut short)."""
+
+    requests: dict[str, list[Chunk]]
+    exclude: frozenset[str]
+    asked: list[Chunk]
+    made: list = field(default_factory=list)
+    most_made: int = 0  # by one request
+    short: Granted | None = None
 
 
 def _short(detail: str) -> str:
@@ -421,7 +440,10 @@ class JobCore:
         self._digest = ""
         self._pending: deque[Chunk] = deque()
         self._tasks: dict[str, Task] = {}
-        self._request: tuple[str, list[Chunk], frozenset[str]] | None = None
+        self._round: _Round | None = None  # requests under way
+        # Tasks one request can be expected to make (the most a request cut
+        # short made; 0: none was yet): the size of each request of a round.
+        self._per_request = 0
         self._next_request_at = 0.0
         self._empty_requests = 0
         self._starved_since: float | None = None
@@ -450,7 +472,7 @@ class JobCore:
 
     @property
     def phase_done(self) -> bool:
-        return not self._pending and not self._tasks and self._request is None
+        return not self._pending and not self._tasks and self._round is None
 
     @property
     def open_tasks(self) -> int:
@@ -461,7 +483,7 @@ class JobCore:
     def wake_at(self) -> float:
         """When a tick next has something to decide (inf: only events will)."""
         times = [math.inf]
-        if self._pending and self._request is None:
+        if self._pending and self._round is None:
             times.append(self._next_request_at)
         for task in self._tasks.values():
             if task.settling:
@@ -523,7 +545,7 @@ class JobCore:
             case Granted():
                 self._granted(event, now, commands)
             case RequestFailed():
-                self._request = None
+                self._round = None
                 commands.append(Fail(event.error))
             case AssignAnswered():
                 self._assign_answered(event, now, commands)
@@ -551,7 +573,7 @@ class JobCore:
     # -- requesting tasks ------------------------------------------------------------
 
     def _maybe_request(self, now: float, commands: list) -> None:
-        if not self._pending or self._request is not None or now < self._next_request_at:
+        if not self._pending or self._round is not None or now < self._next_request_at:
             return
         fresh = [c for c in self._pending if not c.suspects]
         suspect = [c for c in self._pending if c.suspects]
@@ -584,9 +606,16 @@ class JobCore:
                 # outvotes a cheater); the next one tries them again.
                 self._relax_fresh = False
                 exclude = frozenset()
-        request_id = self._new_request_id()
-        self._request = (request_id, chunks, exclude)
-        commands.append(RequestTasks(request_id, len(chunks), exclude))
+        runs = [chunks]
+        if not use_suspect and self._per_request:
+            per = min(self._per_request, self.config.batch)
+            chunks = fresh[: per * PARALLEL_REQUESTS]
+            runs = [chunks[i : i + per] for i in range(0, len(chunks), per)]
+        self._round = _Round({}, exclude, chunks)
+        for run in runs:
+            request_id = self._new_request_id()
+            self._round.requests[request_id] = run
+            commands.append(RequestTasks(request_id, len(run), exclude))
 
     def _relax_after(self) -> float:
         """How long exclusions may leave requests empty before they go."""
@@ -598,10 +627,12 @@ class JobCore:
         return set(self._unreachable)
 
     def _granted(self, event: Granted, now: float, commands: list) -> None:
-        if self._request is None or self._request[0] != event.request_id:
+        """Each answer's tasks are assigned at once; the round is paced
+        when its last request is answered."""
+        round_ = self._round
+        if round_ is None or event.request_id not in round_.requests:
             return
-        _, chunks, exclude = self._request
-        self._request = None
+        chunks = round_.requests.pop(event.request_id)
         made = list(zip(chunks, event.tasks, strict=False))
         for chunk, (task_id, workers) in made:
             self._pending.remove(chunk)
@@ -618,9 +649,20 @@ class JobCore:
             self.stats.credits_spent += len(workers)  # escrowed; refunds come back below
             for worker_id, address in workers.items():
                 self._assign(task, worker_id, address, now, commands)
-        self._pace(now, made, chunks, exclude, event, commands)
+        round_.made += made
+        if len(made) < len(chunks):
+            round_.short = event
+            round_.most_made = max(round_.most_made, len(made))
+        if round_.requests:
+            return
+        self._round = None
+        if round_.short is not None and round_.most_made:
+            self._per_request = max(self._per_request, round_.most_made)
+        self._pace(now, round_.made, round_.asked, round_.exclude, round_.short, commands)
 
-    def _pace(self, now, made, chunks, exclude, granted: Granted, commands) -> None:
+    def _pace(self, now, made, chunks, exclude, short: Granted | None, commands) -> None:
+        """After a round: when to ask next. `short`: its last answer that
+        made fewer tasks than asked."""
         if made:
             self._starved_since, self._empty_requests = None, 0
             if exclude and not chunks[0].suspects:
@@ -652,7 +694,7 @@ class JobCore:
                 if now - self._fresh_starved_since > self._relax_after():
                     self._relax_fresh = True
                     self._next_request_at = now
-        self._check_starved(now, granted if len(made) < len(chunks) else None, commands)
+        self._check_starved(now, short, commands)
 
     def _check_starved(self, now: float, short: Granted | None, commands: list) -> None:
         """`short`: the answer of a request that made fewer tasks than asked."""

@@ -56,7 +56,8 @@ logger = logging.getLogger(__name__)
 # (docs/protocol.md section 9: a job survives a 60 s outage).
 DISCOVERY_RETRY_SECONDS = 65.0
 CANCEL_DEADLINE = 2.0
-DISCOVERY_THREADS = 4
+# A round of RequestTasks (core.PARALLEL_REQUESTS) and AddReplicas beside it.
+DISCOVERY_THREADS = 8
 STOP_THREADS = 16  # settles in parallel as a job stops
 SETTLE_THREADS = 64
 STOP_SECONDS_FOR_LATE_GRANTS = 5.0

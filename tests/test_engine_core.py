@@ -1001,9 +1001,62 @@ def test_a_request_filled_in_part_asks_again_at_once():
     d = Driver(chunks=3, batch=3)
     assert d.first == [RequestTasks("req1", 3, NONE)]
     commands = d.grant(None, [["w1", "w2", "w3"]])
-    assert [c for c in commands if isinstance(c, RequestTasks)] == [RequestTasks("req2", 2, NONE)]
-    assert [c for c in d.grant(None, []) if isinstance(c, RequestTasks)] == []
+    assert only(commands, RequestTasks) == [
+        RequestTasks("req2", 1, NONE),
+        RequestTasks("req3", 1, NONE),
+    ]
+    assert only(d.grant(None, []), RequestTasks) == []  # req3: empty; req2 still out
+    assert only(d.grant(d.log[-2], []), RequestTasks) == []  # req2: empty too
     assert d.core.wake_at() > d.now  # backed off
+
+
+def test_after_a_request_cut_short_the_next_round_goes_as_several_at_once():
+    """Each request of a round asks what the fullest request cut short made;
+    each answer's tasks are assigned at once, and the round is paced (asked
+    again, or the phase over) only when its last request is answered: on a
+    network the round costs one round trip, not one per request."""
+    d = Driver(chunks=12, batch=64)
+    assert d.first == [RequestTasks("req1", 12, NONE)]
+    round_ = only(d.grant(None, [["w1", "w2", "w3"]] * 2), RequestTasks)
+    assert round_ == [RequestTasks(f"req{n}", 2, NONE) for n in (2, 3, 4, 5)]
+    # Answered out of order: req4 first, cut short; its task is assigned now.
+    commands = d.grant(round_[2], [["w4", "w5", "w6"]])
+    assert [(a.task_id, a.worker_id) for a in only(commands, Assign)] == [
+        (d.granted[0], w) for w in ("w4", "w5", "w6")
+    ]
+    assert only(commands, RequestTasks) == []
+    assert only(d.grant(round_[0], [["w1", "w2", "w3"]] * 2), RequestTasks) == []
+    assert only(d.grant(round_[3], [["w1", "w2", "w3"]] * 2), RequestTasks) == []
+    assert d.core.wake_at() > d.now  # no request due while req3 is out
+    # The last answer closes the round: cut short, so the next goes at once,
+    # for the 5 chunks not made yet, 2 per request.
+    commands = d.grant(round_[1], [])
+    assert only(commands, RequestTasks) == [
+        RequestTasks("req6", 2, NONE), RequestTasks("req7", 2, NONE), RequestTasks("req8", 1, NONE)
+    ]  # fmt: skip
+    assert d.core.open_tasks == 2 + 1 + 2 + 2
+    # An answer to a request of a round gone (repeated, or not ours) is ignored.
+    assert d.grant(round_[0], [["w7", "w8", "w9"]]) == []
+    assert d.core.open_tasks == 7
+
+
+def test_a_phase_is_not_done_while_a_request_of_its_round_is_out():
+    d = Driver(chunks=3, batch=3)
+    d.grant(None, [["w1", "w2", "w3"]])
+    second, third = only(d.log, RequestTasks)[1:]
+    d.grant(second, [["w4", "w5", "w6"]])
+    for task_id in list(d.core._tasks):
+        d.accept_all(task_id)
+        d.results(task_id, **{w: OUTPUT for (t, w) in d.assigns if t == task_id})
+        d.settle_answer(task_id)
+    assert d.core.open_tasks == 0
+    assert not d.core.phase_done  # third is still out: its chunk waits for it
+    d.grant(third, [["w7", "w8", "w9"]])
+    [task_id] = d.granted
+    d.accept_all(task_id)
+    d.results(task_id, w7=OUTPUT, w8=OUTPUT, w9=OUTPUT)
+    d.settle_answer(task_id)
+    assert d.core.phase_done
 
 
 def test_requests_are_paced_while_our_tasks_run_with_one_in_flight():
