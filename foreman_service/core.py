@@ -441,6 +441,7 @@ class JobCore:
         self._pending: deque[Chunk] = deque()
         self._tasks: dict[str, Task] = {}
         self._round: _Round | None = None  # requests under way
+        self._unused_grants: list[str] = []  # tasks granted after the job failed
         # Tasks one request can be expected to make (the most a request cut
         # short made; 0: none was yet): the size of each request of a round.
         self._per_request = 0
@@ -540,12 +541,15 @@ class JobCore:
         come from `tick`, which `handle_all` runs after a batch)."""
         commands: list = []
         if self._failed:
+            if isinstance(event, Granted):
+                self._keep_for_refund(event)
             return commands
         match event:
             case Granted():
                 self._granted(event, now, commands)
             case RequestFailed():
-                self._round = None
+                if self._round is not None:  # the job fails; its other requests may answer
+                    self._round.requests.pop(event.request_id, None)
                 commands.append(Fail(event.error))
             case AssignAnswered():
                 self._assign_answered(event, now, commands)
@@ -625,6 +629,13 @@ class JobCore:
         for worker_id in [w for w, until in self._unreachable.items() if until <= now]:
             del self._unreachable[worker_id]
         return set(self._unreachable)
+
+    def _keep_for_refund(self, event: Granted) -> None:
+        """A request of the round answered after the job failed (another
+        request of it failed, in the same batch of events): its tasks are
+        settled invalid by `stop`, so no credit waits for their lease."""
+        if self._round is not None and self._round.requests.pop(event.request_id, None):
+            self._unused_grants += [task_id for task_id, _ in event.tasks]
 
     def _granted(self, event: Granted, now: float, commands: list) -> None:
         """Each answer's tasks are assigned at once; the round is paced
@@ -1227,5 +1238,7 @@ class JobCore:
                 # discovery were refunded then).
                 kept = [r for r in task.replicas.values() if not r.released_at_discovery]
                 self.stats.credits_spent -= len(kept)
+        commands += [Settle(task_id, False) for task_id in self._unused_grants]
+        self._unused_grants = []
         self._pending.clear()
         return commands

@@ -1040,6 +1040,19 @@ def test_after_a_request_cut_short_the_next_round_goes_as_several_at_once():
     assert d.core.open_tasks == 7
 
 
+def test_tasks_a_round_is_granted_as_another_of_its_requests_fails_are_given_back():
+    """The job fails on one request of a round (RESOURCE_EXHAUSTED, say);
+    another answered in the same batch of events is not assigned, and the
+    stop settles its tasks invalid, so their credits come back at once."""
+    d = Driver(chunks=3, batch=3)
+    d.grant(None, [["w1", "w2", "w3"]])
+    second, third = only(d.log, RequestTasks)[1:]
+    granted = Granted(third.request_id, [("t9", {w: addr(w) for w in ("w4", "w5", "w6")})], 10)
+    commands = d.events(RequestFailed(second.request_id, RuntimeError("no credit")), granted)
+    assert only(commands, Fail) and only(commands, Assign) == []
+    assert Settle("t9", False) in d.stop()
+
+
 def test_a_phase_is_not_done_while_a_request_of_its_round_is_out():
     d = Driver(chunks=3, batch=3)
     d.grant(None, [["w1", "w2", "w3"]])
