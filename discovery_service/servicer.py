@@ -251,4 +251,10 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
             runtime=request.runtime,
             request_id=request.request_id,
         )
-        return pb.WorkerRef() if worker is None else worker_ref(worker)
+        if worker is not None:
+            return worker_ref(worker)
+        # Found nobody: how many live workers there are tells the foreman
+        # whether its exclusions leave the task any (a scan, as for a
+        # RequestTasks made short; the answers it gets are paced).
+        live, _ = self._ledger.live_workers(self._caller(context), request.runtime)
+        return pb.WorkerRef(live_workers=live)

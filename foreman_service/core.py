@@ -173,10 +173,12 @@ class ResultArrived:
 
 @dataclass(frozen=True)
 class ReplicaAdded:
-    """AddReplica answered: the new worker, or None when none was free."""
+    """AddReplica answered: the new worker, or None when none was free
+    (then `live_workers`: the live workers of the pool, busy or not)."""
 
     task_id: str
     worker: tuple[str, str] | None
+    live_workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -366,6 +368,7 @@ class Task:
     winner: str | None = None
     accused: frozenset[str] = frozenset()  # made cheaters by this task's quorum
     assumed_paid: int = 0  # workers the settle pays, as the foreman sees it
+    pool_spent: bool = False  # no worker of the pool is left that it may take
 
     def live(self) -> list[Replica]:
         """Replicas that may still send a result."""
@@ -445,6 +448,9 @@ class JobCore:
         # Tasks one request can be expected to make (the most a request cut
         # short made; 0: none was yet): the size of each request of a round.
         self._per_request = 0
+        # Live workers, as the last short answer (a request cut short, an
+        # AddReplica that found nobody) counted them; 0: not known.
+        self._live_pool = 0
         self._next_request_at = 0.0
         self._empty_requests = 0
         self._starved_since: float | None = None
@@ -644,6 +650,8 @@ class JobCore:
         if round_ is None or event.request_id not in round_.requests:
             return
         chunks = round_.requests.pop(event.request_id)
+        if event.live_workers:
+            self._live_pool = event.live_workers
         made = list(zip(chunks, event.tasks, strict=False))
         for chunk, (task_id, workers) in made:
             self._pending.remove(chunk)
@@ -851,22 +859,41 @@ class JobCore:
             AddReplica(
                 task.task_id,
                 self._new_request_id(),
-                # Never a worker that refused this task, nor one that cannot
-                # be reached just now (the discovery service skips the
-                # task's own workers, those released here included).
-                # Nor one this task let go before: released at the discovery
-                # service it is no longer the task's, so it could be drawn
-                # again, and a worker that did not take the task once is no
-                # better a second time.
-                exclude=frozenset(
-                    self.cheaters
-                    | task.chunk.suspects
-                    | {r.worker_id for r in task.replicas.values() if r.state in (FAILED, RELEASED)}
-                    | self._unreachable_now(now)
-                ),
+                exclude=self._replica_exclusions(task, now),
                 release=release,
             )
         )
+
+    def _replica_exclusions(self, task: Task, now: float) -> frozenset[str]:
+        """Never a worker that refused this task, nor one that cannot be
+        reached just now (the discovery service skips the task's own
+        workers, those released with the call included). Nor one this task
+        let go before: released at the discovery service it is no longer
+        the task's, so it could be drawn again, and a worker runs a task id
+        at most once."""
+        return frozenset(
+            self.cheaters
+            | task.chunk.suspects
+            | {r.worker_id for r in task.replicas.values() if r.state in (FAILED, RELEASED)}
+            | self._unreachable_now(now)
+        )
+
+    def _pool_spent(self, task: Task, now: float) -> bool:
+        """Every live worker of the pool (as the last short answer counted
+        them) is the task's or one it may not draw: no AddReplica can find
+        it one, however long it waits. Its let-go stragglers stay excluded
+        (a worker runs a task id at most once), so the chunk goes again as
+        a new task, which any of them may take (measured: a 20 s Redis
+        freeze let every worker of a 4-worker pool go from some map tasks,
+        which then asked for a replica twice a second until the task
+        timeout, 120 s; make chaos, 2 runs in 15). Workers found gone
+        lately are not counted against the pool: likely dead, they are not
+        in its count either."""
+        if not self._live_pool:
+            return False
+        gone = self._unreachable_now(now)
+        barred = (set(task.replicas) | self._replica_exclusions(task, now)) - gone
+        return len(barred) >= self._live_pool
 
     def _replica_added(self, event: ReplicaAdded, now: float, commands: list) -> None:
         task = self._tasks.get(event.task_id)
@@ -874,6 +901,10 @@ class JobCore:
             return
         task.add_in_flight = False
         if event.worker is None:
+            self._live_pool = event.live_workers or self._live_pool
+            if self._pool_spent(task, now):
+                task.replicas_wanted = 0  # none is coming: decide with what there is
+                task.pool_spent = True
             task.next_add_at = now + REPLICA_RETRY_SECONDS  # none free yet
             return
         worker_id, address = event.worker
@@ -951,7 +982,11 @@ class JobCore:
             if missing:
                 self._escalate(task, missing, now, commands)
             else:
-                self._settle_invalid(task, "no quorum possible", commands)
+                self._settle_invalid(
+                    task,
+                    "no worker left that it may take" if task.pool_spent else "no quorum possible",
+                    commands,
+                )
 
     def _withdraw_unstarted(self, task: Task, commands: list) -> None:
         """At the quorum, the replicas a valid settle would leave late are
@@ -1097,10 +1132,12 @@ class JobCore:
                 )
             )
             return
+        # A replica whose AssignTask timed out sent nothing to judge: frozen,
+        # or held up by the discovery service, like one found unreachable.
         chunk.suspects |= {
             r.worker_id
             for r in task.replicas.values()
-            if r.state in (ANSWERED, FAILED) or r.speculated
+            if r.state in (ANSWERED, FAILED) or (r.speculated and not r.assign_timed_out)
         }
         self.stats.retries += 1
         self.stats.retry_reasons[reason] += 1

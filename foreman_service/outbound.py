@@ -294,7 +294,7 @@ class ForemanOutbound:
         if ref.client_id:
             self._channels.learn(ref.client_id, ref.tls_certificate)
         worker = (ref.client_id, ref.address) if ref.client_id else None
-        self._events.put(ReplicaAdded(command.task_id, worker))
+        self._events.put(ReplicaAdded(command.task_id, worker, ref.live_workers))
 
     def _settle(self, command: Settle, seconds: float) -> None:
         logger.debug(

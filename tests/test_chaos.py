@@ -141,8 +141,13 @@ def test_a_job_survives_its_redis_store_frozen_for_twenty_seconds(tmp_path):
                 assert runner.is_alive(), f"the job ended during the outage: {outcome}"
             finally:
                 redis.process.send_signal(signal.SIGCONT)
+            thawed = time.monotonic()
             runner.join(180)
             assert outcome["result"] == EXPECTED, outcome
+            print(
+                f"20 s Redis freeze: the job ended {time.monotonic() - thawed:.1f} s after it;"
+                f" retries {dict(outcome['result'].stats.retry_reasons)}"
+            )
             _slots_free_within(cluster, 5)
             _assert_nothing_in_escrow(cluster, identity)
     finally:

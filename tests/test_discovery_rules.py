@@ -398,6 +398,9 @@ def test_a_replica_never_repeats_a_member_an_excluded_or_a_released_worker(disco
         foreman, task.task_id, exclude_workers=[excluded], release_workers=[first.client_id]
     )
     assert second.client_id == ""  # every other worker is a member, excluded or released
+    # Said only when nobody was found: all five are live, busy or not (the
+    # foreman learns its exclusions leave the task nobody: it goes again).
+    assert (first.live_workers, second.live_workers) == (0, 5)
     assert discovery.info(workers[first.client_id]).busy_slots == 0
     assert discovery.credits(foreman) == 9
     discovery.settle(foreman, task.task_id, valid=False)

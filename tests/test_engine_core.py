@@ -229,8 +229,9 @@ class Driver:
             Settled(task_id, key or key_of(task_id), sha, agreeing, paid=agreeing, late=late)
         )
 
-    def added(self, task_id: str, worker: str | None) -> list:
-        return self.events(ReplicaAdded(task_id, (worker, addr(worker)) if worker else None))
+    def added(self, task_id: str, worker: str | None, live: int = 0) -> list:
+        """AddReplica's answer; with nobody found, `live` workers in the pool."""
+        return self.events(ReplicaAdded(task_id, (worker, addr(worker)) if worker else None, live))
 
     def assign(self, task_id: str, worker: str, token: str, send_payload: bool = True) -> Assign:
         """The Assign the core is expected to give."""
@@ -909,6 +910,52 @@ def test_replicas_whose_assign_timed_out_are_let_go_once_replaced():
         AddReplica("t0", "req3", ws("w1", "w2", "w3"), ws("w1", "w2", "w3")),
     ]
     assert d.stats.replicas_cancelled == 3 and d.stats.credits_spent == 1  # 3 + 1 - 3
+
+
+def _let_go_all_but_w4(d: Driver) -> None:
+    """A task of w1-w3 whose AssignTasks all time out (a frozen store
+    behind the discovery service): all three are let go once replaced,
+    and w4 is their first replacement. The grant made every task asked
+    for, so it did not count the pool."""
+    d.grant(None, [["w1", "w2", "w3"]], live=0)
+    d.at(5).tick()  # all three silent: speculative replicas asked for
+    d.at(10).events(*(AssignAnswered("t0", w, "DEADLINE_EXCEEDED") for w in ("w1", "w2", "w3")))
+    assert d.at(10.5).added("t0", "w4")[-1] == AddReplica(
+        "t0", "req3", ws("w1", "w2", "w3"), ws("w1", "w2", "w3")
+    )
+
+
+def test_a_task_whose_let_go_workers_leave_no_quorum_in_the_pool_goes_again_at_once():
+    """Each let-go worker stays excluded from its task (it runs a task id at
+    most once): in a pool of 4, w4 alone is left to it, and one worker
+    makes no quorum. The chunk goes again at once, as a new task any
+    worker may take, not after the task timeout (measured: a 20 s Redis
+    freeze held a job for the 120 s task timeout, make chaos)."""
+    d = Driver(task_timeout=120)
+    _let_go_all_but_w4(d)
+    commands = d.at(10.6).added("t0", None, live=4)
+    assert commands == [d.cancel("t0", "w4"), Settle("t0", False), RequestTasks("req4", 1, NONE)]
+    # Not suspects (the next request excludes nobody): they sent nothing to judge.
+    assert d.stats.retry_reasons == {"no worker left that it may take": 1}
+    assert d.stats.credits_spent == 0  # 3 + 1 escrowed; 3 released, then 1 refunded
+
+
+def test_a_worker_found_gone_is_not_counted_against_the_pool():
+    """w4 gone (likely dead, so not in the pool's count of 4 either): the
+    4 live may include one the task can still draw."""
+    d = Driver(task_timeout=120)
+    _let_go_all_but_w4(d)
+    d.at(10.55).events(WorkerLost("w4"))
+    assert d.at(10.6).added("t0", None, live=4) == []
+    assert not only(d.log, Settle)
+
+
+def test_a_task_short_of_workers_in_a_larger_pool_keeps_asking_for_one():
+    d = Driver(task_timeout=120)
+    _let_go_all_but_w4(d)
+    assert d.at(10.6).added("t0", None, live=5) == []  # w5 is busy, or may be
+    assert d.wake() == [AddReplica("t0", "req4", ws("w1", "w2", "w3"), NONE)]
+    assert d.now == 10.6 + REPLICA_RETRY_SECONDS and not only(d.log, Settle)
 
 
 # -- 11. an AddReplica under way ----------------------------------------------------

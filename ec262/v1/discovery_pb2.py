@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from ec262.v1 import batch_pb2 as ec262_dot_v1_dot_batch__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x63\x32\x36\x32/v1/discovery.proto\x12\x08\x65\x63\x32\x36\x32.v1\x1a\x14\x65\x63\x32\x36\x32/v1/batch.proto\"\xc4\x02\n\nClientInfo\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63redits\x18\x02 \x01(\x03\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x13\n\x0b\x65xpiry_unix\x18\x04 \x01(\x03\x12\r\n\x05slots\x18\x05 \x01(\x05\x12\x17\n\x0ftasks_completed\x18\x06 \x01(\x03\x12\x14\n\x0ctasks_failed\x18\x07 \x01(\x03\x12\x0f\n\x07runtime\x18\x08 \x01(\t\x12\x12\n\nbusy_slots\x18\t \x01(\x05\x12\x13\n\x0breplication\x18\n \x01(\x05\x12\x1d\n\x15\x66oreman_lease_seconds\x18\x0b \x01(\x05\x12\x11\n\tledger_id\x18\x0c \x01(\t\x12\r\n\x05trust\x18\r \x01(\x05\x12\x15\n\rtrusted_after\x18\x0e \x01(\x05\x12\x1c\n\x14\x61\x64\x61ptive_replication\x18\x0f \x01(\x08\"\x15\n\x13\x43reateClientRequest\"p\n\x14\x43reateClientResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12\"\n\x04info\x18\x03 \x01(\x0b\x32\x14.ec262.v1.ClientInfo\x12\x11\n\tledger_id\x18\x04 \x01(\t\"v\n\x15RegisterWorkerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x05\x12\r\n\x05slots\x18\x03 \x01(\x05\x12\x0f\n\x07runtime\x18\x04 \x01(\t\x12\x17\n\x0ftls_certificate\x18\x05 \x01(\t\"\x12\n\x10GetClientRequest\"s\n\x13RequestTasksRequest\x12\t\n\x01n\x18\x01 \x01(\x05\x12\x17\n\x0f\x65xclude_workers\x18\x02 \x03(\t\x12\x0f\n\x07runtime\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x13\n\x0breplication\x18\x05 \x01(\x05\"H\n\tWorkerRef\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x17\n\x0ftls_certificate\x18\x03 \x01(\t\"\\\n\x0eTaskAssignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\x07workers\x18\x02 \x03(\x0b\x32\x13.ec262.v1.WorkerRef\x12\x13\n\x0b\x65xpiry_unix\x18\x03 \x01(\x03\"\xa5\x01\n\x14RequestTasksResponse\x12\'\n\x05tasks\x18\x01 \x03(\x0b\x32\x18.ec262.v1.TaskAssignment\x12\x0f\n\x07\x63redits\x18\x02 \x01(\x03\x12\x13\n\x0breplication\x18\x03 \x01(\x05\x12\x14\n\x0clive_workers\x18\x04 \x01(\x05\x12\x15\n\rlive_networks\x18\x05 \x01(\x05\x12\x11\n\tdiversity\x18\x06 \x01(\t\"\"\n\x0f\x46\x65tchKeyRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"3\n\x10\x46\x65tchKeyResponse\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x12\n\nforeman_id\x18\x02 \x01(\t\"V\n\x11SettleTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05valid\x18\x02 \x01(\x08\x12\x0f\n\x07missing\x18\x03 \x03(\t\x12\x10\n\x08released\x18\x04 \x03(\t\"{\n\x11\x41\x64\x64ReplicaRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x17\n\x0f\x65xclude_workers\x18\x02 \x03(\t\x12\x17\n\x0frelease_workers\x18\x03 \x03(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0f\n\x07runtime\x18\x05 \x01(\t\"\x8f\x01\n\x12SettleTaskResponse\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0f\n\x07\x63redits\x18\x02 \x01(\x03\x12\x15\n\rquorum_sha256\x18\x03 \x01(\t\x12\x18\n\x10\x61greeing_workers\x18\x04 \x03(\t\x12\x14\n\x0cpaid_workers\x18\x05 \x03(\t\x12\x14\n\x0clate_workers\x18\x06 \x03(\t\"A\n\x13\x43ommitResultRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x19\n\x11\x63iphertext_sha256\x18\x02 \x01(\t\"\x16\n\x14\x43ommitResultResponse\"<\n\x10\x46\x65tchKeysRequest\x12(\n\x05tasks\x18\x01 \x03(\x0b\x32\x19.ec262.v1.FetchKeyRequest\"d\n\x0e\x46\x65tchKeyAnswer\x12$\n\x06status\x18\x01 \x01(\x0b\x32\x14.ec262.v1.ItemStatus\x12,\n\x08response\x18\x02 \x01(\x0b\x32\x1a.ec262.v1.FetchKeyResponse\">\n\x11\x46\x65tchKeysResponse\x12)\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x18.ec262.v1.FetchKeyAnswer\"J\n\x14\x43ommitResultsRequest\x12\x32\n\x0b\x63ommitments\x18\x01 \x03(\x0b\x32\x1d.ec262.v1.CommitResultRequest\"?\n\x15\x43ommitResultsResponse\x12&\n\x08statuses\x18\x01 \x03(\x0b\x32\x14.ec262.v1.ItemStatus\"@\n\x12SettleTasksRequest\x12*\n\x05tasks\x18\x01 \x03(\x0b\x32\x1b.ec262.v1.SettleTaskRequest\"h\n\x10SettleTaskAnswer\x12$\n\x06status\x18\x01 \x01(\x0b\x32\x14.ec262.v1.ItemStatus\x12.\n\x08response\x18\x02 \x01(\x0b\x32\x1c.ec262.v1.SettleTaskResponse\"B\n\x13SettleTasksResponse\x12+\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x1a.ec262.v1.SettleTaskAnswer2\xb0\x06\n\tDiscovery\x12M\n\x0c\x43reateClient\x12\x1d.ec262.v1.CreateClientRequest\x1a\x1e.ec262.v1.CreateClientResponse\x12G\n\x0eRegisterWorker\x12\x1f.ec262.v1.RegisterWorkerRequest\x1a\x14.ec262.v1.ClientInfo\x12=\n\tGetClient\x12\x1a.ec262.v1.GetClientRequest\x1a\x14.ec262.v1.ClientInfo\x12M\n\x0cRequestTasks\x12\x1d.ec262.v1.RequestTasksRequest\x1a\x1e.ec262.v1.RequestTasksResponse\x12\x41\n\x08\x46\x65tchKey\x12\x19.ec262.v1.FetchKeyRequest\x1a\x1a.ec262.v1.FetchKeyResponse\x12G\n\nSettleTask\x12\x1b.ec262.v1.SettleTaskRequest\x1a\x1c.ec262.v1.SettleTaskResponse\x12>\n\nAddReplica\x12\x1b.ec262.v1.AddReplicaRequest\x1a\x13.ec262.v1.WorkerRef\x12M\n\x0c\x43ommitResult\x12\x1d.ec262.v1.CommitResultRequest\x1a\x1e.ec262.v1.CommitResultResponse\x12\x44\n\tFetchKeys\x12\x1a.ec262.v1.FetchKeysRequest\x1a\x1b.ec262.v1.FetchKeysResponse\x12P\n\rCommitResults\x12\x1e.ec262.v1.CommitResultsRequest\x1a\x1f.ec262.v1.CommitResultsResponse\x12J\n\x0bSettleTasks\x12\x1c.ec262.v1.SettleTasksRequest\x1a\x1d.ec262.v1.SettleTasksResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x63\x32\x36\x32/v1/discovery.proto\x12\x08\x65\x63\x32\x36\x32.v1\x1a\x14\x65\x63\x32\x36\x32/v1/batch.proto\"\xc4\x02\n\nClientInfo\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63redits\x18\x02 \x01(\x03\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x13\n\x0b\x65xpiry_unix\x18\x04 \x01(\x03\x12\r\n\x05slots\x18\x05 \x01(\x05\x12\x17\n\x0ftasks_completed\x18\x06 \x01(\x03\x12\x14\n\x0ctasks_failed\x18\x07 \x01(\x03\x12\x0f\n\x07runtime\x18\x08 \x01(\t\x12\x12\n\nbusy_slots\x18\t \x01(\x05\x12\x13\n\x0breplication\x18\n \x01(\x05\x12\x1d\n\x15\x66oreman_lease_seconds\x18\x0b \x01(\x05\x12\x11\n\tledger_id\x18\x0c \x01(\t\x12\r\n\x05trust\x18\r \x01(\x05\x12\x15\n\rtrusted_after\x18\x0e \x01(\x05\x12\x1c\n\x14\x61\x64\x61ptive_replication\x18\x0f \x01(\x08\"\x15\n\x13\x43reateClientRequest\"p\n\x14\x43reateClientResponse\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12\"\n\x04info\x18\x03 \x01(\x0b\x32\x14.ec262.v1.ClientInfo\x12\x11\n\tledger_id\x18\x04 \x01(\t\"v\n\x15RegisterWorkerRequest\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x05\x12\r\n\x05slots\x18\x03 \x01(\x05\x12\x0f\n\x07runtime\x18\x04 \x01(\t\x12\x17\n\x0ftls_certificate\x18\x05 \x01(\t\"\x12\n\x10GetClientRequest\"s\n\x13RequestTasksRequest\x12\t\n\x01n\x18\x01 \x01(\x05\x12\x17\n\x0f\x65xclude_workers\x18\x02 \x03(\t\x12\x0f\n\x07runtime\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x13\n\x0breplication\x18\x05 \x01(\x05\"^\n\tWorkerRef\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x17\n\x0ftls_certificate\x18\x03 \x01(\t\x12\x14\n\x0clive_workers\x18\x04 \x01(\x05\"\\\n\x0eTaskAssignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\x07workers\x18\x02 \x03(\x0b\x32\x13.ec262.v1.WorkerRef\x12\x13\n\x0b\x65xpiry_unix\x18\x03 \x01(\x03\"\xa5\x01\n\x14RequestTasksResponse\x12\'\n\x05tasks\x18\x01 \x03(\x0b\x32\x18.ec262.v1.TaskAssignment\x12\x0f\n\x07\x63redits\x18\x02 \x01(\x03\x12\x13\n\x0breplication\x18\x03 \x01(\x05\x12\x14\n\x0clive_workers\x18\x04 \x01(\x05\x12\x15\n\rlive_networks\x18\x05 \x01(\x05\x12\x11\n\tdiversity\x18\x06 \x01(\t\"\"\n\x0f\x46\x65tchKeyRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"3\n\x10\x46\x65tchKeyResponse\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x12\n\nforeman_id\x18\x02 \x01(\t\"V\n\x11SettleTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05valid\x18\x02 \x01(\x08\x12\x0f\n\x07missing\x18\x03 \x03(\t\x12\x10\n\x08released\x18\x04 \x03(\t\"{\n\x11\x41\x64\x64ReplicaRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x17\n\x0f\x65xclude_workers\x18\x02 \x03(\t\x12\x17\n\x0frelease_workers\x18\x03 \x03(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x0f\n\x07runtime\x18\x05 \x01(\t\"\x8f\x01\n\x12SettleTaskResponse\x12\x0b\n\x03key\x18\x01 \x01(\x0c\x12\x0f\n\x07\x63redits\x18\x02 \x01(\x03\x12\x15\n\rquorum_sha256\x18\x03 \x01(\t\x12\x18\n\x10\x61greeing_workers\x18\x04 \x03(\t\x12\x14\n\x0cpaid_workers\x18\x05 \x03(\t\x12\x14\n\x0clate_workers\x18\x06 \x03(\t\"A\n\x13\x43ommitResultRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x19\n\x11\x63iphertext_sha256\x18\x02 \x01(\t\"\x16\n\x14\x43ommitResultResponse\"<\n\x10\x46\x65tchKeysRequest\x12(\n\x05tasks\x18\x01 \x03(\x0b\x32\x19.ec262.v1.FetchKeyRequest\"d\n\x0e\x46\x65tchKeyAnswer\x12$\n\x06status\x18\x01 \x01(\x0b\x32\x14.ec262.v1.ItemStatus\x12,\n\x08response\x18\x02 \x01(\x0b\x32\x1a.ec262.v1.FetchKeyResponse\">\n\x11\x46\x65tchKeysResponse\x12)\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x18.ec262.v1.FetchKeyAnswer\"J\n\x14\x43ommitResultsRequest\x12\x32\n\x0b\x63ommitments\x18\x01 \x03(\x0b\x32\x1d.ec262.v1.CommitResultRequest\"?\n\x15\x43ommitResultsResponse\x12&\n\x08statuses\x18\x01 \x03(\x0b\x32\x14.ec262.v1.ItemStatus\"@\n\x12SettleTasksRequest\x12*\n\x05tasks\x18\x01 \x03(\x0b\x32\x1b.ec262.v1.SettleTaskRequest\"h\n\x10SettleTaskAnswer\x12$\n\x06status\x18\x01 \x01(\x0b\x32\x14.ec262.v1.ItemStatus\x12.\n\x08response\x18\x02 \x01(\x0b\x32\x1c.ec262.v1.SettleTaskResponse\"B\n\x13SettleTasksResponse\x12+\n\x07\x61nswers\x18\x01 \x03(\x0b\x32\x1a.ec262.v1.SettleTaskAnswer2\xb0\x06\n\tDiscovery\x12M\n\x0c\x43reateClient\x12\x1d.ec262.v1.CreateClientRequest\x1a\x1e.ec262.v1.CreateClientResponse\x12G\n\x0eRegisterWorker\x12\x1f.ec262.v1.RegisterWorkerRequest\x1a\x14.ec262.v1.ClientInfo\x12=\n\tGetClient\x12\x1a.ec262.v1.GetClientRequest\x1a\x14.ec262.v1.ClientInfo\x12M\n\x0cRequestTasks\x12\x1d.ec262.v1.RequestTasksRequest\x1a\x1e.ec262.v1.RequestTasksResponse\x12\x41\n\x08\x46\x65tchKey\x12\x19.ec262.v1.FetchKeyRequest\x1a\x1a.ec262.v1.FetchKeyResponse\x12G\n\nSettleTask\x12\x1b.ec262.v1.SettleTaskRequest\x1a\x1c.ec262.v1.SettleTaskResponse\x12>\n\nAddReplica\x12\x1b.ec262.v1.AddReplicaRequest\x1a\x13.ec262.v1.WorkerRef\x12M\n\x0c\x43ommitResult\x12\x1d.ec262.v1.CommitResultRequest\x1a\x1e.ec262.v1.CommitResultResponse\x12\x44\n\tFetchKeys\x12\x1a.ec262.v1.FetchKeysRequest\x1a\x1b.ec262.v1.FetchKeysResponse\x12P\n\rCommitResults\x12\x1e.ec262.v1.CommitResultsRequest\x1a\x1f.ec262.v1.CommitResultsResponse\x12J\n\x0bSettleTasks\x12\x1c.ec262.v1.SettleTasksRequest\x1a\x1d.ec262.v1.SettleTasksResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,41 +45,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REQUESTTASKSREQUEST']._serialized_start=664
   _globals['_REQUESTTASKSREQUEST']._serialized_end=779
   _globals['_WORKERREF']._serialized_start=781
-  _globals['_WORKERREF']._serialized_end=853
-  _globals['_TASKASSIGNMENT']._serialized_start=855
-  _globals['_TASKASSIGNMENT']._serialized_end=947
-  _globals['_REQUESTTASKSRESPONSE']._serialized_start=950
-  _globals['_REQUESTTASKSRESPONSE']._serialized_end=1115
-  _globals['_FETCHKEYREQUEST']._serialized_start=1117
-  _globals['_FETCHKEYREQUEST']._serialized_end=1151
-  _globals['_FETCHKEYRESPONSE']._serialized_start=1153
-  _globals['_FETCHKEYRESPONSE']._serialized_end=1204
-  _globals['_SETTLETASKREQUEST']._serialized_start=1206
-  _globals['_SETTLETASKREQUEST']._serialized_end=1292
-  _globals['_ADDREPLICAREQUEST']._serialized_start=1294
-  _globals['_ADDREPLICAREQUEST']._serialized_end=1417
-  _globals['_SETTLETASKRESPONSE']._serialized_start=1420
-  _globals['_SETTLETASKRESPONSE']._serialized_end=1563
-  _globals['_COMMITRESULTREQUEST']._serialized_start=1565
-  _globals['_COMMITRESULTREQUEST']._serialized_end=1630
-  _globals['_COMMITRESULTRESPONSE']._serialized_start=1632
-  _globals['_COMMITRESULTRESPONSE']._serialized_end=1654
-  _globals['_FETCHKEYSREQUEST']._serialized_start=1656
-  _globals['_FETCHKEYSREQUEST']._serialized_end=1716
-  _globals['_FETCHKEYANSWER']._serialized_start=1718
-  _globals['_FETCHKEYANSWER']._serialized_end=1818
-  _globals['_FETCHKEYSRESPONSE']._serialized_start=1820
-  _globals['_FETCHKEYSRESPONSE']._serialized_end=1882
-  _globals['_COMMITRESULTSREQUEST']._serialized_start=1884
-  _globals['_COMMITRESULTSREQUEST']._serialized_end=1958
-  _globals['_COMMITRESULTSRESPONSE']._serialized_start=1960
-  _globals['_COMMITRESULTSRESPONSE']._serialized_end=2023
-  _globals['_SETTLETASKSREQUEST']._serialized_start=2025
-  _globals['_SETTLETASKSREQUEST']._serialized_end=2089
-  _globals['_SETTLETASKANSWER']._serialized_start=2091
-  _globals['_SETTLETASKANSWER']._serialized_end=2195
-  _globals['_SETTLETASKSRESPONSE']._serialized_start=2197
-  _globals['_SETTLETASKSRESPONSE']._serialized_end=2263
-  _globals['_DISCOVERY']._serialized_start=2266
-  _globals['_DISCOVERY']._serialized_end=3082
+  _globals['_WORKERREF']._serialized_end=875
+  _globals['_TASKASSIGNMENT']._serialized_start=877
+  _globals['_TASKASSIGNMENT']._serialized_end=969
+  _globals['_REQUESTTASKSRESPONSE']._serialized_start=972
+  _globals['_REQUESTTASKSRESPONSE']._serialized_end=1137
+  _globals['_FETCHKEYREQUEST']._serialized_start=1139
+  _globals['_FETCHKEYREQUEST']._serialized_end=1173
+  _globals['_FETCHKEYRESPONSE']._serialized_start=1175
+  _globals['_FETCHKEYRESPONSE']._serialized_end=1226
+  _globals['_SETTLETASKREQUEST']._serialized_start=1228
+  _globals['_SETTLETASKREQUEST']._serialized_end=1314
+  _globals['_ADDREPLICAREQUEST']._serialized_start=1316
+  _globals['_ADDREPLICAREQUEST']._serialized_end=1439
+  _globals['_SETTLETASKRESPONSE']._serialized_start=1442
+  _globals['_SETTLETASKRESPONSE']._serialized_end=1585
+  _globals['_COMMITRESULTREQUEST']._serialized_start=1587
+  _globals['_COMMITRESULTREQUEST']._serialized_end=1652
+  _globals['_COMMITRESULTRESPONSE']._serialized_start=1654
+  _globals['_COMMITRESULTRESPONSE']._serialized_end=1676
+  _globals['_FETCHKEYSREQUEST']._serialized_start=1678
+  _globals['_FETCHKEYSREQUEST']._serialized_end=1738
+  _globals['_FETCHKEYANSWER']._serialized_start=1740
+  _globals['_FETCHKEYANSWER']._serialized_end=1840
+  _globals['_FETCHKEYSRESPONSE']._serialized_start=1842
+  _globals['_FETCHKEYSRESPONSE']._serialized_end=1904
+  _globals['_COMMITRESULTSREQUEST']._serialized_start=1906
+  _globals['_COMMITRESULTSREQUEST']._serialized_end=1980
+  _globals['_COMMITRESULTSRESPONSE']._serialized_start=1982
+  _globals['_COMMITRESULTSRESPONSE']._serialized_end=2045
+  _globals['_SETTLETASKSREQUEST']._serialized_start=2047
+  _globals['_SETTLETASKSREQUEST']._serialized_end=2111
+  _globals['_SETTLETASKANSWER']._serialized_start=2113
+  _globals['_SETTLETASKANSWER']._serialized_end=2217
+  _globals['_SETTLETASKSRESPONSE']._serialized_start=2219
+  _globals['_SETTLETASKSRESPONSE']._serialized_end=2285
+  _globals['_DISCOVERY']._serialized_start=2288
+  _globals['_DISCOVERY']._serialized_end=3104
 # @@protoc_insertion_point(module_scope)

@@ -90,14 +90,16 @@ class RequestTasksRequest(_message.Message):
     def __init__(self, n: _Optional[int] = ..., exclude_workers: _Optional[_Iterable[str]] = ..., runtime: _Optional[str] = ..., request_id: _Optional[str] = ..., replication: _Optional[int] = ...) -> None: ...
 
 class WorkerRef(_message.Message):
-    __slots__ = ("client_id", "address", "tls_certificate")
+    __slots__ = ("client_id", "address", "tls_certificate", "live_workers")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TLS_CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
+    LIVE_WORKERS_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     address: str
     tls_certificate: str
-    def __init__(self, client_id: _Optional[str] = ..., address: _Optional[str] = ..., tls_certificate: _Optional[str] = ...) -> None: ...
+    live_workers: int
+    def __init__(self, client_id: _Optional[str] = ..., address: _Optional[str] = ..., tls_certificate: _Optional[str] = ..., live_workers: _Optional[int] = ...) -> None: ...
 
 class TaskAssignment(_message.Message):
     __slots__ = ("task_id", "workers", "expiry_unix")
