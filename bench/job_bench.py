@@ -163,8 +163,16 @@ class BenchCluster:
 
 def cpu_by_role() -> dict[str, float]:
     """CPU seconds so far of this machine's ec262 processes, by role."""
-    tick = os.sysconf("SC_CLK_TCK")
     roles: dict[str, float] = {"foreman (this process)": time.process_time()}
+    for role, seconds in cpu_by_process().values():
+        roles[role] = roles.get(role, 0.0) + seconds
+    return roles
+
+
+def cpu_by_process() -> dict[int, tuple[str, float]]:
+    """(role, CPU seconds so far) of each other live ec262 process."""
+    tick = os.sysconf("SC_CLK_TCK")
+    found: dict[int, tuple[str, float]] = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
@@ -185,8 +193,8 @@ def cpu_by_role() -> dict[str, float]:
             else None
         )
         if role:
-            roles[role] = roles.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / tick
-    return roles
+            found[int(pid)] = (role, (int(fields[11]) + int(fields[12])) / tick)
+    return found
 
 
 def noop_floor(address: str, calls: int = 1000) -> float:

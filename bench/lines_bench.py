@@ -37,6 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import ec262
 from ec262.local_cluster import LocalCluster
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from job_bench import cpu_by_process
+
 
 def make_lines(count: int, seed: int = 16, vocabulary: int = 20_000) -> list[str]:
     rng = random.Random(seed)
@@ -147,6 +150,21 @@ def dask_runner(workers: int = 2):
     return run, close
 
 
+def print_cpu(cpu: dict[str, list[dict[str, float]]], wall: dict[str, float]) -> None:
+    """CPU seconds by process role: on 2 cores a job takes at least its
+    CPU over 2, so this shows what a ratio is made of, and which part of it
+    the sandboxes (the replicas' own work) alone account for."""
+    roles = ["foreman (this process)", "discovery", "worker servers", "sandboxes"]
+    print("\nCPU seconds by process role (medians of the rounds)")
+    print(f"  {'':32} {'foreman':>8} {'discovery':>10} {'workers':>8} {'sandboxes':>10}"
+          f" {'all / 2':>8} {'wall':>6}")  # fmt: skip
+    for name, measured in cpu.items():
+        median = {role: statistics.median(m.get(role, 0.0) for m in measured) for role in roles}
+        print(f"  {name:32} {median[roles[0]]:>8.2f} {median[roles[1]]:>10.2f}"
+              f" {median[roles[2]]:>8.2f} {median[roles[3]]:>10.2f}"
+              f" {sum(median.values()) / 2:>8.2f} {wall[name]:>6.2f}")  # fmt: skip
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lines", type=int, default=300_000)
@@ -156,12 +174,23 @@ def main() -> int:
     data = {f"l{n}": line for n, line in enumerate(lines)}
     expected = sequential(lines)
     rows: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    cpu: dict[str, list[dict[str, float]]] = defaultdict(list)
 
     def measure(name: str, run) -> None:
         floor, _ = timed(lambda: sequential(lines))
+        before, foreman = cpu_by_process(), time.process_time()
         seconds, result = timed(run)
+        after, foreman = cpu_by_process(), time.process_time() - foreman
         assert dict(result) == expected, name
         rows[name].append((seconds, seconds / floor))
+        if name.startswith("ec262"):
+            # By process, those that ended during the job not counted (a
+            # sandbox evicted for another job's function).
+            spent = {"foreman (this process)": foreman}
+            for pid, (role, total) in after.items():
+                start = before.get(pid, (role, 0.0))[1]
+                spent[role] = spent.get(role, 0.0) + total - start
+            cpu[name].append(spent)
 
     # Each system's processes live only while its own rows run: an idle
     # Dask cluster beside the ec262 jobs (scheduler and worker heartbeats,
@@ -206,6 +235,7 @@ def main() -> int:
         print(f"  {name:54} {seconds:>8.2f} {ratio:>13.2f}")
     if dask_run is None:
         print("  Dask: not installed (make bench-lines installs it)")
+    print_cpu(cpu, {name: statistics.median(m[0] for m in rows[name]) for name in cpu})
     print(f"\ncommand: {' '.join([sys.executable, *sys.argv])}")
     return 0
 

@@ -323,9 +323,11 @@ class DiscoveryClient:
         exclude_workers: Sequence[str] = (),
         release_workers: Sequence[str] = (),
         request_id: str = "",
+        count_live: bool = False,
     ) -> pb.WorkerRef:
         """One more worker for an open task of ours; an empty `client_id`
-        when none is free now (the releases took effect all the same)."""
+        when none is free now (the releases took effect all the same), then
+        with `count_live` the pool's live workers in `live_workers`."""
         return self._call(
             "AddReplica",
             pb.AddReplicaRequest(
@@ -334,5 +336,6 @@ class DiscoveryClient:
                 release_workers=list(release_workers),
                 request_id=request_id,
                 runtime=this_runtime(),
+                count_live=count_live,
             ),
         )

@@ -68,6 +68,7 @@ SPECULATE_AFTER_SECONDS = 5.0
 SPECULATE_MEDIAN_FACTOR = 3.0
 # How often a task whose AddReplica found no free worker asks again.
 REPLICA_RETRY_SECONDS = 0.5
+POOL_COUNT_SECONDS = 5.0  # the most often a job has AddReplica count the pool
 
 # A worker whose AssignTask found nobody listening is left out of requests
 # and replacements for this long (a killed worker stays in the pool until
@@ -278,6 +279,8 @@ class AddReplica:
     request_id: str
     exclude: frozenset[str]
     release: frozenset[str]
+    # Have an empty answer count the pool's live workers (a scan there).
+    count_live: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -451,6 +454,7 @@ class JobCore:
         # Live workers, as the last short answer (a request cut short, an
         # AddReplica that found nobody) counted them; 0: not known.
         self._live_pool = 0
+        self._pool_counted_at = -math.inf  # when an AddReplica last asked for the count
         self._next_request_at = 0.0
         self._empty_requests = 0
         self._starved_since: float | None = None
@@ -861,8 +865,18 @@ class JobCore:
                 self._new_request_id(),
                 exclude=self._replica_exclusions(task, now),
                 release=release,
+                count_live=self._count_pool(now),
             )
         )
+
+    def _count_pool(self, now: float) -> bool:
+        """Whether this AddReplica asks for the pool's count, if it finds
+        nobody: once every POOL_COUNT_SECONDS at most, as that is a scan of
+        the pool at the discovery service."""
+        if now - self._pool_counted_at < POOL_COUNT_SECONDS:
+            return False
+        self._pool_counted_at = now
+        return True
 
     def _replica_exclusions(self, task: Task, now: float) -> frozenset[str]:
         """Never a worker that refused this task, nor one that cannot be

@@ -284,6 +284,7 @@ class ForemanOutbound:
                     exclude_workers=sorted(command.exclude),
                     release_workers=sorted(command.release),
                     request_id=command.request_id,
+                    count_live=command.count_live,
                 ),
                 f"AddReplica({command.task_id})",
                 DISCOVERY_RETRY_SECONDS,

@@ -16,7 +16,13 @@ import ec262
 from ec262.local_cluster import LocalCluster
 from tests.job_harness import sequential, sum_reducer
 from tests.test_foreman_faults import _assert_nothing_in_escrow, _slots_free_within
-from tests.test_worker_faults import RECORDS, TASK_TIMEOUT, job_in_background, split_words
+from tests.test_worker_faults import (
+    ENDS_AFTER_THAW_WITHIN,
+    RECORDS,
+    TASK_TIMEOUT,
+    job_in_background,
+    split_words,
+)
 
 pytestmark = [pytest.mark.chaos, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -47,7 +53,8 @@ def test_a_job_survives_a_sixty_second_discovery_outage(tmp_path):
             assert runner.is_alive(), f"the job ended during the outage: {outcome}"
         finally:
             discovery.send_signal(signal.SIGCONT)
-        runner.join(180)
+        runner.join(ENDS_AFTER_THAW_WITHIN)
+        assert not runner.is_alive(), f"still running {ENDS_AFTER_THAW_WITHIN} s after the outage"
         print(f"60 s outage: the job ended {time.monotonic() - started - 60:.1f} s after it")
         assert outcome["result"] == EXPECTED, outcome
         _slots_free_within(cluster, 5)
@@ -142,7 +149,11 @@ def test_a_job_survives_its_redis_store_frozen_for_twenty_seconds(tmp_path):
             finally:
                 redis.process.send_signal(signal.SIGCONT)
             thawed = time.monotonic()
-            runner.join(180)
+            runner.join(ENDS_AFTER_THAW_WITHIN)
+            assert not runner.is_alive(), (
+                f"still running {ENDS_AFTER_THAW_WITHIN} s after the thaw (the task timeout"
+                f" is {TASK_TIMEOUT} s)"
+            )
             assert outcome["result"] == EXPECTED, outcome
             print(
                 f"20 s Redis freeze: the job ended {time.monotonic() - thawed:.1f} s after it;"

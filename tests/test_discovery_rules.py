@@ -392,15 +392,25 @@ def test_a_replica_never_repeats_a_member_an_excluded_or_a_released_worker(disco
     task = discovery.request(foreman).tasks[0]
     members = {w.client_id for w in task.workers}
     excluded = sorted(set(workers) - members)[0]
-    first = discovery.add_replica(foreman, task.task_id, exclude_workers=[excluded])
+    first = discovery.add_replica(
+        foreman, task.task_id, exclude_workers=[excluded], count_live=True
+    )
     assert first.client_id not in members | {excluded}
     second = discovery.add_replica(
-        foreman, task.task_id, exclude_workers=[excluded], release_workers=[first.client_id]
+        foreman,
+        task.task_id,
+        exclude_workers=[excluded],
+        release_workers=[first.client_id],
+        count_live=True,
     )
     assert second.client_id == ""  # every other worker is a member, excluded or released
-    # Said only when nobody was found: all five are live, busy or not (the
-    # foreman learns its exclusions leave the task nobody: it goes again).
-    assert (first.live_workers, second.live_workers) == (0, 5)
+    again = discovery.add_replica(
+        foreman, task.task_id, exclude_workers=[excluded, first.client_id]
+    )
+    assert again.client_id == ""
+    # Counted when asked and nobody was found: all five are live, busy or
+    # not (the foreman learns its exclusions leave the task nobody).
+    assert [w.live_workers for w in (first, second, again)] == [0, 5, 0]
     assert discovery.info(workers[first.client_id]).busy_slots == 0
     assert discovery.credits(foreman) == 9
     discovery.settle(foreman, task.task_id, valid=False)

@@ -27,6 +27,7 @@ from foreman_service.core import (
     BUSY_POLL_SECONDS,
     MAP,
     NOT_ENOUGH_WORKERS_SECONDS,
+    POOL_COUNT_SECONDS,
     REDUCE,
     REPLICA_RETRY_SECONDS,
     SPECULATE_AFTER_SECONDS,
@@ -938,6 +939,25 @@ def test_a_task_whose_let_go_workers_leave_no_quorum_in_the_pool_goes_again_at_o
     # Not suspects (the next request excludes nobody): they sent nothing to judge.
     assert d.stats.retry_reasons == {"no worker left that it may take": 1}
     assert d.stats.credits_spent == 0  # 3 + 1 escrowed; 3 released, then 1 refunded
+
+
+def test_add_replicas_ask_for_the_pool_count_once_every_few_seconds():
+    """An empty answer counts the pool only when asked (a scan of every
+    live worker at the discovery service): once per POOL_COUNT_SECONDS."""
+    d = Driver(chunks=2, batch=2)
+    d.grant(None, [["w1", "w2", "w3"], ["w4", "w5", "w6"]])
+    [first] = d.answer("t0", "w3", "RESOURCE_EXHAUSTED")
+    [second] = d.answer("t1", "w6", "RESOURCE_EXHAUSTED")
+    assert (first.count_live, second.count_live) == (True, False)
+    d.at(0.1).added("t0", None)
+    [retry] = d.wake()
+    assert retry.task_id == "t0" and not retry.count_live
+    d.at(POOL_COUNT_SECONDS - 0.01).added("t0", None)
+    d.at(POOL_COUNT_SECONDS).added("t1", None)
+    [again], [later] = d.wake(), d.wake()  # each half a second after its answer
+    assert (again.task_id, again.count_live, later.task_id, later.count_live) == (
+        "t0", True, "t1", False,
+    )  # fmt: skip
 
 
 def test_a_worker_found_gone_is_not_counted_against_the_pool():

@@ -154,18 +154,20 @@ class SettleTaskRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., valid: _Optional[bool] = ..., missing: _Optional[_Iterable[str]] = ..., released: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AddReplicaRequest(_message.Message):
-    __slots__ = ("task_id", "exclude_workers", "release_workers", "request_id", "runtime")
+    __slots__ = ("task_id", "exclude_workers", "release_workers", "request_id", "runtime", "count_live")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_WORKERS_FIELD_NUMBER: _ClassVar[int]
     RELEASE_WORKERS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_FIELD_NUMBER: _ClassVar[int]
+    COUNT_LIVE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     exclude_workers: _containers.RepeatedScalarFieldContainer[str]
     release_workers: _containers.RepeatedScalarFieldContainer[str]
     request_id: str
     runtime: str
-    def __init__(self, task_id: _Optional[str] = ..., exclude_workers: _Optional[_Iterable[str]] = ..., release_workers: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., runtime: _Optional[str] = ...) -> None: ...
+    count_live: bool
+    def __init__(self, task_id: _Optional[str] = ..., exclude_workers: _Optional[_Iterable[str]] = ..., release_workers: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., runtime: _Optional[str] = ..., count_live: _Optional[bool] = ...) -> None: ...
 
 class SettleTaskResponse(_message.Message):
     __slots__ = ("key", "credits", "quorum_sha256", "agreeing_workers", "paid_workers", "late_workers")
