@@ -13,8 +13,9 @@ import pytest
 from ec262.discovery_client import DiscoveryClient
 from ec262.errors import UnknownTask
 from ec262.grpc_errors import item_status
+from ec262.identity import Identity
 from ec262.v1 import worker_pb2, worker_pb2_grpc
-from foreman_service.core import Cancel, Withdraw, Withdrawn
+from foreman_service.core import AddReplica, Cancel, ReplicaAdded, Withdraw, Withdrawn
 from foreman_service.inbox import ResultInbox
 from foreman_service.outbound import EventQueue, ForemanOutbound
 
@@ -131,3 +132,28 @@ def test_items_a_short_reply_leaves_unanswered_count_as_dropped(serve):
     )
     assert broken.calls == [("CancelTasks", [("t1", True), ("t2", True)])]
     assert answered == [Withdrawn("t1", "w1", False), Withdrawn("t2", "w1", True)]
+
+
+@pytest.mark.parametrize("count_live", [True, False])
+def test_an_add_replica_that_finds_nobody_says_how_many_are_live_when_asked(discovery, count_live):
+    """The real discovery service: every worker but the task's own is
+    excluded, so none is added; the answer counts the pool only when the
+    command asked (docs/protocol.md section 9)."""
+    foreman = discovery.client()
+    workers = [discovery.worker(slots=2) for _ in range(4)]
+    task = discovery.request(foreman).tasks[0]
+    others = sorted({w.client_id for w in workers} - {w.client_id for w in task.workers})
+    events = EventQueue()
+    client = DiscoveryClient(
+        discovery.address, Identity(foreman.client_id, foreman.secret, discovery.address)
+    )
+    outbound = ForemanOutbound(client, ResultInbox(), events, assign_timeout=5)
+    try:
+        outbound.execute_all(
+            [AddReplica(task.task_id, "add-1", frozenset(others), frozenset(), count_live)]
+        )
+        answered = events.take(timeout=10)
+    finally:
+        outbound.close()
+        client.close()
+    assert answered == [ReplicaAdded(task.task_id, None, 4 if count_live else 0)]
