@@ -900,7 +900,7 @@ class JobCore:
         a new task, which any of them may take (measured: a 20 s Redis
         freeze let every worker of a 4-worker pool go from some map tasks,
         which then asked for a replica twice a second until the task
-        timeout, 120 s; make chaos, 2 runs in 15). Workers found gone
+        timeout, 120 s, in 1 run of that chaos test in 5). Workers found gone
         lately are not counted against the pool: likely dead, they are not
         in its count either."""
         if not self._live_pool:
