@@ -43,6 +43,7 @@ from redis.retry import Retry
 from discovery_service.redis_pool import DRAW, POOL
 from discovery_service.store import (
     IDENTITY,
+    LIVE_COUNT_CAP,
     MAX_SLOTS_PER_REQUEST,
     MAX_WORKERS_PER_REPLICA,
     NETWORK,
@@ -536,6 +537,32 @@ return {'OK', after, chosen, address}
 
 _EXPIRE_ALL = _EXPIRE + "return expire(ARGV[1], ARGV[2])"
 
+# ARGV: prefix, now, caller, runtime ('' any), cap, '1' to spread by network.
+# The first `cap` live workers by lease (`pool`) of that runtime other than
+# the caller, and their distinct addresses (or networks): {live, spots}.
+_LIVE_WORKERS = """
+local prefix, now, caller, runtime = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local cap, by_network = tonumber(ARGV[5]), ARGV[6] == '1'
+local live, spots, seen, start = 0, 0, {}, 0
+while live < cap do
+  local ids = redis.call('ZRANGEBYSCORE', prefix .. 'pool', '(' .. now, '+inf', 'LIMIT', start, 256)
+  if #ids == 0 then break end
+  start = start + #ids
+  for _, id in ipairs(ids) do
+    if id ~= caller and live < cap then
+      local h = redis.call('HMGET', prefix .. 'c:' .. id, 'runtime', 'address', 'network')
+      if h[1] and (runtime == '' or h[1] == runtime) then
+        live = live + 1
+        local spot = h[2] or ''
+        if by_network and h[3] and h[3] ~= '' then spot = h[3] end
+        if not seen[spot] then seen[spot], spots = true, spots + 1 end
+      end
+    end
+  end
+end
+return {live, spots}
+"""
+
 # ARGV: prefix, expiry: every lease runs to at least that
 _RESTART_LEASES = """
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', ARGV[1] .. 'leases', '-inf', '(' .. ARGV[2])) do
@@ -616,6 +643,7 @@ class RedisStore(LedgerStore):
         self._replica = self._redis.register_script(_REPLICA)
         self._restart_leases = self._redis.register_script(_RESTART_LEASES)
         self._expire_all = self._redis.register_script(_EXPIRE_ALL)
+        self._live_workers = self._redis.register_script(_LIVE_WORKERS)
         self._random = random.SystemRandom()
         try:
             self._redis.ping()
@@ -768,21 +796,19 @@ class RedisStore(LedgerStore):
 
     @_unavailable_is_clear
     def live_workers(
-        self, foreman_id: str, runtime: str, now: float, spread: str = IDENTITY
+        self,
+        foreman_id: str,
+        runtime: str,
+        now: float,
+        spread: str = IDENTITY,
+        cap: int = LIVE_COUNT_CAP,
     ) -> tuple[int, int]:
-        ids = [
-            i.decode() for i in self._redis.zrangebyscore(f"{self.prefix}pool", f"({now!r}", "+inf")
-        ]
-        ids = [i for i in ids if i != foreman_id]
-        if not ids:
-            return 0, 0
-        with self._redis.pipeline(transaction=False) as pipe:
-            for client_id in ids:
-                pipe.hmget(f"{self.prefix}c:{client_id}", "runtime", "address", "network")
-            rows = pipe.execute()
-        live = [r for r in rows if r[0] is not None and (not runtime or r[0].decode() == runtime)]
-        spots = {(r[2] if spread == NETWORK and r[2] else r[1]) for r in live}
-        return len(live), len(spots)
+        """The first `cap` live workers by lease, counted in one script
+        (a pipeline of one HMGET per live worker took 375 ms with 10,000)."""
+        live, spots = self._live_workers(
+            args=[self.prefix, repr(now), foreman_id, runtime, cap, int(spread == NETWORK)]
+        )
+        return int(live), int(spots)
 
     @_unavailable_is_clear
     def fetch_key(self, worker_id: str, task_id: str, now: float) -> tuple[bytes, str] | None:

@@ -27,6 +27,7 @@ from discovery_service.store import (
     COMMIT_CONFLICT,
     COMMITTED,
     IDENTITY,
+    LIVE_COUNT_CAP,
     MAX_WORKERS_PER_REPLICA,
     NETWORK,
     Assignment,
@@ -593,19 +594,24 @@ class SqliteStore(LedgerStore):
         return value
 
     def live_workers(
-        self, foreman_id: str, runtime: str, now: float, spread: str = IDENTITY
+        self,
+        foreman_id: str,
+        runtime: str,
+        now: float,
+        spread: str = IDENTITY,
+        cap: int = LIVE_COUNT_CAP,
     ) -> tuple[int, int]:
-        """A scan of the live workers (by the lease index): RequestTasks
-        asks only when it made fewer tasks than asked, for the reply's
-        live_workers and live_networks."""
-        query = (
-            "SELECT COUNT(*), COUNT(DISTINCT CASE WHEN ? AND network != '' THEN network"
-            " ELSE address END) FROM clients WHERE expiry_unix > ? AND client_id != ?"
+        """The first `cap` live workers by the lease index."""
+        inner = (
+            "SELECT CASE WHEN ? AND network != '' THEN network ELSE address END AS spot"
+            " FROM clients WHERE expiry_unix > ? AND client_id != ?"
         )
         args: tuple = (spread == NETWORK, now, foreman_id)
         if runtime:
-            query += " AND runtime = ?"
+            inner += " AND runtime = ?"
             args += (runtime,)
+        query = f"SELECT COUNT(*), COUNT(DISTINCT spot) FROM ({inner} LIMIT ?)"
+        args += (cap,)
         with self._lock:
             workers, spots = self._db.execute(query, args).fetchone()
         return workers, spots

@@ -80,6 +80,12 @@ MAX_SLOTS_PER_REQUEST = 16
 # A task holds at most this many times its replication in workers at once
 # (replacements and speculative replicas beside the ones it has).
 MAX_WORKERS_PER_REPLICA = 2
+# live_workers counts up to this many: a bigger pool answers this. It is
+# read for a RequestTasks made short and a counting AddReplica, where a full
+# count was a scan of the pool (10,000 workers: 18 ms on SQLite, 375 ms on
+# Redis per call); what it decides (fewer than the replication, or every
+# one of them barred from a task) never needs more.
+LIVE_COUNT_CAP = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,11 +439,17 @@ class LedgerStore(abc.ABC):
 
     @abc.abstractmethod
     def live_workers(
-        self, foreman_id: str, runtime: str, now: float, spread: str = IDENTITY
+        self,
+        foreman_id: str,
+        runtime: str,
+        now: float,
+        spread: str = IDENTITY,
+        cap: int = LIVE_COUNT_CAP,
     ) -> tuple[int, int]:
         """Live workers (of `runtime` unless empty) other than the foreman,
         and how many distinct spread keys (addresses, or networks) they have:
-        no task can have more replicas than that."""
+        no task can have more replicas than that. Both counted among the
+        first `cap` such workers at most, so in O(cap), not O(pool)."""
 
     @abc.abstractmethod
     def fetch_key(self, worker_id: str, task_id: str, now: float) -> tuple[bytes, str] | None:
