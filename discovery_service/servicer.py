@@ -256,7 +256,7 @@ class DiscoveryServicer(discovery_pb2_grpc.DiscoveryServicer):
         if not request.count_live:
             return pb.WorkerRef()
         # Found nobody: how many live workers there are tells the foreman
-        # whether its exclusions leave the task any (a scan of the pool, as
-        # for a RequestTasks made short, so only when asked).
+        # whether its exclusions leave the task any (up to LIVE_COUNT_CAP
+        # read, as for a RequestTasks made short; so only when asked).
         live, _ = self._ledger.live_workers(self._caller(context), request.runtime)
         return pb.WorkerRef(live_workers=live)

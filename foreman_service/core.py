@@ -279,7 +279,8 @@ class AddReplica:
     request_id: str
     exclude: frozenset[str]
     release: frozenset[str]
-    # Have an empty answer count the pool's live workers (a scan there).
+    # Have an empty answer count the pool's live workers (up to
+    # store.LIVE_COUNT_CAP of them read there).
     count_live: bool = field(default=False, compare=False)
 
 
@@ -871,8 +872,8 @@ class JobCore:
 
     def _count_pool(self, now: float) -> bool:
         """Whether this AddReplica asks for the pool's count, if it finds
-        nobody: once every POOL_COUNT_SECONDS at most, as that is a scan of
-        the pool at the discovery service."""
+        nobody: once every POOL_COUNT_SECONDS at most, as the discovery
+        service reads up to 1024 workers for it."""
         if now - self._pool_counted_at < POOL_COUNT_SECONDS:
             return False
         self._pool_counted_at = now
@@ -905,9 +906,10 @@ class JobCore:
         in its count either."""
         if not self._live_pool:
             return False
-        gone = self._unreachable_now(now)
-        barred = (set(task.replicas) | self._replica_exclusions(task, now)) - gone
-        return len(barred) >= self._live_pool
+        # Its own workers (those released and failed among them) and the
+        # others its AddReplica excludes, the unreachable ones left out.
+        barred = set(task.replicas) | self.cheaters | task.chunk.suspects
+        return len(barred - self._unreachable_now(now)) >= self._live_pool
 
     def _replica_added(self, event: ReplicaAdded, now: float, commands: list) -> None:
         task = self._tasks.get(event.task_id)
