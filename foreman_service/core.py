@@ -59,6 +59,11 @@ BUSY_POLL_SECONDS = 0.25
 # fullest request made: on a network a round costs one round trip, however
 # many requests it holds (a job of 56 tasks on 4 workers took 3 in series).
 PARALLEL_REQUESTS = 4
+# Before any request was cut short, how many a request of the first round
+# asks for: a batch larger than this goes as up to PARALLEL_REQUESTS
+# requests at once, not one (a job of 56 tasks on 4 workers paid a round
+# trip to learn that one request makes 20); smaller batches go whole.
+FIRST_ROUND_PER_REQUEST = 16
 # How long fewer live workers than a task needs are borne before
 # NotEnoughWorkers (a worker restarting comes back sooner).
 NOT_ENOUGH_WORKERS_SECONDS = 5.0
@@ -622,9 +627,12 @@ class JobCore:
                 self._relax_fresh = False
                 exclude = frozenset()
         runs = [chunks]
-        if not use_suspect and self._per_request:
-            per = min(self._per_request, self.config.batch)
-            chunks = fresh[: per * PARALLEL_REQUESTS]
+        if not use_suspect:
+            if self._per_request:
+                per = min(self._per_request, self.config.batch)
+                chunks = fresh[: per * PARALLEL_REQUESTS]
+            else:
+                per = max(FIRST_ROUND_PER_REQUEST, -(-len(chunks) // PARALLEL_REQUESTS))
             runs = [chunks[i : i + per] for i in range(0, len(chunks), per)]
         self._round = _Round({}, exclude, chunks)
         for run in runs:

@@ -25,8 +25,10 @@ from ec262.errors import (
 from ec262.remote_errors import error_document
 from foreman_service.core import (
     BUSY_POLL_SECONDS,
+    FIRST_ROUND_PER_REQUEST,
     MAP,
     NOT_ENOUGH_WORKERS_SECONDS,
+    PARALLEL_REQUESTS,
     POOL_COUNT_SECONDS,
     REDUCE,
     REPLICA_RETRY_SECONDS,
@@ -1106,6 +1108,28 @@ def test_after_a_request_cut_short_the_next_round_goes_as_several_at_once():
     # An answer to a request of a round gone (repeated, or not ours) is ignored.
     assert d.grant(round_[0], [["w7", "w8", "w9"]]) == []
     assert d.core.open_tasks == 7
+
+
+def test_a_large_first_batch_goes_as_a_round_before_any_request_was_cut_short():
+    """Before any answer says how many tasks one request makes, a batch of
+    more than FIRST_ROUND_PER_REQUEST chunks goes as several requests at
+    once: on a network, learning that size first cost a job a round trip
+    (issue 16). A smaller batch still goes as one request."""
+    chunks = 2 * FIRST_ROUND_PER_REQUEST + 3
+    d = Driver(chunks=chunks, batch=64)
+    per = FIRST_ROUND_PER_REQUEST
+    assert d.first == [
+        RequestTasks("req1", per, NONE), RequestTasks("req2", per, NONE), RequestTasks("req3", 3, NONE)
+    ]  # fmt: skip
+    for request in d.first:
+        commands = d.grant(request, [["w1", "w2", "w3"]] * request.n)
+    assert d.core.open_tasks == chunks and not d.core._pending
+    assert only(commands, RequestTasks) == []  # every chunk made: nothing more to ask
+    big = Driver(chunks=PARALLEL_REQUESTS * 20, batch=64)  # the batch, split in 4
+    assert [r.n for r in big.first] == [16, 16, 16, 16]
+    assert Driver(chunks=FIRST_ROUND_PER_REQUEST, batch=64).first == [
+        RequestTasks("req1", FIRST_ROUND_PER_REQUEST, NONE)
+    ]
 
 
 def test_tasks_a_round_is_granted_as_another_of_its_requests_fails_are_given_back():

@@ -1,6 +1,8 @@
 """The foreman's outbound layer against a real gRPC worker server that
 records what it is asked: a decision's cancels and withdrawals reach each
-worker in one CancelTasks, and each withdrawal's answer becomes its event."""
+worker in one CancelTasks, and each withdrawal's answer becomes its event;
+against the real discovery service, a decision's settles share one
+SettleTasks."""
 
 from __future__ import annotations
 
@@ -15,7 +17,15 @@ from ec262.errors import UnknownTask
 from ec262.grpc_errors import item_status
 from ec262.identity import Identity
 from ec262.v1 import worker_pb2, worker_pb2_grpc
-from foreman_service.core import AddReplica, Cancel, ReplicaAdded, Withdraw, Withdrawn
+from foreman_service.core import (
+    AddReplica,
+    Cancel,
+    ReplicaAdded,
+    Settle,
+    Settled,
+    Withdraw,
+    Withdrawn,
+)
 from foreman_service.inbox import ResultInbox
 from foreman_service.outbound import EventQueue, ForemanOutbound
 
@@ -157,3 +167,59 @@ def test_an_add_replica_that_finds_nobody_says_how_many_are_live_when_asked(disc
         outbound.close()
         client.close()
     assert answered == [ReplicaAdded(task.task_id, None, 4 if count_live else 0)]
+
+
+class GatedSettles(DiscoveryClient):
+    """Notes the task ids of each SettleTasks; the first call waits at a
+    gate, so the test knows one place of the batcher is taken."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.settle_calls: list[list[str]] = []
+        self.first_out = threading.Event()
+        self.gate = threading.Event()
+
+    def settle_tasks(self, requests):
+        self.settle_calls.append([r.task_id for r in requests])
+        if len(self.settle_calls) == 1:
+            self.first_out.set()
+            assert self.gate.wait(10)
+        return super().settle_tasks(requests)
+
+
+def test_settles_decided_together_share_one_call(discovery):
+    """One place of the settle batcher is taken (a lone settle under way):
+    the three settles of the next decision go together in the other, not
+    the first alone with the rest waiting for an answer, a round trip on a
+    network (issue 16). Each still gets its own Settled event."""
+    foreman = discovery.client()
+    for _ in range(4):
+        discovery.worker(slots=4)
+    tasks = [t.task_id for t in discovery.request(foreman, n=4).tasks]
+    assert len(tasks) == 4
+    events = EventQueue()
+    client = GatedSettles(
+        discovery.address, Identity(foreman.client_id, foreman.secret, discovery.address)
+    )
+    outbound = ForemanOutbound(client, ResultInbox(), events, assign_timeout=5)
+    settled: list = []
+    try:
+        outbound.execute_all([Settle(tasks[0], False)])
+        assert client.first_out.wait(10)
+        outbound.execute_all([Settle(task_id, False) for task_id in tasks[1:]])
+        while len(settled) < 3:  # answered while the first call waits
+            taken = events.take(timeout=10)
+            assert taken, f"settles unanswered; so far {settled}"
+            settled += taken
+        client.gate.set()
+        while len(settled) < 4:
+            taken = events.take(timeout=10)
+            assert taken, f"the first settle unanswered; so far {settled}"
+            settled += taken
+    finally:
+        client.gate.set()
+        outbound.close()
+        client.close()
+    assert client.settle_calls == [tasks[:1], tasks[1:]]
+    assert all(isinstance(event, Settled) for event in settled)
+    assert sorted(event.task_id for event in settled) == sorted(tasks)
