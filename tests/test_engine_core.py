@@ -1119,8 +1119,10 @@ def test_a_large_first_batch_goes_as_a_round_before_any_request_was_cut_short():
     d = Driver(chunks=chunks, batch=64)
     per = FIRST_ROUND_PER_REQUEST
     assert d.first == [
-        RequestTasks("req1", per, NONE), RequestTasks("req2", per, NONE), RequestTasks("req3", 3, NONE)
-    ]  # fmt: skip
+        RequestTasks("req1", per, NONE),
+        RequestTasks("req2", per, NONE),
+        RequestTasks("req3", 3, NONE),
+    ]
     for request in d.first:
         commands = d.grant(request, [["w1", "w2", "w3"]] * request.n)
     assert d.core.open_tasks == chunks and not d.core._pending
