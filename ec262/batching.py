@@ -146,16 +146,10 @@ class Batcher(Generic[Item, Result]):
     def submit(self, item: Item) -> Pending[Result]:
         """Queue `item`; a sender thread carries it (see call_many for the
         caller's own thread)."""
-        return self.submit_many([item])[0]
-
-    def submit_many(self, items: Sequence[Item]) -> list[Pending[Result]]:
-        """Queue `items` together, so that a free place carries them in one
-        call (queued one by one from several threads, the first would take
-        it alone and the rest wait a round trip); without waiting."""
-        pendings: list[Pending[Result]] = [Pending(self, item) for item in items]
-        if pendings and self._enqueue(pendings):
+        pending: Pending[Result] = Pending(self, item)
+        if self._enqueue([pending]):
             self._senders.submit(self._drain)
-        return pendings
+        return pending
 
     def call_many(self, items: Sequence[Item]) -> list[Pending[Result]]:
         """Queue `items` and, when a call may go now, make it on this thread

@@ -305,46 +305,56 @@ class ForemanOutbound:
         """Settles decided at once leave in one SettleTasks: queued one by
         one from their threads, the first took a free place alone and the
         rest waited for an answer, a round trip (issue 16: 1 of about 12 a
-        job of 61 tasks paid at 50 ms each way). Each then waits, and is
-        retried, on its own thread."""
+        job of 61 tasks paid at 50 ms each way)."""
+        if not commands:
+            return
         for command in commands:
             self._inbox.close_task(command.task_id)
-        requests = [_settle_request(command) for command in commands]
-        for command, first in zip(commands, self._settles.submit_many(requests), strict=True):
-            self._tracked(
-                self._settlers.submit(self._settle, command, DISCOVERY_RETRY_SECONDS, first)
+        self._tracked(self._settlers.submit(self._settle_group, commands))
+
+    def _settle_group(self, commands: list[Settle]) -> None:
+        """The first attempt of each, in one call made on this thread (a
+        hand-off to a sender thread costs a GIL switch on a busy process);
+        those that failed are retried each on its own thread."""
+        for command in commands:
+            logger.debug(
+                "SettleTask(%s) valid %s, missing %s, released %s",
+                command.task_id,
+                command.valid,
+                sorted(command.missing),
+                sorted(command.released),
             )
+        try:
+            pendings = self._settles.call_many([_settle_request(c) for c in commands])
+        except Exception as error:  # the batcher closed: the job is over
+            for command in commands:
+                self._events.put(SettleFailed(command.task_id, error))
+            return
+        for command, pending in zip(commands, pendings, strict=True):
+            try:
+                response = pending.wait()
+            except Exception:
+                self._tracked(
+                    self._settlers.submit(self._settle, command, DISCOVERY_RETRY_SECONDS, pending)
+                )
+                continue
+            self._events.put(_settled(command, response))
 
     def _settle(self, command: Settle, seconds: float, first: Pending | None = None) -> None:
-        """Settle `command`; `first`: its first attempt, queued already."""
-        logger.debug(
-            "SettleTask(%s) valid %s, missing %s, released %s",
-            command.task_id,
-            command.valid,
-            sorted(command.missing),
-            sorted(command.released),
-        )
+        """Settle `command`, retried while the discovery service is
+        unreachable; `first`: an attempt made already, whose error counts."""
         request = _settle_request(command)
-        queued = [first] if first is not None else []
+        made = [first] if first is not None else []
 
         def attempt() -> discovery_pb2.SettleTaskResponse:
-            return queued.pop().wait() if queued else self._settles.call(request)
+            return made.pop().wait() if made else self._settles.call(request)
 
         try:
             response = self._retrying(attempt, f"SettleTask({command.task_id})", seconds)
         except Exception as error:
             self._events.put(SettleFailed(command.task_id, error))
             return
-        self._events.put(
-            Settled(
-                command.task_id,
-                response.key or None,
-                response.quorum_sha256,
-                frozenset(response.agreeing_workers),
-                frozenset(response.paid_workers) if command.valid else None,
-                frozenset(response.late_workers),
-            )
-        )
+        self._events.put(_settled(command, response))
 
     def _assign(self, commands: list[Assign]) -> None:
         """One AssignTasks to one worker; each task's answer an event."""
@@ -524,6 +534,17 @@ class ForemanOutbound:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._settlers.shutdown(wait=True, cancel_futures=True)
         self._settles.close()
+
+
+def _settled(command: Settle, response: discovery_pb2.SettleTaskResponse) -> Settled:
+    return Settled(
+        command.task_id,
+        response.key or None,
+        response.quorum_sha256,
+        frozenset(response.agreeing_workers),
+        frozenset(response.paid_workers) if command.valid else None,
+        frozenset(response.late_workers),
+    )
 
 
 def _settle_request(command: Settle) -> discovery_pb2.SettleTaskRequest:

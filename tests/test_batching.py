@@ -82,23 +82,25 @@ def test_up_to_max_in_flight_calls_go_without_waiting():
     batcher.close()
 
 
-def test_items_submitted_together_take_a_free_place_together():
-    """submit_many queues its items at once: with one place free and one
+def test_items_queued_together_take_a_free_place_together():
+    """call_many queues its items at once: with one place free and one
     taken, they go in one call, not the first alone while the rest wait for
     an answer (issue 16: a round trip for settles decided together)."""
     peer = Peer()
     batcher = Batcher(peer, name="t", max_in_flight=2)
     lone = batcher.submit(1)
     _arrived(peer)  # one place taken, one free
-    together = batcher.submit_many([2, 3, 4])
+    together: list = []
+    caller = threading.Thread(target=lambda: together.extend(batcher.call_many([2, 3, 4])))
+    caller.start()
     _arrived(peer)
     assert peer.calls == [[1], [2, 3, 4]]  # before either call is answered
     peer.let_go(1)
+    caller.join(10)
     assert [p.wait(10) for p in together] == [20, 30, 40]
     assert not lone.done
     peer.let_go(0)
     assert lone.wait(10) == 10
-    assert batcher.submit_many([]) == []
     batcher.close()
 
 
