@@ -316,14 +316,6 @@ class ForemanOutbound:
         """The first attempt of each, in one call made on this thread (a
         hand-off to a sender thread costs a GIL switch on a busy process);
         those that failed are retried each on its own thread."""
-        for command in commands:
-            logger.debug(
-                "SettleTask(%s) valid %s, missing %s, released %s",
-                command.task_id,
-                command.valid,
-                sorted(command.missing),
-                sorted(command.released),
-            )
         try:
             pendings = self._settles.call_many([_settle_request(c) for c in commands])
         except Exception as error:  # the batcher closed: the job is over
@@ -342,8 +334,9 @@ class ForemanOutbound:
 
     def _settle(self, command: Settle, seconds: float, first: Pending | None = None) -> None:
         """Settle `command`, retried while the discovery service is
-        unreachable; `first`: an attempt made already, whose error counts."""
-        request = _settle_request(command)
+        unreachable; `first`: an attempt made already, whose error counts
+        (its item is the request)."""
+        request = first.item if first is not None else _settle_request(command)
         made = [first] if first is not None else []
 
         def attempt() -> discovery_pb2.SettleTaskResponse:
@@ -548,6 +541,15 @@ def _settled(command: Settle, response: discovery_pb2.SettleTaskResponse) -> Set
 
 
 def _settle_request(command: Settle) -> discovery_pb2.SettleTaskRequest:
+    """The request of a settle, made once per settle (logged here, so each
+    settle is logged once, by the group or alone)."""
+    logger.debug(
+        "SettleTask(%s) valid %s, missing %s, released %s",
+        command.task_id,
+        command.valid,
+        sorted(command.missing),
+        sorted(command.released),
+    )
     return discovery_pb2.SettleTaskRequest(
         task_id=command.task_id,
         valid=command.valid,
