@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test chaos demo protos lint bench bench-lines bench-planning bench-latency bench-discovery bench-pool bench-worker packages clean
+.PHONY: install test chaos demo protos lint bench bench-lines bench-tiny bench-planning bench-latency bench-discovery bench-pool bench-worker packages clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,11 @@ bench: $(STAMP)
 bench-lines: $(STAMP)
 	$(PY) -m pip install --quiet 'dask[distributed]'
 	$(PY) bench/lines_bench.py $(ARGS)
+
+# Tiny tasks (issue 16, item 4) beside Dask running them once and 3 times.
+bench-tiny: $(STAMP)
+	$(PY) -m pip install --quiet 'dask[distributed]'
+	$(PY) bench/tiny_bench.py $(ARGS)
 
 bench-planning: $(STAMP)
 	$(PY) bench/planning_bench.py --job $(ARGS)
