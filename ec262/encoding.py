@@ -95,8 +95,13 @@ def _holds_only(value: Any, allowed: frozenset[type], budget: float = math.inf) 
     """True if every object in `value` is of an `allowed` type, False if
     not, None if that would cost more than `budget` (in objects scanned; a
     container counts as its members plus `_CONTAINER_COST`). One C-speed
-    type scan per container, not a Python step per item."""
+    type scan per container, not a Python step per item.
+
+    A container's `_CONTAINER_COST` is charged when it is found, so a value
+    of many small containers (a chunk's rows) is given up before its walk,
+    not after a budget's worth of steps."""
     stack = [value]
+    budget -= _CONTAINER_COST  # a Python step costs ~30 member scans
     while stack:
         item = stack.pop()
         kind = type(item)
@@ -108,14 +113,21 @@ def _holds_only(value: Any, allowed: frozenset[type], budget: float = math.inf) 
             if kind not in allowed:
                 return False
             continue
-        budget -= len(members) + _CONTAINER_COST  # a Python step costs ~30 member scans
+        budget -= len(members)
         if budget < 0:
             return None
         kinds = set(map(type, members))
         if not kinds <= allowed:
             return False
         if not kinds.isdisjoint(_CONTAINERS):
-            stack.extend(member for member in members if type(member) in _CONTAINERS)
+            if kinds <= _CONTAINERS:  # rows: all of them, no step to find them
+                inner = members
+            else:
+                inner = [member for member in members if type(member) in _CONTAINERS]
+            budget -= len(inner) * _CONTAINER_COST
+            if budget < 0:
+                return None
+            stack.extend(inner)
     return True
 
 

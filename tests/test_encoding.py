@@ -169,6 +169,18 @@ def test_words_that_look_like_floats_or_null_in_strings_need_no_walk(monkeypatch
         canonical_bytes([["a", [None]]])
 
 
+def test_a_walk_of_many_small_containers_is_given_up_before_it_starts():
+    """A chunk's rows cost a Python step each: when their count alone is
+    over the budget, the walk answers None at once (the text scan decides),
+    here without reaching the last row, whose float would answer False."""
+    rows = [["k", "v"]] * 1000 + [[1.5]]
+    allowed = encoding._DECODED_WITHOUT_FLOAT
+    assert encoding._holds_only(rows, allowed, budget=2000) is None
+    assert encoding._holds_only(rows, allowed) is False
+    assert encoding._holds_only(rows[:-1], allowed) is True
+    assert encoding._holds_only([["k", "v"]] * 10, allowed, budget=2000) is True
+
+
 structural_text = st.text(alphabet='[]",:\\{} a1é\U0001f600', max_size=6)
 
 
