@@ -19,8 +19,6 @@ job's round trips beyond them are what its tasks cost one another.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import socket
 import sys
 import tempfile
 import time
@@ -30,9 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import ec262
-from ec262.local_cluster import LOCAL_STARTING_CREDITS, OWN_TRUST
-from ec262.processes import PendingServer, spawn_server
-from tests.delay_line import DelayLine
+from tests.delayed_cluster import delayed_cluster
 
 
 def words(key, line):
@@ -44,57 +40,14 @@ def total(word, counts):
     return sum(counts)
 
 
-def _free_port() -> int:
-    with socket.create_server(("127.0.0.1", 0)) as probe:
-        return probe.getsockname()[1]
-
-
 def run_at(
     delay: float, tasks: int, workers: int, directory: Path, name: str = "job"
 ) -> tuple[float, int]:
-    with contextlib.ExitStack() as stack:
-        discovery = spawn_server(
-            ["discovery", "--host", "127.0.0.1", "--port", "0",
-             "--store", f"sqlite:///{directory / f'ledger-{name}-{delay}.sqlite3'}",
-             "--starting-credits", str(LOCAL_STARTING_CREDITS)],
-            env=OWN_TRUST,
-        )  # fmt: skip
-        stack.callback(discovery.kill)
-        discovery_line = stack.enter_context(DelayLine(discovery.address, delay, "127.0.8.1"))
-        pending = []
-        for n in range(workers):
-            port = _free_port()
-            line = DelayLine(f"127.0.0.1:{port}", delay, f"127.0.9.{n + 1}", port)
-            stack.enter_context(line)
-            pending.append(
-                PendingServer(
-                    [
-                        "worker",
-                        "--host",
-                        "127.0.0.1",
-                        "-P",
-                        str(port),
-                        "--advertise",
-                        line.host,
-                        "--discovery",
-                        discovery_line.address,
-                        "--slots",
-                        "2",
-                        "--identity",
-                        str(directory / f"w{name}-{delay}-{n}.json"),
-                        "-v",
-                    ],
-                    env=OWN_TRUST,
-                )
-            )
-        for launched in pending:
-            worker = launched.listening()
-            stack.callback(worker.kill)
-            worker.wait_for("registered with discovery")
+    with delayed_cluster(delay, workers, directory, name) as cluster:
         data = {f"l{n}": f"w{n % 7} w{n % 5} w{n % 3}" for n in range(tasks * 4)}
         job = ec262.Job(mapper=words, reducer=total, chunk_bytes=80)
         run = lambda: job.run(  # noqa: E731
-            data, discovery=discovery_line.address,
+            data, discovery=cluster.discovery,
             identity=directory / f"foreman-{name}-{delay}.json", progress=False,
         )  # fmt: skip
         run()  # connections made, payloads cached
