@@ -77,7 +77,11 @@ def announce(host: str, port: int, certificate: ServerCertificate | None = None)
     """The one line scripts and tests wait for (docs/protocol.md section 8:
     with the fingerprint a client can check when TLS is on)."""
     tls = f" (tls sha256:{certificate.fingerprint})" if certificate else ""
-    print(f"listening on {join_address(host, port)}{tls}", file=sys.stderr, flush=True)
+    # One write, its newline in it: print() writes the line and then "\n",
+    # and a log record another thread wrote between the two (a worker's
+    # registration logs as it starts) was read as the end of the address.
+    sys.stderr.write(f"listening on {join_address(host, port)}{tls}\n")
+    sys.stderr.flush()
 
 
 def wait_for_signal(shutdown: Callable[[], None]) -> None:

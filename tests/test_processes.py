@@ -1,7 +1,10 @@
 """ec262.processes: what a started server's output costs its starter."""
 
+import io
+import sys
 from pathlib import Path
 
+from ec262 import serving
 from ec262.processes import KEPT_HEAD_LINES, KEPT_TAIL_LINES, running_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,3 +39,23 @@ def test_a_quiet_server_keeps_every_line():
             + "".join(f"line {n}\n" for n in range(5))
             + "all written\n"
         )
+
+
+def test_the_listening_line_is_written_whole_so_no_log_line_lands_inside_it(monkeypatch):
+    """A log record written by another thread between the line and its
+    newline was read as the end of the address (a worker's registration
+    logs as it starts): `127.0.0.1:34843` became `127.0.0.1:348432026-12-03`."""
+
+    class Recording(io.StringIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.writes: list[str] = []
+
+        def write(self, text: str) -> int:
+            self.writes.append(text)
+            return super().write(text)
+
+    stream = Recording()
+    monkeypatch.setattr(sys, "stderr", stream)
+    serving.announce("127.0.0.1", 34843)
+    assert stream.writes == ["listening on 127.0.0.1:34843\n"]
