@@ -20,6 +20,7 @@ replica beside it.
 
 from __future__ import annotations
 
+import itertools
 import math
 import secrets
 import statistics
@@ -27,6 +28,7 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 from ec262 import replication as replicas
@@ -378,6 +380,7 @@ class Task:
     accused: frozenset[str] = frozenset()  # made cheaters by this task's quorum
     assumed_paid: int = 0  # workers the settle pays, as the foreman sees it
     pool_spent: bool = False  # no worker of the pool is left that it may take
+    order: int = 0  # of its making in the job: a tick visits tasks in this order
 
     def live(self) -> list[Replica]:
         """Replicas that may still send a result."""
@@ -452,6 +455,14 @@ class JobCore:
         self._digest = ""
         self._pending: deque[Chunk] = deque()
         self._tasks: dict[str, Task] = {}
+        # A tick visits only the tasks an event touched (`_touched`) and those
+        # a time of theirs has come for (`_due`: when each next has something
+        # to decide by the clock alone); a visit of any other would decide
+        # nothing. Visiting every open task on every tick cost a tiny-task job
+        # a millisecond per tick with 40 open, and grows with the pool.
+        self._touched: set[str] = set()
+        self._due: dict[str, float] = {}
+        self._made = itertools.count()
         self._round: _Round | None = None  # requests under way
         self._unused_grants: list[str] = []  # tasks granted after the job failed
         # Tasks one request can be expected to make (the most a request cut
@@ -502,23 +513,28 @@ class JobCore:
         times = [math.inf]
         if self._pending and self._round is None:
             times.append(self._next_request_at)
-        for task in self._tasks.values():
-            if task.settling:
-                continue
-            if task.quorum_at is not None:
-                # Settled when its grace ends, or when its AddReplica or
-                # its withdrawals are answered (events); its deadline,
-                # replicas wanted and speculation no longer apply, and a
-                # time already past would make the engine's loop spin.
-                if not task.add_in_flight and not any(r.withdrawing for r in task.live()):
-                    times.append(task.quorum_at + self._grace(task))
-                continue
-            times.append(task.deadline)
-            if task.replicas_wanted and not task.add_in_flight:
-                times.append(task.next_add_at)
-            for replica in task.live():
-                if not replica.speculated:
-                    times.append(replica.assigned_at + self.speculate_after())
+        if self._due:
+            times.append(min(self._due.values()))
+        return min(times)
+
+    def _due_at(self, task: Task) -> float:
+        """When `task` next has something to decide by the clock alone (inf:
+        only an event can change it)."""
+        if task.settling:
+            return math.inf
+        if task.quorum_at is not None:
+            # Settled when its grace ends, or when its AddReplica or its
+            # withdrawals are answered (events); its deadline, replicas
+            # wanted and speculation no longer apply, and a time already
+            # past would make the engine's loop spin.
+            if not task.add_in_flight and not any(r.withdrawing for r in task.live()):
+                return task.quorum_at + self._grace(task)
+            return math.inf
+        times = [task.deadline]
+        if task.replicas_wanted and not task.add_in_flight:
+            times.append(task.next_add_at)
+        after = self.speculate_after()
+        times.extend(r.assigned_at + after for r in task.live() if not r.speculated)
         return min(times)
 
     def speculate_after(self) -> float:
@@ -529,19 +545,36 @@ class JobCore:
         if count != len(self._task_seconds):  # a median per call cost a job's loop 15 %
             median = statistics.median(self._task_seconds)
             after = max(SPECULATE_AFTER_SECONDS, SPECULATE_MEDIAN_FACTOR * median)
+            if after != self._speculate_cache[1]:  # every replica's time moved
+                self._touched.update(self._tasks)
             self._speculate_cache = (len(self._task_seconds), after)
         return after
 
     def tick(self, now: float) -> list:
         commands: list = []
         if self._failed:
+            self._date(self._touched)  # settling now: nothing to wake for
+            self._touched = set()
             return commands
-        for task in list(self._tasks.values()):
+        visits = self._touched | {task_id for task_id, at in self._due.items() if at <= now}
+        self._touched = set()
+        tasks = [self._tasks[task_id] for task_id in visits if task_id in self._tasks]
+        for task in sorted(tasks, key=attrgetter("order")):  # the same commands, in the same order
             self._speculate(task, now, commands)
             self._ask_replicas(task, now, commands)
             self._decide(task, now, commands)
+        self.speculate_after()  # a settle moved the median: every task is touched
+        self._date(visits | self._touched)  # after every visit: one may touch another task
         self._maybe_request(now, commands)
         return self._checked(commands)
+
+    def _date(self, task_ids: set[str]) -> None:
+        for task_id in task_ids:
+            task = self._tasks.get(task_id)
+            if task is None:
+                self._due.pop(task_id, None)
+            else:
+                self._due[task_id] = self._due_at(task)
 
     # -- events -------------------------------------------------------------------
 
@@ -556,6 +589,9 @@ class JobCore:
         """One event's immediate commands (decisions that depend on time
         come from `tick`, which `handle_all` runs after a batch)."""
         commands: list = []
+        task_id = getattr(event, "task_id", None)
+        if task_id is not None:
+            self._touched.add(task_id)
         if self._failed:
             if isinstance(event, Granted):
                 self._keep_for_refund(event)
@@ -675,8 +711,10 @@ class JobCore:
                 replicas={},
                 started=now,
                 deadline=now + self.config.task_timeout,
+                order=next(self._made),
             )
             self._tasks[task_id] = task
+            self._touched.add(task_id)
             self.stats.states["assigned"] += 1
             self.stats.credits_spent += len(workers)  # escrowed; refunds come back below
             for worker_id, address in workers.items():
@@ -832,6 +870,7 @@ class JobCore:
             task.to_release.add(replica.worker_id)
             if task.quorum_at is None:
                 task.replicas_wanted += 1
+            self._touched.add(task.task_id)
             self.stats.replicas_released += 1
 
     # -- replicas ------------------------------------------------------------------
@@ -1173,7 +1212,9 @@ class JobCore:
             return
         self._next_request_at = 0.0  # its workers' slots are free: ask at once
         for waiting in self._tasks.values():
-            waiting.next_add_at = 0.0  # and for the replicas that found none free
+            if waiting.replicas_wanted:
+                waiting.next_add_at = 0.0  # and for the replicas that found none free
+                self._touched.add(waiting.task_id)
         if not task.settling.valid:
             return
         if event.paid is not None:  # commitments, not this foreman's lists, decided
@@ -1302,4 +1343,5 @@ class JobCore:
         commands += [Settle(task_id, False) for task_id in self._unused_grants]
         self._unused_grants = []
         self._pending.clear()
+        self._due.clear()  # every task settling: only events are awaited
         return commands

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import uuid
 
 import grpc
@@ -68,3 +69,35 @@ def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as caught:
         call(*args, **kwargs)
     return caught.value
+
+
+@pytest.fixture(autouse=True)
+def every_tick_leaves_no_task_undecided(request, monkeypatch):
+    """A JobCore tick visits only the tasks an event touched or a time of
+    theirs has come for. After each tick of every job a test runs in this
+    process, a visit of every open task must decide nothing more, and no
+    task's wake-up may be later than its own state says."""
+    from foreman_service.core import JobCore
+
+    if request.node.get_closest_marker("unchecked_ticks"):
+        return
+
+    tick = JobCore.tick
+
+    def checked(core: JobCore, now: float) -> list:
+        commands = tick(core, now)
+        if core._failed:
+            return commands
+        missed: list = []
+        for task in list(core._tasks.values()):
+            core._speculate(task, now, missed)
+            core._ask_replicas(task, now, missed)
+            core._decide(task, now, missed)
+        assert missed == [], f"a tick at {now} left these undecided: {missed}"
+        for task_id, task in core._tasks.items():
+            due = core._due_at(task)
+            assert due > now, f"task {task_id} was due at {due} and not decided at {now}"
+            assert core._due.get(task_id, math.inf) <= due, f"task {task_id} would wake late"
+        return commands
+
+    monkeypatch.setattr(JobCore, "tick", checked)

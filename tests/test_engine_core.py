@@ -839,6 +839,30 @@ def test_a_silent_replica_gets_a_speculative_one_and_is_left_late_at_the_settle(
     assert d.settle_answer(task) == [Deliver(d.chunks[0], encode_result(OUTPUT))]
 
 
+@pytest.mark.unchecked_ticks
+def test_a_tick_visits_the_tasks_an_event_touched_not_every_open_task(monkeypatch):
+    """A job with many tasks open (a large pool) pays per event for the
+    tasks it concerns: one result is one visit, not one per open task."""
+    d = Driver(chunks=300, batch=300)
+    d.grant(None, [["w1", "w2", "w3"]] * d.request().n)
+    for task_id in d.granted:
+        d.accept_all(task_id)
+    opened = d.core.open_tasks
+    assert opened >= 64
+    visited = []
+    decide = d.core._decide
+    monkeypatch.setattr(
+        d.core, "_decide", lambda task, *a: visited.append(task.task_id) or decide(task, *a)
+    )
+    d.at(1).result(d.granted[7], "w1", sealed(d.granted[7], OUTPUT))
+    assert visited == [d.granted[7]]
+    visited.clear()
+    assert d.at(SPECULATE_AFTER_SECONDS - 0.01).tick() == []
+    assert visited == []  # nothing due: nothing visited
+    assert len(only(d.wake(), AddReplica)) == opened  # then every silent task, when its time comes
+    assert len(visited) == opened
+
+
 @pytest.mark.parametrize(("took", "after"), [(1.0, 5.0), (4.0, 12.0)])
 def test_speculation_waits_three_times_the_median_task_time(took, after):
     d = Driver(chunks=2, batch=2)
