@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test chaos demo protos lint bench bench-lines bench-tiny bench-planning bench-latency bench-discovery bench-pool bench-worker packages clean
+.PHONY: install test chaos demo protos lint bench bench-lines bench-tiny bench-core bench-planning bench-latency bench-discovery bench-pool bench-worker packages clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,10 @@ bench-lines: $(STAMP)
 bench-tiny: $(STAMP)
 	$(PY) -m pip install --quiet 'dask[distributed]'
 	$(PY) bench/tiny_bench.py $(ARGS)
+
+# The foreman core's CPU per event with 40 to 4,000 tasks open.
+bench-core: $(STAMP)
+	$(PY) bench/core_bench.py $(ARGS)
 
 bench-planning: $(STAMP)
 	$(PY) bench/planning_bench.py --job $(ARGS)

@@ -20,6 +20,7 @@ replica beside it.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 import secrets
@@ -462,6 +463,10 @@ class JobCore:
         # a millisecond per tick with 40 open, and grows with the pool.
         self._touched: set[str] = set()
         self._due: dict[str, float] = {}
+        # The same times in time order, (time, order, task id); an entry
+        # whose time is no longer its task's `_due` is stale, dropped when
+        # it comes up: a tick and wake_at cost O(log n), not O(n).
+        self._wakeups: list[tuple[float, int, str]] = []
         self._made = itertools.count()
         self._round: _Round | None = None  # requests under way
         self._unused_grants: list[str] = []  # tasks granted after the job failed
@@ -513,8 +518,11 @@ class JobCore:
         times = [math.inf]
         if self._pending and self._round is None:
             times.append(self._next_request_at)
-        if self._due:
-            times.append(min(self._due.values()))
+        wakeups = self._wakeups
+        while wakeups and self._due.get(wakeups[0][2]) != wakeups[0][0]:
+            heapq.heappop(wakeups)  # stale
+        if wakeups:
+            times.append(wakeups[0][0])
         return min(times)
 
     def _due_at(self, task: Task) -> float:
@@ -556,8 +564,12 @@ class JobCore:
             self._date(self._touched)  # settling now: nothing to wake for
             self._touched = set()
             return commands
-        visits = self._touched | {task_id for task_id, at in self._due.items() if at <= now}
-        self._touched = set()
+        visits, self._touched = self._touched, set()
+        wakeups = self._wakeups
+        while wakeups and wakeups[0][0] <= now:
+            at, _, task_id = heapq.heappop(wakeups)
+            if self._due.get(task_id) == at:
+                visits.add(task_id)
         tasks = [self._tasks[task_id] for task_id in visits if task_id in self._tasks]
         for task in sorted(tasks, key=attrgetter("order")):  # the same commands, in the same order
             self._speculate(task, now, commands)
@@ -573,8 +585,12 @@ class JobCore:
             task = self._tasks.get(task_id)
             if task is None:
                 self._due.pop(task_id, None)
-            else:
-                self._due[task_id] = self._due_at(task)
+                continue
+            at = self._due_at(task)
+            if self._due.get(task_id) != at:
+                self._due[task_id] = at
+                if at < math.inf:
+                    heapq.heappush(self._wakeups, (at, task.order, task_id))
 
     # -- events -------------------------------------------------------------------
 
@@ -1344,4 +1360,5 @@ class JobCore:
         self._unused_grants = []
         self._pending.clear()
         self._due.clear()  # every task settling: only events are awaited
+        self._wakeups.clear()
         return commands

@@ -94,10 +94,13 @@ def every_tick_leaves_no_task_undecided(request, monkeypatch):
             core._ask_replicas(task, now, missed)
             core._decide(task, now, missed)
         assert missed == [], f"a tick at {now} left these undecided: {missed}"
+        dues = []
         for task_id, task in core._tasks.items():
             due = core._due_at(task)
             assert due > now, f"task {task_id} was due at {due} and not decided at {now}"
             assert core._due.get(task_id, math.inf) <= due, f"task {task_id} would wake late"
+            dues.append(due)
+        assert core.wake_at() <= min(dues, default=math.inf), "the loop would wake late"
         return commands
 
     monkeypatch.setattr(JobCore, "tick", checked)
