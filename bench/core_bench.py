@@ -1,18 +1,23 @@
 """The foreman core's CPU per event with many tasks open (a job on a large
-pool): a result arrives for each open task, one event per batch, as they
-come from the wire, on the core alone (no gRPC, a manual clock).
+pool) and with many tasks decided before (a long job), on the core alone
+(no gRPC, a manual clock).
 
-    make bench-core   or   .venv/bin/python bench/core_bench.py [--open 40,400,4000] [--rounds 3]
+    make bench-core   or   .venv/bin/python bench/core_bench.py [--open 40,400,4000]
+                               [--decided 0,1000,10000] [--rounds 3]
 
-Reported per count of open tasks: microseconds of CPU per event for
-`handle_all` (the event, then a tick) and `wake_at`, as the engine's loop
-calls them, and that over the same with the fewest tasks open: the target
-is about 1 (a task's event costs the same however many others are open).
+Open: a result arrives for each open task, one event per batch, as they come
+from the wire. Job tasks: every task of a job of that many reaches its
+quorum (its second matching result), the tasks' times unsorted. Reported:
+microseconds of CPU per event (per quorum) for `handle_all` (the events,
+then a tick) and `wake_at`, as the engine's loop calls them, and that over
+the same with the fewest: the target is about 1 (what a task costs does
+not grow with the others open or done).
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 import time
@@ -20,15 +25,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from foreman_service.core import RequestTasks, ResultArrived
+from foreman_service.core import RequestTasks, ResultArrived, Settle, Withdraw, Withdrawn
 from tests.test_engine_core import OUTPUT, Driver, only, sealed
 
 WORKERS = ["w1", "w2", "w3"]
 
 
 def opened(count: int) -> Driver:
-    """A core with `count` tasks open, every replica running."""
-    d = Driver(chunks=count, batch=count)
+    """A core with `count` tasks open, every replica running. A replica
+    withdrawn at the quorum was not started: its task settles then."""
+    d = Driver(chunks=count, batch=count, withdrawn=True)
     answered: set[str] = set()
     while d.core.open_tasks < count:
         waiting = [r for r in only(d.log, RequestTasks) if r.request_id not in answered]
@@ -55,22 +61,56 @@ def per_event(count: int) -> float:
     return (time.process_time() - started) / len(events)
 
 
+def per_quorum(count: int) -> float:
+    """Seconds of CPU per quorum over a job of `count` tasks: every task's
+    first result within a second, in a random order, then its second (the
+    quorum) within the next, in another, so the replica times the foreman
+    keeps come unsorted, as on a real pool (and all before speculation)."""
+    rng = random.Random(count)
+    d = opened(count)
+    core, start, settles = d.core, d.now, []
+    for worker, second in (("w1", 0.0), ("w2", 1.0)):
+        tasks = list(core._tasks)
+        rng.shuffle(tasks)
+        results = [ResultArrived(t, worker, sealed(t, OUTPUT)) for t in tasks]
+        started = time.process_time()
+        for number, result in enumerate(results):
+            now = start + second + number / count
+            commands = core.handle_all([result], now)
+            withdrawn = [Withdrawn(w.task_id, w.worker_id, True) for w in only(commands, Withdraw)]
+            if withdrawn:  # the third replica had not started: the task settles
+                commands += core.handle_all(withdrawn, now)
+            settles += only(commands, Settle)
+            core.wake_at()
+        elapsed = time.process_time() - started
+    assert len(settles) == count and all(s.valid for s in settles), "a task did not settle valid"
+    return elapsed / count  # the second pass: the quorums
+
+
+def table(title: str, unit: str, measured: dict[int, list[float]]) -> None:
+    smallest = statistics.median(measured[min(measured)])
+    print(f"\n{title:>11} {unit:>17} {'x smallest':>11}")
+    for n, values in measured.items():
+        value = statistics.median(values)
+        print(f"{n:>11} {value * 1e6:>17.1f} {value / smallest:>11.2f}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--open", default="40,400,4000", help="counts of open tasks")
+    parser.add_argument("--decided", default="100,1000,10000", help="tasks of the decided jobs")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    counts = [int(n) for n in args.open.split(",")]
-    measured: dict[int, list[float]] = {n: [] for n in counts}
+    open_counts = {int(n): [] for n in args.open.split(",")}
+    decided_counts = {int(n): [] for n in args.decided.split(",")}
     for _ in range(args.rounds):
-        for n in counts:
-            measured[n].append(per_event(n))
-    smallest = statistics.median(measured[min(counts)])
-    print(f"foreman core, one result event per batch, median of {args.rounds} rounds")
-    print(f"{'open tasks':>11} {'us CPU per event':>17} {'x smallest':>11}")
-    for n in counts:
-        value = statistics.median(measured[n])
-        print(f"{n:>11} {value * 1e6:>17.1f} {value / smallest:>11.2f}")
+        for n, values in open_counts.items():
+            values.append(per_event(n))
+        for n, values in decided_counts.items():
+            values.append(per_quorum(n))
+    print(f"foreman core, median of {args.rounds} rounds")
+    table("open tasks", "us CPU per event", open_counts)
+    table("job tasks", "us CPU per quorum", decided_counts)
     print(f"\ncommand: {' '.join([sys.executable, *sys.argv])}")
     return 0
 

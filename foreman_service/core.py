@@ -24,7 +24,6 @@ import heapq
 import itertools
 import math
 import secrets
-import statistics
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable
@@ -47,6 +46,7 @@ from ec262.errors import (
 )
 from ec262.remote_errors import is_error_document
 from ec262.v1 import worker_pb2
+from foreman_service.median import RunningMedian
 from foreman_service.planning import DEFAULT_CHUNK_BYTES
 from foreman_service.stats import JobStats
 
@@ -450,7 +450,7 @@ class JobCore:
         self._new_request_id = new_request_id
         self.cheaters: set[str] = set()
         self._holders: dict[str, set[str]] = {}  # payload digest -> workers holding it
-        self._task_seconds: list[float] = []  # assignment to matching result, per replica
+        self._task_seconds = RunningMedian()  # assignment to matching result, per replica
         self._speculate_cache = (0, SPECULATE_AFTER_SECONDS)  # (len(_task_seconds), value)
         self._phase = MAP
         self._digest = ""
@@ -551,7 +551,7 @@ class JobCore:
             return SPECULATE_AFTER_SECONDS
         count, after = self._speculate_cache
         if count != len(self._task_seconds):  # a median per call cost a job's loop 15 %
-            median = statistics.median(self._task_seconds)
+            median = self._task_seconds.median()
             after = max(SPECULATE_AFTER_SECONDS, SPECULATE_MEDIAN_FACTOR * median)
             if after != self._speculate_cache[1]:  # every replica's time moved
                 self._touched.update(self._tasks)
@@ -1172,7 +1172,7 @@ class JobCore:
         commands.append(task.settling)
         for replica in task.replicas.values():
             if replica.worker_id in agreeing:
-                self._task_seconds.append(replica.answered_in)
+                self._task_seconds.add(replica.answered_in)
         stats = self.stats
         stats.missing_reports += len(disagreeing | failed)
         stats.credits_spent -= len(disagreeing | failed | released)
