@@ -17,6 +17,7 @@ not grow with the others open or done).
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import statistics
 import sys
@@ -25,8 +26,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from foreman_service.core import RequestTasks, ResultArrived, Settle, Withdraw, Withdrawn
-from tests.test_engine_core import OUTPUT, Driver, only, sealed
+from foreman_service.core import (
+    PARALLEL_REQUESTS,
+    Assign,
+    AssignAnswered,
+    Granted,
+    RequestTasks,
+    ResultArrived,
+    Settle,
+    Withdraw,
+    Withdrawn,
+)
+from tests.test_engine_core import OUTPUT, Driver, addr, only, sealed
 
 WORKERS = ["w1", "w2", "w3"]
 
@@ -87,6 +98,26 @@ def per_quorum(count: int) -> float:
     return elapsed / count  # the second pass: the quorums
 
 
+def per_granted(pending: int, rounds: int = 20) -> float:
+    """Seconds of CPU per task granted over `rounds` rounds of requests
+    (each answered in full, its tasks taken), `pending` chunks waiting."""
+    d = Driver(chunks=pending + rounds * PARALLEL_REQUESTS * 64, batch=64)
+    core, now, numbers = d.core, d.now, itertools.count()
+    requests, made = only(d.first, RequestTasks), 0
+    started = time.process_time()
+    for _ in range(rounds):
+        assigns = []
+        for request in requests:
+            tasks = [(f"t{next(numbers)}", {w: addr(w) for w in WORKERS}) for _ in range(request.n)]
+            made += len(tasks)
+            assigns += only(core.handle_all([Granted(request.request_id, tasks, 10)], now), Assign)
+        core.handle_all([AssignAnswered(a.task_id, a.worker_id, "OK") for a in assigns], now)
+        now = max(now, core.wake_at())
+        requests = only(core.tick(now), RequestTasks)
+        assert requests, "no next round"
+    return (time.process_time() - started) / made
+
+
 def table(title: str, unit: str, measured: dict[int, list[float]]) -> None:
     smallest = statistics.median(measured[min(measured)])
     print(f"\n{title:>11} {unit:>17} {'x smallest':>11}")
@@ -99,18 +130,23 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--open", default="40,400,4000", help="counts of open tasks")
     parser.add_argument("--decided", default="100,1000,10000", help="tasks of the decided jobs")
+    parser.add_argument("--pending", default="1000,10000,100000", help="chunks waiting")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     open_counts = {int(n): [] for n in args.open.split(",")}
     decided_counts = {int(n): [] for n in args.decided.split(",")}
+    pending_counts = {int(n): [] for n in args.pending.split(",")}
     for _ in range(args.rounds):
         for n, values in open_counts.items():
             values.append(per_event(n))
         for n, values in decided_counts.items():
             values.append(per_quorum(n))
+        for n, values in pending_counts.items():
+            values.append(per_granted(n))
     print(f"foreman core, median of {args.rounds} rounds")
     table("open tasks", "us CPU per event", open_counts)
     table("job tasks", "us CPU per quorum", decided_counts)
+    table("waiting", "us CPU per grant", pending_counts)
     print(f"\ncommand: {' '.join([sys.executable, *sys.argv])}")
     return 0
 

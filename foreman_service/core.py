@@ -454,7 +454,11 @@ class JobCore:
         self._speculate_cache = (0, SPECULATE_AFTER_SECONDS)  # (len(_task_seconds), value)
         self._phase = MAP
         self._digest = ""
+        # Chunks waiting for a task: fresh ones in order, and those retried
+        # with suspects to keep out, apart (a request round takes from the
+        # front of one; a scan of both for each round cost O(chunks left)).
         self._pending: deque[Chunk] = deque()
+        self._suspected: deque[Chunk] = deque()
         self._tasks: dict[str, Task] = {}
         # A tick visits only the tasks an event touched (`_touched`) and those
         # a time of theirs has come for (`_due`: when each next has something
@@ -493,7 +497,7 @@ class JobCore:
 
     def start_phase(self, phase: int, chunks: list[Chunk], digest: str, now: float) -> list:
         self._phase, self._digest = phase, digest
-        self._pending = deque(chunks)
+        self._pending, self._suspected = deque(chunks), deque()
         self._next_request_at = now
         self._starved_since = None
         self.stats.phase = PHASE_NAMES[phase]
@@ -505,7 +509,10 @@ class JobCore:
 
     @property
     def phase_done(self) -> bool:
-        return not self._pending and not self._tasks and self._round is None
+        return not self._waiting() and not self._tasks and self._round is None
+
+    def _waiting(self) -> bool:
+        return bool(self._pending or self._suspected)
 
     @property
     def open_tasks(self) -> int:
@@ -516,7 +523,7 @@ class JobCore:
     def wake_at(self) -> float:
         """When a tick next has something to decide (inf: only events will)."""
         times = [math.inf]
-        if self._pending and self._round is None:
+        if self._round is None and self._waiting():
             times.append(self._next_request_at)
         wakeups = self._wakeups
         while wakeups and self._due.get(wakeups[0][2]) != wakeups[0][0]:
@@ -645,11 +652,10 @@ class JobCore:
     # -- requesting tasks ------------------------------------------------------------
 
     def _maybe_request(self, now: float, commands: list) -> None:
-        if not self._pending or self._round is not None or now < self._next_request_at:
+        if self._round is not None or now < self._next_request_at or not self._waiting():
             return
-        fresh = [c for c in self._pending if not c.suspects]
-        suspect = [c for c in self._pending if c.suspects]
-        use_suspect = suspect and (not fresh or self._suspects_turn)
+        fresh, suspect = self._pending, self._suspected
+        use_suspect = bool(suspect) and (not fresh or self._suspects_turn)
         self._suspects_turn = not use_suspect
         relax_after = self._relax_after()
         if use_suspect:
@@ -658,12 +664,13 @@ class JobCore:
             since = self._relaxed_at.get(id(chunk))
             if since is not None and now - since > relax_after:
                 chunk.suspects.clear()  # nobody else came: an honest majority still outvotes
+                self._pending.append(self._suspected.popleft())  # a fresh chunk now
                 self._relaxed_at.pop(id(chunk), None)
                 exclude = frozenset()
             else:
                 exclude = frozenset(chunk.suspects | self.cheaters)
         else:
-            chunks = fresh[: self.config.batch]
+            chunks = list(itertools.islice(fresh, self.config.batch))
             # Unreachable workers are left out while that leaves anyone to
             # ask: a request it leaves empty goes again at once without them
             # (waiting the 5 s relax time took a job with 2 of 4 workers
@@ -682,7 +689,7 @@ class JobCore:
         if not use_suspect:
             if self._per_request:
                 per = min(self._per_request, self.config.batch)
-                chunks = fresh[: per * PARALLEL_REQUESTS]
+                chunks = list(itertools.islice(fresh, per * PARALLEL_REQUESTS))
             else:
                 per = max(FIRST_ROUND_PER_REQUEST, -(-len(chunks) // PARALLEL_REQUESTS))
             runs = [chunks[i : i + per] for i in range(0, len(chunks), per)]
@@ -719,7 +726,12 @@ class JobCore:
             self._live_pool = event.live_workers
         made = list(zip(chunks, event.tasks, strict=False))
         for chunk, (task_id, workers) in made:
-            self._pending.remove(chunk)
+            if self._pending and self._pending[0] is chunk:  # a round takes from the front
+                self._pending.popleft()
+            elif self._suspected and self._suspected[0] is chunk:
+                self._suspected.popleft()
+            else:
+                self._pending.remove(chunk)
             self._relaxed_at.pop(id(chunk), None)
             task = Task(
                 task_id=task_id,
@@ -759,7 +771,7 @@ class JobCore:
             # empty answer backs off below). Filled whole with chunks left
             # beyond the batch: ask when a settle of ours frees a slot, or
             # after a while for slots freed by others and workers joining.
-            if not self._pending or len(made) < len(chunks):
+            if not self._waiting() or len(made) < len(chunks):
                 self._next_request_at = now
             else:
                 self._next_request_at = now + BUSY_POLL_SECONDS
@@ -787,7 +799,7 @@ class JobCore:
         if self._starved_since is None:
             return
         waited = now - self._starved_since
-        label = self._pending[0].label if self._pending else ""
+        label = (self._pending or self._suspected)[0].label if self._waiting() else ""
         live = short.live_workers if short else None
         spots = short.live_networks if short else 0
         if live is not None and (live < self.replication or 0 < spots < self.replication):
@@ -1220,7 +1232,7 @@ class JobCore:
         }
         self.stats.retries += 1
         self.stats.retry_reasons[reason] += 1
-        self._pending.append(chunk)
+        (self._suspected if chunk.suspects else self._pending).append(chunk)
 
     def _settled(self, event: Settled, commands: list) -> None:
         task = self._tasks.pop(event.task_id, None)
@@ -1359,6 +1371,7 @@ class JobCore:
         commands += [Settle(task_id, False) for task_id in self._unused_grants]
         self._unused_grants = []
         self._pending.clear()
+        self._suspected.clear()
         self._due.clear()  # every task settling: only events are awaited
         self._wakeups.clear()
         return commands

@@ -75,8 +75,9 @@ def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
 def every_tick_leaves_no_task_undecided(request, monkeypatch):
     """A JobCore tick visits only the tasks an event touched or a time of
     theirs has come for. After each tick of every job a test runs in this
-    process, a visit of every open task must decide nothing more, and no
-    task's wake-up may be later than its own state says."""
+    process, a visit of every open task must decide nothing more, no
+    task's wake-up may be later than its own state says, and the chunks
+    waiting for a task are in the queue their suspects say."""
     from foreman_service.core import JobCore
 
     if request.node.get_closest_marker("unchecked_ticks"):
@@ -101,6 +102,8 @@ def every_tick_leaves_no_task_undecided(request, monkeypatch):
             assert core._due.get(task_id, math.inf) <= due, f"task {task_id} would wake late"
             dues.append(due)
         assert core.wake_at() <= min(dues, default=math.inf), "the loop would wake late"
+        assert not any(c.suspects for c in core._pending), "a chunk with suspects among the fresh"
+        assert all(c.suspects for c in core._suspected), "a chunk without suspects kept apart"
         return commands
 
     monkeypatch.setattr(JobCore, "tick", checked)
