@@ -26,6 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ec262.envelope import ciphertext_sha256
 from foreman_service.core import (
     PARALLEL_REQUESTS,
     Assign,
@@ -34,10 +35,11 @@ from foreman_service.core import (
     RequestTasks,
     ResultArrived,
     Settle,
+    Settled,
     Withdraw,
     Withdrawn,
 )
-from tests.test_engine_core import OUTPUT, Driver, addr, only, sealed
+from tests.test_engine_core import OUTPUT, Driver, addr, key_of, only, sealed
 
 WORKERS = ["w1", "w2", "w3"]
 
@@ -72,6 +74,39 @@ def per_event(count: int) -> float:
     return (time.process_time() - started) / len(events)
 
 
+def per_settle(count: int, measured: int = 200) -> float:
+    """Seconds of CPU per Settled event (the discovery service's answer to
+    a valid settle) with `count` tasks open."""
+    d = opened(count)
+    core, now = d.core, d.now + 1.0
+    tasks = list(core._tasks)[:measured]
+    measured = len(tasks)
+    pairs = WORKERS[:2]
+    for task_id in tasks:
+        commands = core.handle_all(
+            [ResultArrived(task_id, w, sealed(task_id, OUTPUT)) for w in pairs], now
+        )
+        withdrawn = [Withdrawn(w.task_id, w.worker_id, True) for w in only(commands, Withdraw)]
+        core.handle_all(withdrawn, now)
+    answers = [
+        Settled(
+            t,
+            key_of(t),
+            ciphertext_sha256(core._tasks[t].winner),
+            frozenset(pairs),
+            frozenset(pairs),
+        )
+        for t in tasks
+    ]
+    started = time.process_time()
+    for answer in answers:
+        core.handle_all([answer], now)
+        core.wake_at()
+    elapsed = time.process_time() - started
+    assert core.stats.tasks_validated == measured, "a settle was not taken"
+    return elapsed / measured
+
+
 def per_quorum(count: int) -> float:
     """Seconds of CPU per quorum over a job of `count` tasks: every task's
     first result within a second, in a random order, then its second (the
@@ -98,7 +133,7 @@ def per_quorum(count: int) -> float:
     return elapsed / count  # the second pass: the quorums
 
 
-def per_granted(pending: int, rounds: int = 20) -> float:
+def per_granted(pending: int, rounds: int = 50) -> float:
     """Seconds of CPU per task granted over `rounds` rounds of requests
     (each answered in full, its tasks taken), `pending` chunks waiting."""
     d = Driver(chunks=pending + rounds * PARALLEL_REQUESTS * 64, batch=64)
@@ -134,17 +169,21 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     open_counts = {int(n): [] for n in args.open.split(",")}
+    settle_counts = {int(n): [] for n in args.open.split(",")}
     decided_counts = {int(n): [] for n in args.decided.split(",")}
     pending_counts = {int(n): [] for n in args.pending.split(",")}
     for _ in range(args.rounds):
         for n, values in open_counts.items():
             values.append(per_event(n))
+        for n, values in settle_counts.items():
+            values.append(per_settle(n))
         for n, values in decided_counts.items():
             values.append(per_quorum(n))
         for n, values in pending_counts.items():
             values.append(per_granted(n))
     print(f"foreman core, median of {args.rounds} rounds")
     table("open tasks", "us CPU per event", open_counts)
+    table("open tasks", "us CPU per settle", settle_counts)
     table("job tasks", "us CPU per quorum", decided_counts)
     table("waiting", "us CPU per grant", pending_counts)
     print(f"\ncommand: {' '.join([sys.executable, *sys.argv])}")

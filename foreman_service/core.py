@@ -471,6 +471,9 @@ class JobCore:
         # whose time is no longer its task's `_due` is stale, dropped when
         # it comes up: a tick and wake_at cost O(log n), not O(n).
         self._wakeups: list[tuple[float, int, str]] = []
+        # The tasks that may want a replica found none free (a superset:
+        # left when found wanting none), which a settle sends to ask again.
+        self._wanting: set[str] = set()
         self._made = itertools.count()
         self._round: _Round | None = None  # requests under way
         self._unused_grants: list[str] = []  # tasks granted after the job failed
@@ -598,6 +601,10 @@ class JobCore:
                 self._due[task_id] = at
                 if at < math.inf:
                     heapq.heappush(self._wakeups, (at, task.order, task_id))
+
+    def _want(self, task: Task, replicas: int = 1) -> None:
+        task.replicas_wanted += replicas
+        self._wanting.add(task.task_id)
 
     # -- events -------------------------------------------------------------------
 
@@ -871,7 +878,7 @@ class JobCore:
             # and replaced; the chunk spends no attempt on it.
             replica.state = RELEASED
             task.to_release.add(replica.worker_id)
-            task.replicas_wanted += 1
+            self._want(task)
             self.stats.replicas_released += 1
         elif event.code == "DEADLINE_EXCEEDED":
             # Frozen, or held up by a frozen discovery service, perhaps with
@@ -897,7 +904,7 @@ class JobCore:
             replica.state = RELEASED
             task.to_release.add(replica.worker_id)
             if task.quorum_at is None:
-                task.replicas_wanted += 1
+                self._want(task)
             self._touched.add(task.task_id)
             self.stats.replicas_released += 1
 
@@ -910,7 +917,7 @@ class JobCore:
         for replica in task.live():
             if not replica.speculated and now >= replica.assigned_at + after:
                 replica.speculated = True
-                task.replicas_wanted += 1
+                self._want(task)
                 self.stats.speculative_replicas += 1
                 if replica.assign_timed_out:
                     self._let_go_straggler(task, replica, commands)
@@ -1009,7 +1016,7 @@ class JobCore:
             # worker again there, it is named released at the settle, never
             # left to the late window, and another replica is asked for.
             old.released_at_discovery = False
-            task.replicas_wanted += 1
+            self._want(task)
             return
         if task.settling or old is not None:
             return  # settled meanwhile (not possible in order) or a repeat
@@ -1114,7 +1121,7 @@ class JobCore:
     def _escalate(self, task: Task, missing: int, now: float, commands: list) -> None:
         """Adaptive replication: the task's workers disagree (or one refused):
         the rest of the full replication is asked for, at once and once."""
-        task.replicas_wanted += missing
+        self._want(task, missing)
         task.escalated = True
         task.next_add_at = now
         self.stats.adaptive_escalations += 1
@@ -1239,10 +1246,13 @@ class JobCore:
         if task is None or task.settling is None:
             return
         self._next_request_at = 0.0  # its workers' slots are free: ask at once
-        for waiting in self._tasks.values():
-            if waiting.replicas_wanted:
-                waiting.next_add_at = 0.0  # and for the replicas that found none free
-                self._touched.add(waiting.task_id)
+        for task_id in list(self._wanting):
+            waiting = self._tasks.get(task_id)
+            if waiting is None or not waiting.replicas_wanted:
+                self._wanting.discard(task_id)
+                continue
+            waiting.next_add_at = 0.0  # and for the replicas that found none free
+            self._touched.add(task_id)
         if not task.settling.valid:
             return
         if event.paid is not None:  # commitments, not this foreman's lists, decided
@@ -1374,4 +1384,5 @@ class JobCore:
         self._suspected.clear()
         self._due.clear()  # every task settling: only events are awaited
         self._wakeups.clear()
+        self._wanting.clear()
         return commands

@@ -76,8 +76,9 @@ def every_tick_leaves_no_task_undecided(request, monkeypatch):
     """A JobCore tick visits only the tasks an event touched or a time of
     theirs has come for. After each tick of every job a test runs in this
     process, a visit of every open task must decide nothing more, no
-    task's wake-up may be later than its own state says, and the chunks
-    waiting for a task are in the queue their suspects say."""
+    task's wake-up may be later than its own state says, the chunks
+    waiting for a task are in the queue their suspects say, and a settle
+    would find every task that wants a replica."""
     from foreman_service.core import JobCore
 
     if request.node.get_closest_marker("unchecked_ticks"):
@@ -104,6 +105,8 @@ def every_tick_leaves_no_task_undecided(request, monkeypatch):
         assert core.wake_at() <= min(dues, default=math.inf), "the loop would wake late"
         assert not any(c.suspects for c in core._pending), "a chunk with suspects among the fresh"
         assert all(c.suspects for c in core._suspected), "a chunk without suspects kept apart"
+        wanting = {t for t, task in core._tasks.items() if task.replicas_wanted}
+        assert wanting <= core._wanting, f"a settle would not send {wanting - core._wanting} to ask"
         return commands
 
     monkeypatch.setattr(JobCore, "tick", checked)
