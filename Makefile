@@ -69,7 +69,7 @@ bench-tiny: $(STAMP)
 	$(PY) -m pip install --quiet 'dask[distributed]'
 	$(PY) bench/tiny_bench.py $(ARGS)
 
-# The foreman core's CPU per event with 40 to 4,000 tasks open.
+# The foreman core's CPU per event with many tasks open, decided or waiting.
 bench-core: $(STAMP)
 	$(PY) bench/core_bench.py $(ARGS)
 

@@ -1,17 +1,21 @@
-"""The foreman core's CPU per event with many tasks open (a job on a large
-pool) and with many tasks decided before (a long job), on the core alone
-(no gRPC, a manual clock).
+"""The foreman core's CPU per event as a job grows: with many tasks open (a
+large pool), many decided (a long job) and many chunks waiting (a large
+input), on the core alone (no gRPC, a manual clock).
 
     make bench-core   or   .venv/bin/python bench/core_bench.py [--open 40,400,4000]
-                               [--decided 0,1000,10000] [--rounds 3]
+        [--decided 100,1000,10000] [--pending 1000,10000,100000] [--rounds 3]
 
-Open: a result arrives for each open task, one event per batch, as they come
-from the wire. Job tasks: every task of a job of that many reaches its
-quorum (its second matching result), the tasks' times unsorted. Reported:
-microseconds of CPU per event (per quorum) for `handle_all` (the events,
-then a tick) and `wake_at`, as the engine's loop calls them, and that over
-the same with the fewest: the target is about 1 (what a task costs does
-not grow with the others open or done).
+The tables, each in microseconds of CPU of `handle_all` (the events, then a
+tick) and `wake_at`, as the engine's loop calls them:
+  open tasks, per event    a result for each open task, one per batch
+  open tasks, per settle   the discovery service's answer to a valid settle
+  job tasks, per quorum    every task of a job of that many reaches its
+                           quorum (its second matching result), the replicas'
+                           times unsorted, as on a real pool
+  waiting, per grant       rounds of requests answered in full and their
+                           tasks taken, with that many chunks still waiting
+and each over the same with the fewest: the target is about 1 (what a task
+costs does not grow with the others open, done or waiting).
 """
 
 from __future__ import annotations
