@@ -6,12 +6,20 @@ from __future__ import annotations
 
 import secrets
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 
 from ec262.errors import PermissionDenied, UnknownTask
 
 # (task id, worker id, ciphertext) of an accepted result.
 OnResult = Callable[[str, str, str], None]
+# Settled tasks whose late results are still taken, at most (the oldest
+# forgotten first): every task at replication 3 leaves one (its third
+# replica, withdrawn or late), about 400 bytes, so a job of a million tiny
+# tasks held 400 MB of them. A late result refused once its task is
+# forgotten costs its worker nothing: the commitment at the discovery
+# service is what pays it.
+MAX_LATE_TASKS = 65_536
 
 
 class ResultInbox:
@@ -22,7 +30,7 @@ class ResultInbox:
         # Settled tasks -> the tokens of workers that had not answered: a
         # late result is taken (and dropped), not refused, since the
         # discovery service pays for it (docs/protocol.md section 10).
-        self._late: dict[str, dict[str, str]] = {}
+        self._late: OrderedDict[str, dict[str, str]] = OrderedDict()
         self._on_result: OnResult = lambda task_id, worker_id, ciphertext: None
 
     def listen(self, on_result: OnResult) -> None:
@@ -43,6 +51,8 @@ class ResultInbox:
             waiting = {w: t for w, t in tokens.items() if w not in answered}
             if waiting:
                 self._late[task_id] = waiting
+                if len(self._late) > MAX_LATE_TASKS:
+                    self._late.popitem(last=False)
 
     def submit(self, task_id: str, worker_id: str, token: str, ciphertext: str) -> None:
         """A worker's result: accepted once per assigned worker, with its token."""
