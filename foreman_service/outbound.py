@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
+from sys import intern
 from typing import Any
 
 import grpc
@@ -265,7 +266,12 @@ class ForemanOutbound:
         for task in response.tasks:
             for worker in task.workers:
                 self._channels.learn(worker.client_id, worker.tls_certificate)
-        tasks = [(t.task_id, {w.client_id: w.address for w in t.workers}) for t in response.tasks]
+        # A protobuf field gives a new string each time it is read: interned,
+        # a worker's id is one string in every task's replicas and verdicts
+        # (a job kept 255 bytes a task of copies of the same few ids).
+        tasks = [
+            (t.task_id, {intern(w.client_id): w.address for w in t.workers}) for t in response.tasks
+        ]
         if self._stopping.is_set():  # the job is over: give these back at once
             self._give_back([task_id for task_id, _ in tasks])
             return
@@ -298,7 +304,7 @@ class ForemanOutbound:
             return
         if ref.client_id:
             self._channels.learn(ref.client_id, ref.tls_certificate)
-        worker = (ref.client_id, ref.address) if ref.client_id else None
+        worker = (intern(ref.client_id), ref.address) if ref.client_id else None
         self._events.put(ReplicaAdded(command.task_id, worker, ref.live_workers))
 
     def _settle_together(self, commands: list[Settle]) -> None:

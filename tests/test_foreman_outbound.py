@@ -20,7 +20,9 @@ from ec262.v1 import worker_pb2, worker_pb2_grpc
 from foreman_service.core import (
     AddReplica,
     Cancel,
+    Granted,
     ReplicaAdded,
+    RequestTasks,
     Settle,
     Settled,
     Withdraw,
@@ -223,3 +225,26 @@ def test_settles_decided_together_share_one_call(discovery):
     assert client.settle_calls == [tasks[:1], tasks[1:]]
     assert all(isinstance(event, Settled) for event in settled)
     assert sorted(event.task_id for event in settled) == sorted(tasks)
+
+
+def test_a_grants_worker_ids_are_one_string_per_worker(discovery):
+    """The real discovery service grants 4 tasks on the same 3 workers: each
+    worker's id is one string object in all of them, not a copy per task
+    (a job keeps them in every task's replicas and verdicts)."""
+    foreman = discovery.client()
+    workers = {discovery.worker(slots=4).client_id for _ in range(3)}
+    events = EventQueue()
+    client = DiscoveryClient(
+        discovery.address, Identity(foreman.client_id, foreman.secret, discovery.address)
+    )
+    outbound = ForemanOutbound(client, ResultInbox(), events, assign_timeout=5)
+    try:
+        outbound.execute_all([RequestTasks("req-1", 4, frozenset())])
+        [granted] = events.take(timeout=10)
+    finally:
+        outbound.close()
+        client.close()
+    assert isinstance(granted, Granted) and len(granted.tasks) == 4
+    ids = [worker_id for _, by_worker in granted.tasks for worker_id in by_worker]
+    assert set(ids) == workers
+    assert len({id(worker_id) for worker_id in ids}) == 3
