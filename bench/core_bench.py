@@ -78,6 +78,15 @@ def per_event(count: int) -> float:
     return (time.process_time() - started) / len(events)
 
 
+def handled(core, events: list, now: float) -> list:
+    """`handle_all`, with the withdrawals it asks for answered at once as
+    dropped unstarted (so a quorum's task settles), as the engine's loop
+    takes their answers: the commands of both."""
+    commands = core.handle_all(events, now)
+    withdrawn = [Withdrawn(w.task_id, w.worker_id, True) for w in only(commands, Withdraw)]
+    return commands + core.handle_all(withdrawn, now) if withdrawn else commands
+
+
 def per_settle(count: int, measured: int = 200) -> float:
     """Seconds of CPU per Settled event (the discovery service's answer to
     a valid settle) with `count` tasks open."""
@@ -87,11 +96,7 @@ def per_settle(count: int, measured: int = 200) -> float:
     measured = len(tasks)
     pairs = WORKERS[:2]
     for task_id in tasks:
-        commands = core.handle_all(
-            [ResultArrived(task_id, w, sealed(task_id, OUTPUT)) for w in pairs], now
-        )
-        withdrawn = [Withdrawn(w.task_id, w.worker_id, True) for w in only(commands, Withdraw)]
-        core.handle_all(withdrawn, now)
+        handled(core, [ResultArrived(task_id, w, sealed(task_id, OUTPUT)) for w in pairs], now)
     answers = [
         Settled(
             t,
@@ -119,22 +124,24 @@ def per_quorum(count: int) -> float:
     rng = random.Random(count)
     d = opened(count)
     core, start, settles = d.core, d.now, []
-    for worker, second in (("w1", 0.0), ("w2", 1.0)):
+
+    def results(worker: str) -> list[ResultArrived]:
         tasks = list(core._tasks)
         rng.shuffle(tasks)
-        results = [ResultArrived(t, worker, sealed(t, OUTPUT)) for t in tasks]
-        started = time.process_time()
+        return [ResultArrived(t, worker, sealed(t, OUTPUT)) for t in tasks]
+
+    def answer(results: list[ResultArrived], second: float) -> None:
         for number, result in enumerate(results):
-            now = start + second + number / count
-            commands = core.handle_all([result], now)
-            withdrawn = [Withdrawn(w.task_id, w.worker_id, True) for w in only(commands, Withdraw)]
-            if withdrawn:  # the third replica had not started: the task settles
-                commands += core.handle_all(withdrawn, now)
-            settles += only(commands, Settle)
+            settles.extend(only(handled(core, [result], start + second + number / count), Settle))
             core.wake_at()
-        elapsed = time.process_time() - started
+
+    answer(results("w1"), 0.0)
+    quorums = results("w2")
+    started = time.process_time()
+    answer(quorums, 1.0)
+    elapsed = time.process_time() - started
     assert len(settles) == count and all(s.valid for s in settles), "a task did not settle valid"
-    return elapsed / count  # the second pass: the quorums
+    return elapsed / count
 
 
 def per_granted(pending: int, rounds: int = 50) -> float:
