@@ -10,12 +10,16 @@ the row says so); the reducer sums. Every ratio is to a sequential run made
 right before that system's run:
   sequential   for line in lines: for w in line.split(): d[w].append(1); then sums
   Dask         distributed.LocalCluster(2 workers, 1 thread each), one future
-               per chunk of lines counting with a Counter, the Counters merged
+               per chunk of lines counting with a Counter, the Counters merged;
+               and with every chunk counted 3 times and the copies compared
+               (x3: the work replication 3 asks for, without its protocol)
   ec262        a local cluster of 3 worker processes, replication 3 and 1, and
                replication 3 with a combiner
   floor        what the sandboxes must compute whatever the protocol costs:
                one replica's decode + map + reduce + encode CPU (measured here,
-               in one process), times the replication, over the 2 cores
+               in one process), times the replication, over the 2 cores; and
+               3 processes running those steps at once (the wall time the 3
+               replicas' own work takes when they share the cores)
 Dask is skipped, saying so, when it is not installed (`make bench-lines`
 installs it into the bench's environment). The ec262 cluster runs only
 while the ec262 rows do, then Dask's only while its row does: neither
@@ -85,45 +89,98 @@ def count_chunk(chunk: list[str]) -> Counter:
     return counts
 
 
-def replica_floor(data: dict, cores: int = 2) -> float:
-    """The CPU one replica of the whole job spends in the sandbox's own
-    steps, run here in one process with the job's code and chunks: decode
-    each chunk, run the user's map (and reduce), encode the output, with
-    the sandbox's collector pace. No RPC, no sealing, no foreman. Times
-    replication and divided by the cores, it is the least a validated job
-    can take: the floor the replication rows stand on."""
+def replica_chunks(data: dict) -> tuple[list[bytes], list[bytes]]:
+    """The map chunks a job of `data` plans and the reduce chunks its
+    shuffle makes: the bytes every replica's sandbox is given."""
+    from ec262.encoding import decode_pairs, encode_result
+    from foreman_service.planning import input_rows, plan_job
+    from foreman_service.shuffle import Shuffle
+    from worker_service.mapreduce import run_map
+
+    plan = plan_job(input_rows(data), balance=10**9, replication=1)
+    maps = [bytes(chunk) for chunk in plan.map_chunks]
+    shuffle = Shuffle(len(maps))
+    for index, chunk in enumerate(maps):
+        shuffle.add(index, encode_result(run_map(split_line, decode_pairs(chunk))))
+    return maps, [bytes(chunk) for chunk in shuffle.reduce_chunks(plan.reduce_chunks)]
+
+
+def replica_steps(maps: list[bytes], reduces: list[bytes]) -> float:
+    """The CPU seconds one replica of the whole job spends in the sandbox's
+    own steps: decode each chunk, run the user's map (or reduce), encode
+    the output, with the sandbox's collector pace. No RPC, no sealing, no
+    foreman."""
     import gc
 
     from ec262.collector import BULK_GC_THRESHOLDS
     from ec262.encoding import decode_pairs, encode_result
-    from foreman_service.planning import input_rows, plan_job
-    from foreman_service.shuffle import Shuffle
     from worker_service.mapreduce import run_map, run_reduce
 
-    plan = plan_job(input_rows(data), balance=10**9, replication=1)
     before = gc.get_threshold()
     gc.set_threshold(*BULK_GC_THRESHOLDS)
-    spent = 0.0
+    started = time.process_time()
     try:
-        shuffle = Shuffle(len(plan.map_chunks))
-        for index, chunk in enumerate(plan.map_chunks):
-            started = time.process_time()
-            text = encode_result(run_map(split_line, decode_pairs(chunk)))
-            spent += time.process_time() - started
-            shuffle.add(index, text)
-        for chunk in shuffle.reduce_chunks(plan.reduce_chunks):
-            started = time.process_time()
+        for chunk in maps:
+            encode_result(run_map(split_line, decode_pairs(chunk)))
+        for chunk in reduces:
             encode_result(run_reduce(total, decode_pairs(chunk)))
-            spent += time.process_time() - started
     finally:
         gc.set_threshold(*before)
-    return spent / cores
+    return time.process_time() - started
+
+
+def replica_floor(maps: list[bytes], reduces: list[bytes], cores: int = 2) -> float:
+    """One replica's `replica_steps` in this process, over the cores: times
+    the replication, the least a validated job can take if its replicas
+    cost on a busy machine what one costs alone."""
+    return replica_steps(maps, reduces) / cores
+
+
+def _replica_process(maps: list[bytes], reduces: list[bytes], start, done) -> None:
+    start.wait()
+    replica_steps(maps, reduces)
+    done.put(None)
+
+
+def concurrent_floor(maps: list[bytes], reduces: list[bytes], replication: int) -> float:
+    """The wall seconds of `replication` processes each running one
+    replica's `replica_steps` at once, timed from their common start (the
+    processes already forked and waiting): what the replicas' own work
+    costs when they share the cores, as the job's sandboxes do."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # not fork: this process holds gRPC threads
+    start, done = context.Barrier(replication + 1), context.Queue()
+    processes = [
+        context.Process(target=_replica_process, args=(maps, reduces, start, done))
+        for _ in range(replication)
+    ]
+    for process in processes:
+        process.start()
+    start.wait()
+    began = time.perf_counter()
+    for _ in processes:
+        done.get()
+    seconds = time.perf_counter() - began
+    for process in processes:
+        process.join()
+    return seconds
 
 
 def timed(run) -> tuple[float, object]:
     started = time.perf_counter()
     result = run()
     return time.perf_counter() - started, result
+
+
+def agreed(answers: list[Counter]) -> Counter:
+    """The answer at least 2 of the copies gave (the only one, for 1)."""
+    if len(answers) == 1:
+        return answers[0]
+    for at, answer in enumerate(answers):
+        if answer in answers[at + 1 :]:
+            return answer
+    raise AssertionError("no two copies of a chunk's count agree")
 
 
 def dask_runner(workers: int = 2):
@@ -136,11 +193,16 @@ def dask_runner(workers: int = 2):
     cluster = DaskCluster(n_workers=workers, threads_per_worker=1, processes=True)
     client = Client(cluster)
 
-    def run(lines: list[str], chunk: int = 20_000) -> dict[str, int]:
+    def run(lines: list[str], copies: int = 1, chunk: int = 20_000) -> dict[str, int]:
+        """Every chunk counted `copies` times (pure=False: each copy really
+        runs); with copies, a chunk's Counter is the one at least 2 agree
+        on, as the foreman's quorum is."""
         parts = [lines[i : i + chunk] for i in range(0, len(lines), chunk)]
+        futures = client.map(count_chunk, [p for p in parts for _ in range(copies)], pure=False)
+        counted = client.gather(futures)
         merged: Counter = Counter()
-        for counts in client.gather(client.map(count_chunk, parts)):
-            merged.update(counts)
+        for at in range(0, len(counted), copies):
+            merged.update(agreed(counted[at : at + copies]))
         return dict(merged)
 
     def close() -> None:
@@ -196,6 +258,7 @@ def main() -> int:
     # Dask cluster beside the ec262 jobs (scheduler and worker heartbeats,
     # memory monitors) took ec262 replication 3 from 4.5 x to 7.1 x on this
     # 2-core machine.
+    maps, reduces = replica_chunks(data)
     with LocalCluster(workers=3) as cluster:
         jobs = {
             "ec262 replication 3": ec262.Job(mapper=split_line, reducer=total, replication=3),
@@ -212,16 +275,25 @@ def main() -> int:
                 ))  # fmt: skip
             floor, _ = timed(lambda: sequential(lines))
             rows["sequential"].append((floor, 1.0))
-            one = replica_floor(data)
+            one = replica_floor(maps, reduces)
             for replication in (3, 1):
                 rows[f"floor: {replication} replica(s) of the sandbox steps / 2 cores"].append(
                     (replication * one, replication * one / floor)
                 )
+            floor, _ = timed(lambda: sequential(lines))
+            together = concurrent_floor(maps, reduces, 3)
+            rows["floor: 3 replicas' sandbox steps in 3 processes at once"].append(
+                (together, together / floor)
+            )
     dask_run, dask_close = dask_runner()
     if dask_run is not None:
         try:
             for _ in range(args.rounds):
                 measure("Dask distributed, 2 workers", lambda: dask_run(lines))
+                measure(
+                    "Dask distributed, each chunk x3, 2 of 3 compared",
+                    lambda: dask_run(lines, copies=3),
+                )
         finally:
             dask_close()
     print(
