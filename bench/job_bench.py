@@ -197,6 +197,18 @@ def cpu_by_process() -> dict[int, tuple[str, float]]:
     return found
 
 
+def agreed(answers: list) -> object:
+    """The answer at least 2 of a task's copies gave (the foreman's quorum),
+    for the peers that run each task several times; the answer itself when
+    there is one copy."""
+    if len(answers) == 1:
+        return answers[0]
+    for answer in answers:
+        if answers.count(answer) >= 2:
+            return answer
+    raise AssertionError(f"no two of {len(answers)} copies agree")
+
+
 def noop_floor(address: str, calls: int = 1000) -> float:
     """Seconds per no-op RPC (health Check) to a worker of the cluster."""
     with grpc.insecure_channel(address) as channel:

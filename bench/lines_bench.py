@@ -42,7 +42,7 @@ import ec262
 from ec262.local_cluster import LocalCluster
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from job_bench import cpu_by_process
+from job_bench import agreed, cpu_by_process
 
 
 def make_lines(count: int, seed: int = 16, vocabulary: int = 20_000) -> list[str]:
@@ -142,10 +142,13 @@ def _replica_process(maps: list[bytes], reduces: list[bytes], start, done) -> No
     done.put(None)
 
 
+CONCURRENT_FLOOR_TIMEOUT = 600.0  # seconds; one replica's steps take about 1
+
+
 def concurrent_floor(maps: list[bytes], reduces: list[bytes], replication: int) -> float:
     """The wall seconds of `replication` processes each running one
     replica's `replica_steps` at once, timed from their common start (the
-    processes already forked and waiting): what the replicas' own work
+    processes already spawned and waiting): what the replicas' own work
     costs when they share the cores, as the job's sandboxes do."""
     import multiprocessing
 
@@ -160,7 +163,7 @@ def concurrent_floor(maps: list[bytes], reduces: list[bytes], replication: int) 
     start.wait()
     began = time.perf_counter()
     for _ in processes:
-        done.get()
+        done.get(timeout=CONCURRENT_FLOOR_TIMEOUT)  # a replica process that died: queue.Empty
     seconds = time.perf_counter() - began
     for process in processes:
         process.join()
@@ -171,16 +174,6 @@ def timed(run) -> tuple[float, object]:
     started = time.perf_counter()
     result = run()
     return time.perf_counter() - started, result
-
-
-def agreed(answers: list[Counter]) -> Counter:
-    """The answer at least 2 of the copies gave (the only one, for 1)."""
-    if len(answers) == 1:
-        return answers[0]
-    for at, answer in enumerate(answers):
-        if answer in answers[at + 1 :]:
-            return answer
-    raise AssertionError("no two copies of a chunk's count agree")
 
 
 def dask_runner(workers: int = 2):

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from job_bench import BenchCluster, cpu_by_role, tiny, total
+from job_bench import BenchCluster, agreed, cpu_by_role, tiny, total
 
 
 def reduce_groups(records: dict, groups: int) -> list[list[tuple[str, list]]]:
@@ -64,13 +64,6 @@ def dask_rows(records: dict, reduce_tasks: int):
     client = Client(cluster)
     items = list(records.items())
     groups = reduce_groups(records, reduce_tasks)
-
-    def agreed(answers: list) -> object:
-        """The answer at least 2 of 3 copies gave (the foreman's quorum)."""
-        for answer in answers:
-            if answers.count(answer) >= 2:
-                return answer
-        raise AssertionError(f"no two copies agree: {answers}")
 
     def run(copies: int) -> dict:
         mapped = client.gather(
